@@ -1,0 +1,288 @@
+/**
+ * BlockBackend: the device-facing handle on a root node, and the request path through it.
+ *
+ * Creating and deleting backends is global state (BQL). The request functions (`blkPread`, ...)
+ * are I/O code: any device may call them at any time. While the root node is drained the
+ * backend holds new requests in a FIFO queue (QEMU's `blk_wait_while_drained`) and restarts them
+ * in order when the last drained section ends; a request already past the queue counts in the
+ * backend's `inFlight`, which drain waits for.
+ */
+import { aioWaitKick } from './aio-wait.js';
+import { assertBql, type Bql } from './bql.js';
+import type { WriteZeroesFlags } from './driver.js';
+import { BlockError } from './errors.js';
+import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from './io.js';
+import type { BlockNode, DrainParent } from './node.js';
+import { allBackends } from './registry.js';
+
+/** The device-facing handle: named, bound to one root node. */
+export class BlockBackend implements DrainParent {
+  /** Requests past the drain queue and not yet completed. */
+  inFlight = 0;
+  /** Drained sections covering this backend's root. */
+  quiesceCounter = 0;
+  /** Requests held while drained, in arrival order. */
+  readonly queued: Array<() => void> = [];
+  /** Requests released by drainedEnd that have not yet re-entered: later arrivals queue behind them. */
+  resuming = 0;
+  /** For internal users (jobs) whose requests must go on while drained (QEMU's disable_request_queuing). */
+  disableRequestQueuing = false;
+
+  constructor(
+    readonly name: string,
+    public root: BlockNode | null,
+    readonly readOnly: boolean,
+  ) {}
+
+  get parentName(): string {
+    return this.name;
+  }
+
+  parentDrainedBegin(): void {
+    this.quiesceCounter++;
+  }
+
+  parentDrainedEnd(): void {
+    if (this.quiesceCounter <= 0) {
+      throw new BlockError('EINVAL', `backend '${this.name}': drained end without a matching begin`, { node: this.name });
+    }
+    if (--this.quiesceCounter === 0) this.restartQueued();
+  }
+
+  parentDrainedPoll(): boolean {
+    return this.inFlight > 0;
+  }
+
+  /**
+   * Releases the queued requests in arrival order. Each takes its in-flight reference now, on the
+   * request's behalf, so that a drain beginning before it runs still waits for it.
+   */
+  private restartQueued(): void {
+    const waiting = this.queued.splice(0);
+    this.inFlight += waiting.length;
+    this.resuming += waiting.length;
+    for (const wake of waiting) wake();
+  }
+
+  /**
+   * Takes the backend's in-flight reference for a new request. Returns null when the request may
+   * go at once (the hot path allocates nothing), else a promise that resolves, in FIFO order, once
+   * the backend is no longer drained, with the reference already taken.
+   */
+  enter(): Promise<void> | null {
+    if (this.disableRequestQueuing || (this.quiesceCounter === 0 && this.resuming === 0 && this.queued.length === 0)) {
+      this.inFlight++;
+      return null;
+    }
+    return new Promise<void>((resolve) => this.queued.push(resolve)).then(this.resumed);
+  }
+
+  /** A restarted request runs again; the last one lets through those that queued behind it. */
+  private readonly resumed = (): void => {
+    if (--this.resuming === 0 && this.quiesceCounter === 0 && this.queued.length > 0) this.restartQueued();
+  };
+
+  /** Drops a request's in-flight reference and wakes drain waiters when none is left. */
+  leave(): void {
+    if (--this.inFlight < 0) {
+      this.inFlight = 0;
+      throw new BlockError('EIO', `backend '${this.name}': in-flight counter went negative`, { node: this.name });
+    }
+    if (this.inFlight === 0) aioWaitKick();
+  }
+}
+
+/**
+ * Creates the backend `name` on `root`; EINVAL when the name is taken or invalid.
+ * @locking global-state
+ */
+export function blkNew(bql: Bql, name: string, root: BlockNode, opts: { readOnly?: boolean } = {}): BlockBackend {
+  assertBql(bql, 'blkNew');
+  if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(name)) {
+    throw new BlockError('EINVAL', `Invalid device name '${name}': it must start with a letter and hold letters, digits, '-', '.', '_'`, {
+      field: 'id',
+      value: name,
+    });
+  }
+  if (allBackends.has(name)) throw new BlockError('EINVAL', `Device with id '${name}' already exists`, { field: 'id', value: name });
+  const readOnly = opts.readOnly ?? root.readOnly;
+  if (!readOnly && root.readOnly) {
+    throw new BlockError('EACCES', `Device '${name}' cannot be writable over read-only node '${root.nodeName}'`, { node: root.nodeName });
+  }
+  const blk = new BlockBackend(name, root, readOnly);
+  root.parents.add(blk);
+  // a backend attached to a drained node starts drained, so its requests queue
+  blk.quiesceCounter = root.quiesceCounter;
+  allBackends.set(name, blk);
+  return blk;
+}
+
+/**
+ * Finds the backend `name`; ENOENT if there is none.
+ * @locking global-state
+ */
+export function blkFind(bql: Bql, name: string): BlockBackend {
+  assertBql(bql, 'blkFind');
+  const blk = allBackends.get(name);
+  if (blk === undefined) throw new BlockError('ENOENT', `Device '${name}' not found`, { field: 'device', value: name });
+  return blk;
+}
+
+/**
+ * Every backend, in creation order.
+ * @locking global-state
+ */
+export function blkList(bql: Bql): BlockBackend[] {
+  assertBql(bql, 'blkList');
+  return [...allBackends.values()];
+}
+
+/**
+ * Detaches the backend from its root and forgets it. EBUSY while it has requests in flight or
+ * queued: drain first. The root node stays open (close it with closeNode).
+ * @locking global-state
+ */
+export function blkDelete(bql: Bql, blk: BlockBackend): void {
+  assertBql(bql, 'blkDelete');
+  if (blk.inFlight > 0 || blk.queued.length > 0) {
+    throw new BlockError('EBUSY', `Device '${blk.name}' has ${blk.inFlight} requests in flight and ${blk.queued.length} queued`, {
+      node: blk.name,
+    });
+  }
+  blk.root?.parents.delete(blk);
+  blk.root = null;
+  allBackends.delete(blk.name);
+}
+
+function rootOf(blk: BlockBackend, op: string): BlockNode {
+  const root = blk.root;
+  if (root === null) throw new BlockError('ENOMEDIUM', `${op} on device '${blk.name}': no medium`, { node: blk.name, op });
+  return root;
+}
+
+/** The backend-level range check (QEMU's blk_check_byte_request): inside the device. */
+function checkByteRequest(blk: BlockBackend, root: BlockNode, op: string, offset: number, bytes: number, isWrite: boolean): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(bytes) || bytes < 0) {
+    throw new BlockError('EINVAL', `${op} on device '${blk.name}': invalid range of ${bytes} bytes at offset ${offset}`, {
+      node: blk.name,
+      op,
+      field: 'offset',
+      value: offset,
+    });
+  }
+  if (isWrite && blk.readOnly) {
+    throw new BlockError('EPERM', `${op} on device '${blk.name}': the device is read-only`, { node: blk.name, op });
+  }
+  const len = bdrvGetLength(root);
+  if (offset > len || bytes > len - offset) {
+    throw new BlockError('EINVAL', `${op} on device '${blk.name}': ${bytes} bytes at offset ${offset} run past the end (${len} bytes)`, {
+      node: blk.name,
+      op,
+      field: 'offset',
+      value: offset,
+    });
+  }
+}
+
+/**
+ * Reads `buf.length` bytes at `offset` of the device into `buf`.
+ * @locking io
+ */
+export async function blkPread(blk: BlockBackend, offset: number, buf: Uint8Array): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'read');
+    checkByteRequest(blk, root, 'read', offset, buf.length, false);
+    await bdrvPread(root, offset, buf);
+  } finally {
+    blk.leave();
+  }
+}
+
+/**
+ * Writes `buf` at `offset` of the device.
+ * @locking io
+ */
+export async function blkPwrite(blk: BlockBackend, offset: number, buf: Uint8Array): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'write');
+    checkByteRequest(blk, root, 'write', offset, buf.length, true);
+    await bdrvPwrite(root, offset, buf);
+  } finally {
+    blk.leave();
+  }
+}
+
+/**
+ * Makes `bytes` bytes at `offset` of the device read as zeros.
+ * @locking io
+ */
+export async function blkPwriteZeroes(blk: BlockBackend, offset: number, bytes: number, flags: WriteZeroesFlags = {}): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'write-zeroes');
+    checkByteRequest(blk, root, 'write-zeroes', offset, bytes, true);
+    await bdrvPwriteZeroes(root, offset, bytes, flags);
+  } finally {
+    blk.leave();
+  }
+}
+
+/**
+ * Discards `bytes` bytes at `offset` of the device.
+ * @locking io
+ */
+export async function blkPdiscard(blk: BlockBackend, offset: number, bytes: number): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'discard');
+    checkByteRequest(blk, root, 'discard', offset, bytes, true);
+    await bdrvPdiscard(root, offset, bytes);
+  } finally {
+    blk.leave();
+  }
+}
+
+/**
+ * Makes every completed write on the device durable.
+ * @locking io
+ */
+export async function blkFlush(blk: BlockBackend): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'flush');
+    await bdrvFlush(root);
+  } finally {
+    blk.leave();
+  }
+}
+
+/**
+ * The device's length in bytes.
+ * @locking io
+ */
+export function blkGetLength(blk: BlockBackend): number {
+  return bdrvGetLength(rootOf(blk, 'length'));
+}
+
+/**
+ * Resizes the device.
+ * @locking io
+ */
+export async function blkTruncate(blk: BlockBackend, sizeBytes: number): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'truncate');
+    if (blk.readOnly) throw new BlockError('EPERM', `truncate on device '${blk.name}': the device is read-only`, { node: blk.name, op: 'truncate' });
+    await bdrvTruncate(root, sizeBytes);
+  } finally {
+    blk.leave();
+  }
+}

@@ -1,0 +1,153 @@
+/**
+ * The driver interface: what every format (raw, qcow2) and protocol (file, memory) driver
+ * implements, and the registry through which drivers make themselves known (block/ never imports
+ * a driver by name).
+ *
+ * Each callback's signature carries its locking contract, as QEMU's BlockDriver groups its
+ * callbacks into global-state and I/O ones:
+ * - I/O callbacks take no proof: they run at any time, alongside other requests on the node.
+ * - Global-state callbacks take `Bql`; those that need a quiet node also take a drained proof.
+ */
+import type { Bql } from './bql.js';
+import type { DrainedProof } from './drain.js';
+import { BlockError } from './errors.js';
+import type { BlockNode } from './node.js';
+import type { NodeOptions } from './options.js';
+
+/** One internal snapshot as the block layer lists it (QEMU's QEMUSnapshotInfo). */
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  /** Instruction count, or -1 when none was recorded. */
+  icount: number;
+}
+
+/** Flags of a write-zeroes request. */
+export interface WriteZeroesFlags {
+  /** The driver may deallocate the range instead of writing zeros (BDRV_REQ_MAY_UNMAP). */
+  mayUnmap?: boolean;
+}
+
+/** A driver instance: the state of one open node, with its callbacks. */
+export interface BlockDriverInstance {
+  /**
+   * Reads `buf.length` bytes at `offset` into `buf` (ranges already checked by the block layer).
+   * @locking io
+   */
+  preadv(offset: number, buf: Uint8Array): Promise<void>;
+  /**
+   * Writes `buf` at `offset`.
+   * @locking io
+   */
+  pwritev(offset: number, buf: Uint8Array): Promise<void>;
+  /**
+   * Makes `bytes` bytes at `offset` read as zeros.
+   * @locking io
+   */
+  pwriteZeroes(offset: number, bytes: number, flags: WriteZeroesFlags): Promise<void>;
+  /**
+   * Tells the driver the range is no longer needed; it may ignore the hint.
+   * @locking io
+   */
+  pdiscard(offset: number, bytes: number): Promise<void>;
+  /**
+   * Makes completed writes durable.
+   * @locking io
+   */
+  flush(): Promise<void>;
+  /**
+   * The node's current length in bytes.
+   * @locking io
+   */
+  getLength(): number;
+  /**
+   * Changes the node's length; new bytes read as zeros.
+   * @locking io
+   */
+  truncate(sizeBytes: number): Promise<void>;
+  /**
+   * Closes the instance and releases what it holds (fds, caches). The node is quiet.
+   * @locking global-state
+   */
+  close(bql: Bql, drained: DrainedProof): Promise<void>;
+  /**
+   * Creates an internal snapshot named `info.name`; the driver assigns the ID.
+   * @locking global-state
+   */
+  snapshotCreate?(bql: Bql, drained: DrainedProof, info: SnapshotInfo): Promise<SnapshotInfo>;
+  /**
+   * Reverts the node to the snapshot with this ID or name (ID first).
+   * @locking global-state
+   */
+  snapshotGoto?(bql: Bql, drained: DrainedProof, idOrName: string): Promise<void>;
+  /**
+   * Deletes the first snapshot matching `id` and `name` (a null one is not compared).
+   * @locking global-state
+   */
+  snapshotDelete?(bql: Bql, drained: DrainedProof, id: string | null, name: string | null): Promise<SnapshotInfo>;
+  /**
+   * Lists the node's snapshots in table order.
+   * @locking global-state
+   */
+  snapshotList?(bql: Bql): Promise<SnapshotInfo[]>;
+  /**
+   * Makes the read-only node show a snapshot's contents instead of the active state.
+   * @locking global-state
+   */
+  snapshotLoadTmp?(bql: Bql, id: string | null, name: string | null): Promise<void>;
+  /** Extra lines for query-named-block-nodes (format-specific data). */
+  formatSpecific?(): Record<string, unknown>;
+}
+
+/** A driver: its name, how to recognise its images, and how to open (and create) them. */
+export interface BlockDriver {
+  readonly formatName: string;
+  /** Protocol drivers reach storage; format drivers interpret a child's bytes. */
+  readonly kind: 'protocol' | 'format';
+  /** For format drivers: 0..100, how sure the first bytes of a file are this format. */
+  probe?(header: Uint8Array, filename: string): number;
+  /**
+   * Opens an instance on `node` (for a format driver its `file` child is already attached).
+   * @locking global-state
+   */
+  open(bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance>;
+}
+
+const registry = new Map<string, BlockDriver>();
+
+/**
+ * Makes a driver known under its format name; drivers call this when their module loads.
+ * @locking common
+ */
+export function registerDriver(drv: BlockDriver): void {
+  const existing = registry.get(drv.formatName);
+  if (existing !== undefined && existing !== drv) {
+    throw new BlockError('EINVAL', `driver '${drv.formatName}' is registered twice`, { field: 'driver', value: drv.formatName });
+  }
+  registry.set(drv.formatName, drv);
+}
+
+/**
+ * Looks a driver up by name; ENOENT with the list of known drivers otherwise.
+ * @locking common
+ */
+export function findDriver(name: string): BlockDriver {
+  const drv = registry.get(name);
+  if (drv === undefined) {
+    const known = [...registry.keys()].sort().join(', ');
+    throw new BlockError('ENOENT', `Unknown driver '${name}' (known: ${known})`, { field: 'driver', value: name });
+  }
+  return drv;
+}
+
+/**
+ * The registered format drivers that can probe, for format detection.
+ * @locking common
+ */
+export function probingDrivers(): BlockDriver[] {
+  return [...registry.values()].filter((d) => d.kind === 'format' && d.probe !== undefined);
+}

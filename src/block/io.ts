@@ -1,0 +1,158 @@
+/**
+ * The request path at node level: read, write, write-zeroes, discard, flush, length, truncate.
+ *
+ * I/O code: every function here may run at any time, alongside other requests on the same node,
+ * and takes no proof. Each request is checked (offset and length whole, non-negative, without
+ * overflow; inside the node for format nodes; not a write to a read-only node), counted in the
+ * node's `inFlight` from entry to completion (success or error), and handed to the driver.
+ * Protocol nodes may be written past their end (files grow) and read past it (zeros), as in QEMU.
+ */
+import { aioWaitKick } from './aio-wait.js';
+import type { WriteZeroesFlags } from './driver.js';
+import { BlockError } from './errors.js';
+import type { BlockNode } from './node.js';
+
+/** Largest request or offset accepted (QEMU's BDRV_MAX_LENGTH is about 2^63; ours is 2^53). */
+export const MAX_REQUEST_OFFSET = Number.MAX_SAFE_INTEGER;
+
+/**
+ * Throws a typed error if the request is malformed for `node`: EINVAL for a negative, fractional
+ * or overflowing range, or one past the end of a format node; EPERM for a write to a read-only node.
+ * @locking io
+ */
+export function checkRequest(node: BlockNode, op: string, offset: number, bytes: number, isWrite: boolean): void {
+  if (!Number.isSafeInteger(offset) || offset < 0) {
+    throw new BlockError('EINVAL', `${op} on node '${node.nodeName}': invalid offset ${offset}`, { node: node.nodeName, op, field: 'offset', value: offset });
+  }
+  if (!Number.isSafeInteger(bytes) || bytes < 0 || offset + bytes > MAX_REQUEST_OFFSET) {
+    throw new BlockError('EINVAL', `${op} on node '${node.nodeName}': invalid length ${bytes} at offset ${offset}`, {
+      node: node.nodeName,
+      op,
+      field: 'bytes',
+      value: bytes,
+    });
+  }
+  if (isWrite && node.readOnly) {
+    throw new BlockError('EPERM', `${op} on node '${node.nodeName}': the node is read-only`, { node: node.nodeName, op });
+  }
+  if (node.driver.kind === 'format') {
+    const len = node.drv.getLength();
+    if (offset + bytes > len) {
+      throw new BlockError('EINVAL', `${op} on node '${node.nodeName}': ${bytes} bytes at offset ${offset} run past the end (${len} bytes)`, {
+        node: node.nodeName,
+        op,
+        field: 'offset',
+        value: offset,
+      });
+    }
+  }
+}
+
+function decInFlight(node: BlockNode): void {
+  if (--node.inFlight < 0) {
+    node.inFlight = 0;
+    throw new BlockError('EIO', `node '${node.nodeName}': in-flight counter went negative`, { node: node.nodeName });
+  }
+  if (node.inFlight === 0) aioWaitKick();
+}
+
+/**
+ * Reads `buf.length` bytes at `offset` of `node` into `buf`.
+ * @locking io
+ */
+export async function bdrvPread(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  checkRequest(node, 'read', offset, buf.length, false);
+  node.inFlight++;
+  try {
+    await node.drv.preadv(offset, buf);
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
+ * Writes `buf` at `offset` of `node`.
+ * @locking io
+ */
+export async function bdrvPwrite(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  checkRequest(node, 'write', offset, buf.length, true);
+  node.inFlight++;
+  try {
+    await node.drv.pwritev(offset, buf);
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
+ * Makes `bytes` bytes at `offset` of `node` read as zeros.
+ * @locking io
+ */
+export async function bdrvPwriteZeroes(node: BlockNode, offset: number, bytes: number, flags: WriteZeroesFlags = {}): Promise<void> {
+  checkRequest(node, 'write-zeroes', offset, bytes, true);
+  node.inFlight++;
+  try {
+    await node.drv.pwriteZeroes(offset, bytes, flags);
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
+ * Discards `bytes` bytes at `offset` of `node` (a hint; the contents become unspecified).
+ * @locking io
+ */
+export async function bdrvPdiscard(node: BlockNode, offset: number, bytes: number): Promise<void> {
+  checkRequest(node, 'discard', offset, bytes, true);
+  node.inFlight++;
+  try {
+    await node.drv.pdiscard(offset, bytes);
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
+ * Makes every completed write on `node` durable.
+ * @locking io
+ */
+export async function bdrvFlush(node: BlockNode): Promise<void> {
+  node.inFlight++;
+  try {
+    if (!node.readOnly) await node.drv.flush();
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
+ * The node's length in bytes (virtual size for a format node).
+ * @locking io
+ */
+export function bdrvGetLength(node: BlockNode): number {
+  return node.drv.getLength();
+}
+
+/**
+ * Resizes `node` to `sizeBytes`; bytes added read as zeros.
+ * @locking io
+ */
+export async function bdrvTruncate(node: BlockNode, sizeBytes: number): Promise<void> {
+  if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) {
+    throw new BlockError('EINVAL', `truncate on node '${node.nodeName}': invalid size ${sizeBytes}`, {
+      node: node.nodeName,
+      op: 'truncate',
+      field: 'size',
+      value: sizeBytes,
+    });
+  }
+  if (node.readOnly) {
+    throw new BlockError('EPERM', `truncate on node '${node.nodeName}': the node is read-only`, { node: node.nodeName, op: 'truncate' });
+  }
+  node.inFlight++;
+  try {
+    await node.drv.truncate(sizeBytes);
+  } finally {
+    decInFlight(node);
+  }
+}

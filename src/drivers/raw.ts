@@ -1,0 +1,87 @@
+/**
+ * Format driver `raw`: the guest sees the protocol child's bytes as they are.
+ *
+ * Every request goes to the `file` child unchanged. It has no snapshot callbacks of its own: the
+ * generic layer forwards snapshot operations to the child (QEMU's fallback), so a raw node
+ * snapshots when its protocol node can.
+ */
+import type { Bql } from '../block/bql.js';
+import type { DrainedProof } from '../block/drain.js';
+import { registerDriver, type BlockDriver, type BlockDriverInstance, type WriteZeroesFlags } from '../block/driver.js';
+import { BlockError } from '../block/errors.js';
+import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../block/io.js';
+import type { BlockNode } from '../block/node.js';
+import type { NodeOptions } from '../block/options.js';
+
+/** An open raw node: a pass-through to its file child. */
+class RawInstance implements BlockDriverInstance {
+  constructor(private readonly file: BlockNode) {}
+
+  /** Reads from the child at the same offset. */
+  preadv(offset: number, buf: Uint8Array): Promise<void> {
+    return bdrvPread(this.file, offset, buf);
+  }
+
+  /** Writes to the child at the same offset. */
+  pwritev(offset: number, buf: Uint8Array): Promise<void> {
+    return bdrvPwrite(this.file, offset, buf);
+  }
+
+  /** Write-zeroes on the child. */
+  pwriteZeroes(offset: number, bytes: number, flags: WriteZeroesFlags): Promise<void> {
+    return bdrvPwriteZeroes(this.file, offset, bytes, flags);
+  }
+
+  /** Discard on the child. */
+  pdiscard(offset: number, bytes: number): Promise<void> {
+    return bdrvPdiscard(this.file, offset, bytes);
+  }
+
+  /** Flush on the child. */
+  flush(): Promise<void> {
+    return bdrvFlush(this.file);
+  }
+
+  /** The child's length. */
+  getLength(): number {
+    return bdrvGetLength(this.file);
+  }
+
+  /** Resizes the child. */
+  truncate(sizeBytes: number): Promise<void> {
+    return bdrvTruncate(this.file, sizeBytes);
+  }
+
+  /** Nothing of its own to release; the generic layer closes the child. */
+  async close(_bql: Bql, _drained: DrainedProof): Promise<void> {}
+}
+
+/** The `raw` format driver. */
+export const rawDriver: BlockDriver = {
+  formatName: 'raw',
+  kind: 'format',
+  /** Raw matches anything, with the lowest score, so any other format wins. */
+  probe(): number {
+    return 1;
+  },
+  /**
+   * Opens a raw node over its already attached `file` child.
+   * @locking global-state
+   */
+  async open(_bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
+    const file = node.file;
+    if (file === undefined) {
+      throw new BlockError('EINVAL', `Driver 'raw' needs a 'file' child (node '${node.nodeName}')`, { node: node.nodeName, field: 'file' });
+    }
+    const unknown = Object.keys(opts);
+    if (unknown.length > 0) {
+      throw new BlockError('EINVAL', `Invalid parameter '${unknown[0]}' for driver 'raw' (node '${node.nodeName}')`, {
+        node: node.nodeName,
+        field: unknown[0],
+      });
+    }
+    return new RawInstance(file);
+  },
+};
+
+registerDriver(rawDriver);

@@ -1,0 +1,128 @@
+/**
+ * The easy entry point: open an image file (or a memory disk), read and write it, close it,
+ * without knowing about nodes, backends, the BQL or drain. Each call takes the locks it needs.
+ *
+ * Use it from the main thread; concurrent reads and writes on one Image are allowed (they are
+ * ordinary I/O requests), and `close` waits for the requests in flight.
+ */
+import { blkDelete, blkFlush, blkGetLength, blkNew, blkPdiscard, blkPread, blkPwrite, blkPwriteZeroes, blkTruncate, type BlockBackend } from './block/backend.js';
+import { withBql } from './block/bql.js';
+import { withDrained } from './block/drain.js';
+import { BlockError } from './block/errors.js';
+import { closeNode, openNode } from './block/graph.js';
+import { parseOptions, type NodeOptions } from './block/options.js';
+import { queryBlock, type BackendInfo } from './block/query.js';
+import './drivers/index.js';
+
+/** How to open an image. */
+export interface OpenImageOptions {
+  /** Image format (`raw`); probed when absent. */
+  format?: string;
+  /** Open read-only. */
+  readOnly?: boolean;
+  /** Bind the image's transfers to this IOThread (create it with `createIOThread` first). */
+  iothread?: string;
+  /** Device name; `disk0`, `disk1`, ... when absent. */
+  name?: string;
+}
+
+let imageCounter = 0;
+
+/** An open image: a BlockBackend with friendly methods. */
+export class Image {
+  private closed = false;
+
+  /** @internal use openImage */
+  constructor(readonly backend: BlockBackend) {}
+
+  /** Device name. */
+  get name(): string {
+    return this.backend.name;
+  }
+
+  /** Virtual size in bytes. */
+  get size(): number {
+    return blkGetLength(this.backend);
+  }
+
+  /** Reads `length` bytes at `offset` into a new buffer, or into `into` when given. */
+  async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    const buf = into ?? new Uint8Array(length);
+    if (buf.length !== length) {
+      throw new BlockError('EINVAL', `read on device '${this.name}': buffer of ${buf.length} bytes for a ${length}-byte read`, { node: this.name, op: 'read' });
+    }
+    await blkPread(this.backend, offset, buf);
+    return buf;
+  }
+
+  /** Writes `data` at `offset`. */
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return blkPwrite(this.backend, offset, data);
+  }
+
+  /** Makes `length` bytes at `offset` read as zeros. */
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return blkPwriteZeroes(this.backend, offset, length);
+  }
+
+  /** Discards a range (a hint). */
+  discard(offset: number, length: number): Promise<void> {
+    return blkPdiscard(this.backend, offset, length);
+  }
+
+  /** Makes completed writes durable. */
+  flush(): Promise<void> {
+    return blkFlush(this.backend);
+  }
+
+  /** Resizes the image. */
+  truncate(sizeBytes: number): Promise<void> {
+    return blkTruncate(this.backend, sizeBytes);
+  }
+
+  /** What `info block` shows for this image. */
+  async info(): Promise<BackendInfo> {
+    return withBql((bql) => {
+      const info = queryBlock(bql).find((b) => b.device === this.name);
+      if (info === undefined) throw new BlockError('ENOENT', `Device '${this.name}' is closed`, { node: this.name });
+      return info;
+    });
+  }
+
+  /** Waits for requests in flight, flushes, and closes the image and its nodes. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const blk = this.backend;
+    const root = blk.root;
+    if (root === null) return;
+    if (!blk.readOnly) await blkFlush(blk);
+    await withBql(async (bql) => {
+      await withDrained(bql, root, () => blkDelete(bql, blk));
+      await closeNode(bql, root);
+    });
+  }
+}
+
+/**
+ * Opens an image file (`openImage('disk.img')`) or any QEMU-style option string
+ * (`openImage('driver=memory,size=64M')`, when the argument contains `=`).
+ */
+export async function openImage(target: string, opts: OpenImageOptions = {}): Promise<Image> {
+  const nodeOpts: NodeOptions = {};
+  if (target.includes('=')) Object.assign(nodeOpts, parseOptions(target, 'driver'));
+  else nodeOpts['file'] = target;
+  if (opts.format !== undefined) nodeOpts['driver'] = opts.format;
+  if (opts.readOnly === true) nodeOpts['read-only'] = 'on';
+  if (opts.iothread !== undefined) nodeOpts['iothread'] = opts.iothread;
+  return withBql(async (bql) => {
+    const node = await openNode(bql, nodeOpts);
+    try {
+      const name = opts.name ?? `disk${imageCounter++}`;
+      return new Image(blkNew(bql, name, node, { readOnly: node.readOnly }));
+    } catch (e) {
+      await closeNode(bql, node);
+      throw e;
+    }
+  });
+}

@@ -1,0 +1,36 @@
+/**
+ * snapstack: a block-device stack for Node.js modelled on QEMU's block layer.
+ *
+ * The easy API is `openImage` / `Image` (src/image.ts). The block layer itself (nodes, backends,
+ * the BQL, drain, IOThreads, snapshots) is exported too, each function with its locking contract
+ * in its signature; docs/locking.md lists them.
+ */
+import './drivers/index.js';
+
+export { Image, openImage, type OpenImageOptions } from './image.js';
+export { BlockError, ERROR_CODES, isBlockError, type ErrorCode } from './block/errors.js';
+export { Bql, acquireBql, releaseBql, tryAcquireBql, withBql, assertBql } from './block/bql.js';
+export { Drained, DrainedAll, drainedBegin, drainedEnd, drainAllBegin, drainAllEnd, withDrained, withDrainedAll, assertDrained, type DrainedProof } from './block/drain.js';
+export { BlockNode, BdrvChild, type ChildRole } from './block/node.js';
+export {
+  BlockBackend,
+  blkNew,
+  blkFind,
+  blkList,
+  blkDelete,
+  blkPread,
+  blkPwrite,
+  blkPwriteZeroes,
+  blkPdiscard,
+  blkFlush,
+  blkGetLength,
+  blkTruncate,
+} from './block/backend.js';
+export { bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvPdiscard, bdrvFlush, bdrvGetLength, bdrvTruncate } from './block/io.js';
+export { openNode, closeNode, findNode, listNodes, attachChild, detachChild } from './block/graph.js';
+export { IOThread, createIOThread, findIOThread, listIOThreads, destroyIOThread, shutdownIOThreads } from './block/iothread.js';
+export { queryBlock, queryNamedBlockNodes, formatInfoBlock, type NodeInfo, type BackendInfo } from './block/query.js';
+export { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotGoto, bdrvSnapshotDelete, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
+export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from './block/driver.js';
+export { parseOptions, parseSize, type NodeOptions } from './block/options.js';
+export { createRawFile } from './drivers/file.js';

@@ -1,0 +1,5 @@
+/**
+ * Test-only switches, kept out of the public entry point: importing this module is how a test
+ * says it wants to break an invariant on purpose (negative controls).
+ */
+export { setDrainDisabledForTesting } from './block/drain.js';
