@@ -70,6 +70,16 @@ export interface BlockDriverInstance {
    */
   truncate(sizeBytes: number): Promise<void>;
   /**
+   * Writes VM-state bytes at `pos` of the node's VM-state area (beyond the guest disk).
+   * @locking io
+   */
+  saveVmstate?(buf: Uint8Array, pos: number): Promise<void>;
+  /**
+   * Reads VM-state bytes at `pos` of the node's VM-state area.
+   * @locking io
+   */
+  loadVmstate?(buf: Uint8Array, pos: number): Promise<void>;
+  /**
    * Closes the instance and releases what it holds (fds, caches). The node is quiet.
    * @locking global-state
    */

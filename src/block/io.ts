@@ -156,3 +156,48 @@ export async function bdrvTruncate(node: BlockNode, sizeBytes: number): Promise<
     decInFlight(node);
   }
 }
+
+/** The node that stores VM state for `node`: itself, or the first one down its `file` chain. */
+function vmstateNode(node: BlockNode, op: string): BlockNode {
+  let cur: BlockNode | undefined = node;
+  for (let depth = 0; cur !== undefined && depth < 16; depth++) {
+    if (cur.drv.saveVmstate !== undefined && cur.drv.loadVmstate !== undefined) return cur;
+    cur = cur.file;
+  }
+  throw new BlockError('ENOTSUP', `${op}: node '${node.nodeName}' (${node.driver.formatName}) cannot store VM state`, { node: node.nodeName, op });
+}
+
+/**
+ * Writes VM-state bytes at `pos` of the node's VM-state area (QEMU's bdrv_co_writev_vmstate).
+ * @locking io
+ */
+export async function bdrvSaveVmstate(node: BlockNode, buf: Uint8Array, pos: number): Promise<void> {
+  const target = vmstateNode(node, 'save-vmstate');
+  if (!Number.isSafeInteger(pos) || pos < 0) {
+    throw new BlockError('EINVAL', `save-vmstate on node '${node.nodeName}': invalid position ${pos}`, { node: node.nodeName, field: 'pos', value: pos });
+  }
+  if (target.readOnly) throw new BlockError('EPERM', `save-vmstate on node '${target.nodeName}': the node is read-only`, { node: target.nodeName });
+  node.inFlight++;
+  try {
+    await (target.drv.saveVmstate as (b: Uint8Array, p: number) => Promise<void>).call(target.drv, buf, pos);
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
+ * Reads VM-state bytes at `pos` of the node's VM-state area (QEMU's bdrv_co_readv_vmstate).
+ * @locking io
+ */
+export async function bdrvLoadVmstate(node: BlockNode, buf: Uint8Array, pos: number): Promise<void> {
+  const target = vmstateNode(node, 'load-vmstate');
+  if (!Number.isSafeInteger(pos) || pos < 0) {
+    throw new BlockError('EINVAL', `load-vmstate on node '${node.nodeName}': invalid position ${pos}`, { node: node.nodeName, field: 'pos', value: pos });
+  }
+  node.inFlight++;
+  try {
+    await (target.drv.loadVmstate as (b: Uint8Array, p: number) => Promise<void>).call(target.drv, buf, pos);
+  } finally {
+    decInFlight(node);
+  }
+}
