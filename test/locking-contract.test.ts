@@ -192,12 +192,12 @@ describe('a forged drained proof', () => {
     });
   });
 
-  // BUG (src/block/drain.ts:173-177, assertLiveProof): the forgery check is `instanceof Drained`,
+  // Regression (was a bug, now fixed) (src/block/drain.ts:173-177, assertLiveProof): the forgery check is `instanceof Drained`,
   // which an object made with Object.create(Drained.prototype) passes; the next line reads
   // `proof.live`, whose getter reads the private `#live` the object does not have, so a TypeError
   // ("Cannot read private member #live ...") escapes instead of the documented BlockError EPERM.
   // A brand check (`#live in proof`, or a WeakSet of minted proofs) would fix it.
-  it.fails('made with Object.create(Drained.prototype) is refused with EPERM', async () => {
+  it('made with Object.create(Drained.prototype) is refused with EPERM', async () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=raw,file.driver=memory,file.size=1M');
       const forged = Object.create(Drained.prototype) as Drained<BlockNode>;
@@ -206,8 +206,8 @@ describe('a forged drained proof', () => {
     });
   });
 
-  // BUG: same as above, for DrainedAll (src/block/drain.ts:174, `instanceof DrainedAll`).
-  it.fails('made with Object.create(DrainedAll.prototype) is refused with EPERM', async () => {
+  // Regression (was a bug, now fixed): same as above, for DrainedAll (src/block/drain.ts:174, `instanceof DrainedAll`).
+  it('made with Object.create(DrainedAll.prototype) is refused with EPERM', async () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=memory,size=1M');
       const forged = Object.create(DrainedAll.prototype) as DrainedAll;
@@ -216,9 +216,9 @@ describe('a forged drained proof', () => {
     });
   });
 
-  // BUG (src/block/bql.ts:124): a Bql forged with Object.create(Bql.prototype) gets a TypeError
+  // Regression (was a bug, now fixed) (src/block/bql.ts:124): a Bql forged with Object.create(Bql.prototype) gets a TypeError
   // out of assertBql instead of EPERM, for the same reason.
-  it.fails('a Bql made with Object.create(Bql.prototype) is refused by openNode with EPERM', async () => {
+  it('a Bql made with Object.create(Bql.prototype) is refused by openNode with EPERM', async () => {
     const forged = Object.create(Bql.prototype) as Bql;
     const err = await blockError(() => openNode(forged, 'driver=memory,size=1M'));
     expect(err.code).toBe('EPERM');

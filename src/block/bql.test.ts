@@ -153,11 +153,11 @@ describe('releaseBql', () => {
     expect(bqlIsHeld()).toBe(false);
   });
 
-  // BUG (src/block/bql.ts:79-82): `instanceof Bql` is true for any object whose prototype chain
+  // Regression (was a bug, now fixed) (src/block/bql.ts:79-82): `instanceof Bql` is true for any object whose prototype chain
   // contains Bql.prototype, so an Object.create(Bql.prototype) forgery passes the first check and
   // then `bql.live` reads the private `#live` of an object that has none: a TypeError escapes
   // instead of the documented BlockError EPERM. A brand check (`#live in bql`) would fix it.
-  it.fails('refuses a release with a forged Object.create(Bql.prototype) with EPERM', async () => {
+  it('refuses a release with a forged Object.create(Bql.prototype) with EPERM', async () => {
     const owner = track(await acquireBql());
     const forged = Object.create(Bql.prototype) as Bql;
     const err = catchBlockError(() => releaseBql(forged));
@@ -199,9 +199,9 @@ describe('assertBql', () => {
     releaseBql(owner);
   });
 
-  // BUG (src/block/bql.ts:124-125): same as releaseBql; the forgery passes `instanceof Bql`, then
+  // Regression (was a bug, now fixed) (src/block/bql.ts:124-125): same as releaseBql; the forgery passes `instanceof Bql`, then
   // reading `bql.live` throws a TypeError about the private field instead of BlockError EPERM.
-  it.fails('throws EPERM on a forged Object.create(Bql.prototype)', async () => {
+  it('throws EPERM on a forged Object.create(Bql.prototype)', async () => {
     const owner = track(await acquireBql());
     const forged = Object.create(Bql.prototype) as Bql;
     const err = catchBlockError(() => assertBql(forged, 'someOp'));

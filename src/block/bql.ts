@@ -31,6 +31,11 @@ export class Bql {
     this.#live = false;
   }
 
+  /** Brand check: true only for proofs the lock minted (not for Object.create(Bql.prototype) forgeries). */
+  static isIssued(value: unknown): value is Bql {
+    return typeof value === 'object' && value !== null && #live in value;
+  }
+
   static {
     mintBql = (serial: number): Bql => new Bql(serial);
   }
@@ -76,7 +81,7 @@ export function tryAcquireBql(): Bql | null {
  * @locking global-state
  */
 export function releaseBql(bql: Bql): void {
-  if (!(bql instanceof Bql)) {
+  if (!Bql.isIssued(bql)) {
     throw new BlockError('EPERM', 'releaseBql: the proof is not a Bql issued by the lock (forged)', { op: 'releaseBql' });
   }
   if (!bql.live) {
@@ -121,8 +126,8 @@ export async function withBql<T>(fn: (bql: Bql) => Promise<T> | T): Promise<T> {
  * @locking common
  */
 export function assertBql(bql: Bql, op: string): void {
-  if (!(bql instanceof Bql) || !bql.live || lockState.holder !== bql) {
-    const why = !(bql instanceof Bql) ? 'forged' : !bql.live ? `stale (acquisition #${bql.serial} was released)` : 'not the owner';
+  if (!Bql.isIssued(bql) || !bql.live || lockState.holder !== bql) {
+    const why = !Bql.isIssued(bql) ? 'forged' : !bql.live ? `stale (acquisition #${bql.serial} was released)` : 'not the owner';
     throw new BlockError('EPERM', `${op}: called without the BQL: the Bql proof is ${why}`, { op });
   }
 }

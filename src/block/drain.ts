@@ -35,6 +35,11 @@ export class Drained<N extends BlockNode = BlockNode> {
     this.#live = false;
   }
 
+  /** Brand check: true only for proofs a drained section minted. */
+  static isIssued(value: unknown): value is Drained<BlockNode> {
+    return typeof value === 'object' && value !== null && #live in value;
+  }
+
   static {
     mintDrained = <N extends BlockNode>(node: N): Drained<N> => new Drained(node);
   }
@@ -54,6 +59,11 @@ export class DrainedAll {
   /** @internal Ends the proof's validity; only drainAllEnd calls it. */
   revoke(): void {
     this.#live = false;
+  }
+
+  /** Brand check: true only for proofs a drain-all section minted. */
+  static isIssued(value: unknown): value is DrainedAll {
+    return typeof value === 'object' && value !== null && #live in value;
   }
 
   static {
@@ -171,7 +181,7 @@ export async function withDrainedAll<T>(bql: Bql, fn: (d: DrainedAll) => Promise
 }
 
 function assertLiveProof(proof: DrainedProof, op: string): void {
-  if (!(proof instanceof Drained) && !(proof instanceof DrainedAll)) {
+  if (!Drained.isIssued(proof) && !DrainedAll.isIssued(proof)) {
     throw new BlockError('EPERM', `${op}: the drained proof is forged (not issued by a drained section)`, { op });
   }
   if (!proof.live) {

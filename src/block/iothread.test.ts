@@ -210,10 +210,10 @@ describe('transfers on an IOThread', () => {
     }
   });
 
-  // BUG (src/block/iothread.ts:128-131 with :182-183; src/block/iothread-worker.js:114-121): a batch
+  // Regression (was a bug, now fixed) (src/block/iothread.ts:128-131 with :182-183; src/block/iothread-worker.js:114-121): a batch
   // whose only staged (non-shared) requests are zero-length gets no staging buffer at all
   // (stagingBytes is 0), and the worker fails those requests with errno 14 (EFAULT) -> EIO.
-  it.fails('completes a lone zero-length read from an ordinary buffer', async () => {
+  it('completes a lone zero-length read from an ordinary buffer', async () => {
     await withBql((bql) => createIOThread(bql, 'io-zero'));
     const t = await withBql((bql) => findIOThread(bql, 'io-zero'));
     const p = tempFile(4096);

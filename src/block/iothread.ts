@@ -103,6 +103,8 @@ class IoWorker {
     if (this.closed) {
       return Promise.reject(new BlockError('EIO', `${what}: IOThread '${this.label}' is shut down`, { op: what }));
     }
+    // a zero-length transfer moves nothing: complete it here rather than stage an empty buffer
+    if (length === 0 && (op === OP_READ || op === OP_WRITE || op === OP_WRITE_ZEROES)) return Promise.resolve(0);
     let batch = this.filling;
     if (batch === null || batch.count === MAX_BATCH) {
       if (batch !== null) this.sendOrQueue();
@@ -126,7 +128,7 @@ class IoWorker {
       ops[base + 3] = buf.byteOffset;
     } else {
       stagingOffset = batch.stagingBytes;
-      batch.stagingBytes += (length + 7) & ~7;
+      batch.stagingBytes += length + ((8 - (length % 8)) % 8); // 8-byte aligned, safe above 2 GiB
       ops[base + 2] = -1;
       ops[base + 3] = stagingOffset;
       if (op === OP_WRITE) batch.stagedWrites.push({ src: buf, offset: stagingOffset });

@@ -299,12 +299,12 @@ describe('file driver', () => {
     expect(fs.statSync(p).size).toBe(4096);
   });
 
-  // BUG (src/block/iothread.ts:128-131 with :182-183, and src/block/iothread-worker.js:114-121):
+  // Regression (was a bug, now fixed) (src/block/iothread.ts:128-131 with :182-183, and src/block/iothread-worker.js:114-121):
   // a zero-length request from an ordinary (non-shared) buffer is given 0 bytes of staging; when
   // no other staged request shares its batch, batch.stagingBytes stays 0, so no staging buffer is
   // sent, the worker finds `mem === null` for region -1 and fails the request with errno 14
   // (EFAULT), reported as EIO. checkRequest accepts zero-length requests, and so does QEMU.
-  it.fails('accepts a zero-length read and write from an ordinary buffer', async () => {
+  it('accepts a zero-length read and write from an ordinary buffer', async () => {
     const p = tempFile(4096, () => 1);
     const node = await open(`driver=file,filename=${p}`);
     await bdrvPread(node, 0, new Uint8Array(0));
@@ -312,11 +312,11 @@ describe('file driver', () => {
     expect(node.inFlight).toBe(0);
   });
 
-  // BUG (src/drivers/file.ts:40-41 and :47-48): the node's length is raised to offset + length
+  // Regression (was a bug, now fixed) (src/drivers/file.ts:40-41 and :47-48): the node's length is raised to offset + length
   // before the transfer, even when the length is 0; pwrite of 0 bytes does not extend a file, so
   // the node then reports a size the host file does not have (10000 here vs 4096 on disk), and
   // the size changes back on the next open without any truncate.
-  it.fails('keeps its length equal to the host file after a zero-length write past the end', async () => {
+  it('keeps its length equal to the host file after a zero-length write past the end', async () => {
     const p = tempFile(4096, () => 1);
     const node = await open(`driver=file,filename=${p}`);
     await bdrvPwrite(node, 10000, new Uint8Array(new SharedArrayBuffer(8), 0, 0));

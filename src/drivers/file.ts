@@ -38,14 +38,14 @@ class FileInstance implements BlockDriverInstance {
   /** pwrite on the IOThread; the file grows when written past its end. */
   async pwritev(offset: number, buf: Uint8Array): Promise<void> {
     const end = offset + buf.length;
-    if (end > this.sizeBytes) this.sizeBytes = end;
+    if (buf.length > 0 && end > this.sizeBytes) this.sizeBytes = end;
     await submitWrite(this.ioThread, this.fd, buf, offset, this.what.write);
   }
 
   /** Writes zeros (from a buffer the worker keeps) on the IOThread. */
   async pwriteZeroes(offset: number, bytes: number, _flags: WriteZeroesFlags): Promise<void> {
     const end = offset + bytes;
-    if (end > this.sizeBytes) this.sizeBytes = end;
+    if (bytes > 0 && end > this.sizeBytes) this.sizeBytes = end;
     await submitWriteZeroes(this.ioThread, this.fd, bytes, offset, this.what.zero);
   }
 
