@@ -5,5 +5,7 @@
 import './file.js';
 import './memory.js';
 import './raw.js';
+import './qcow2/driver.js';
 
 export { createRawFile } from './file.js';
+export { createQcow2File, createQcow2OnNode, type Qcow2CreateOptions } from './qcow2/create.js';

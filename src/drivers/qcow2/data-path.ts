@@ -1,0 +1,307 @@
+/**
+ * qcow2 guest reads and writes: map guest clusters to host clusters, read or write the data in as
+ * few file requests as possible, allocate (copy on write) where a cluster is missing, shared or
+ * compressed, and zero or discard whole clusters by changing their L2 entries.
+ *
+ * I/O code. Reads and in-place writes take no lock: their mapping is looked up and the transfer
+ * submitted without yielding in between. Allocating writes, zeroing and discarding run under the
+ * qcow2 lock. Crash-safe order for an allocating write: refcount of the new cluster, then its
+ * data, then the L2 entry, then the old cluster's reference is dropped.
+ */
+import zlib from 'node:zlib';
+import { bdrvPread, bdrvPwrite } from '../../block/io.js';
+import { HI_COMPRESSED, L2_HI_RESERVED, L2_LO_RESERVED } from './constants.js';
+import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
+import { l2ForRead, l2ForWrite, splitGuestOffset } from './cluster-map.js';
+import { allocClusters, freeClusters } from './refcount.js';
+import type { Qcow2State } from './state.js';
+
+/** The last decompressed cluster, keyed by its L2 entry (sequential reads hit it). */
+const lastDecompressed = new WeakMap<Qcow2State, { hi: number; lo: number; data: Uint8Array }>();
+
+function checkNormalEntry(s: Qcow2State, hi: number, lo: number, guest: number): number {
+  const off = entryOffset(hi, lo);
+  if ((hi & L2_HI_RESERVED) !== 0 || (lo & L2_LO_RESERVED) !== 0) {
+    throw s.corrupt(`L2 entry for guest offset ${guest} has reserved bits set`, 'l2_table');
+  }
+  if (off % s.clusterSize !== 0) throw s.corrupt(`Cluster allocation offset ${off} unaligned (guest offset ${guest})`, 'l2_table');
+  return off;
+}
+
+async function decompressCluster(s: Qcow2State, hi: number, lo: number): Promise<Uint8Array> {
+  const cached = lastDecompressed.get(s);
+  if (cached !== undefined && cached.hi === hi && cached.lo === lo) return cached.data;
+  const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
+  const raw = new Uint8Array(bytes);
+  await bdrvPread(s.file, offset, raw);
+  let data: Uint8Array;
+  try {
+    data = zlib.inflateRawSync(raw, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: s.clusterSize });
+  } catch (e) {
+    throw s.corrupt(`compressed cluster at host offset ${offset} does not decompress (${e instanceof Error ? e.message : String(e)})`, 'l2_table');
+  }
+  if (data.length < s.clusterSize) {
+    throw s.corrupt(`compressed cluster at host offset ${offset} decompresses to ${data.length} bytes, not ${s.clusterSize}`, 'l2_table');
+  }
+  lastDecompressed.set(s, { hi, lo, data });
+  return data;
+}
+
+/**
+ * Reads `buf.length` bytes at guest offset `offset` (which may lie in the VM-state area).
+ * @locking io
+ */
+export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array): Promise<void> {
+  const C = s.clusterSize;
+  let done = 0;
+  const pending: Array<Promise<void>> = [];
+  while (done < buf.length) {
+    const pos = offset + done;
+    const inCluster = pos % C;
+    const { l1Index, l2Index } = splitGuestOffset(s, pos);
+    const t = await l2ForRead(s, l1Index);
+    // everything from here to the submission is synchronous: the entries cannot change under us
+    let n = Math.min(C - inCluster, buf.length - done);
+    if (t === null) {
+      n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
+      buf.fill(0, done, done + n);
+      done += n;
+      continue;
+    }
+    const hi = entryHi(t.view, l2Index);
+    const lo = entryLo(t.view, l2Index);
+    const type = l2EntryType(hi, lo, s.v3);
+    if (type === ClusterType.Normal) {
+      const host = checkNormalEntry(s, hi, lo, pos);
+      // extend over following clusters that are contiguous on the host
+      let k = l2Index + 1;
+      let expect = host + C;
+      while (done + n < buf.length && k < s.l2Entries) {
+        const h2 = entryHi(t.view, k);
+        const l2 = entryLo(t.view, k);
+        if (l2EntryType(h2, l2, s.v3) !== ClusterType.Normal || entryOffset(h2, l2) !== expect) break;
+        n = Math.min(n + C, buf.length - done);
+        expect += C;
+        k++;
+      }
+      pending.push(bdrvPread(s.file, host + inCluster, buf.subarray(done, done + n)));
+    } else if (type === ClusterType.Compressed) {
+      const data = await decompressCluster(s, hi, lo);
+      buf.set(data.subarray(inCluster, inCluster + n), done);
+    } else {
+      buf.fill(0, done, done + n);
+    }
+    done += n;
+  }
+  if (pending.length === 1) await pending[0];
+  else if (pending.length > 1) await Promise.all(pending);
+}
+
+/** One contiguous piece of a write that maps onto clusters allocated in place. */
+async function writeInPlace(s: Qcow2State, host: number, data: Uint8Array): Promise<void> {
+  s.beginInPlaceWrite();
+  try {
+    await bdrvPwrite(s.file, host, data);
+  } finally {
+    s.endInPlaceWrite();
+  }
+}
+
+/**
+ * Writes `buf` at guest offset `offset`: in place where the cluster is allocated and not shared,
+ * through allocation (copy on write) elsewhere.
+ * @locking io
+ */
+export async function qcow2Write(s: Qcow2State, offset: number, buf: Uint8Array): Promise<void> {
+  const C = s.clusterSize;
+  let done = 0;
+  const pending: Array<Promise<void>> = [];
+  try {
+    while (done < buf.length) {
+      const pos = offset + done;
+      const inCluster = pos % C;
+      const { l1Index, l2Index } = splitGuestOffset(s, pos);
+      const t = await l2ForRead(s, l1Index);
+      let n = Math.min(C - inCluster, buf.length - done);
+      if (t !== null && !s.lock.isLocked && (l1Index >= s.l1Size || isCopied(entryHi(s.l1View, l1Index)))) {
+        const hi = entryHi(t.view, l2Index);
+        const lo = entryLo(t.view, l2Index);
+        if (l2EntryType(hi, lo, s.v3) === ClusterType.Normal && isCopied(hi)) {
+          const host = checkNormalEntry(s, hi, lo, pos);
+          let k = l2Index + 1;
+          let expect = host + C;
+          while (done + n < buf.length && k < s.l2Entries) {
+            const h2 = entryHi(t.view, k);
+            const l2 = entryLo(t.view, k);
+            if (l2EntryType(h2, l2, s.v3) !== ClusterType.Normal || !isCopied(h2) || entryOffset(h2, l2) !== expect) break;
+            n = Math.min(n + C, buf.length - done);
+            expect += C;
+            k++;
+          }
+          pending.push(writeInPlace(s, host + inCluster, buf.subarray(done, done + n)));
+          done += n;
+          continue;
+        }
+      }
+      // allocation: as many clusters as the request covers within this L2 table, under the lock
+      n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
+      await s.lock.run(() => allocatingWrite(s, pos, buf.subarray(done, done + n)));
+      done += n;
+    }
+  } finally {
+    if (pending.length > 0) await Promise.all(pending);
+  }
+}
+
+/** Reads the current contents of the guest cluster described by an L2 entry into `into`. */
+async function readOldCluster(s: Qcow2State, hi: number, lo: number, type: ClusterType, into: Uint8Array): Promise<void> {
+  if (type === ClusterType.Normal) await bdrvPread(s.file, entryOffset(hi, lo), into);
+  else if (type === ClusterType.Compressed) into.set(await decompressCluster(s, hi, lo));
+  else into.fill(0);
+}
+
+/** Drops the references an L2 entry held (after the entry stopped pointing there). */
+async function releaseEntry(s: Qcow2State, hi: number, lo: number, type: ClusterType): Promise<void> {
+  const quiet = s.whenNoInPlaceWrites();
+  if (quiet !== undefined) await quiet;
+  if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) await freeClusters(s, entryOffset(hi, lo), s.clusterSize);
+  else if (type === ClusterType.Compressed) {
+    const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
+    const start = offset - (offset % 512);
+    await freeClusters(s, start, offset + bytes - start);
+  }
+}
+
+/**
+ * Writes `data` at guest `pos`, all within one L2 table: clusters that are allocated and not
+ * shared are written in place; the others get freshly allocated clusters (contiguous on the host
+ * where possible), filled with the old contents around the new data.
+ */
+async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Promise<void> {
+  const C = s.clusterSize;
+  const { l1Index, l2Index } = splitGuestOffset(s, pos);
+  const t = await l2ForWrite(s, l1Index);
+  const first = l2Index;
+  const inFirst = pos % C;
+  const count = Math.ceil((inFirst + data.length) / C);
+  // which clusters need a new host cluster
+  let i = 0;
+  while (i < count) {
+    const hi = entryHi(t.view, first + i);
+    const lo = entryLo(t.view, first + i);
+    const type = l2EntryType(hi, lo, s.v3);
+    const guestStart = i === 0 ? 0 : i * C - inFirst; // offset in `data` where cluster i starts
+    if (type === ClusterType.Normal && isCopied(hi)) {
+      const host = checkNormalEntry(s, hi, lo, pos + guestStart);
+      const from = i === 0 ? 0 : guestStart;
+      const to = Math.min(data.length, (i + 1) * C - inFirst);
+      await bdrvPwrite(s.file, host + (i === 0 ? inFirst : 0), data.subarray(from, to));
+      i++;
+      continue;
+    }
+    // a run of clusters that all need allocation
+    let run = 1;
+    while (i + run < count) {
+      const h2 = entryHi(t.view, first + i + run);
+      const l2 = entryLo(t.view, first + i + run);
+      if (l2EntryType(h2, l2, s.v3) === ClusterType.Normal && isCopied(h2)) break;
+      run++;
+    }
+    const newHost = await allocClusters(s, run);
+    const runStartGuest = i * C; // relative to the first cluster's start
+    const dataFrom = Math.max(0, runStartGuest - inFirst);
+    const dataTo = Math.min(data.length, (i + run) * C - inFirst);
+    const headGap = Math.max(0, inFirst - runStartGuest); // bytes of the run before the new data
+    const tailGap = run * C - headGap - (dataTo - dataFrom);
+    let payload: Uint8Array;
+    if (headGap === 0 && tailGap === 0) payload = data.subarray(dataFrom, dataTo);
+    else {
+      payload = new Uint8Array(run * C);
+      if (headGap > 0) {
+        const h = entryHi(t.view, first + i);
+        const l = entryLo(t.view, first + i);
+        await readOldCluster(s, h, l, l2EntryType(h, l, s.v3), payload.subarray(0, C));
+      }
+      if (tailGap > 0) {
+        const last = i + run - 1;
+        const h = entryHi(t.view, first + last);
+        const l = entryLo(t.view, first + last);
+        if (!(run === 1 && headGap > 0)) await readOldCluster(s, h, l, l2EntryType(h, l, s.v3), payload.subarray((run - 1) * C, run * C));
+      }
+      payload.set(data.subarray(dataFrom, dataTo), headGap);
+    }
+    await bdrvPwrite(s.file, newHost, payload);
+    const old: Array<[number, number, ClusterType]> = [];
+    for (let k = 0; k < run; k++) {
+      const idx = first + i + k;
+      const h = entryHi(t.view, idx);
+      const l = entryLo(t.view, idx);
+      old.push([h, l, l2EntryType(h, l, s.v3)]);
+      setEntry(t.view, idx, newHost + k * C, true);
+    }
+    await s.writeMeta(t.offset + (first + i) * 8, t.bytes.subarray((first + i) * 8, (first + i + run) * 8), 'L2 table entries');
+    for (const [h, l, type] of old) await releaseEntry(s, h, l, type);
+    i += run;
+  }
+}
+
+/**
+ * Makes whole clusters read as zeros by their L2 entries (v3 zero flag; unallocated entries on v2
+ * when nothing shares them is not attempted: v2 writes zeros instead). Returns false when the
+ * image cannot (v2), so that the caller writes zeros.
+ * @locking io
+ */
+export async function qcow2ZeroClusters(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean): Promise<boolean> {
+  if (!s.v3 && !discard) return false;
+  await s.lock.run(() => zeroClustersLocked(s, offset, clusters, mayUnmap, discard));
+  return true;
+}
+
+/**
+ * qcow2ZeroClusters for callers that already hold the qcow2 lock.
+ * @locking io
+ */
+export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean): Promise<void> {
+  const C = s.clusterSize;
+  {
+    let c = 0;
+    while (c < clusters) {
+      const pos = offset + c * C;
+      const { l1Index, l2Index } = splitGuestOffset(s, pos);
+      const n = Math.min(clusters - c, s.l2Entries - l2Index);
+      const existing = await l2ForRead(s, l1Index);
+      if (existing === null) {
+        c += n; // nothing allocated there: reads as zeros already
+        continue;
+      }
+      const t = await l2ForWrite(s, l1Index);
+      const old: Array<[number, number, ClusterType]> = [];
+      for (let k = 0; k < n; k++) {
+        const idx = l2Index + k;
+        const h = entryHi(t.view, idx);
+        const l = entryLo(t.view, idx);
+        const type = l2EntryType(h, l, s.v3);
+        if (discard) {
+          if (type === ClusterType.Unallocated) continue;
+          old.push([h, l, type]);
+          setEntryRaw(t.view, idx, 0, 0);
+        } else if (type === ClusterType.Unallocated || type === ClusterType.ZeroPlain) {
+          continue;
+        } else if (!mayUnmap && type === ClusterType.Normal && isCopied(h)) {
+          setEntry(t.view, idx, entryOffset(h, l), true, true); // keep the allocation, read zeros
+        } else {
+          old.push([h, l, type]);
+          setEntry(t.view, idx, 0, false, true);
+        }
+      }
+      await s.writeMeta(t.offset + l2Index * 8, t.bytes.subarray(l2Index * 8, (l2Index + n) * 8), 'L2 table entries');
+      for (const [h, l, type] of old) await releaseEntry(s, h, l, type);
+      c += n;
+    }
+  }
+}
+
+/** True when the high half of an entry marks a compressed cluster. */
+export function isCompressedHi(hi: number): boolean {
+  return (hi & HI_COMPRESSED) !== 0;
+}

@@ -1,0 +1,142 @@
+/**
+ * Opening a qcow2 image: the header, then the active L1 table, the refcount table and the snapshot
+ * table, each read in one bounded request and validated before anything trusts it. Nothing is
+ * written here: a damaged image is refused without a single write.
+ */
+import { BlockError } from '../../block/errors.js';
+import { bdrvGetLength, bdrvPread } from '../../block/io.js';
+import type { BlockNode } from '../../block/node.js';
+import { MAX_CLUSTER_BITS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, MIN_CLUSTER_BITS } from './constants.js';
+import { parseHeader } from './header.js';
+import { parseSnapshotTable } from './snapshot-table.js';
+import { Qcow2State } from './state.js';
+import type { Qcow2Header, SnapshotEntry } from './types.js';
+
+/** Bytes of a snapshot table entry before its extra data. */
+const ENTRY_HEADER = 40;
+
+function align8(n: number): number {
+  return n + ((8 - (n % 8)) % 8);
+}
+
+/**
+ * Reads the first cluster of `file` (or the whole file when shorter) and parses the header.
+ * @locking io
+ */
+export async function readQcow2Header(file: BlockNode, filename: string): Promise<{ header: Qcow2Header; fileLength: number }> {
+  const fileLength = bdrvGetLength(file);
+  const probe = new Uint8Array(Math.min(fileLength, 24));
+  await bdrvPread(file, 0, probe);
+  let clusterBits = MIN_CLUSTER_BITS;
+  if (probe.length >= 24) {
+    const bits = new DataView(probe.buffer).getUint32(20);
+    if (bits >= MIN_CLUSTER_BITS && bits <= MAX_CLUSTER_BITS) clusterBits = bits;
+  }
+  const first = new Uint8Array(Math.min(fileLength, 2 ** clusterBits));
+  await bdrvPread(file, 0, first);
+  return { header: parseHeader(first, fileLength, filename), fileLength };
+}
+
+/**
+ * How many bytes of `buf` the first `nb` snapshot table entries take, or -1 when `buf` ends
+ * before they do (the caller reads more).
+ */
+function snapshotTableExtent(buf: Uint8Array, nb: number): number {
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  let off = 0;
+  for (let i = 0; i < nb; i++) {
+    off = align8(off);
+    if (off + ENTRY_HEADER > buf.length) return -1;
+    const idSize = view.getUint16(off + 12);
+    const nameSize = view.getUint16(off + 14);
+    const extra = view.getUint32(off + 36);
+    if (extra > MAX_SNAPSHOT_EXTRA_DATA) return off + ENTRY_HEADER; // the parser names the field
+    off += ENTRY_HEADER + extra + idSize + nameSize;
+    if (off > buf.length) return -1;
+  }
+  return off;
+}
+
+/**
+ * Reads the snapshot table: a window that doubles until it holds all `nbSnapshots` entries,
+ * bounded by the end of the file and by QEMU's 64 MiB limit.
+ * @locking io
+ */
+export async function readSnapshotTable(file: BlockNode, header: Qcow2Header, fileLength: number, filename: string): Promise<SnapshotEntry[]> {
+  const nb = header.nbSnapshots;
+  if (nb === 0) return [];
+  const start = header.snapshotsOffset;
+  const limit = Math.min(fileLength - start, MAX_SNAPSHOTS_SIZE);
+  let window = Math.min(limit, Math.max(4096, nb * 128));
+  for (;;) {
+    const buf = new Uint8Array(window);
+    await bdrvPread(file, start, buf);
+    const extent = snapshotTableExtent(buf, nb);
+    if (extent >= 0) {
+      return parseSnapshotTable(buf.subarray(0, extent), nb, { version: header.version, sizeBytes: header.size }, filename);
+    }
+    if (window >= limit) {
+      const where = limit === MAX_SNAPSHOTS_SIZE ? 'exceeds the 64 MiB limit' : 'runs past the end of the file';
+      throw new BlockError('EINVAL', `qcow2 '${filename}': the snapshot table (${nb} entries at offset ${start}) ${where}`, {
+        file: filename,
+        field: 'nb_snapshots',
+        value: nb,
+      });
+    }
+    window = Math.min(limit, window * 2);
+  }
+}
+
+/**
+ * Reads a table of `bytes` bytes at `offset`, refusing one that lies past the end of the file.
+ * @locking io
+ */
+export async function readTable(file: BlockNode, offset: number, bytes: number, fileLength: number, filename: string, field: string): Promise<Uint8Array> {
+  if (bytes > 0 && offset + bytes > fileLength) {
+    throw new BlockError('EINVAL', `qcow2 '${filename}': the ${field} table (${bytes} bytes at offset ${offset}) runs past the end of the file (${fileLength} bytes)`, {
+      file: filename,
+      field: `${field}_offset`,
+      value: offset,
+    });
+  }
+  const buf = new Uint8Array(bytes);
+  if (bytes > 0) await bdrvPread(file, offset, buf);
+  return buf;
+}
+
+/** Refuses snapshot entries whose L1 table cannot lie in the file (checked at open, like QEMU). */
+function checkSnapshotEntries(entries: SnapshotEntry[], clusterSize: number, fileLength: number, filename: string): void {
+  for (const [i, sn] of entries.entries()) {
+    if (sn.l1TableOffset % clusterSize !== 0 || sn.l1TableOffset + sn.l1Size * 8 > fileLength) {
+      throw new BlockError('EINVAL', `qcow2 '${filename}': snapshot ${i} ('${sn.name}') has an invalid L1 table offset ${sn.l1TableOffset}`, {
+        file: filename,
+        field: 'l1_table_offset',
+        value: sn.l1TableOffset,
+      });
+    }
+    if (sn.l1Size * 8 > 32 * 1024 * 1024) {
+      throw new BlockError('EFBIG', `qcow2 '${filename}': snapshot ${i} ('${sn.name}') has an L1 table too large (l1_size: ${sn.l1Size})`, {
+        file: filename,
+        field: 'l1_size',
+        value: sn.l1Size,
+      });
+    }
+  }
+}
+
+/**
+ * Reads and validates all the metadata an open image keeps in memory and returns its state.
+ * @locking io
+ */
+export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBytes: number): Promise<Qcow2State> {
+  const filename = file.filename || node.filename;
+  const { header, fileLength } = await readQcow2Header(file, filename);
+  const C = 2 ** header.clusterBits;
+  const l1 = await readTable(file, header.l1TableOffset, header.l1Size * 8, fileLength, filename, 'l1_table');
+  const reftable = await readTable(file, header.refcountTableOffset, header.refcountTableClusters * C, fileLength, filename, 'refcount_table');
+  const snapshots = await readSnapshotTable(file, header, fileLength, filename);
+  checkSnapshotEntries(snapshots, C, fileLength, filename);
+  const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes);
+  s.allocatedEnd = Math.ceil(fileLength / C);
+  return s;
+}

@@ -1,0 +1,306 @@
+/**
+ * qcow2 refcounts: reading and changing a cluster's reference count, allocating and freeing
+ * clusters, creating refcount blocks and growing the refcount table.
+ *
+ * I/O code, called with the qcow2 lock held. Crash-safe order (a crash between any two writes
+ * leaves at most leaked clusters): a cluster's refcount is raised (and written) before anything
+ * points to it, and lowered only after the last pointer to it is gone; a new refcount block is
+ * written before the table entry that points to it; a new refcount table is written and flushed
+ * before the header switches to it, and the old one is freed after.
+ */
+import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
+import { BlockError } from '../../block/errors.js';
+import { REFT_LO_RESERVED } from './constants.js';
+import { entryHi, entryLo, entryOffset, setEntry } from './entries.js';
+import type { Qcow2State } from './state.js';
+import type { Table } from './table-cache.js';
+
+const TWO32 = 0x100000000;
+
+/** Reads slot `i` of a refcount block. */
+export function readSlot(t: Table, i: number, bits: number): number {
+  switch (bits) {
+    case 8:
+      return t.view.getUint8(i);
+    case 16:
+      return t.view.getUint16(i * 2);
+    case 32:
+      return t.view.getUint32(i * 4);
+    case 64:
+      return t.view.getUint32(i * 8) * TWO32 + t.view.getUint32(i * 8 + 4);
+    default: {
+      const bit = i * bits;
+      const byte = t.bytes[bit >> 3] ?? 0;
+      return (byte >> (bit & 7)) & ((1 << bits) - 1);
+    }
+  }
+}
+
+/** Writes slot `i` of a refcount block; returns the byte range changed. */
+function writeSlot(t: Table, i: number, bits: number, value: number): [number, number] {
+  switch (bits) {
+    case 8:
+      t.view.setUint8(i, value);
+      return [i, i + 1];
+    case 16:
+      t.view.setUint16(i * 2, value);
+      return [i * 2, i * 2 + 2];
+    case 32:
+      t.view.setUint32(i * 4, value);
+      return [i * 4, i * 4 + 4];
+    case 64: {
+      const hi = Math.floor(value / TWO32);
+      t.view.setUint32(i * 8, hi);
+      t.view.setUint32(i * 8 + 4, value - hi * TWO32);
+      return [i * 8, i * 8 + 8];
+    }
+    default: {
+      const bit = i * bits;
+      const mask = ((1 << bits) - 1) << (bit & 7);
+      const byte = bit >> 3;
+      t.bytes[byte] = ((t.bytes[byte] ?? 0) & ~mask) | ((value << (bit & 7)) & mask);
+      return [byte, byte + 1];
+    }
+  }
+}
+
+/** Number of entries in the refcount table. */
+function reftableEntries(s: Qcow2State): number {
+  return s.reftable.length / 8;
+}
+
+/** Host offset of refcount block `b`, 0 when it is not allocated (or past the table). */
+export function refblockOffset(s: Qcow2State, b: number): number {
+  if (b >= reftableEntries(s)) return 0;
+  const hi = entryHi(s.reftableView, b);
+  const lo = entryLo(s.reftableView, b);
+  if ((lo & REFT_LO_RESERVED) !== 0) throw s.corrupt(`refcount table entry ${b} has reserved bits set`, 'refcount_table');
+  return entryOffset(hi, lo);
+}
+
+async function loadRefblock(s: Qcow2State, off: number, b: number): Promise<Table> {
+  if (off % s.clusterSize !== 0) throw s.corrupt(`refcount block ${b} offset ${off} is not cluster aligned`, 'refcount_table');
+  const batched = s.refcountBatch?.get(off);
+  if (batched !== undefined) return batched.table;
+  return s.refblockCache.peek(off) ?? (await s.refblockCache.get(off));
+}
+
+/**
+ * Starts collecting refcount changes in memory instead of writing each one: for walks that touch
+ * thousands of clusters (snapshot create, goto, delete). `flushRefcountBatch` writes them.
+ * @locking io
+ */
+export function beginRefcountBatch(s: Qcow2State): void {
+  s.refcountBatch ??= new Map();
+}
+
+/**
+ * Writes every refcount block range changed since beginRefcountBatch and stops batching.
+ * @locking io
+ */
+export async function flushRefcountBatch(s: Qcow2State): Promise<void> {
+  const batch = s.refcountBatch;
+  if (batch === null) return;
+  s.refcountBatch = null;
+  for (const [off, { table, lo, hi }] of batch) {
+    s.refblockCache.insert(off, table.bytes);
+    await s.writeMeta(off + lo, table.bytes.subarray(lo, hi), 'refcount block');
+  }
+}
+
+/**
+ * The refcount of cluster `clusterIndex` (0 when no refcount block covers it).
+ * @locking io
+ */
+export async function getRefcount(s: Qcow2State, clusterIndex: number): Promise<number> {
+  const b = Math.floor(clusterIndex / s.refblockEntries);
+  const off = refblockOffset(s, b);
+  if (off === 0) return 0;
+  const t = await loadRefblock(s, off, b);
+  return readSlot(t, clusterIndex - b * s.refblockEntries, s.refcountBits);
+}
+
+/**
+ * Adds `addend` to the refcount of every cluster that [offset, offset + length) touches, writing
+ * each changed refcount block range through. Refcount blocks are created as needed for increases;
+ * an underflow or overflow is refused before anything is written.
+ * @locking io
+ */
+export async function updateRefcount(s: Qcow2State, offset: number, length: number, addend: number): Promise<void> {
+  if (length <= 0 || addend === 0) return;
+  const first = Math.floor(offset / s.clusterSize);
+  const last = Math.floor((offset + length - 1) / s.clusterSize);
+  // validate every change first, so a refused update writes nothing
+  for (let b = Math.floor(first / s.refblockEntries); b <= Math.floor(last / s.refblockEntries); b++) {
+    if (refblockOffset(s, b) === 0) {
+      if (addend < 0) throw s.corrupt(`freeing clusters ${first}..${last} that no refcount block covers`, 'refcount');
+      await ensureRefblock(s, b);
+    }
+  }
+  for (let ci = first; ci <= last; ci++) {
+    const rc = await getRefcount(s, ci);
+    const next = rc + addend;
+    if (next < 0) throw s.corrupt(`refcount of cluster ${ci} (offset ${ci * s.clusterSize}) would drop below zero`, 'refcount');
+    if (next > s.refcountMax) {
+      throw new BlockError('EFBIG', `qcow2 '${s.filename}': refcount of cluster ${ci} would overflow ${s.refcountBits}-bit refcounts (use a wider refcount_bits)`, {
+        node: s.node.nodeName,
+        file: s.filename,
+        field: 'refcount_bits',
+      });
+    }
+  }
+  let ci = first;
+  while (ci <= last) {
+    const b = Math.floor(ci / s.refblockEntries);
+    const end = Math.min(last, (b + 1) * s.refblockEntries - 1);
+    const off = refblockOffset(s, b);
+    const t = await loadRefblock(s, off, b);
+    let lo = Infinity;
+    let hi = 0;
+    for (let c = ci; c <= end; c++) {
+      const slot = c - b * s.refblockEntries;
+      const next = readSlot(t, slot, s.refcountBits) + addend;
+      const [a, z] = writeSlot(t, slot, s.refcountBits, next);
+      lo = Math.min(lo, a);
+      hi = Math.max(hi, z);
+      if (next === 0) {
+        // a freed cluster may come back holding something else: forget any cached copy
+        s.l2Cache.drop(c * s.clusterSize);
+        if (c * s.clusterSize !== off) s.refblockCache.drop(c * s.clusterSize);
+        if (c < s.freeClusterHint) s.freeClusterHint = c;
+      }
+    }
+    const batch = s.refcountBatch;
+    if (batch === null) await s.writeMeta(off + lo, t.bytes.subarray(lo, hi), 'refcount block');
+    else {
+      const prev = batch.get(off);
+      batch.set(off, { table: t, lo: Math.min(lo, prev?.lo ?? lo), hi: Math.max(hi, prev?.hi ?? hi) });
+    }
+    ci = end + 1;
+  }
+}
+
+/**
+ * Allocates `n` contiguous free clusters, sets their refcounts to 1 and returns the host offset.
+ * @locking io
+ */
+export async function allocClusters(s: Qcow2State, n: number): Promise<number> {
+  for (let attempt = 0; attempt < 1000; attempt++) {
+    let start = s.freeClusterHint;
+    let run = 0;
+    for (let ci = start; run < n; ci++) {
+      if ((await getRefcount(s, ci)) === 0) run++;
+      else {
+        run = 0;
+        start = ci + 1;
+      }
+    }
+    if ((start + n) * s.clusterSize > Number.MAX_SAFE_INTEGER / 2) {
+      throw new BlockError('ENOSPC', `qcow2 '${s.filename}': no room for ${n} more clusters`, { node: s.node.nodeName, file: s.filename });
+    }
+    let created = false;
+    for (let b = Math.floor(start / s.refblockEntries); b <= Math.floor((start + n - 1) / s.refblockEntries); b++) {
+      if (refblockOffset(s, b) === 0) {
+        await ensureRefblock(s, b);
+        created = true;
+      }
+    }
+    if (created) continue; // the new refcount block may sit in the run: search again
+    await updateRefcount(s, start * s.clusterSize, n * s.clusterSize, 1);
+    if (start === s.freeClusterHint) s.freeClusterHint = start + n;
+    s.allocatedEnd = Math.max(s.allocatedEnd, start + n);
+    return start * s.clusterSize;
+  }
+  throw new BlockError('EIO', `qcow2 '${s.filename}': cluster allocation did not converge`, { node: s.node.nodeName, file: s.filename });
+}
+
+/**
+ * Drops one reference from every cluster [offset, offset + length) touches.
+ * @locking io
+ */
+export function freeClusters(s: Qcow2State, offset: number, length: number): Promise<void> {
+  return updateRefcount(s, offset, length, -1);
+}
+
+/** Creates refcount block `b` inside the range it covers (all free, since no block covers them). */
+async function ensureRefblock(s: Qcow2State, b: number): Promise<void> {
+  if (b >= reftableEntries(s)) await growReftable(s, b + 1);
+  if (refblockOffset(s, b) !== 0) return;
+  const ci = b * s.refblockEntries;
+  const off = ci * s.clusterSize;
+  const bytes = new Uint8Array(s.clusterSize);
+  const t = s.refblockCache.insert(off, bytes);
+  writeSlot(t, 0, s.refcountBits, 1);
+  await s.writeMeta(off, bytes, 'new refcount block');
+  setEntry(s.reftableView, b, off, false);
+  await s.writeMeta(s.header.refcountTableOffset + b * 8, s.reftable.subarray(b * 8, b * 8 + 8), 'refcount table entry');
+  s.allocatedEnd = Math.max(s.allocatedEnd, ci + 1);
+}
+
+/**
+ * Moves the refcount table to a bigger one at the end of the file, with the new refcount blocks
+ * that the area itself needs placed in front of it (QEMU's refcount area).
+ */
+async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
+  const C = s.clusterSize;
+  const E = s.refblockEntries;
+  const oldEntries = reftableEntries(s);
+  const fileEnd = Math.ceil(bdrvGetLength(s.file) / C);
+  const a = Math.max(fileEnd, s.allocatedEnd);
+  let entries = Math.max(minEntries, oldEntries * 2);
+  let tableClusters = 0;
+  let missing: number[] = [];
+  for (let iter = 0; iter < 64; iter++) {
+    tableClusters = Math.ceil((entries * 8) / C);
+    const end = a + missing.length + tableClusters;
+    const blocks: number[] = [];
+    for (let b = Math.floor(a / E); b <= Math.floor((end - 1) / E); b++) if (refblockOffset(s, b) === 0) blocks.push(b);
+    const lastBlock = blocks.length > 0 ? (blocks[blocks.length - 1] as number) : 0;
+    const needEntries = Math.max(entries, lastBlock + 1);
+    if (blocks.length === missing.length && needEntries === entries) {
+      missing = blocks;
+      break;
+    }
+    missing = blocks;
+    entries = needEntries;
+  }
+  if (entries * 8 > 8 * 1024 * 1024) {
+    throw new BlockError('EFBIG', `qcow2 '${s.filename}': the refcount table would exceed 8 MiB`, { node: s.node.nodeName, file: s.filename, field: 'refcount_table_clusters' });
+  }
+  const areaEnd = a + missing.length + tableClusters;
+  const tableOff = (a + missing.length) * C;
+  // 1. area clusters covered by existing refcount blocks get their references there
+  for (let ci = a; ci < areaEnd; ci++) {
+    const b = Math.floor(ci / E);
+    if (!missing.includes(b)) await updateRefcount(s, ci * C, C, 1);
+  }
+  // 2. the new refcount blocks, each counting the area clusters it covers
+  const table = new Uint8Array(tableClusters * C);
+  table.set(s.reftable);
+  const tableView = new DataView(table.buffer);
+  for (const [k, b] of missing.entries()) {
+    const off = (a + k) * C;
+    const bytes = new Uint8Array(C);
+    const t = s.refblockCache.insert(off, bytes);
+    for (let ci = Math.max(a, b * E); ci < Math.min(areaEnd, (b + 1) * E); ci++) writeSlot(t, ci - b * E, s.refcountBits, 1);
+    await s.writeMeta(off, bytes, 'new refcount block');
+    setEntry(tableView, b, off, false);
+  }
+  // 3. the new table, flushed before the header points at it
+  await s.writeMeta(tableOff, table, 'new refcount table');
+  await bdrvFlush(s.file);
+  const hdr = new Uint8Array(12);
+  const hv = new DataView(hdr.buffer);
+  hv.setUint32(0, Math.floor(tableOff / TWO32));
+  hv.setUint32(4, tableOff % TWO32);
+  hv.setUint32(8, tableClusters);
+  await s.writeMeta(48, hdr, 'header (refcount table pointer)');
+  const oldOff = s.header.refcountTableOffset;
+  const oldClusters = s.header.refcountTableClusters;
+  s.header.refcountTableOffset = tableOff;
+  s.header.refcountTableClusters = tableClusters;
+  s.setReftable(table);
+  s.allocatedEnd = Math.max(s.allocatedEnd, areaEnd);
+  // 4. the old table is garbage now
+  await freeClusters(s, oldOff, oldClusters * C);
+}

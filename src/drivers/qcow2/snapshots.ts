@@ -1,0 +1,309 @@
+/**
+ * qcow2 internal snapshots: create, goto (revert), delete, list, load-temporary, and writing the
+ * snapshot table, following QEMU's algorithms (block/qcow2-snapshot.c) and their crash-safe order.
+ *
+ * Called by the driver's snapshot callbacks, which take `Bql` and a drained proof: nothing else
+ * runs on the node meanwhile. The functions here also take the qcow2 lock, since they change
+ * metadata. A crash at any write leaves the old state or the new one, plus at most leaked clusters.
+ */
+import { bdrvFlush } from '../../block/io.js';
+import { BlockError } from '../../block/errors.js';
+import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js';
+import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
+import { growL1 } from './cluster-map.js';
+import { zeroClustersLocked } from './data-path.js';
+import { allocClusters, beginRefcountBatch, flushRefcountBatch, freeClusters, getRefcount, updateRefcount } from './refcount.js';
+import { serializeSnapshotTable } from './snapshot-table.js';
+import type { Qcow2State } from './state.js';
+import type { SnapshotEntry } from './types.js';
+
+const TWO32 = 0x100000000;
+
+/** Sets or clears bit 63 in the high half of an entry. */
+function withCopied(hi: number, copied: boolean): number {
+  return copied ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff;
+}
+
+/**
+ * QEMU's qcow2_update_snapshot_refcount: adds `addend` (-1, 0, +1) to the refcount of every L2
+ * table and data cluster reachable from the L1 table at `l1Offset`, then recomputes the COPIED
+ * bits. The active L1 is taken from memory. Refcounts are written (and flushed) before any L2 or
+ * L1 table that relies on them.
+ */
+export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+  const C = s.clusterSize;
+  const active = l1Offset === s.header.l1TableOffset;
+  const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, 'snapshot L1 table');
+  const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  const n = Math.min(l1Size, l1.length / 8);
+  const l2At = (i: number): number => {
+    const off = entryOffset(entryHi(l1v, i), entryLo(l1v, i));
+    if (off % C !== 0) throw s.corrupt(`L2 table offset ${off} unaligned (L1 index: ${i})`, 'l1_table');
+    return off;
+  };
+  if (addend !== 0) {
+    beginRefcountBatch(s);
+    try {
+      for (let i = 0; i < n; i++) {
+        const off = l2At(i);
+        if (off === 0) continue;
+        const t = await s.l2Cache.get(off);
+        for (let j = 0; j < s.l2Entries; j++) {
+          const hi = entryHi(t.view, j);
+          const lo = entryLo(t.view, j);
+          const type = l2EntryType(hi, lo, s.v3);
+          if (type === ClusterType.Compressed) {
+            const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
+            const start = offset - (offset % 512);
+            await updateRefcount(s, start, offset + bytes - start, addend);
+          } else if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
+            const d = entryOffset(hi, lo);
+            if (d % C !== 0) throw s.corrupt(`Cluster allocation offset ${d} unaligned (L2 offset: ${off}, L2 index: ${j})`, 'l2_table');
+            await updateRefcount(s, d, C, addend);
+          }
+        }
+        await updateRefcount(s, off, C, addend);
+      }
+    } finally {
+      await flushRefcountBatch(s);
+    }
+  }
+  let l1Changed = false;
+  for (let i = 0; i < n; i++) {
+    const off = l2At(i);
+    if (off === 0) continue;
+    const l2rc = await getRefcount(s, off / C);
+    if (l2rc === 0) continue; // freed by this walk: never write it again
+    const t = await s.l2Cache.get(off);
+    let changed = false;
+    for (let j = 0; j < s.l2Entries; j++) {
+      const hi = entryHi(t.view, j);
+      const lo = entryLo(t.view, j);
+      const type = l2EntryType(hi, lo, s.v3);
+      let want: boolean;
+      if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) want = (await getRefcount(s, entryOffset(hi, lo) / C)) === 1;
+      else want = false;
+      if (isCopied(hi) !== want) {
+        setEntryRaw(t.view, j, withCopied(hi, want), lo);
+        changed = true;
+      }
+    }
+    if (changed) await s.writeMeta(off, t.bytes, 'L2 table');
+    const l1hi = entryHi(l1v, i);
+    const want = l2rc === 1;
+    if (isCopied(l1hi) !== want) {
+      setEntryRaw(l1v, i, withCopied(l1hi, want), entryLo(l1v, i));
+      l1Changed = true;
+    }
+  }
+  await bdrvFlush(s.file);
+  if (addend >= 0 && l1Changed) {
+    await s.writeMeta(l1Offset, l1.subarray(0, n * 8), active ? 'L1 table' : 'snapshot L1 table');
+    await bdrvFlush(s.file);
+  }
+}
+
+/**
+ * Writes the snapshot list as a new table in fresh clusters, then switches the header to it in
+ * one 12-byte write (nb_snapshots and snapshots_offset are adjacent), then frees the old table.
+ */
+export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]): Promise<void> {
+  const bytes = serializeSnapshotTable(entries);
+  if (bytes.length > MAX_SNAPSHOTS_SIZE) {
+    throw new BlockError('EFBIG', `qcow2 '${s.filename}': the snapshot table would exceed 64 MiB`, { node: s.node.nodeName, field: 'snapshots' });
+  }
+  const clusters = Math.ceil(bytes.length / s.clusterSize);
+  const newOff = clusters === 0 ? 0 : await allocClusters(s, clusters);
+  try {
+    await bdrvFlush(s.file);
+    if (clusters > 0) await s.writeMeta(newOff, bytes, 'snapshot table');
+    await bdrvFlush(s.file);
+    const hdr = new Uint8Array(12);
+    const hv = new DataView(hdr.buffer);
+    hv.setUint32(0, entries.length);
+    hv.setUint32(4, Math.floor(newOff / TWO32));
+    hv.setUint32(8, newOff % TWO32);
+    await s.writeMeta(60, hdr, 'header (snapshot table pointer)');
+    await bdrvFlush(s.file);
+  } catch (e) {
+    if (clusters > 0) await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined);
+    throw e;
+  }
+  const oldOff = s.header.snapshotsOffset;
+  const oldBytes = serializeSnapshotTable(s.snapshots).length;
+  s.header.nbSnapshots = entries.length;
+  s.header.snapshotsOffset = newOff;
+  s.snapshots = entries;
+  if (oldOff !== 0 && oldBytes > 0) await freeClusters(s, oldOff, Math.ceil(oldBytes / s.clusterSize) * s.clusterSize);
+}
+
+/** Refuses a snapshot whose L1 table cannot be right (QEMU's checks before goto, delete, load). */
+function checkSnapshotL1(s: Qcow2State, sn: SnapshotEntry): void {
+  if (sn.l1Size * 8 > MAX_L1_BYTES) {
+    throw new BlockError('EFBIG', `Snapshot L1 table too large (snapshot '${sn.name}' in '${s.filename}')`, { node: s.node.nodeName, field: 'l1_size' });
+  }
+  if (sn.l1TableOffset % s.clusterSize !== 0 || (sn.l1Size > 0 && sn.l1TableOffset === 0)) {
+    throw new BlockError('EINVAL', `Snapshot L1 table offset invalid (snapshot '${sn.name}' in '${s.filename}')`, { node: s.node.nodeName, field: 'l1_table_offset' });
+  }
+}
+
+/** QEMU's find_new_snapshot_id: one more than the largest numeric ID. */
+function newSnapshotId(s: Qcow2State): string {
+  let max = 0;
+  for (const sn of s.snapshots) {
+    const v = /^\d+$/.test(sn.id) ? Number(sn.id) : 0;
+    if (v > max) max = v;
+  }
+  return String(max + 1);
+}
+
+/** Finds by ID first, then by name (goto's rule). */
+export function findByIdOrName(s: Qcow2State, idOrName: string): SnapshotEntry | undefined {
+  return s.snapshots.find((sn) => sn.id === idOrName) ?? s.snapshots.find((sn) => sn.name === idOrName);
+}
+
+/** Finds the first snapshot whose ID and name match (a null one is not compared). */
+export function findByIdAndName(s: Qcow2State, id: string | null, name: string | null): SnapshotEntry | undefined {
+  return s.snapshots.find((sn) => (id === null || sn.id === id) && (name === null || sn.name === name));
+}
+
+/** What a new snapshot records (the driver assigns the ID and the L1 copy). */
+export interface NewSnapshot {
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  icount: number;
+}
+
+/**
+ * Creates a snapshot of the active state: copy of the L1, +1 on everything it reaches, the new
+ * table, then the VM-state clusters leave the active image (the snapshot owns them).
+ */
+export async function createSnapshot(s: Qcow2State, info: NewSnapshot): Promise<SnapshotEntry> {
+  return s.lock.run(async () => {
+    if (s.snapshots.length >= MAX_SNAPSHOTS) {
+      throw new BlockError('EFBIG', `qcow2 '${s.filename}': too many snapshots (${s.snapshots.length})`, { node: s.node.nodeName, field: 'nb_snapshots' });
+    }
+    const C = s.clusterSize;
+    const l1Bytes = s.l1Size * 8;
+    const l1Clusters = Math.ceil(l1Bytes / C);
+    const l1Off = l1Clusters === 0 ? 0 : await allocClusters(s, l1Clusters);
+    const entry: SnapshotEntry = {
+      l1TableOffset: l1Off,
+      l1Size: s.l1Size,
+      id: newSnapshotId(s),
+      name: info.name,
+      dateSec: info.dateSec,
+      dateNsec: info.dateNsec,
+      vmClockNsec: info.vmClockNsec,
+      vmStateSize: info.vmStateSize,
+      diskSize: s.sizeBytes,
+      icount: info.icount,
+      extraDataSize: 24,
+      unknownExtraData: new Uint8Array(0),
+    };
+    if (l1Clusters > 0) await s.writeMeta(l1Off, s.l1, 'snapshot L1 table');
+    await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 1);
+    await writeSnapshotTable(s, [...s.snapshots, entry]);
+    if (info.vmStateSize > 0) {
+      const clusters = Math.ceil(info.vmStateSize / C);
+      await zeroClustersLocked(s, s.vmStateOffset(), clusters, true, true);
+    }
+    return entry;
+  });
+}
+
+/** Reverts the active state to a snapshot (QEMU's qcow2_snapshot_goto, step by step). */
+export async function gotoSnapshot(s: Qcow2State, idOrName: string): Promise<SnapshotEntry> {
+  return s.lock.run(async () => {
+    const sn = findByIdOrName(s, idOrName);
+    if (sn === undefined) {
+      throw new BlockError('ENOENT', `Snapshot '${idOrName}' not found in '${s.filename}'`, { node: s.node.nodeName, value: idOrName });
+    }
+    checkSnapshotL1(s, sn);
+    if (sn.diskSize !== s.sizeBytes) await setDiskSize(s, sn.diskSize);
+    if (s.l1Size < sn.l1Size) await growL1(s, sn.l1Size);
+    const cur = s.l1Size;
+    const buf = new Uint8Array(cur * 8);
+    if (sn.l1Size > 0) buf.set(await s.readMeta(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table'));
+    await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, 1);
+    await s.writeMeta(s.header.l1TableOffset, buf, 'L1 table');
+    await bdrvFlush(s.file);
+    let dropError: unknown = null;
+    try {
+      await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, -1);
+    } catch (e) {
+      dropError = e; // the switch has happened: continue as QEMU does, the failure only leaks
+    }
+    s.setL1(buf);
+    await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 0);
+    if (dropError !== null) throw dropError;
+    return sn;
+  });
+}
+
+/** Deletes a snapshot: the table first; freeing its clusters afterwards can only leak. */
+export async function deleteSnapshot(s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
+  return s.lock.run(async () => {
+    const sn = findByIdAndName(s, id, name);
+    if (sn === undefined) {
+      throw new BlockError('ENOENT', `Can't find the snapshot (id ${id ?? 'any'}, name ${name ?? 'any'}) in '${s.filename}'`, {
+        node: s.node.nodeName,
+        value: name ?? id ?? '',
+      });
+    }
+    checkSnapshotL1(s, sn);
+    await writeSnapshotTable(
+      s,
+      s.snapshots.filter((x) => x !== sn),
+    );
+    await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, -1);
+    if (sn.l1Size > 0) await freeClusters(s, sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / s.clusterSize) * s.clusterSize);
+    await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 0);
+    return sn;
+  });
+}
+
+/** Shows a snapshot's state instead of the active one, without writing anything (read-only node). */
+export async function loadSnapshotTemporarily(s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
+  return s.lock.run(async () => {
+    const sn = findByIdAndName(s, id, name) ?? (id !== null && name === null ? findByIdOrName(s, id) : undefined);
+    if (sn === undefined) {
+      throw new BlockError('ENOENT', `Can't find snapshot '${name ?? id ?? ''}' in '${s.filename}'`, { node: s.node.nodeName, value: name ?? id ?? '' });
+    }
+    checkSnapshotL1(s, sn);
+    const bytes = sn.l1Size === 0 ? new Uint8Array(0) : await s.readMeta(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table');
+    s.setL1(bytes);
+    s.header.l1TableOffset = sn.l1TableOffset;
+    s.header.l1Size = sn.l1Size;
+    s.tmpSnapshot = sn.name;
+    s.l2Cache.clear();
+    return sn;
+  });
+}
+
+/**
+ * Changes the virtual size in the header (growing the L1 table first when needed); the caller
+ * holds the lock. Data past a smaller size is discarded first.
+ */
+export async function setDiskSize(s: Qcow2State, sizeBytes: number): Promise<void> {
+  const span = s.clusterSize * s.l2Entries;
+  const needL1 = Math.ceil(sizeBytes / span);
+  if (needL1 * 8 > MAX_L1_BYTES) {
+    throw new BlockError('EFBIG', `qcow2 '${s.filename}': a size of ${sizeBytes} bytes needs an L1 table over 32 MiB`, { node: s.node.nodeName, field: 'size' });
+  }
+  if (sizeBytes < s.sizeBytes) {
+    const firstCluster = Math.ceil(sizeBytes / s.clusterSize);
+    const lastCluster = Math.ceil(s.sizeBytes / s.clusterSize);
+    if (lastCluster > firstCluster) await zeroClustersLocked(s, firstCluster * s.clusterSize, lastCluster - firstCluster, true, true);
+  }
+  if (needL1 > s.l1Size) await growL1(s, needL1);
+  const b = new Uint8Array(8);
+  const v = new DataView(b.buffer);
+  v.setUint32(0, Math.floor(sizeBytes / TWO32));
+  v.setUint32(4, sizeBytes % TWO32);
+  await s.writeMeta(24, b, 'header (size)');
+  s.header.size = sizeBytes;
+}

@@ -1,0 +1,168 @@
+/**
+ * The state of one open qcow2 node, shared by the modules that each handle one concern
+ * (refcount.ts, cluster-map.ts, snapshots.ts, check.ts): geometry, the in-memory L1 and refcount
+ * tables, the caches, the snapshot list and the metadata lock.
+ *
+ * I/O code: metadata is read and written through the node's `file` child with ordinary requests;
+ * every change to it happens with `lock` held (QEMU's s->lock).
+ */
+import { CoMutex } from '../../block/co-mutex.js';
+import { BlockError } from '../../block/errors.js';
+import { bdrvPread, bdrvPwrite } from '../../block/io.js';
+import type { BlockNode } from '../../block/node.js';
+import { TableCache, type Table } from './table-cache.js';
+import type { Qcow2Header, SnapshotEntry } from './types.js';
+
+/** Everything the qcow2 modules share about one open image. */
+export class Qcow2State {
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  /** Entries per L2 table (cluster_size / 8). */
+  readonly l2Entries: number;
+  readonly l2Bits: number;
+  readonly refcountBits: number;
+  /** Refcount entries per refcount block. */
+  readonly refblockEntries: number;
+  readonly refcountMax: number;
+  readonly v3: boolean;
+  /** The active L1 table as it is on disk (big-endian entries). */
+  l1: Uint8Array;
+  l1View: DataView;
+  /** The refcount table as it is on disk. */
+  reftable: Uint8Array;
+  reftableView: DataView;
+  readonly l2Cache: TableCache;
+  readonly refblockCache: TableCache;
+  /** The metadata lock: every metadata change happens with it held. */
+  readonly lock = new CoMutex();
+  snapshots: SnapshotEntry[];
+  /** Lowest cluster index that may be free (allocation search starts there). */
+  freeClusterHint = 0;
+  /** One past the highest cluster index allocated in this session (new areas start past it). */
+  allocatedEnd = 0;
+  /** Refcount changes held in memory during a batch (see refcount.ts), by refcount block offset. */
+  refcountBatch: Map<number, { table: Table; lo: number; hi: number }> | null = null;
+  /** In-place data writes submitted without the lock and not yet completed. */
+  inPlaceWrites = 0;
+  private inPlaceIdle: Array<() => void> = [];
+  /** Set while a snapshot is loaded temporarily: the node shows that state and refuses writes. */
+  tmpSnapshot: string | null = null;
+
+  constructor(
+    readonly node: BlockNode,
+    readonly file: BlockNode,
+    readonly filename: string,
+    public header: Qcow2Header,
+    l1: Uint8Array,
+    reftable: Uint8Array,
+    snapshots: SnapshotEntry[],
+    l2CacheBytes: number,
+  ) {
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = 2 ** header.clusterBits;
+    this.l2Bits = header.clusterBits - 3;
+    this.l2Entries = this.clusterSize / 8;
+    this.refcountBits = 2 ** header.refcountOrder;
+    this.refblockEntries = (this.clusterSize * 8) / this.refcountBits;
+    this.refcountMax = this.refcountBits >= 53 ? Number.MAX_SAFE_INTEGER : 2 ** this.refcountBits - 1;
+    this.v3 = header.version === 3;
+    this.l1 = l1;
+    this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    this.reftable = reftable;
+    this.reftableView = new DataView(reftable.buffer, reftable.byteOffset, reftable.byteLength);
+    const tables = Math.max(16, Math.floor(l2CacheBytes / this.clusterSize));
+    this.l2Cache = new TableCache(this, tables, 'L2 table');
+    this.refblockCache = new TableCache(this, Math.max(8, tables >> 2), 'refcount block');
+    this.snapshots = snapshots;
+  }
+
+  /** Counts an in-place write until `done` is called. */
+  beginInPlaceWrite(): void {
+    this.inPlaceWrites++;
+  }
+
+  /** Ends an in-place write; wakes those waiting for none to be left. */
+  endInPlaceWrite(): void {
+    if (--this.inPlaceWrites === 0) for (const w of this.inPlaceIdle.splice(0)) w();
+  }
+
+  /**
+   * Resolves when no in-place write is in flight. Called with the lock held before a data cluster
+   * is freed: no new in-place write starts while the lock is held, and one already submitted must
+   * land before its cluster can be reused for other data.
+   */
+  whenNoInPlaceWrites(): Promise<void> | undefined {
+    if (this.inPlaceWrites === 0) return undefined;
+    return new Promise((resolve) => this.inPlaceIdle.push(resolve));
+  }
+
+  /** The virtual disk size. */
+  get sizeBytes(): number {
+    return this.header.size;
+  }
+
+  /** Number of entries in the active L1 table. */
+  get l1Size(): number {
+    return this.l1.length / 8;
+  }
+
+  /** Replaces the in-memory L1 (after growth, goto or load-tmp). */
+  setL1(bytes: Uint8Array): void {
+    this.l1 = bytes;
+    this.l1View = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  }
+
+  /** Replaces the in-memory refcount table (after growth). */
+  setReftable(bytes: Uint8Array): void {
+    this.reftable = bytes;
+    this.reftableView = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  }
+
+  /** Guest offset where the VM state starts: the first L1 entry that maps no guest cluster. */
+  vmStateOffset(): number {
+    const l1Index = Math.ceil(this.sizeBytes / (this.clusterSize * this.l2Entries));
+    return l1Index * this.clusterSize * this.l2Entries;
+  }
+
+  /** Reads metadata bytes from the file. */
+  async readMeta(offset: number, bytes: number, what: string): Promise<Uint8Array> {
+    const buf = new Uint8Array(bytes);
+    try {
+      await bdrvPread(this.file, offset, buf);
+    } catch (e) {
+      throw this.wrap(e, `reading the ${what} at offset ${offset}`);
+    }
+    return buf;
+  }
+
+  /** Writes metadata bytes to the file (write-through: the caller orders the writes). */
+  async writeMeta(offset: number, data: Uint8Array, what: string): Promise<void> {
+    if (this.node.readOnly) {
+      throw new BlockError('EPERM', `qcow2 node '${this.node.nodeName}': refusing to write the ${what} of read-only image '${this.filename}'`, {
+        node: this.node.nodeName,
+        file: this.filename,
+      });
+    }
+    try {
+      await bdrvPwrite(this.file, offset, data);
+    } catch (e) {
+      throw this.wrap(e, `writing the ${what} at offset ${offset}`);
+    }
+  }
+
+  /** A BlockError EIO saying the image is corrupt, naming the file and what is wrong. */
+  corrupt(message: string, field?: string): BlockError {
+    return new BlockError('EIO', `qcow2 image '${this.filename}' is corrupt: ${message}`, {
+      node: this.node.nodeName,
+      file: this.filename,
+      ...(field === undefined ? {} : { field }),
+    });
+  }
+
+  private wrap(e: unknown, doing: string): BlockError {
+    if (e instanceof BlockError) {
+      return new BlockError(e.code, `qcow2 '${this.filename}': ${doing}: ${e.message}`, { node: this.node.nodeName, file: this.filename, cause: e });
+    }
+    return new BlockError('EIO', `qcow2 '${this.filename}': ${doing}: ${String(e)}`, { node: this.node.nodeName, file: this.filename, cause: e });
+  }
+}
