@@ -10,8 +10,11 @@ import { withBql } from './block/bql.js';
 import { withDrained } from './block/drain.js';
 import { BlockError } from './block/errors.js';
 import { closeNode, openNode } from './block/graph.js';
+import type { BlockNode } from './block/node.js';
 import { parseOptions, type NodeOptions } from './block/options.js';
 import { queryBlock, type BackendInfo } from './block/query.js';
+import type { SnapshotInfo } from './block/driver.js';
+import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
 import './drivers/index.js';
 
 /** How to open an image. */
@@ -87,6 +90,59 @@ export class Image {
       if (info === undefined) throw new BlockError('ENOENT', `Device '${this.name}' is closed`, { node: this.name });
       return info;
     });
+  }
+
+  /** The image's internal snapshots, in table order. */
+  async snapshots(): Promise<SnapshotInfo[]> {
+    return withBql((bql) => bdrvSnapshotList(bql, this.rootNode()));
+  }
+
+  /**
+   * Takes an internal snapshot named `name` (drains the image first); returns it with its ID.
+   * `vmStateSize`, dates and clocks default to what `qemu-img snapshot -c` records.
+   */
+  async createSnapshot(name: string, extra: Partial<Omit<SnapshotInfo, 'id' | 'name'>> = {}): Promise<SnapshotInfo> {
+    const now = Date.now();
+    const info: SnapshotInfo = {
+      id: '',
+      name,
+      vmStateSize: extra.vmStateSize ?? 0,
+      dateSec: extra.dateSec ?? Math.floor(now / 1000),
+      dateNsec: extra.dateNsec ?? (now % 1000) * 1e6,
+      vmClockNsec: extra.vmClockNsec ?? 0,
+      icount: extra.icount ?? -1,
+    };
+    const root = this.rootNode();
+    return withBql((bql) => withDrained(bql, root, (d) => bdrvSnapshotCreate(bql, d, root, info)));
+  }
+
+  /** Reverts the image to the snapshot with this ID or name (ID first). */
+  async gotoSnapshot(idOrName: string): Promise<void> {
+    const root = this.rootNode();
+    await withBql((bql) => withDrained(bql, root, (d) => bdrvSnapshotGoto(bql, d, root, idOrName)));
+  }
+
+  /** Deletes the first snapshot named `name` (qemu-img snapshot -d looks up by name only). */
+  async deleteSnapshot(name: string): Promise<SnapshotInfo> {
+    const root = this.rootNode();
+    return withBql((bql) => withDrained(bql, root, (d) => bdrvSnapshotDelete(bql, d, root, null, name)));
+  }
+
+  /** On a read-only image: show the snapshot `name` (or ID) instead of the current state. */
+  async loadSnapshotTemporarily(idOrName: string): Promise<void> {
+    const root = this.rootNode();
+    await withBql(async (bql) => {
+      const list = await bdrvSnapshotList(bql, root);
+      const byName = list.find((s) => s.name === idOrName);
+      if (byName !== undefined) await bdrvSnapshotLoadTmp(bql, root, null, byName.name);
+      else await bdrvSnapshotLoadTmp(bql, root, idOrName, null);
+    });
+  }
+
+  private rootNode(): BlockNode {
+    const root = this.backend.root;
+    if (root === null) throw new BlockError('ENOENT', `Device '${this.name}' has no medium (closed)`, { node: this.name });
+    return root;
   }
 
   /** Waits for requests in flight, flushes, and closes the image and its nodes. */

@@ -109,8 +109,16 @@ export interface BlockDriverInstance {
    * @locking global-state
    */
   snapshotLoadTmp?(bql: Bql, id: string | null, name: string | null): Promise<void>;
-  /** Extra lines for query-named-block-nodes (format-specific data). */
+  /**
+   * Format-specific data for query-named-block-nodes and `img info` (`{ type, data }`).
+   * @locking io
+   */
   formatSpecific?(): Record<string, unknown>;
+  /**
+   * The format's cluster size in bytes, when it has one (`img info` prints it).
+   * @locking io
+   */
+  clusterSize?(): number;
 }
 
 /** A driver: its name, how to recognise its images, and how to open (and create) them. */
@@ -118,7 +126,10 @@ export interface BlockDriver {
   readonly formatName: string;
   /** Protocol drivers reach storage; format drivers interpret a child's bytes. */
   readonly kind: 'protocol' | 'format';
-  /** For format drivers: 0..100, how sure the first bytes of a file are this format. */
+  /**
+   * For format drivers: 0..100, how sure the first bytes of a file are this format.
+   * @locking common
+   */
   probe?(header: Uint8Array, filename: string): number;
   /**
    * Opens an instance on `node` (for a format driver its `file` child is already attached).

@@ -53,7 +53,10 @@ export class BlockError extends Error {
   }
 }
 
-/** True when `e` is a BlockError, optionally with the given code (narrows the type). */
+/**
+ * True when `e` is a BlockError, optionally with the given code (narrows the type).
+ * @locking common
+ */
 export function isBlockError(e: unknown, code?: ErrorCode): e is BlockError {
   return e instanceof BlockError && (code === undefined || e.code === code);
 }
@@ -70,7 +73,10 @@ const NODE_ERRNO: Readonly<Record<string, ErrorCode>> = {
   EISDIR: 'EINVAL',
 };
 
-/** Wraps a Node.js system error (fs) into a BlockError naming the node, operation and file. */
+/**
+ * Wraps a Node.js system error (fs) into a BlockError naming the node, operation and file.
+ * @locking common
+ */
 export function fromSystemError(e: unknown, op: string, ctx: BlockErrorContext): BlockError {
   if (e instanceof BlockError) return e;
   const sysCode = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';

@@ -1,66 +1,115 @@
 /**
- * `snapstack img`: qemu-img's syntax for the subcommands snapstack has so far: `create` and
- * `info`. Returns the process exit status.
+ * `snapstack img`: qemu-img's syntax: create, info, snapshot, check, convert, compare.
+ * Each subcommand returns the process exit status; errors print one line on stderr.
  */
 import fs from 'node:fs';
 import { blkGetLength } from '../block/backend.js';
 import { BlockError } from '../block/errors.js';
-import { parseOptions, parseSize } from '../block/options.js';
+import { parseBool, parseOptions, parseSize, type NodeOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file.js';
+import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage } from '../image.js';
+import { takeFlag, takeOutputJson } from './args.js';
 import { describeError, sizeToStr } from './format.js';
+import { imgCheck } from './img-check.js';
+import { imgCompare, imgConvert } from './img-convert.js';
+import { imgSnapshot } from './img-snapshot.js';
+import { snapshotHeader, snapshotJson, snapshotRow } from './snapshot-format.js';
 
-const USAGE = `usage: snapstack img create [-f raw] FILENAME SIZE
-       snapstack img info [-f FMT] [--output=human|json] FILENAME`;
+export type Out = (s: string) => void;
 
-function takeFlag(args: string[], flag: string): string | undefined {
-  const i = args.indexOf(flag);
-  if (i < 0) return undefined;
-  const v = args[i + 1];
-  if (v === undefined) throw new BlockError('EINVAL', `option ${flag} needs a value`, { field: flag });
-  args.splice(i, 2);
-  return v;
+const USAGE = `usage: snapstack img create [-f raw|qcow2] [-o cluster_size=..,refcount_bits=..,compat=0.10|1.1,lazy_refcounts=on|off] FILENAME SIZE
+       snapstack img info [-f FMT] [--output=human|json] FILENAME
+       snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILENAME
+       snapstack img check [-f FMT] [-r leaks|all] [--output=human|json] FILENAME
+       snapstack img convert [-f FMT] [-O FMT] [-o OPTIONS] [-l snapshot.name=TAG] SRC DST
+       snapstack img compare [-f FMT] [-F FMT] A B`;
+
+/** Options `-o` accepts per format, with their parsers. */
+function createOptions(fmt: string, o: NodeOptions): { clusterSize?: number; refcountBits?: number; compat?: '0.10' | '1.1'; lazyRefcounts?: boolean } {
+  const known = fmt === 'qcow2' ? ['cluster_size', 'refcount_bits', 'compat', 'lazy_refcounts', 'size'] : ['size'];
+  for (const k of Object.keys(o)) {
+    if (!known.includes(k)) throw new BlockError('EINVAL', `Invalid parameter '${k}' for file format '${fmt}'`, { field: k, value: o[k] ?? '' });
+  }
+  const res: { clusterSize?: number; refcountBits?: number; compat?: '0.10' | '1.1'; lazyRefcounts?: boolean } = {};
+  if (o['cluster_size'] !== undefined) res.clusterSize = parseSize(o['cluster_size'], 'cluster_size');
+  if (o['refcount_bits'] !== undefined) res.refcountBits = parseSize(o['refcount_bits'], 'refcount_bits');
+  const compat = o['compat'];
+  if (compat !== undefined) {
+    if (compat === '0.10' || compat === 'v2') res.compat = '0.10';
+    else if (compat === '1.1' || compat === 'v3') res.compat = '1.1';
+    else throw new BlockError('EINVAL', `Invalid compatibility level: '${compat}'`, { field: 'compat', value: compat });
+  }
+  if (o['lazy_refcounts'] !== undefined) res.lazyRefcounts = parseBool(o, 'lazy_refcounts', false);
+  return res;
 }
 
-async function create(args: string[], out: (s: string) => void): Promise<number> {
+async function create(args: string[], out: Out): Promise<number> {
   const fmt = takeFlag(args, '-f') ?? 'raw';
-  const o = takeFlag(args, '-o');
-  if (o !== undefined && Object.keys(parseOptions(o)).length > 0) {
-    throw new BlockError('EINVAL', `Invalid options for file format '${fmt}': ${o}`, { field: '-o', value: o });
-  }
-  if (fmt !== 'raw') throw new BlockError('ENOTSUP', `Unknown file format '${fmt}' (this version creates raw images)`, { field: '-f', value: fmt });
+  const o = parseOptions(takeFlag(args, '-o') ?? '');
   const [file, sizeText] = args;
-  if (file === undefined || sizeText === undefined || args.length > 2) throw new BlockError('EINVAL', `Expecting a filename and a size\n${USAGE}`);
-  const size = parseSize(sizeText);
-  createRawFile(file, size);
-  out(`Formatting '${file}', fmt=${fmt} size=${size}`);
+  if (file === undefined || args.length > 2) throw new BlockError('EINVAL', `Expecting a filename and a size\n${USAGE}`);
+  const sizeOpt = sizeText ?? o['size'];
+  if (sizeOpt === undefined) throw new BlockError('EINVAL', `Image creation needs a size parameter\n${USAGE}`, { field: 'size' });
+  const size = parseSize(sizeOpt);
+  const opts = createOptions(fmt, o);
+  if (fmt === 'raw') {
+    createRawFile(file, size);
+    out(`Formatting '${file}', fmt=raw size=${size}`);
+  } else if (fmt === 'qcow2') {
+    createQcow2File(file, { sizeBytes: size, ...opts });
+    const lazy = opts.lazyRefcounts === true ? 'on' : 'off';
+    const compat = opts.compat === '0.10' ? ' compat=0.10' : '';
+    out(`Formatting '${file}', fmt=qcow2 cluster_size=${opts.clusterSize ?? 65536} extended_l2=off compression_type=zlib size=${size}${compat} lazy_refcounts=${lazy} refcount_bits=${opts.refcountBits ?? 16}`);
+  } else {
+    throw new BlockError('ENOTSUP', `Unknown file format '${fmt}' (snapstack creates raw and qcow2)`, { field: '-f', value: fmt });
+  }
   return 0;
 }
 
-async function info(args: string[], out: (s: string) => void): Promise<number> {
+function formatSpecificLines(data: Record<string, unknown>, out: Out): void {
+  out('Format specific information:');
+  for (const [k, v] of Object.entries(data)) out(`    ${k.replace(/-/g, ' ')}: ${String(v)}`);
+}
+
+async function info(args: string[], out: Out): Promise<number> {
   const fmt = takeFlag(args, '-f');
-  let json = false;
-  const rest: string[] = [];
-  for (const a of args) {
-    if (a === '--output=json') json = true;
-    else if (a === '--output=human') json = false;
-    else rest.push(a);
-  }
-  const [file] = rest;
-  if (file === undefined || rest.length > 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
+  const json = takeOutputJson(args);
+  const [file] = args;
+  if (file === undefined || args.length > 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
   const img = await openImage(file, { readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
-    const info = await img.info();
-    const format = info.inserted?.driver ?? 'raw';
+    const inst = img.backend.root?.instance ?? null;
+    const format = img.backend.root?.driver.formatName ?? 'raw';
     const virtualSize = blkGetLength(img.backend);
     const actualSize = fs.statSync(file).blocks * 512;
+    const clusterSize = inst?.clusterSize?.();
+    const specific = inst?.formatSpecific?.();
+    const snapshots = inst?.snapshotList !== undefined ? await img.snapshots() : [];
     if (json) {
-      out(JSON.stringify({ 'virtual-size': virtualSize, filename: file, format, 'actual-size': actualSize, 'dirty-flag': false }, null, 4));
+      const o: Record<string, unknown> = {};
+      if (snapshots.length > 0) o['snapshots'] = snapshots.map(snapshotJson);
+      o['virtual-size'] = virtualSize;
+      o['filename'] = file;
+      if (clusterSize !== undefined) o['cluster-size'] = clusterSize;
+      o['format'] = format;
+      o['actual-size'] = actualSize;
+      if (specific !== undefined) o['format-specific'] = specific;
+      o['dirty-flag'] = false;
+      out(JSON.stringify(o, null, 4));
     } else {
       out(`image: ${file}`);
       out(`file format: ${format}`);
       out(`virtual size: ${sizeToStr(virtualSize)} (${virtualSize} bytes)`);
       out(`disk size: ${sizeToStr(actualSize)}`);
+      if (clusterSize !== undefined) out(`cluster_size: ${clusterSize}`);
+      if (snapshots.length > 0) {
+        out('Snapshot list:');
+        out(snapshotHeader());
+        for (const sn of snapshots) out(snapshotRow(sn));
+      }
+      const data = specific?.['data'];
+      if (typeof data === 'object' && data !== null) formatSpecificLines(data as Record<string, unknown>, out);
     }
   } finally {
     await img.close();
@@ -69,7 +118,7 @@ async function info(args: string[], out: (s: string) => void): Promise<number> {
 }
 
 /** Runs `snapstack img ARGS`; returns the exit status (errors print one line on stderr). */
-export async function imgMain(argv: string[], out: (s: string) => void, err: (s: string) => void): Promise<number> {
+export async function imgMain(argv: string[], out: Out, err: Out): Promise<number> {
   const [sub, ...args] = argv;
   try {
     switch (sub) {
@@ -77,6 +126,14 @@ export async function imgMain(argv: string[], out: (s: string) => void, err: (s:
         return await create(args, out);
       case 'info':
         return await info(args, out);
+      case 'snapshot':
+        return await imgSnapshot(args, out, err);
+      case 'check':
+        return await imgCheck(args, out, err);
+      case 'convert':
+        return await imgConvert(args, out);
+      case 'compare':
+        return await imgCompare(args, out, err);
       case undefined:
       case '--help':
       case '-h':

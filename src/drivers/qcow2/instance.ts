@@ -166,6 +166,11 @@ export class Qcow2Instance implements BlockDriverInstance {
     await loadSnapshotTemporarily(this.state, id, name);
   }
 
+  /** The image's cluster size. */
+  clusterSize(): number {
+    return this.state.clusterSize;
+  }
+
   /** What qemu-img info shows under "Format specific information". */
   formatSpecific(): Record<string, unknown> {
     const h = this.state.header;

@@ -1,0 +1,62 @@
+/**
+ * `snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILENAME`, as qemu-img
+ * snapshot: -l lists (nothing at all when there are none), -c creates (duplicates allowed, icount
+ * 0 as qemu-img records it), -a applies (ID first, then name), -d deletes by name.
+ */
+import { BlockError } from '../block/errors.js';
+import { openImage } from '../image.js';
+import { takeFlag, takeSwitch, refuseUnknownOptions } from './args.js';
+import { describeError } from './format.js';
+import type { Out } from './img.js';
+import { snapshotHeader, snapshotRow } from './snapshot-format.js';
+
+const USAGE = 'usage: snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] FILENAME';
+
+/** Runs `img snapshot`; returns the exit status. */
+export async function imgSnapshot(args: string[], out: Out, err: Out): Promise<number> {
+  const fmt = takeFlag(args, '-f');
+  const list = takeSwitch(args, '-l');
+  const apply = takeFlag(args, '-a');
+  const createTag = takeFlag(args, '-c');
+  const del = takeFlag(args, '-d');
+  takeSwitch(args, '-q');
+  refuseUnknownOptions(args, USAGE);
+  const actions = [list, apply !== undefined, createTag !== undefined, del !== undefined].filter(Boolean).length;
+  const [file] = args;
+  if (actions !== 1 || file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one action and one file name\n${USAGE}`);
+  const img = await openImage(file, { readOnly: list, ...(fmt === undefined ? {} : { format: fmt }) });
+  try {
+    if (list) {
+      const sns = await img.snapshots();
+      if (sns.length > 0) {
+        out('Snapshot list:');
+        out(snapshotHeader());
+        for (const sn of sns) out(snapshotRow(sn));
+      }
+    } else if (createTag !== undefined) {
+      try {
+        await img.createSnapshot(createTag, { icount: 0 });
+      } catch (e) {
+        err(`snapstack img: Could not create snapshot '${createTag}': ${describeError(e)}`);
+        return 1;
+      }
+    } else if (apply !== undefined) {
+      try {
+        await img.gotoSnapshot(apply);
+      } catch (e) {
+        err(`snapstack img: Could not apply snapshot '${apply}': ${describeError(e)}`);
+        return 1;
+      }
+    } else if (del !== undefined) {
+      try {
+        await img.deleteSnapshot(del);
+      } catch (e) {
+        err(`snapstack img: Could not delete snapshot '${del}': ${describeError(e)}`);
+        return 1;
+      }
+    }
+  } finally {
+    await img.close();
+  }
+  return 0;
+}
