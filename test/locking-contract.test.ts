@@ -162,7 +162,7 @@ describe('a stale drained proof', () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=raw,file.driver=memory,file.size=1M');
       const all = await drainAllBegin(bql);
-      expect(() => assertDrained(all, node, 'test')).not.toThrow();
+      expect(() => assertDrained(bql, all, node, 'test')).not.toThrow();
       drainAllEnd(bql, all);
       const err = await blockError(() => bdrvSnapshotGoto(bql, all, node, 's1'));
       expect(err.code).toBe('EPERM');
@@ -180,7 +180,7 @@ describe('a forged drained proof', () => {
       const err = await blockError(() => bdrvSnapshotGoto(bql, forged, node, 's1'));
       expect(err.code).toBe('EPERM');
       expect(err.message).toMatch(/forged/);
-      expect((await blockError(() => assertDrained(forged, node, 'test'))).code).toBe('EPERM');
+      expect((await blockError(() => assertDrained(bql, forged, node, 'test'))).code).toBe('EPERM');
     });
   });
 
@@ -188,7 +188,7 @@ describe('a forged drained proof', () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=memory,size=1M');
       const forged = bql as unknown as Drained<BlockNode>;
-      expect((await blockError(() => assertDrained(forged, node, 'test'))).code).toBe('EPERM');
+      expect((await blockError(() => assertDrained(bql, forged, node, 'test'))).code).toBe('EPERM');
     });
   });
 
@@ -211,7 +211,7 @@ describe('a forged drained proof', () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=memory,size=1M');
       const forged = Object.create(DrainedAll.prototype) as DrainedAll;
-      const err = await blockError(() => assertDrained(forged, node, 'test'));
+      const err = await blockError(() => assertDrained(bql, forged, node, 'test'));
       expect(err.code).toBe('EPERM');
     });
   });
@@ -239,8 +239,8 @@ describe('a drained proof for another node', () => {
         expect(go.message).toContain("'na'");
         expect((await blockError(() => bdrvSnapshotCreate(bql, dA, b, SNAP))).code).toBe('EPERM');
         expect((await blockError(() => detachChild(bql, dA, edge))).code).toBe('EPERM');
-        expect((await blockError(() => assertDrained(dA, b, 'test'))).code).toBe('EPERM');
-        expect((await blockError(() => assertDrained(dA, b.file as BlockNode, 'test'))).code).toBe('EPERM');
+        expect((await blockError(() => assertDrained(bql, dA, b, 'test'))).code).toBe('EPERM');
+        expect((await blockError(() => assertDrained(bql, dA, b.file as BlockNode, 'test'))).code).toBe('EPERM');
       });
       expect(b.children).toContain(edge);
     });
@@ -250,7 +250,7 @@ describe('a drained proof for another node', () => {
     await withBql(async (bql) => {
       const raw = await openNode(bql, 'driver=raw,file.driver=memory,file.size=1M');
       await withDrained(bql, raw.file as BlockNode, async (dFile) => {
-        expect((await blockError(() => assertDrained(dFile, raw, 'test'))).code).toBe('EPERM');
+        expect((await blockError(() => assertDrained(bql, dFile, raw, 'test'))).code).toBe('EPERM');
       });
     });
   });
@@ -263,7 +263,7 @@ describe('a drained proof for another node', () => {
       attachChild(bql, p1, 'data', shared);
       attachChild(bql, p2, 'data', shared);
       await withDrained(bql, p1, async (d1) => {
-        expect((await blockError(() => assertDrained(d1, shared, 'test'))).code).toBe('EPERM');
+        expect((await blockError(() => assertDrained(bql, d1, shared, 'test'))).code).toBe('EPERM');
       });
     });
   });
@@ -274,7 +274,7 @@ describe('a drained proof for another node', () => {
       const file = raw.file as BlockNode;
       blkNew(bql, 'direct-dev', file);
       await withDrained(bql, raw, async (d) => {
-        expect((await blockError(() => assertDrained(d, file, 'test'))).code).toBe('EPERM');
+        expect((await blockError(() => assertDrained(bql, d, file, 'test'))).code).toBe('EPERM');
       });
     });
   });
@@ -286,8 +286,8 @@ describe('a drained proof for a raw node', () => {
       const raw = await openNode(bql, 'driver=raw,file.driver=memory,file.size=1M');
       const file = raw.file as BlockNode;
       await withDrained(bql, raw, (d) => {
-        expect(() => assertDrained(d, raw, 'test')).not.toThrow();
-        expect(() => assertDrained(d, file, 'test')).not.toThrow();
+        expect(() => assertDrained(bql, d, raw, 'test')).not.toThrow();
+        expect(() => assertDrained(bql, d, file, 'test')).not.toThrow();
       });
     });
   });

@@ -123,7 +123,7 @@ export async function withBql<T>(fn: (bql: Bql) => Promise<T> | T): Promise<T> {
  * Throws EPERM unless `bql` is the live proof of the current owner. Every global-state function
  * calls it on entry: the types make a missing proof a compile error, this makes a stale one a
  * run-time error.
- * @locking common
+ * @locking global-state
  */
 export function assertBql(bql: Bql, op: string): void {
   if (!Bql.isIssued(bql) || !bql.live || lockState.holder !== bql) {

@@ -204,9 +204,11 @@ function covers(proof: Drained<BlockNode>, node: BlockNode, depth: number): bool
 /**
  * Throws EPERM unless `proof` is live and covers `node` (the node itself, or a child reached only
  * through it, or any node for drain-all), and asserts that the node has nothing in flight.
- * @locking common
+ * Also checks the BQL: only global-state code holds drained proofs.
+ * @locking global-state
  */
-export function assertDrained(proof: DrainedProof, node: BlockNode, op: string): void {
+export function assertDrained(bql: Bql, proof: DrainedProof, node: BlockNode, op: string): void {
+  assertBql(bql, op);
   assertLiveProof(proof, op);
   if (proof instanceof Drained && !covers(proof, node, 0)) {
     throw new BlockError('EPERM', `${op}: node '${node.nodeName}' is not covered by the drained section of '${proof.node.nodeName}'`, {

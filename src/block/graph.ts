@@ -68,7 +68,7 @@ export function attachChild(bql: Bql, parent: BlockNode, role: ChildRole, child:
  */
 export function detachChild(bql: Bql, drained: DrainedProof, edge: BdrvChild): void {
   assertBql(bql, 'detachChild');
-  assertDrained(drained, edge.parent, 'detachChild');
+  assertDrained(bql, drained, edge.parent, 'detachChild');
   const i = edge.parent.children.indexOf(edge);
   if (i < 0) throw new BlockError('ENOENT', `Node '${edge.parent.nodeName}' has no such '${edge.role}' child`, { node: edge.parent.nodeName });
   edge.parent.children.splice(i, 1);

@@ -53,10 +53,10 @@ export function bdrvCanSnapshot(bql: Bql, node: BlockNode): boolean {
  */
 export async function bdrvSnapshotCreate(bql: Bql, drained: DrainedProof, node: BlockNode, info: SnapshotInfo): Promise<SnapshotInfo> {
   assertBql(bql, 'bdrvSnapshotCreate');
-  assertDrained(drained, node, 'bdrvSnapshotCreate');
+  assertDrained(bql, drained, node, 'bdrvSnapshotCreate');
   if (node.readOnly) throw new BlockError('EACCES', `Node '${node.nodeName}' is read only`, { node: node.nodeName, op: 'snapshot-create' });
   const t = snapshotTarget(node, 'snapshotCreate', 'internal snapshots');
-  assertDrained(drained, t.node, 'bdrvSnapshotCreate');
+  assertDrained(bql, drained, t.node, 'bdrvSnapshotCreate');
   const create = t.drv.snapshotCreate;
   if (create === undefined) throw new BlockError('ENOTSUP', `node '${t.node.nodeName}' lost its snapshot support`, { node: t.node.nodeName });
   return create.call(t.drv, bql, drained, info);
@@ -68,9 +68,9 @@ export async function bdrvSnapshotCreate(bql: Bql, drained: DrainedProof, node: 
  */
 export async function bdrvSnapshotGoto(bql: Bql, drained: DrainedProof, node: BlockNode, idOrName: string): Promise<void> {
   assertBql(bql, 'bdrvSnapshotGoto');
-  assertDrained(drained, node, 'bdrvSnapshotGoto');
+  assertDrained(bql, drained, node, 'bdrvSnapshotGoto');
   const t = snapshotTarget(node, 'snapshotGoto', 'internal snapshots');
-  assertDrained(drained, t.node, 'bdrvSnapshotGoto');
+  assertDrained(bql, drained, t.node, 'bdrvSnapshotGoto');
   const go = t.drv.snapshotGoto;
   if (go === undefined) throw new BlockError('ENOTSUP', `node '${t.node.nodeName}' lost its snapshot support`, { node: t.node.nodeName });
   await go.call(t.drv, bql, drained, idOrName);
@@ -82,12 +82,12 @@ export async function bdrvSnapshotGoto(bql: Bql, drained: DrainedProof, node: Bl
  */
 export async function bdrvSnapshotDelete(bql: Bql, drained: DrainedProof, node: BlockNode, id: string | null, name: string | null): Promise<SnapshotInfo> {
   assertBql(bql, 'bdrvSnapshotDelete');
-  assertDrained(drained, node, 'bdrvSnapshotDelete');
+  assertDrained(bql, drained, node, 'bdrvSnapshotDelete');
   if (id === null && name === null) {
     throw new BlockError('EINVAL', `snapshot_id and name are both NULL (node '${node.nodeName}')`, { node: node.nodeName, op: 'snapshot-delete' });
   }
   const t = snapshotTarget(node, 'snapshotDelete', 'internal snapshot deletion');
-  assertDrained(drained, t.node, 'bdrvSnapshotDelete');
+  assertDrained(bql, drained, t.node, 'bdrvSnapshotDelete');
   const del = t.drv.snapshotDelete;
   if (del === undefined) throw new BlockError('ENOTSUP', `node '${t.node.nodeName}' lost its snapshot support`, { node: t.node.nodeName });
   return del.call(t.drv, bql, drained, id, name);

@@ -13,14 +13,20 @@ import { allocClusters, freeClusters } from './refcount.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
 
-/** The L1 index and L2 index of a guest offset. */
+/**
+ * The L1 index and L2 index of a guest offset.
+ * @locking io
+ */
 export function splitGuestOffset(s: Qcow2State, guestOffset: number): { l1Index: number; l2Index: number } {
   const cluster = Math.floor(guestOffset / s.clusterSize);
   const l1Index = Math.floor(cluster / s.l2Entries);
   return { l1Index, l2Index: cluster - l1Index * s.l2Entries };
 }
 
-/** The L2 table offset held in L1 entry `i` (0: not allocated), checking alignment. */
+/**
+ * The L2 table offset held in L1 entry `i` (0: not allocated), checking alignment.
+ * @locking io
+ */
 export function l2Offset(s: Qcow2State, l1Index: number): number {
   if (l1Index >= s.l1Size) return 0;
   const hi = entryHi(s.l1View, l1Index);

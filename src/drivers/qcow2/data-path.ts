@@ -301,7 +301,10 @@ export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters
   }
 }
 
-/** True when the high half of an entry marks a compressed cluster. */
+/**
+ * True when the high half of an entry marks a compressed cluster.
+ * @locking common
+ */
 export function isCompressedHi(hi: number): boolean {
   return (hi & HI_COMPRESSED) !== 0;
 }

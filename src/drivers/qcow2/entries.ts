@@ -7,22 +7,34 @@ import { HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, LO_OFFSET_MASK, LO_ZERO } fro
 
 const TWO32 = 0x100000000;
 
-/** The high 32 bits of entry `i`. */
+/**
+ * The high 32 bits of entry `i`.
+ * @locking common
+ */
 export function entryHi(view: DataView, i: number): number {
   return view.getUint32(i * 8);
 }
 
-/** The low 32 bits of entry `i`. */
+/**
+ * The low 32 bits of entry `i`.
+ * @locking common
+ */
 export function entryLo(view: DataView, i: number): number {
   return view.getUint32(i * 8 + 4);
 }
 
-/** Bits 9..55 of an entry: a cluster-aligned host offset. */
+/**
+ * Bits 9..55 of an entry: a cluster-aligned host offset.
+ * @locking common
+ */
 export function entryOffset(hi: number, lo: number): number {
   return (hi & HI_OFFSET_MASK) * TWO32 + ((lo & LO_OFFSET_MASK) >>> 0);
 }
 
-/** Writes entry `i` from a host offset and flag bits. */
+/**
+ * Writes entry `i` from a host offset and flag bits.
+ * @locking common
+ */
 export function setEntry(view: DataView, i: number, offset: number, copied: boolean, zero = false): void {
   const hi = Math.floor(offset / TWO32);
   const lo = offset - hi * TWO32;
@@ -30,7 +42,10 @@ export function setEntry(view: DataView, i: number, offset: number, copied: bool
   view.setUint32(i * 8 + 4, (lo | (zero ? LO_ZERO : 0)) >>> 0);
 }
 
-/** Writes raw halves into entry `i`. */
+/**
+ * Writes raw halves into entry `i`.
+ * @locking common
+ */
 export function setEntryRaw(view: DataView, i: number, hi: number, lo: number): void {
   view.setUint32(i * 8, hi >>> 0);
   view.setUint32(i * 8 + 4, lo >>> 0);
@@ -45,7 +60,10 @@ export const enum ClusterType {
   Compressed = 4,
 }
 
-/** Classifies a standard (non-extended) L2 entry. `v3` enables the zero flag. */
+/**
+ * Classifies a standard (non-extended) L2 entry. `v3` enables the zero flag.
+ * @locking common
+ */
 export function l2EntryType(hi: number, lo: number, v3: boolean): ClusterType {
   if ((hi & HI_COMPRESSED) !== 0) return ClusterType.Compressed;
   const off = entryOffset(hi, lo);
@@ -53,7 +71,10 @@ export function l2EntryType(hi: number, lo: number, v3: boolean): ClusterType {
   return off === 0 ? ClusterType.Unallocated : ClusterType.Normal;
 }
 
-/** True when the entry's COPIED bit (63) is set. */
+/**
+ * True when the entry's COPIED bit (63) is set.
+ * @locking common
+ */
 export function isCopied(hi: number): boolean {
   return (hi & HI_COPIED) !== 0;
 }
@@ -61,6 +82,7 @@ export function isCopied(hi: number): boolean {
 /**
  * Decodes a compressed-cluster descriptor: the host byte offset and the number of bytes to read
  * (whole 512-byte sectors, as the format stores it).
+ * @locking common
  */
 export function compressedExtent(hi: number, lo: number, clusterBits: number): { offset: number; bytes: number } {
   const x = 62 - (clusterBits - 8);

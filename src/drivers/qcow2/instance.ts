@@ -120,7 +120,7 @@ export class Qcow2Instance implements BlockDriverInstance {
   /** Flushes (when writable) and drops the caches; the node is quiet. */
   async close(bql: Bql, drained: DrainedProof): Promise<void> {
     assertBql(bql, 'qcow2 close');
-    assertDrained(drained, this.state.node, 'qcow2 close');
+    assertDrained(bql, drained, this.state.node, 'qcow2 close');
     if (!this.state.node.readOnly) await bdrvFlush(this.state.file);
     this.state.l2Cache.clear();
     this.state.refblockCache.clear();
@@ -130,7 +130,7 @@ export class Qcow2Instance implements BlockDriverInstance {
   async snapshotCreate(bql: Bql, drained: DrainedProof, info: SnapshotInfo): Promise<SnapshotInfo> {
     this.enterSnapshotOp(bql, drained, 'snapshot-create');
     this.refuseInTmpSnapshot('snapshot-create');
-    const sn = await createSnapshot(this.state, info);
+    const sn = await createSnapshot(bql, drained, this.state, info);
     return toInfo(sn);
   }
 
@@ -138,14 +138,14 @@ export class Qcow2Instance implements BlockDriverInstance {
   async snapshotGoto(bql: Bql, drained: DrainedProof, idOrName: string): Promise<void> {
     this.enterSnapshotOp(bql, drained, 'snapshot-goto');
     this.refuseInTmpSnapshot('snapshot-goto');
-    await gotoSnapshot(this.state, idOrName);
+    await gotoSnapshot(bql, drained, this.state, idOrName);
   }
 
   /** Deletes the first snapshot that matches `id` and `name`. */
   async snapshotDelete(bql: Bql, drained: DrainedProof, id: string | null, name: string | null): Promise<SnapshotInfo> {
     this.enterSnapshotOp(bql, drained, 'snapshot-delete');
     this.refuseInTmpSnapshot('snapshot-delete');
-    return toInfo(await deleteSnapshot(this.state, id, name));
+    return toInfo(await deleteSnapshot(bql, drained, this.state, id, name));
   }
 
   /** The snapshot table, in order. */
@@ -163,7 +163,7 @@ export class Qcow2Instance implements BlockDriverInstance {
         op: 'snapshot-load-tmp',
       });
     }
-    await loadSnapshotTemporarily(this.state, id, name);
+    await loadSnapshotTemporarily(bql, this.state, id, name);
   }
 
   /** The image's cluster size. */
@@ -190,7 +190,7 @@ export class Qcow2Instance implements BlockDriverInstance {
 
   private enterSnapshotOp(bql: Bql, drained: DrainedProof, op: string): void {
     assertBql(bql, `qcow2 ${op}`);
-    assertDrained(drained, this.state.node, `qcow2 ${op}`);
+    assertDrained(bql, drained, this.state.node, `qcow2 ${op}`);
   }
 
   private refuseInTmpSnapshot(op: string): void {

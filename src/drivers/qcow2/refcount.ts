@@ -17,7 +17,10 @@ import type { Table } from './table-cache.js';
 
 const TWO32 = 0x100000000;
 
-/** Reads slot `i` of a refcount block. */
+/**
+ * Reads slot `i` of a refcount block.
+ * @locking common
+ */
 export function readSlot(t: Table, i: number, bits: number): number {
   switch (bits) {
     case 8:
@@ -69,7 +72,10 @@ function reftableEntries(s: Qcow2State): number {
   return s.reftable.length / 8;
 }
 
-/** Host offset of refcount block `b`, 0 when it is not allocated (or past the table). */
+/**
+ * Host offset of refcount block `b`, 0 when it is not allocated (or past the table).
+ * @locking io
+ */
 export function refblockOffset(s: Qcow2State, b: number): number {
   if (b >= reftableEntries(s)) return 0;
   const hi = entryHi(s.reftableView, b);
@@ -106,6 +112,18 @@ export async function flushRefcountBatch(s: Qcow2State): Promise<void> {
     s.refblockCache.insert(off, table.bytes);
     await s.writeMeta(off + lo, table.bytes.subarray(lo, hi), 'refcount block');
   }
+}
+
+/**
+ * Drops every refcount change made since beginRefcountBatch (nothing of it was written): the
+ * refcount blocks it touched leave the cache, so the next lookup reads them from the file again.
+ * @locking io
+ */
+export function abortRefcountBatch(s: Qcow2State): void {
+  const batch = s.refcountBatch;
+  if (batch === null) return;
+  s.refcountBatch = null;
+  for (const off of batch.keys()) s.refblockCache.drop(off);
 }
 
 /**

@@ -6,13 +6,15 @@
  * runs on the node meanwhile. The functions here also take the qcow2 lock, since they change
  * metadata. A crash at any write leaves the old state or the new one, plus at most leaked clusters.
  */
+import { assertBql, type Bql } from '../../block/bql.js';
+import { assertDrained, type DrainedProof } from '../../block/drain.js';
 import { bdrvFlush } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { growL1 } from './cluster-map.js';
 import { zeroClustersLocked } from './data-path.js';
-import { allocClusters, beginRefcountBatch, flushRefcountBatch, freeClusters, getRefcount, updateRefcount } from './refcount.js';
+import { abortRefcountBatch, allocClusters, beginRefcountBatch, flushRefcountBatch, freeClusters, getRefcount, updateRefcount } from './refcount.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
 import type { Qcow2State } from './state.js';
 import type { SnapshotEntry } from './types.js';
@@ -29,6 +31,7 @@ function withCopied(hi: number, copied: boolean): number {
  * table and data cluster reachable from the L1 table at `l1Offset`, then recomputes the COPIED
  * bits. The active L1 is taken from memory. Refcounts are written (and flushed) before any L2 or
  * L1 table that relies on them.
+ * @locking io
  */
 export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
   const C = s.clusterSize;
@@ -64,9 +67,11 @@ export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1
         }
         await updateRefcount(s, off, C, addend);
       }
-    } finally {
-      await flushRefcountBatch(s);
+    } catch (e) {
+      abortRefcountBatch(s); // a refused walk (overflow, corruption) writes no refcount at all
+      throw e;
     }
+    await flushRefcountBatch(s);
   }
   let l1Changed = false;
   for (let i = 0; i < n; i++) {
@@ -106,6 +111,7 @@ export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1
 /**
  * Writes the snapshot list as a new table in fresh clusters, then switches the header to it in
  * one 12-byte write (nb_snapshots and snapshots_offset are adjacent), then frees the old table.
+ * @locking io
  */
 export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]): Promise<void> {
   const bytes = serializeSnapshotTable(entries);
@@ -157,12 +163,18 @@ function newSnapshotId(s: Qcow2State): string {
   return String(max + 1);
 }
 
-/** Finds by ID first, then by name (goto's rule). */
+/**
+ * Finds by ID first, then by name (goto's rule).
+ * @locking common
+ */
 export function findByIdOrName(s: Qcow2State, idOrName: string): SnapshotEntry | undefined {
   return s.snapshots.find((sn) => sn.id === idOrName) ?? s.snapshots.find((sn) => sn.name === idOrName);
 }
 
-/** Finds the first snapshot whose ID and name match (a null one is not compared). */
+/**
+ * Finds the first snapshot whose ID and name match (a null one is not compared).
+ * @locking common
+ */
 export function findByIdAndName(s: Qcow2State, id: string | null, name: string | null): SnapshotEntry | undefined {
   return s.snapshots.find((sn) => (id === null || sn.id === id) && (name === null || sn.name === name));
 }
@@ -180,8 +192,10 @@ export interface NewSnapshot {
 /**
  * Creates a snapshot of the active state: copy of the L1, +1 on everything it reaches, the new
  * table, then the VM-state clusters leave the active image (the snapshot owns them).
+ * @locking global-state
  */
-export async function createSnapshot(s: Qcow2State, info: NewSnapshot): Promise<SnapshotEntry> {
+export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, info: NewSnapshot): Promise<SnapshotEntry> {
+  assertDrained(bql, drained, s.node, 'qcow2 snapshot create');
   return s.lock.run(async () => {
     if (s.snapshots.length >= MAX_SNAPSHOTS) {
       throw new BlockError('EFBIG', `qcow2 '${s.filename}': too many snapshots (${s.snapshots.length})`, { node: s.node.nodeName, field: 'nb_snapshots' });
@@ -204,9 +218,21 @@ export async function createSnapshot(s: Qcow2State, info: NewSnapshot): Promise<
       extraDataSize: 24,
       unknownExtraData: new Uint8Array(0),
     };
-    if (l1Clusters > 0) await s.writeMeta(l1Off, s.l1, 'snapshot L1 table');
-    await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 1);
-    await writeSnapshotTable(s, [...s.snapshots, entry]);
+    try {
+      if (l1Clusters > 0) await s.writeMeta(l1Off, s.l1, 'snapshot L1 table');
+      await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 1);
+    } catch (e) {
+      // nothing refers to the copy yet: give its clusters back so the image stays clean
+      if (l1Clusters > 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
+      throw e;
+    }
+    try {
+      await writeSnapshotTable(s, [...s.snapshots, entry]);
+    } catch (e) {
+      await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, -1).catch(() => undefined);
+      if (l1Clusters > 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
+      throw e;
+    }
     if (info.vmStateSize > 0) {
       const clusters = Math.ceil(info.vmStateSize / C);
       await zeroClustersLocked(s, s.vmStateOffset(), clusters, true, true);
@@ -215,8 +241,12 @@ export async function createSnapshot(s: Qcow2State, info: NewSnapshot): Promise<
   });
 }
 
-/** Reverts the active state to a snapshot (QEMU's qcow2_snapshot_goto, step by step). */
-export async function gotoSnapshot(s: Qcow2State, idOrName: string): Promise<SnapshotEntry> {
+/**
+ * Reverts the active state to a snapshot (QEMU's qcow2_snapshot_goto, step by step).
+ * @locking global-state
+ */
+export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, idOrName: string): Promise<SnapshotEntry> {
+  assertDrained(bql, drained, s.node, 'qcow2 snapshot goto');
   return s.lock.run(async () => {
     const sn = findByIdOrName(s, idOrName);
     if (sn === undefined) {
@@ -244,8 +274,12 @@ export async function gotoSnapshot(s: Qcow2State, idOrName: string): Promise<Sna
   });
 }
 
-/** Deletes a snapshot: the table first; freeing its clusters afterwards can only leak. */
-export async function deleteSnapshot(s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
+/**
+ * Deletes a snapshot: the table first; freeing its clusters afterwards can only leak.
+ * @locking global-state
+ */
+export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
+  assertDrained(bql, drained, s.node, 'qcow2 snapshot delete');
   return s.lock.run(async () => {
     const sn = findByIdAndName(s, id, name);
     if (sn === undefined) {
@@ -266,8 +300,12 @@ export async function deleteSnapshot(s: Qcow2State, id: string | null, name: str
   });
 }
 
-/** Shows a snapshot's state instead of the active one, without writing anything (read-only node). */
-export async function loadSnapshotTemporarily(s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
+/**
+ * Shows a snapshot's state instead of the active one, without writing anything (read-only node).
+ * @locking global-state
+ */
+export async function loadSnapshotTemporarily(bql: Bql, s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
+  assertBql(bql, 'qcow2 snapshot load-tmp');
   return s.lock.run(async () => {
     const sn = findByIdAndName(s, id, name) ?? (id !== null && name === null ? findByIdOrName(s, id) : undefined);
     if (sn === undefined) {
@@ -287,6 +325,7 @@ export async function loadSnapshotTemporarily(s: Qcow2State, id: string | null, 
 /**
  * Changes the virtual size in the header (growing the L1 table first when needed); the caller
  * holds the lock. Data past a smaller size is discarded first.
+ * @locking io
  */
 export async function setDiskSize(s: Qcow2State, sizeBytes: number): Promise<void> {
   const span = s.clusterSize * s.l2Entries;

@@ -1,0 +1,500 @@
+// @ts-check
+/**
+ * Generates docs/locking.md, the table of every block-layer function's and driver callback's
+ * locking contract, from the `@locking io|global-state|common` JSDoc tags and the signatures.
+ *
+ *   node scripts/gen-locking-doc.js            writes docs/locking.md (npm run docs:locking)
+ *   node scripts/gen-locking-doc.js --check    exits 1 when docs/locking.md is stale
+ *   node scripts/gen-locking-doc.js --root DIR scans DIR/src/{block,drivers}, writes DIR/docs/locking.md
+ *
+ * The sources are parsed one file at a time (no type checking): parameter types are judged by
+ * their text, so a fixture may import types from modules that do not exist. Contract violations
+ * (no tag, unknown tag, `io`/`common` taking a proof, `global-state` without `Bql`) are collected
+ * and all reported; the file is still written for the functions without errors, and the exit code
+ * is 1.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import ts from 'typescript';
+
+/** The repository root (this script lives in scripts/). */
+export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+
+/** Directories scanned, relative to the root. */
+const SCAN_DIRS = ['src/block', 'src/drivers'];
+/** Where the document goes, relative to the root. */
+export const OUTPUT_PATH = 'docs/locking.md';
+/** The interfaces whose every callback must be classified. */
+const CALLBACK_INTERFACES = new Set(['BlockDriver', 'BlockDriverInstance']);
+const CONTRACTS = new Set(['io', 'global-state', 'common']);
+const BQL_TYPES = new Set(['Bql']);
+const DRAINED_TYPES = new Set(['Drained', 'DrainedAll', 'DrainedProof']);
+
+/**
+ * One documented function or callback.
+ * @typedef {object} LockingRow
+ * @property {string} name function, method or callback name
+ * @property {string} module path of its file relative to the root, forward slashes
+ * @property {string} className enclosing class, interface or object (empty for a plain function)
+ * @property {'io' | 'global-state' | 'common'} contract the classification from the locking tag
+ * @property {boolean} bql whether it takes a `Bql` proof (must run with the BQL held)
+ * @property {boolean} drained whether it takes a drained proof (needs a drained section)
+ * @property {string} alongside whether it may run alongside in-flight I/O on the node
+ * @property {string} summary first sentence of its doc comment
+ */
+
+/**
+ * A function-like declaration found in a file, before classification.
+ * @typedef {object} Candidate
+ * @property {string} name
+ * @property {string} className
+ * @property {ts.Node} docNode the node whose JSDoc holds the description and tags
+ * @property {ReadonlyArray<ts.ParameterDeclaration>} params
+ * @property {number} pos position used for line numbers in messages
+ */
+
+/**
+ * Every `.ts` file under the scanned directories except tests and declaration files, sorted.
+ * @param {string} rootDir
+ * @returns {string[]} absolute paths
+ */
+function sourceFiles(rootDir) {
+  /** @type {string[]} */
+  const out = [];
+  /** @param {string} dir */
+  const walk = (dir) => {
+    if (!fs.existsSync(dir)) return;
+    for (const ent of fs.readdirSync(dir, { withFileTypes: true })) {
+      const p = path.join(dir, ent.name);
+      if (ent.isDirectory()) {
+        if (ent.name !== 'node_modules') walk(p);
+      } else if (ent.isFile() && ent.name.endsWith('.ts') && !/\.(test|test-d|d)\.ts$/.test(ent.name)) {
+        out.push(p);
+      }
+    }
+  };
+  for (const d of SCAN_DIRS) walk(path.join(rootDir, d));
+  return out.sort(compare);
+}
+
+/**
+ * Code-unit order: the same on every machine and locale.
+ * @param {string} a
+ * @param {string} b
+ */
+function compare(a, b) {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/**
+ * @param {ts.Node} node
+ * @param {ts.SyntaxKind} kind
+ */
+function hasModifier(node, kind) {
+  return ts.canHaveModifiers(node) && (ts.getModifiers(node) ?? []).some((m) => m.kind === kind);
+}
+
+/**
+ * Strips parentheses, `as`, `satisfies` and `!` around an expression.
+ * @param {ts.Expression} e
+ * @returns {ts.Expression}
+ */
+function unwrapExpression(e) {
+  for (;;) {
+    if (ts.isParenthesizedExpression(e) || ts.isAsExpression(e) || ts.isSatisfiesExpression(e) || ts.isNonNullExpression(e)) e = e.expression;
+    else if (ts.isTypeAssertionExpression(e)) e = e.expression;
+    else return e;
+  }
+}
+
+/**
+ * The function type inside `T`, `(T)` or `T | undefined`, if any.
+ * @param {ts.TypeNode | undefined} t
+ * @returns {ts.FunctionTypeNode | undefined}
+ */
+function functionTypeOf(t) {
+  if (t === undefined) return undefined;
+  if (ts.isFunctionTypeNode(t)) return t;
+  if (ts.isParenthesizedTypeNode(t)) return functionTypeOf(t.type);
+  if (ts.isUnionTypeNode(t)) {
+    for (const m of t.types) {
+      const f = functionTypeOf(m);
+      if (f !== undefined) return f;
+    }
+  }
+  return undefined;
+}
+
+/**
+ * The names a parameter type refers to at its top level: `Bql`, `Bql | null`, `Drained<N>`,
+ * `drain.DrainedProof`, `(A | B)`. A function type (`(d: Drained<N>) => T`) or an object type
+ * mentions proofs of the callback, not of the function, and yields nothing.
+ * @param {ts.TypeNode | undefined} t
+ * @returns {string[]}
+ */
+function topLevelTypeNames(t) {
+  if (t === undefined) return [];
+  if (ts.isParenthesizedTypeNode(t) || ts.isTypeOperatorNode(t)) return topLevelTypeNames(t.type);
+  if (ts.isUnionTypeNode(t) || ts.isIntersectionTypeNode(t)) return t.types.flatMap(topLevelTypeNames);
+  if (ts.isTypeReferenceNode(t)) return [ts.isIdentifier(t.typeName) ? t.typeName.text : t.typeName.right.text];
+  if (ts.isImportTypeNode(t) && t.qualifier !== undefined) {
+    return [ts.isIdentifier(t.qualifier) ? t.qualifier.text : t.qualifier.right.text];
+  }
+  return [];
+}
+
+/**
+ * @param {ts.ParameterDeclaration} p
+ * @param {Set<string>} names
+ */
+function paramHasType(p, names) {
+  return topLevelTypeNames(p.type).some((n) => names.has(n));
+}
+
+/**
+ * The name of a declaration or member as written.
+ * @param {ts.PropertyName | ts.BindingName | undefined} n
+ * @param {ts.SourceFile} sf
+ */
+function nameText(n, sf) {
+  if (n === undefined) return 'default';
+  if (ts.isIdentifier(n) || ts.isPrivateIdentifier(n) || ts.isStringLiteral(n) || ts.isNumericLiteral(n)) return n.text;
+  return n.getText(sf);
+}
+
+/**
+ * @param {ts.Node} node
+ * @returns {ts.JSDocTag[]}
+ */
+function lockingTags(node) {
+  return ts.getJSDocTags(node).filter((t) => t.tagName.text === 'locking');
+}
+
+/**
+ * The description of the JSDoc block closest to `node` (falling back to the text of an
+ * internal/remarks/summary/description tag when the block has no description).
+ * @param {ts.Node} node
+ */
+function docText(node) {
+  const docs = ts.getJSDocCommentsAndTags(node).filter(ts.isJSDoc);
+  const doc = docs[docs.length - 1];
+  if (doc === undefined) return '';
+  let text = ts.getTextOfJSDocComment(doc.comment) ?? '';
+  if (text.trim() === '') {
+    const tag = (doc.tags ?? []).find((t) => ['internal', 'remarks', 'summary', 'description'].includes(t.tagName.text));
+    text = tag === undefined ? '' : (ts.getTextOfJSDocComment(tag.comment) ?? '');
+  }
+  return text;
+}
+
+/**
+ * The first sentence of a description, whitespace collapsed, without its final period. A period
+ * ends the sentence when followed by white space or the end, outside `code` and parentheses, and
+ * not part of "e.g." / "i.e." / "etc." / "vs.".
+ * @param {string} text
+ */
+export function firstSentence(text) {
+  const s = text.replace(/\s+/g, ' ').trim();
+  let inCode = false;
+  let depth = 0;
+  for (let i = 0; i < s.length; i++) {
+    const ch = s[i];
+    if (ch === '`') inCode = !inCode;
+    else if (inCode) continue;
+    else if (ch === '(') depth++;
+    else if (ch === ')') depth = Math.max(0, depth - 1);
+    else if (ch === '.' && depth === 0 && (i + 1 === s.length || s[i + 1] === ' ')) {
+      if (/(?:^|[\s(])(?:e\.g|i\.e|etc|vs)$/i.test(s.slice(0, i))) continue;
+      return s.slice(0, i);
+    }
+  }
+  return s.replace(/\.$/, '');
+}
+
+/**
+ * The function-like declarations of one file that the contract covers.
+ * @param {ts.SourceFile} sf
+ * @returns {Candidate[]}
+ */
+function candidates(sf) {
+  /** @type {Candidate[]} */
+  const out = [];
+  /** Names exported through `export { a, b as c }` without a module specifier. */
+  const exportedLocals = new Set();
+  for (const st of sf.statements) {
+    if (ts.isExportDeclaration(st) && st.moduleSpecifier === undefined && st.exportClause !== undefined && ts.isNamedExports(st.exportClause)) {
+      for (const el of st.exportClause.elements) exportedLocals.add((el.propertyName ?? el.name).text);
+    }
+  }
+  /** @param {ts.Node} n */
+  const isExported = (n) => hasModifier(n, ts.SyntaxKind.ExportKeyword);
+  /** Function names already seen in this file (overloads are listed once). */
+  const seenFunctions = new Set();
+
+  /**
+   * A class or object-literal member that is a function: method, accessor, or property holding
+   * an arrow function or function expression (or typed as a function).
+   * @param {ts.Node} m
+   * @returns {ReadonlyArray<ts.ParameterDeclaration> | undefined}
+   */
+  const memberParams = (m) => {
+    if (ts.isMethodDeclaration(m) || ts.isGetAccessorDeclaration(m) || ts.isSetAccessorDeclaration(m)) return m.parameters;
+    if (ts.isMethodSignature(m)) return m.parameters;
+    if (ts.isPropertyDeclaration(m) || ts.isPropertyAssignment(m)) {
+      const init = m.initializer === undefined ? undefined : unwrapExpression(m.initializer);
+      if (init !== undefined && (ts.isArrowFunction(init) || ts.isFunctionExpression(init))) return init.parameters;
+      const ft = ts.isPropertyDeclaration(m) ? functionTypeOf(m.type) : undefined;
+      return ft?.parameters;
+    }
+    if (ts.isPropertySignature(m)) return functionTypeOf(m.type)?.parameters;
+    return undefined;
+  };
+
+  for (const st of sf.statements) {
+    if (ts.isFunctionDeclaration(st)) {
+      const name = nameText(st.name, sf);
+      if (!(isExported(st) || exportedLocals.has(name))) continue;
+      if (seenFunctions.has(name)) continue;
+      seenFunctions.add(name);
+      out.push({ name, className: '', docNode: st, params: st.parameters, pos: st.getStart(sf) });
+    } else if (ts.isVariableStatement(st)) {
+      for (const decl of st.declarationList.declarations) {
+        const name = nameText(decl.name, sf);
+        if (!(isExported(st) || exportedLocals.has(name)) || decl.initializer === undefined) continue;
+        const init = unwrapExpression(decl.initializer);
+        if (ts.isArrowFunction(init) || ts.isFunctionExpression(init)) {
+          out.push({ name, className: '', docNode: decl, params: init.parameters, pos: decl.getStart(sf) });
+        } else if (ts.isObjectLiteralExpression(init)) {
+          // an exported object of callbacks (a driver): its tagged methods
+          for (const m of init.properties) {
+            const params = memberParams(m);
+            if (params === undefined || lockingTags(m).length === 0) continue;
+            out.push({ name: nameText(m.name, sf), className: name, docNode: m, params, pos: m.getStart(sf) });
+          }
+        }
+      }
+    } else if (ts.isInterfaceDeclaration(st)) {
+      const name = st.name.text;
+      const everyCallback = CALLBACK_INTERFACES.has(name) && (isExported(st) || exportedLocals.has(name));
+      for (const m of st.members) {
+        const params = memberParams(m);
+        if (params === undefined || (!everyCallback && lockingTags(m).length === 0)) continue;
+        out.push({ name: nameText(m.name, sf), className: name, docNode: m, params, pos: m.getStart(sf) });
+      }
+    } else if (ts.isClassDeclaration(st)) {
+      const className = nameText(st.name, sf);
+      const seenMembers = new Set();
+      for (const m of st.members) {
+        const params = memberParams(m);
+        if (params === undefined || lockingTags(m).length === 0) continue;
+        const name = nameText(m.name, sf);
+        if (seenMembers.has(name)) continue;
+        seenMembers.add(name);
+        out.push({ name, className, docNode: m, params, pos: m.getStart(sf) });
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * @param {ts.ParameterDeclaration} p
+ * @param {ts.SourceFile} sf
+ */
+function describeParam(p, sf) {
+  return `\`${p.getText(sf).replace(/\s+/g, ' ')}\``;
+}
+
+/**
+ * Scans `rootDir` and classifies every exported block-layer function and driver callback.
+ * @param {string} [rootDir] the directory holding src/ (default: this repository)
+ * @returns {{ rows: LockingRow[], errors: string[] }} rows sorted by module, class and name (those
+ *   with an error are left out); errors as `module:line: Name: problem`, in file order
+ */
+export function collectRows(rootDir = REPO_ROOT) {
+  /** @type {LockingRow[]} */
+  const rows = [];
+  /** @type {string[]} */
+  const errors = [];
+  for (const file of sourceFiles(rootDir)) {
+    const module = path.relative(rootDir, file).split(path.sep).join('/');
+    const sf = ts.createSourceFile(file, fs.readFileSync(file, 'utf8'), ts.ScriptTarget.Latest, true, ts.ScriptKind.TS);
+    for (const c of candidates(sf)) {
+      const label = c.className === '' ? c.name : `${c.className}.${c.name}`;
+      const line = sf.getLineAndCharacterOfPosition(c.pos).line + 1;
+      /** @param {string} msg */
+      const fail = (msg) => errors.push(`${module}:${line}: ${label}: ${msg}`);
+      const tags = lockingTags(c.docNode);
+      if (tags.length === 0) {
+        fail('no @locking tag (add `@locking io`, `@locking global-state` or `@locking common` to its doc comment)');
+        continue;
+      }
+      const values = [...new Set(tags.map((t) => (ts.getTextOfJSDocComment(t.comment) ?? '').trim().split(/\s+/)[0] ?? ''))];
+      if (values.length > 1) {
+        fail(`conflicting @locking tags: ${values.map((v) => `'${v}'`).join(', ')}`);
+        continue;
+      }
+      const value = values[0] ?? '';
+      if (!CONTRACTS.has(value)) {
+        fail(`unknown @locking value '${value}' (expected io, global-state or common)`);
+        continue;
+      }
+      const contract = /** @type {LockingRow['contract']} */ (value);
+      const params = c.params.filter((p) => !(ts.isIdentifier(p.name) && p.name.text === 'this'));
+      const bqlParams = params.filter((p) => paramHasType(p, BQL_TYPES));
+      const drainedParams = params.filter((p) => paramHasType(p, DRAINED_TYPES));
+      const problems = [];
+      if (contract !== 'global-state') {
+        if (bqlParams.length > 0) problems.push(`is @locking ${contract} but takes a Bql proof (${bqlParams.map((p) => describeParam(p, sf)).join(', ')}); tag it global-state or drop the proof`);
+        if (drainedParams.length > 0) problems.push(`is @locking ${contract} but takes a drained proof (${drainedParams.map((p) => describeParam(p, sf)).join(', ')}); tag it global-state (with a Bql parameter) or drop the proof`);
+      } else if (bqlParams.length === 0) {
+        const untyped = params.filter((p) => p.type === undefined).map((p) => describeParam(p, sf));
+        const hint = untyped.length > 0 ? ` (parameters without a type annotation: ${untyped.join(', ')})` : '';
+        problems.push(`is @locking global-state but takes no parameter typed Bql${hint}`);
+      }
+      if (problems.length > 0) {
+        for (const p of problems) fail(p);
+        continue;
+      }
+      const bql = bqlParams.length > 0;
+      const drained = drainedParams.length > 0;
+      rows.push({
+        name: c.name,
+        module,
+        className: c.className,
+        contract,
+        bql,
+        drained,
+        alongside: drained ? 'no (drained)' : contract === 'global-state' ? 'yes (BQL)' : 'yes',
+        summary: firstSentence(docText(c.docNode)),
+      });
+    }
+  }
+  rows.sort((a, b) => compare(a.module, b.module) || compare(a.className, b.className) || compare(a.name, b.name));
+  return { rows, errors };
+}
+
+/**
+ * A table cell: one line, `|` escaped.
+ * @param {string} s
+ */
+function cell(s) {
+  return s.replace(/\s+/g, ' ').trim().replace(/\|/g, '\\|');
+}
+
+/**
+ * The markdown document for `rows` (deterministic: no dates; modules, classes and names sorted).
+ * @param {ReadonlyArray<LockingRow>} rows
+ * @returns {string}
+ */
+export function renderMarkdown(rows) {
+  const sorted = [...rows].sort((a, b) => compare(a.module, b.module) || compare(a.className, b.className) || compare(a.name, b.name));
+  const lines = [
+    '# Locking contract',
+    '',
+    'Generated by `npm run docs:locking` from the source; do not edit.',
+    '',
+    'Every exported function of the block layer (`src/block/`) and the drivers (`src/drivers/`), and',
+    'every driver callback, answers three questions: must the caller hold the Big Lock (BQL)? must the',
+    'node be in a drained section? may it run while I/O is in flight? Its JSDoc tag `@locking` gives',
+    'the class, and its signature carries the proofs: `global-state` code runs with the BQL held and',
+    'takes the `Bql` proof; if it also takes a drained proof (`Drained<N>`, `DrainedAll` or',
+    '`DrainedProof`) it needs a drained section, so no request is in flight on the node while it runs.',
+    '`io` code is the request path: no proof, safe alongside other in-flight requests. `common` code',
+    'takes no proof and may be called from anywhere. The generator checks the tags against the',
+    'signatures (docs/architecture.md, "The contract in the types").',
+    '',
+    `${sorted.length} functions and callbacks in ${new Set(sorted.map((r) => r.module)).size} modules.`,
+  ];
+  /** @type {string | null} */
+  let current = null;
+  for (const r of sorted) {
+    if (r.module !== current) {
+      current = r.module;
+      lines.push(
+        '',
+        `## ${r.module}`,
+        '',
+        '| Function | Class | Contract | BQL | Drained | Alongside in-flight I/O | What it does |',
+        '| --- | --- | --- | --- | --- | --- | --- |',
+      );
+    }
+    const cells = [
+      `\`${r.name}\``,
+      r.className === '' ? '' : `\`${r.className}\``,
+      r.contract,
+      r.bql ? 'yes' : 'no',
+      r.drained ? 'yes' : 'no',
+      r.alongside,
+      r.summary,
+    ].map(cell);
+    lines.push(`| ${cells.join(' | ')} |`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+/**
+ * The command line: write (default) or `--check`; `--root DIR`.
+ * @param {string[]} argv
+ * @returns {number} the exit code
+ */
+function main(argv) {
+  let check = false;
+  let root = REPO_ROOT;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--check') check = true;
+    else if (a === '--root') {
+      const dir = argv[++i];
+      if (dir === undefined) {
+        console.error('gen-locking-doc: --root needs a directory');
+        return 2;
+      }
+      root = path.resolve(dir);
+    } else if (a !== undefined && a.startsWith('--root=')) root = path.resolve(a.slice('--root='.length));
+    else {
+      console.error(`gen-locking-doc: unknown argument '${a}' (usage: gen-locking-doc.js [--check] [--root DIR])`);
+      return 2;
+    }
+  }
+  const { rows, errors } = collectRows(root);
+  const text = renderMarkdown(rows);
+  const out = path.join(root, OUTPUT_PATH);
+  let code = 0;
+  if (check) {
+    const onDisk = fs.existsSync(out) ? fs.readFileSync(out, 'utf8') : null;
+    if (onDisk !== text) {
+      console.error(`${OUTPUT_PATH} is ${onDisk === null ? 'missing' : 'stale'}: run \`npm run docs:locking\` and commit the result.`);
+      code = 1;
+    } else {
+      console.log(`${OUTPUT_PATH} is up to date (${rows.length} functions).`);
+    }
+  } else {
+    fs.mkdirSync(path.dirname(out), { recursive: true });
+    const old = fs.existsSync(out) ? fs.readFileSync(out, 'utf8') : null;
+    if (old !== text) fs.writeFileSync(out, text);
+    console.log(`${old === text ? 'unchanged' : 'wrote'} ${path.relative(process.cwd(), out) || out} (${rows.length} functions)`);
+  }
+  if (errors.length > 0) {
+    console.error(`\n${errors.length} locking-contract error${errors.length === 1 ? '' : 's'} (left out of ${OUTPUT_PATH}):`);
+    for (const e of errors) console.error(`  ${e}`);
+    code = 1;
+  }
+  return code;
+}
+
+/** True when this file is the script node was started with (not imported by a test). */
+function isMain() {
+  const invoked = process.argv[1];
+  if (invoked === undefined) return false;
+  try {
+    return import.meta.url === pathToFileURL(fs.realpathSync(invoked)).href;
+  } catch {
+    return import.meta.url === pathToFileURL(path.resolve(invoked)).href;
+  }
+}
+
+if (isMain()) {
+  process.exitCode = main(process.argv.slice(2));
+}
