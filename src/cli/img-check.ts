@@ -70,7 +70,7 @@ export async function checkQcow2File(file: string, repair: { leaks: boolean; err
   return withBql(async (bql) => {
     const node = await openNode(bql, { driver: 'file', filename: file, 'read-only': writable ? 'off' : 'on' });
     try {
-      const state = await loadQcow2State(node, node, 4 * 1024 * 1024);
+      const state = await loadQcow2State(node, node, 4 * 1024 * 1024, { refuseOverlaps: false });
       return await checkQcow2(state, repair);
     } finally {
       await closeNode(bql, node);

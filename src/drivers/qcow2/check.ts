@@ -11,6 +11,7 @@
 import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
+import { checkNoMetadataOverlap } from './overlap.js';
 import { readSlot, refblockOffset, updateRefcount } from './refcount.js';
 import { snapshotTableSize } from './snapshot-table.js';
 import type { Qcow2State } from './state.js';
@@ -85,6 +86,12 @@ async function computeRefcounts(s: Qcow2State, res: Qcow2CheckResult, repair: Re
     for (let ci = Math.floor(offset / C); ci <= last; ci++) counts.inc(ci);
   };
   incRange(0, C); // header
+  try {
+    checkNoMetadataOverlap(s);
+  } catch (e) {
+    res.messages.push(`ERROR ${e instanceof Error ? e.message : String(e)}`);
+    res.corruptions++;
+  }
   const copiedFixes: Array<() => Promise<void>> = [];
   const l2Seen = new Set<number>();
   const walkL1 = async (l1Offset: number, l1Size: number, active: boolean, label: string): Promise<void> => {

@@ -13,6 +13,7 @@ import { bdrvPread, bdrvPwrite } from '../../block/io.js';
 import { HI_COMPRESSED, L2_HI_RESERVED, L2_LO_RESERVED } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
 import { l2ForRead, l2ForWrite, splitGuestOffset } from './cluster-map.js';
+import { refuseDataOnMetadata } from './overlap.js';
 import { allocClusters, freeClusters } from './refcount.js';
 import type { Qcow2State } from './state.js';
 
@@ -138,6 +139,7 @@ export async function qcow2Write(s: Qcow2State, offset: number, buf: Uint8Array)
             expect += C;
             k++;
           }
+          refuseDataOnMetadata(s, host, n + inCluster, pos);
           pending.push(writeInPlace(s, host + inCluster, buf.subarray(done, done + n)));
           done += n;
           continue;
@@ -193,6 +195,7 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
     const guestStart = i === 0 ? 0 : i * C - inFirst; // offset in `data` where cluster i starts
     if (type === ClusterType.Normal && isCopied(hi)) {
       const host = checkNormalEntry(s, hi, lo, pos + guestStart);
+      refuseDataOnMetadata(s, host, C, pos + guestStart);
       const from = i === 0 ? 0 : guestStart;
       const to = Math.min(data.length, (i + 1) * C - inFirst);
       await bdrvPwrite(s.file, host + (i === 0 ? inFirst : 0), data.subarray(from, to));
@@ -230,6 +233,7 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       }
       payload.set(data.subarray(dataFrom, dataTo), headGap);
     }
+    refuseDataOnMetadata(s, newHost, run * C, pos);
     await bdrvPwrite(s.file, newHost, payload);
     const old: Array<[number, number, ClusterType]> = [];
     for (let k = 0; k < run; k++) {

@@ -8,6 +8,7 @@ import { bdrvGetLength, bdrvPread } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { MAX_CLUSTER_BITS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, MIN_CLUSTER_BITS } from './constants.js';
 import { parseHeader } from './header.js';
+import { checkNoMetadataOverlap } from './overlap.js';
 import { parseSnapshotTable } from './snapshot-table.js';
 import { Qcow2State } from './state.js';
 import type { Qcow2Header, SnapshotEntry } from './types.js';
@@ -126,9 +127,10 @@ function checkSnapshotEntries(entries: SnapshotEntry[], clusterSize: number, fil
 
 /**
  * Reads and validates all the metadata an open image keeps in memory and returns its state.
+ * `refuseOverlaps: false` lets the checker open an image whose tables overlap, to report it.
  * @locking io
  */
-export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBytes: number): Promise<Qcow2State> {
+export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBytes: number, opts: { refuseOverlaps?: boolean } = {}): Promise<Qcow2State> {
   const filename = file.filename || node.filename;
   const { header, fileLength } = await readQcow2Header(file, filename);
   const C = 2 ** header.clusterBits;
@@ -138,5 +140,6 @@ export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBy
   checkSnapshotEntries(snapshots, C, fileLength, filename);
   const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes);
   s.allocatedEnd = Math.ceil(fileLength / C);
+  if (opts.refuseOverlaps !== false) checkNoMetadataOverlap(s);
   return s;
 }

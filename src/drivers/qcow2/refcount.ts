@@ -251,6 +251,7 @@ async function ensureRefblock(s: Qcow2State, b: number): Promise<void> {
   writeSlot(t, 0, s.refcountBits, 1);
   await s.writeMeta(off, bytes, 'new refcount block');
   setEntry(s.reftableView, b, off, false);
+  s.refblockGeneration++;
   await s.writeMeta(s.header.refcountTableOffset + b * 8, s.reftable.subarray(b * 8, b * 8 + 8), 'refcount table entry');
   s.allocatedEnd = Math.max(s.allocatedEnd, ci + 1);
 }
@@ -318,6 +319,7 @@ async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
   s.header.refcountTableOffset = tableOff;
   s.header.refcountTableClusters = tableClusters;
   s.setReftable(table);
+  s.refblockGeneration++;
   s.allocatedEnd = Math.max(s.allocatedEnd, areaEnd);
   // 4. the old table is garbage now
   await freeClusters(s, oldOff, oldClusters * C);

@@ -34,6 +34,16 @@ function withCopied(hi: number, copied: boolean): number {
  * @locking io
  */
 export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+  await addSnapshotRefs(s, l1Offset, l1Size, addend);
+  await recomputeCopied(s, l1Offset, l1Size, addend);
+}
+
+/**
+ * The first half of updateSnapshotRefcount: adds `addend` to every cluster the L1 table reaches,
+ * in one batch that is written only when the whole walk succeeded (an overflow writes nothing).
+ * @locking io
+ */
+export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
   const C = s.clusterSize;
   const active = l1Offset === s.header.l1TableOffset;
   const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, 'snapshot L1 table');
@@ -73,6 +83,24 @@ export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1
     }
     await flushRefcountBatch(s);
   }
+}
+
+/**
+ * The second half of updateSnapshotRefcount: sets the COPIED bits of the L1 table's entries and
+ * of its L2 tables' entries from the refcounts (written and flushed after them).
+ * @locking io
+ */
+export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+  const C = s.clusterSize;
+  const active = l1Offset === s.header.l1TableOffset;
+  const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, 'snapshot L1 table');
+  const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  const n = Math.min(l1Size, l1.length / 8);
+  const l2At = (i: number): number => {
+    const off = entryOffset(entryHi(l1v, i), entryLo(l1v, i));
+    if (off % C !== 0) throw s.corrupt(`L2 table offset ${off} unaligned (L1 index: ${i})`, 'l1_table');
+    return off;
+  };
   let l1Changed = false;
   for (let i = 0; i < n; i++) {
     const off = l2At(i);
@@ -203,34 +231,37 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
     const C = s.clusterSize;
     const l1Bytes = s.l1Size * 8;
     const l1Clusters = Math.ceil(l1Bytes / C);
-    const l1Off = l1Clusters === 0 ? 0 : await allocClusters(s, l1Clusters);
-    const entry: SnapshotEntry = {
-      l1TableOffset: l1Off,
-      l1Size: s.l1Size,
-      id: newSnapshotId(s),
-      name: info.name,
-      dateSec: info.dateSec,
-      dateNsec: info.dateNsec,
-      vmClockNsec: info.vmClockNsec,
-      vmStateSize: info.vmStateSize,
-      diskSize: s.sizeBytes,
-      icount: info.icount,
-      extraDataSize: 24,
-      unknownExtraData: new Uint8Array(0),
-    };
+    // 1. everything the active state reaches gains a reference; the walk is computed in memory
+    //    and written in one batch, so a refcount that would overflow refuses before any write
+    await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, 1);
+    let l1Off = 0;
+    let entry: SnapshotEntry;
     try {
+      // 2. the L1 copy in fresh clusters, 3. COPIED bits of the now shared tables cleared,
+      // 4. the new snapshot table (the commit point)
+      l1Off = l1Clusters === 0 ? 0 : await allocClusters(s, l1Clusters);
       if (l1Clusters > 0) await s.writeMeta(l1Off, s.l1, 'snapshot L1 table');
-      await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 1);
-    } catch (e) {
-      // nothing refers to the copy yet: give its clusters back so the image stays clean
-      if (l1Clusters > 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
-      throw e;
-    }
-    try {
+      entry = {
+        l1TableOffset: l1Off,
+        l1Size: s.l1Size,
+        id: newSnapshotId(s),
+        name: info.name,
+        dateSec: info.dateSec,
+        dateNsec: info.dateNsec,
+        vmClockNsec: info.vmClockNsec,
+        vmStateSize: info.vmStateSize,
+        diskSize: s.sizeBytes,
+        icount: info.icount,
+        extraDataSize: 24,
+        unknownExtraData: new Uint8Array(0),
+      };
+      await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 1);
       await writeSnapshotTable(s, [...s.snapshots, entry]);
     } catch (e) {
-      await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, -1).catch(() => undefined);
-      if (l1Clusters > 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
+      // not committed: give the references and the copy back so the image stays clean
+      await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, -1).catch(() => undefined);
+      await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 0).catch(() => undefined);
+      if (l1Off !== 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
       throw e;
     }
     if (info.vmStateSize > 0) {

@@ -45,6 +45,8 @@ export class Qcow2State {
   /** In-place data writes submitted without the lock and not yet completed. */
   inPlaceWrites = 0;
   private inPlaceIdle: Array<() => void> = [];
+  /** Bumped whenever a refcount block is added (invalidates the overlap ranges). */
+  refblockGeneration = 0;
   /** Set while a snapshot is loaded temporarily: the node shows that state and refuses writes. */
   tmpSnapshot: string | null = null;
 
