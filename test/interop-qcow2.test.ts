@@ -4,6 +4,7 @@
  * model in qemu-img; images qemu writes (plain, compressed, zeroed, snapshotted) must read the
  * same in snapstack, and our goto/delete on them must keep qemu-img check clean.
  */
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -269,6 +270,77 @@ describeInterop('qcow2 images qemu-img and qemu-io write, read and changed by sn
       expectSameBytes(qemuContents(f, 'second'), second, 'qemu-img: snapshot second untouched');
     });
   }
+});
+
+describeInterop('check and repair against qemu-img check', () => {
+  /** An image qemu-io left dirty: lazy refcounts, then `abort` before the refcounts were written. */
+  function lazyCrashedImage(name: string): string {
+    const f = path.join(dir, name);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on', f, '16M']);
+    qemuStatus('qemu-io', ['-c', 'write -P 7 0 1M', '-c', 'write -P 8 4M 64k', '-c', 'abort', f]);
+    return f;
+  }
+
+  function ours(args: string[]): { status: number; stdout: string; stderr: string } {
+    const r = spawnSync(process.execPath, [path.resolve('bin/snapstack.js'), ...args], { encoding: 'utf8' });
+    return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr.replace(/^snapstack img: /gm, '') };
+  }
+
+  it('reports what qemu-img check reports on a dirty image, with the same exit code (2)', () => {
+    const f = lazyCrashedImage('lazy-crashed.qcow2');
+    const theirs = qemuStatus('qemu-img', ['check', f]);
+    const mine = ours(['img', 'check', f]);
+    expect(theirs.status).toBe(2);
+    expect(mine.status).toBe(theirs.status);
+    expect(mine.stdout).toBe(theirs.stdout);
+    expect(mine.stderr).toBe(theirs.stderr);
+    const json = JSON.parse(ours(['img', 'check', '--output=json', f]).stdout) as Record<string, number>;
+    const theirJson = JSON.parse(qemuStatus('qemu-img', ['check', '--output=json', f]).stdout) as Record<string, number>;
+    for (const k of ['corruptions', 'leaks', 'check-errors', 'total-clusters', 'allocated-clusters', 'image-end-offset']) expect(json[k], k).toBe(theirJson[k]);
+  });
+
+  it('check -r all repairs it so that qemu-img check is clean and the data is intact', () => {
+    const f = lazyCrashedImage('lazy-repair.qcow2');
+    const before = qemuContents(f);
+    const r = ours(['img', 'check', '-r', 'all', f]);
+    expect(r.stdout).toMatch(/The following inconsistencies were found and repaired:\n\n {4}0 leaked clusters\n {4}17 corruptions/);
+    expect(r.stdout).toMatch(/Double checking the fixed image now\.\.\.\nNo errors were found on the image\./);
+    expect(r.status).toBe(0);
+    expectCheckClean(f);
+    expect(fs.readFileSync(f).readBigUInt64BE(72) & 1n).toBe(0n); // dirty bit cleared
+    expectSameBytes(qemuContents(f), before, 'data after repair');
+  });
+
+  it('opening the dirty image read/write repairs its refcounts first, as QEMU does', async () => {
+    const f = lazyCrashedImage('lazy-open.qcow2');
+    const before = qemuContents(f);
+    const img = await openImage(f);
+    try {
+      await img.write(8 * MiB, new Uint8Array(65536).fill(4));
+    } finally {
+      await img.close();
+    }
+    expectCheckClean(f);
+    before.fill(4, 8 * MiB, 8 * MiB + 65536);
+    expectSameBytes(qemuContents(f), before, 'data after the repairing open and a write');
+  });
+
+  it('finds leaks (exit 3) and repairs them with -r leaks', async () => {
+    const f = path.join(dir, 'leaky.qcow2');
+    createQcow2File(f, { sizeBytes: 4 * MiB });
+    // leak two clusters: raise their refcounts behind the image's back (refcount block at 2*64k)
+    fs.truncateSync(f, 16 * 65536);
+    const fd = fs.openSync(f, 'r+');
+    fs.writeSync(fd, Buffer.from([0, 1, 0, 1]), 0, 4, 2 * 65536 + 2 * 10);
+    fs.closeSync(fd);
+    const theirs = qemuStatus('qemu-img', ['check', f]);
+    const mine = ours(['img', 'check', f]);
+    expect(mine.status).toBe(3);
+    expect(mine.stdout).toBe(theirs.stdout);
+    expect(mine.stderr).toBe(theirs.stderr);
+    expect(ours(['img', 'check', '-r', 'leaks', f]).status).toBe(0);
+    expectCheckClean(f);
+  });
 });
 
 describeInterop('long alternating runs: qemu-io/qemu-img and snapstack on one image', () => {

@@ -269,9 +269,11 @@ async function checkOnce(s: Qcow2State, repair: RepairMode): Promise<Qcow2CheckR
     for (const f of copiedErrors) await f();
     res.imageEndOffset = (highest + 1) * C;
   }
-  if (repair.errors && res.corruptions === 0 && (s.header.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) !== 0n) {
-    await clearIncompatibleBits(s, INCOMPAT_CORRUPT);
-  }
+  // a repaired image is consistent again: QEMU's qcow2_mark_clean / qcow2_mark_consistent
+  let clear = 0;
+  if ((repair.leaks || repair.errors) && res.corruptions === 0) clear |= INCOMPAT_DIRTY;
+  if (repair.errors && res.corruptions === 0) clear |= INCOMPAT_CORRUPT;
+  if ((s.header.incompatibleFeatures & BigInt(clear)) !== 0n) await clearIncompatibleBits(s, clear);
   return res;
 }
 
@@ -296,6 +298,6 @@ export async function repairDirtyImage(s: Qcow2State): Promise<Qcow2CheckResult>
   if (res.corruptions > 0) {
     throw s.corrupt(`the dirty image still has ${res.corruptions} errors after its refcounts were rebuilt; run 'snapstack img check -r all'`, 'incompatible_features');
   }
-  await s.lock.run(() => clearIncompatibleBits(s, INCOMPAT_DIRTY));
+  if ((s.header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n) await s.lock.run(() => clearIncompatibleBits(s, INCOMPAT_DIRTY));
   return res;
 }
