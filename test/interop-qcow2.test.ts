@@ -325,6 +325,14 @@ describeInterop('check and repair against qemu-img check', () => {
     expectSameBytes(qemuContents(f), before, 'data after the repairing open and a write');
   });
 
+  it('img map prints what qemu-img map prints (human and JSON)', () => {
+    const f = path.join(dir, 'map.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f, '16M']);
+    qemu('qemu-io', ['-c', 'write -P 1 0 128k', '-c', 'write -P 2 1M 64k', '-c', 'write -z 2M 64k', '-c', 'write -P 3 4M 192k', '-c', 'write -P 4 3M 64k', f]);
+    expect(ours(['img', 'map', f]).stdout).toBe(qemu('qemu-img', ['map', f]));
+    expect(ours(['img', 'map', '--output=json', f]).stdout).toBe(qemu('qemu-img', ['map', '--output=json', f]));
+  });
+
   it('finds leaks (exit 3) and repairs them with -r leaks', async () => {
     const f = path.join(dir, 'leaky.qcow2');
     createQcow2File(f, { sizeBytes: 4 * MiB });

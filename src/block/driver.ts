@@ -32,6 +32,20 @@ export interface WriteZeroesFlags {
   mayUnmap?: boolean;
 }
 
+/** What a range of a node holds (QEMU's block status): data, zeros, where it lives in `file`. */
+export interface BlockStatus {
+  /** Bytes from the queried offset that share this status (at least 1). */
+  bytes: number;
+  /** Read from storage (not known to be zero without reading). */
+  data: boolean;
+  /** Known to read as zeros. */
+  zero: boolean;
+  /** Allocated in this node (data or a zero flag), not merely absent (QEMU's `present`). */
+  allocated: boolean;
+  /** Offset in the node's `file` child where the bytes lie contiguously, or null (unallocated, compressed). */
+  hostOffset: number | null;
+}
+
 /** A driver instance: the state of one open node, with its callbacks. */
 export interface BlockDriverInstance {
   /**
@@ -109,6 +123,12 @@ export interface BlockDriverInstance {
    * @locking global-state
    */
   snapshotLoadTmp?(bql: Bql, id: string | null, name: string | null): Promise<void>;
+  /**
+   * The status of the range starting at `offset` (at most `bytes` long); without it the block
+   * layer treats everything as data at the same offset of the `file` child.
+   * @locking io
+   */
+  blockStatus?(offset: number, bytes: number): Promise<BlockStatus>;
   /**
    * Format-specific data for query-named-block-nodes and `img info` (`{ type, data }`).
    * @locking io

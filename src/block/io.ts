@@ -8,7 +8,7 @@
  * Protocol nodes may be written past their end (files grow) and read past it (zeros), as in QEMU.
  */
 import { aioWaitKick } from './aio-wait.js';
-import type { WriteZeroesFlags } from './driver.js';
+import type { BlockStatus, WriteZeroesFlags } from './driver.js';
 import { BlockError } from './errors.js';
 import type { BlockNode } from './node.js';
 
@@ -123,6 +123,18 @@ export async function bdrvFlush(node: BlockNode): Promise<void> {
   } finally {
     decInFlight(node);
   }
+}
+
+/**
+ * What the range from `offset` holds (data, zeros, unallocated) and where it lies in the node's
+ * `file` child; drivers without block status report data at the same offset.
+ * @locking io
+ */
+export async function bdrvBlockStatus(node: BlockNode, offset: number, bytes: number): Promise<BlockStatus> {
+  checkRequest(node, 'block-status', offset, bytes, false);
+  const drv = node.drv;
+  if (drv.blockStatus === undefined) return { bytes, data: true, zero: false, allocated: true, hostOffset: offset };
+  return drv.blockStatus(offset, bytes);
 }
 
 /**

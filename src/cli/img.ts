@@ -13,6 +13,7 @@ import { takeFlag, takeOutputJson } from './args.js';
 import { describeError, sizeToStr } from './format.js';
 import { imgCheck } from './img-check.js';
 import { imgCompare, imgConvert } from './img-convert.js';
+import { imgMap } from './img-map.js';
 import { imgSnapshot } from './img-snapshot.js';
 import { snapshotHeader, snapshotJson, snapshotRow } from './snapshot-format.js';
 
@@ -23,7 +24,8 @@ const USAGE = `usage: snapstack img create [-f raw|qcow2] [-o cluster_size=..,re
        snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILENAME
        snapstack img check [-f FMT] [-r leaks|all] [--output=human|json] FILENAME
        snapstack img convert [-f FMT] [-O FMT] [-o OPTIONS] [-l snapshot.name=TAG] SRC DST
-       snapstack img compare [-f FMT] [-F FMT] A B`;
+       snapstack img compare [-f FMT] [-F FMT] A B
+       snapstack img map [-f FMT] [--output=human|json] FILENAME`;
 
 /** Options `-o` accepts per format, with their parsers. */
 function createOptions(fmt: string, o: NodeOptions): { clusterSize?: number; refcountBits?: number; compat?: '0.10' | '1.1'; lazyRefcounts?: boolean } {
@@ -134,6 +136,8 @@ export async function imgMain(argv: string[], out: Out, err: Out): Promise<numbe
         return await imgConvert(args, out);
       case 'compare':
         return await imgCompare(args, out, err);
+      case 'map':
+        return await imgMap(args, out, err);
       case undefined:
       case '--help':
       case '-h':

@@ -9,6 +9,7 @@
  * data, then the L2 entry, then the old cluster's reference is dropped.
  */
 import zlib from 'node:zlib';
+import type { BlockStatus } from '../../block/driver.js';
 import { bdrvPread, bdrvPwrite } from '../../block/io.js';
 import { HI_COMPRESSED, L2_HI_RESERVED, L2_LO_RESERVED } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
@@ -311,4 +312,44 @@ export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters
  */
 export function isCompressedHi(hi: number): boolean {
   return (hi & HI_COMPRESSED) !== 0;
+}
+
+/**
+ * The status of guest clusters from `offset`: a run of entries of one kind (and, for data,
+ * contiguous on the host) within one L2 table, at most `bytes` long.
+ * @locking io
+ */
+export async function qcow2BlockStatus(s: Qcow2State, offset: number, bytes: number): Promise<BlockStatus> {
+  const C = s.clusterSize;
+  const inCluster = offset % C;
+  const { l1Index, l2Index } = splitGuestOffset(s, offset);
+  const t = await l2ForRead(s, l1Index);
+  const maxRun = Math.min(bytes, (s.l2Entries - l2Index) * C - inCluster);
+  if (t === null) return { bytes: maxRun, data: false, zero: true, allocated: false, hostOffset: null };
+  const kind = (j: number): { type: ClusterType; host: number } => {
+    const hi = entryHi(t.view, j);
+    const lo = entryLo(t.view, j);
+    const type = l2EntryType(hi, lo, s.v3);
+    return { type, host: type === ClusterType.Normal ? entryOffset(hi, lo) : 0 };
+  };
+  const first = kind(l2Index);
+  let n = Math.min(C - inCluster, maxRun);
+  for (let j = l2Index + 1; n < maxRun && j < s.l2Entries; j++) {
+    const k = kind(j);
+    if (k.type !== first.type) break;
+    if (first.type === ClusterType.Normal && k.host !== first.host + (j - l2Index) * C) break;
+    if (first.type === ClusterType.Compressed) break;
+    n = Math.min(n + C, maxRun);
+  }
+  switch (first.type) {
+    case ClusterType.Normal:
+      return { bytes: n, data: true, zero: false, allocated: true, hostOffset: first.host + inCluster };
+    case ClusterType.Compressed:
+      return { bytes: n, data: true, zero: false, allocated: true, hostOffset: null };
+    case ClusterType.ZeroPlain:
+    case ClusterType.ZeroAlloc:
+      return { bytes: n, data: false, zero: true, allocated: true, hostOffset: null };
+    default:
+      return { bytes: n, data: false, zero: true, allocated: false, hostOffset: null };
+  }
 }

@@ -7,11 +7,11 @@
  */
 import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, type DrainedProof } from '../../block/drain.js';
-import type { BlockDriverInstance, SnapshotInfo, WriteZeroesFlags } from '../../block/driver.js';
+import type { BlockDriverInstance, BlockStatus, SnapshotInfo, WriteZeroesFlags } from '../../block/driver.js';
 import { BlockError } from '../../block/errors.js';
 import { bdrvFlush } from '../../block/io.js';
 import { INCOMPAT_CORRUPT, COMPAT_LAZY_REFCOUNTS } from './constants.js';
-import { qcow2Read, qcow2Write, qcow2ZeroClusters } from './data-path.js';
+import { qcow2BlockStatus, qcow2Read, qcow2Write, qcow2ZeroClusters } from './data-path.js';
 import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily, setDiskSize } from './snapshots.js';
 import type { Qcow2State } from './state.js';
 import type { SnapshotEntry } from './types.js';
@@ -164,6 +164,11 @@ export class Qcow2Instance implements BlockDriverInstance {
       });
     }
     await loadSnapshotTemporarily(bql, this.state, id, name);
+  }
+
+  /** Which guest clusters hold data, zeros or nothing, and where the data lies in the file. */
+  blockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    return qcow2BlockStatus(this.state, offset, bytes);
   }
 
   /** The image's cluster size. */
