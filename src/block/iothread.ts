@@ -15,11 +15,24 @@
  * A worker runs its batches in order, so requests to one IOThread execute in submission order.
  */
 import os from 'node:os';
-import { Piscina } from 'piscina';
+import { createRequire } from 'node:module';
+import type { Piscina } from 'piscina';
+
+/** piscina is loaded on the first IOThread: one-shot tools that never start one skip its load time. */
+let piscinaClass: typeof Piscina | null = null;
+function loadPiscina(): typeof Piscina {
+  if (piscinaClass === null) {
+    const mod = createRequire(import.meta.url)('piscina') as { Piscina: typeof Piscina };
+    piscinaClass = mod.Piscina;
+  }
+  return piscinaClass;
+}
 import { assertBql, type Bql } from './bql.js';
 import { BlockError, ERROR_CODES, type ErrorCode } from './errors.js';
 
 const OPS_STRIDE = 7;
+/** Most bytes of staging areas an IOThread keeps for reuse. */
+const STAGING_POOL_BYTES = 32 * 1024 * 1024;
 const OP_READ = 1;
 const OP_WRITE = 2;
 const OP_WRITE_ZEROES = 3;
@@ -75,6 +88,9 @@ const errnoToCode = new Map<number, ErrorCode>(Object.entries(ERROR_CODES).map((
 /** One worker thread with its batches and its registered memory regions. */
 class IoWorker {
   private readonly pool: Piscina<BatchMessage, number>;
+  /** Free staging areas by size: reused so that a batch allocates (and zero-fills) none. */
+  private readonly stagingPool = new Map<number, SharedArrayBuffer[]>();
+  private stagingPooledBytes = 0;
   private readonly regionIds = new WeakMap<SharedArrayBuffer, number>();
   private nextRegionId = 1;
   private readonly deadRegions: number[] = [];
@@ -89,7 +105,8 @@ class IoWorker {
   private idleWaiters: Array<() => void> = [];
 
   constructor(readonly label: string) {
-    this.pool = new Piscina<BatchMessage, number>({
+    const PiscinaClass = loadPiscina();
+    this.pool = new PiscinaClass<BatchMessage, number>({
       filename: WORKER_URL.href,
       minThreads: 1,
       maxThreads: 1,
@@ -182,7 +199,7 @@ class IoWorker {
     this.outstanding++;
     let staging: SharedArrayBuffer | null = null;
     if (batch.stagingBytes > 0) {
-      staging = new SharedArrayBuffer(batch.stagingBytes);
+      staging = this.takeStaging(batch.stagingBytes);
       const view = new Uint8Array(staging);
       for (const w of batch.stagedWrites) view.set(w.src, w.offset);
     }
@@ -192,6 +209,32 @@ class IoWorker {
       () => this.complete(batch, staging, null),
       (e: unknown) => this.complete(batch, staging, e),
     );
+  }
+
+  /** A staging area of at least `bytes` bytes: a pooled one when free, else a new one (power-of-two size). */
+  private takeStaging(bytes: number): SharedArrayBuffer {
+    let size = 4096;
+    while (size < bytes) size *= 2;
+    const free = this.stagingPool.get(size);
+    const sab = free?.pop();
+    if (sab !== undefined) {
+      this.stagingPooledBytes -= size;
+      return sab;
+    }
+    return new SharedArrayBuffer(size);
+  }
+
+  /** Keeps a staging area for the next batch (up to STAGING_POOL_BYTES in all). */
+  private returnStaging(sab: SharedArrayBuffer): void {
+    const size = sab.byteLength;
+    if (this.stagingPooledBytes + size > STAGING_POOL_BYTES) return;
+    let list = this.stagingPool.get(size);
+    if (list === undefined) {
+      list = [];
+      this.stagingPool.set(size, list);
+    }
+    list.push(sab);
+    this.stagingPooledBytes += size;
   }
 
   private complete(batch: Batch, staging: SharedArrayBuffer | null, failure: unknown): void {
@@ -214,6 +257,7 @@ class IoWorker {
         c.resolve(result);
       }
     }
+    if (staging !== null) this.returnStaging(staging);
     this.pending -= n;
     batch.reset();
     this.freeBatches.push(batch);

@@ -42,7 +42,7 @@ export async function imgConvert(args: string[], out: Out): Promise<number> {
   refuseUnknownOptions(args, CONVERT_USAGE);
   const [src, dst] = args;
   if (src === undefined || dst === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting a source and a destination\n${CONVERT_USAGE}`);
-  const from = await openImage(src, { readOnly: true, ...(srcFmt === undefined ? {} : { format: srcFmt }) });
+  const from = await openImage(src, { aio: 'sync', readOnly: true, ...(srcFmt === undefined ? {} : { format: srcFmt }) });
   try {
     if (snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(snap));
     const size = from.size;
@@ -57,7 +57,7 @@ export async function imgConvert(args: string[], out: Out): Promise<number> {
         ...(o['compat'] === '0.10' ? { compat: '0.10' as const } : {}),
       });
     } else throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
-    const to = await openImage(dst, { format: dstFmt });
+    const to = await openImage(dst, { aio: 'sync', format: dstFmt });
     try {
       const buf = new Uint8Array(CHUNK);
       for (let off = 0; off < size; off += CHUNK) {
@@ -102,9 +102,9 @@ export async function imgCompare(args: string[], out: Out, err: Out): Promise<nu
     const [pa, pb] = args;
     if (pa === undefined || pb === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting two image file names\n${COMPARE_USAGE}`);
     for (const p of [pa, pb]) if (!fs.existsSync(p)) throw new BlockError('ENOENT', `Could not open '${p}': No such file or directory`, { file: p });
-    const a = await openImage(pa, { readOnly: true, ...(fa === undefined ? {} : { format: fa }) });
+    const a = await openImage(pa, { aio: 'sync', readOnly: true, ...(fa === undefined ? {} : { format: fa }) });
     try {
-      const b = await openImage(pb, { readOnly: true, ...(fb === undefined ? {} : { format: fb }) });
+      const b = await openImage(pb, { aio: 'sync', readOnly: true, ...(fb === undefined ? {} : { format: fb }) });
       try {
         const common = Math.min(a.size, b.size);
         if (a.size !== b.size) out('Warning: Image size mismatch!');

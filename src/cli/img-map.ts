@@ -30,7 +30,7 @@ export async function imgMap(args: string[], out: Out, err: Out): Promise<number
   refuseUnknownOptions(args, USAGE);
   const [file] = args;
   if (file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
-  const img = await openImage(file, { readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
+  const img = await openImage(file, { aio: 'sync', readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     const root = img.backend.root;
     if (root === null) throw new BlockError('ENOENT', `Device '${img.name}' has no medium`, { node: img.name });

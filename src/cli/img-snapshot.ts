@@ -24,7 +24,7 @@ export async function imgSnapshot(args: string[], out: Out, err: Out): Promise<n
   const actions = [list, apply !== undefined, createTag !== undefined, del !== undefined].filter(Boolean).length;
   const [file] = args;
   if (actions !== 1 || file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one action and one file name\n${USAGE}`);
-  const img = await openImage(file, { readOnly: list, ...(fmt === undefined ? {} : { format: fmt }) });
+  const img = await openImage(file, { aio: 'sync', readOnly: list, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     if (list) {
       const sns = await img.snapshots();

@@ -79,7 +79,7 @@ async function info(args: string[], out: Out): Promise<number> {
   const json = takeOutputJson(args);
   const [file] = args;
   if (file === undefined || args.length > 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
-  const img = await openImage(file, { readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
+  const img = await openImage(file, { aio: 'sync', readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     const inst = img.backend.root?.instance ?? null;
     const format = img.backend.root?.driver.formatName ?? 'raw';

@@ -34,7 +34,7 @@ export async function ioMain(argv: string[], out: (s: string) => void, err: (s: 
       else throw new BlockError('EINVAL', `more than one file name given ('${file}', '${a}')\n${USAGE}`);
     }
     if (file === undefined) throw new BlockError('EINVAL', `no file name given\n${USAGE}`);
-    const img = await openImage(file, { readOnly, ...(format === undefined ? {} : { format }) });
+    const img = await openImage(file, { aio: 'sync', readOnly, ...(format === undefined ? {} : { format }) });
     let ok = true;
     try {
       for (const c of cmds) ok = (await runQemuIoCommand(img.backend, c, out)) && ok;

@@ -1,8 +1,8 @@
 /**
  * Format driver `qcow2`: probing by magic and opening an image over the node's `file` child.
  *
- * Options: `l2-cache-size` (bytes of L2 tables kept in memory, default 1 MiB: QEMU's default
- * covers 8 GiB of guest data with 64 KiB clusters), `read-only` handled by the block layer.
+ * Options: `l2-cache-size` (bytes of L2 tables kept in memory; by default, as QEMU, enough to
+ * cover the whole disk, between 1 and 32 MiB), `read-only` handled by the block layer.
  */
 import type { Bql } from '../../block/bql.js';
 import { assertBql } from '../../block/bql.js';
@@ -14,7 +14,6 @@ import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
 import { Qcow2Instance } from './instance.js';
 import { loadQcow2State } from './open.js';
 
-const DEFAULT_L2_CACHE = 1024 * 1024;
 const KNOWN_OPTIONS = new Set(['l2-cache-size']);
 
 /** The `qcow2` format driver. */
@@ -44,7 +43,7 @@ export const qcow2Driver: BlockDriver = {
       }
     }
     const cacheText = opts['l2-cache-size'];
-    const l2CacheBytes = cacheText === undefined ? DEFAULT_L2_CACHE : parseSize(cacheText, 'l2-cache-size');
+    const l2CacheBytes = cacheText === undefined ? undefined : parseSize(cacheText, 'l2-cache-size');
     const state = await loadQcow2State(node, file, l2CacheBytes);
     const h = state.header;
     if (h.backingFile !== null) {

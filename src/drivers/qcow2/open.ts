@@ -126,11 +126,22 @@ function checkSnapshotEntries(entries: SnapshotEntry[], clusterSize: number, fil
 }
 
 /**
+ * QEMU's default L2 cache: enough to cover the whole disk, at most 32 MiB, at least 1 MiB
+ * (tables are cached as they are used, so a large limit costs nothing until then).
+ * @locking common
+ */
+export function defaultL2CacheBytes(h: Qcow2Header): number {
+  const C = 2 ** h.clusterBits;
+  const tables = Math.ceil(h.size / ((C * C) / 8));
+  return Math.max(1024 * 1024, Math.min(32 * 1024 * 1024, tables * C));
+}
+
+/**
  * Reads and validates all the metadata an open image keeps in memory and returns its state.
  * `refuseOverlaps: false` lets the checker open an image whose tables overlap, to report it.
  * @locking io
  */
-export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBytes: number, opts: { refuseOverlaps?: boolean } = {}): Promise<Qcow2State> {
+export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBytes: number | undefined, opts: { refuseOverlaps?: boolean } = {}): Promise<Qcow2State> {
   const filename = file.filename || node.filename;
   const { header, fileLength } = await readQcow2Header(file, filename);
   const C = 2 ** header.clusterBits;
@@ -138,7 +149,7 @@ export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBy
   const reftable = await readTable(file, header.refcountTableOffset, header.refcountTableClusters * C, fileLength, filename, 'refcount_table');
   const snapshots = await readSnapshotTable(file, header, fileLength, filename);
   checkSnapshotEntries(snapshots, C, fileLength, filename);
-  const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes);
+  const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes ?? defaultL2CacheBytes(header));
   s.allocatedEnd = Math.ceil(fileLength / C);
   if (opts.refuseOverlaps !== false) checkNoMetadataOverlap(s);
   return s;

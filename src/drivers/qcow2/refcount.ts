@@ -146,17 +146,30 @@ export async function getRefcount(s: Qcow2State, clusterIndex: number): Promise<
  */
 export async function updateRefcount(s: Qcow2State, offset: number, length: number, addend: number): Promise<void> {
   if (length <= 0 || addend === 0) return;
+  const E = s.refblockEntries;
   const first = Math.floor(offset / s.clusterSize);
   const last = Math.floor((offset + length - 1) / s.clusterSize);
-  // validate every change first, so a refused update writes nothing
-  for (let b = Math.floor(first / s.refblockEntries); b <= Math.floor(last / s.refblockEntries); b++) {
+  const bFirst = Math.floor(first / E);
+  const bLast = Math.floor(last / E);
+  // 1. every refcount block the range needs exists (creating one may move the table) ...
+  for (let b = bFirst; b <= bLast; b++) {
     if (refblockOffset(s, b) === 0) {
       if (addend < 0) throw s.corrupt(`freeing clusters ${first}..${last} that no refcount block covers`, 'refcount');
       await ensureRefblock(s, b);
     }
   }
+  // 2. ... and is in memory; from here on everything is synchronous until the writes
+  const tables: Table[] = [];
+  const offsets: number[] = [];
+  for (let b = bFirst; b <= bLast; b++) {
+    const off = refblockOffset(s, b);
+    offsets.push(off);
+    tables.push(await loadRefblock(s, off, b));
+  }
+  // 3. validate every change first, so a refused update writes nothing
   for (let ci = first; ci <= last; ci++) {
-    const rc = await getRefcount(s, ci);
+    const b = Math.floor(ci / E);
+    const rc = readSlot(tables[b - bFirst] as Table, ci - b * E, s.refcountBits);
     const next = rc + addend;
     if (next < 0) throw s.corrupt(`refcount of cluster ${ci} (offset ${ci * s.clusterSize}) would drop below zero`, 'refcount');
     if (next > s.refcountMax) {
@@ -167,20 +180,20 @@ export async function updateRefcount(s: Qcow2State, offset: number, length: numb
       });
     }
   }
-  let ci = first;
-  while (ci <= last) {
-    const b = Math.floor(ci / s.refblockEntries);
-    const end = Math.min(last, (b + 1) * s.refblockEntries - 1);
-    const off = refblockOffset(s, b);
-    const t = await loadRefblock(s, off, b);
+  // 4. apply, then write each changed byte range through (or hand it to the batch)
+  for (let b = bFirst; b <= bLast; b++) {
+    const t = tables[b - bFirst] as Table;
+    const off = offsets[b - bFirst] as number;
+    const from = Math.max(first, b * E);
+    const to = Math.min(last, (b + 1) * E - 1);
     let lo = Infinity;
     let hi = 0;
-    for (let c = ci; c <= end; c++) {
-      const slot = c - b * s.refblockEntries;
+    for (let c = from; c <= to; c++) {
+      const slot = c - b * E;
       const next = readSlot(t, slot, s.refcountBits) + addend;
-      const [a, z] = writeSlot(t, slot, s.refcountBits, next);
-      lo = Math.min(lo, a);
-      hi = Math.max(hi, z);
+      const [x, z] = writeSlot(t, slot, s.refcountBits, next);
+      if (x < lo) lo = x;
+      if (z > hi) hi = z;
       if (next === 0) {
         // a freed cluster may come back holding something else: forget any cached copy
         s.l2Cache.drop(c * s.clusterSize);
@@ -194,8 +207,21 @@ export async function updateRefcount(s: Qcow2State, offset: number, length: numb
       const prev = batch.get(off);
       batch.set(off, { table: t, lo: Math.min(lo, prev?.lo ?? lo), hi: Math.max(hi, prev?.hi ?? hi) });
     }
-    ci = end + 1;
   }
+}
+
+/**
+ * The refcount of cluster `ci` when its refcount block is in memory (cache or batch), without
+ * waiting; -1 when the block must be read first (use getRefcount).
+ * @locking io
+ */
+export function peekRefcount(s: Qcow2State, ci: number): number {
+  const b = Math.floor(ci / s.refblockEntries);
+  const off = refblockOffset(s, b);
+  if (off === 0) return 0;
+  const t = s.refcountBatch?.get(off)?.table ?? s.refblockCache.lookup(off);
+  if (t === undefined) return -1;
+  return readSlot(t, ci - b * s.refblockEntries, s.refcountBits);
 }
 
 /**
@@ -206,9 +232,14 @@ export async function allocClusters(s: Qcow2State, n: number): Promise<number> {
   for (let attempt = 0; attempt < 1000; attempt++) {
     let start = s.freeClusterHint;
     let run = 0;
+    let firstFree = -1; // the first free cluster seen, even in a gap too short for n
     for (let ci = start; run < n; ci++) {
-      if ((await getRefcount(s, ci)) === 0) run++;
-      else {
+      const cached = peekRefcount(s, ci);
+      const rc = cached >= 0 ? cached : await getRefcount(s, ci);
+      if (rc === 0) {
+        run++;
+        if (firstFree < 0) firstFree = ci;
+      } else {
         run = 0;
         start = ci + 1;
       }
@@ -225,7 +256,8 @@ export async function allocClusters(s: Qcow2State, n: number): Promise<number> {
     }
     if (created) continue; // the new refcount block may sit in the run: search again
     await updateRefcount(s, start * s.clusterSize, n * s.clusterSize, 1);
-    if (start === s.freeClusterHint) s.freeClusterHint = start + n;
+    // everything before the hint is in use: it moves past this run unless a shorter gap was skipped
+    s.freeClusterHint = firstFree === start ? start + n : Math.max(s.freeClusterHint, firstFree);
     s.allocatedEnd = Math.max(s.allocatedEnd, start + n);
     return start * s.clusterSize;
   }

@@ -14,9 +14,10 @@ import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js'
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { growL1 } from './cluster-map.js';
 import { zeroClustersLocked } from './data-path.js';
-import { abortRefcountBatch, allocClusters, beginRefcountBatch, flushRefcountBatch, freeClusters, getRefcount, updateRefcount } from './refcount.js';
+import { abortRefcountBatch, allocClusters, beginRefcountBatch, flushRefcountBatch, peekRefcount, freeClusters, getRefcount, updateRefcount } from './refcount.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
 import type { Qcow2State } from './state.js';
+import type { Table } from './table-cache.js';
 import type { SnapshotEntry } from './types.js';
 
 const TWO32 = 0x100000000;
@@ -24,6 +25,83 @@ const TWO32 = 0x100000000;
 /** Sets or clears bit 63 in the high half of an entry. */
 function withCopied(hi: number, copied: boolean): number {
   return copied ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff;
+}
+
+const ZERO_BLOCK = Buffer.alloc(512);
+
+/**
+ * Index of the first entry at or after `j` that is not all zero (`entries` when none): empty
+ * stretches are skipped 64 entries at a time with a native compare, as most L2 tables are sparse.
+ */
+function nextUsedEntry(b: Buffer, j: number, entries: number): number {
+  let i = j;
+  while (i < entries) {
+    if (i % 64 === 0 && i + 64 <= entries && b.compare(ZERO_BLOCK, 0, 512, i * 8, i * 8 + 512) === 0) {
+      i += 64;
+      continue;
+    }
+    if (b.readUInt32BE(i * 8) !== 0 || b.readUInt32BE(i * 8 + 4) !== 0) return i;
+    i++;
+  }
+  return entries;
+}
+
+/**
+ * The clusters an L2 table references: runs of host-contiguous data clusters [offset, count] and
+ * compressed extents [offset, bytes]. Synchronous: one pass over the table.
+ */
+function collectReferences(s: Qcow2State, t: Table, l2Off: number): { runs: Array<[number, number]>; compressed: Array<[number, number]> } {
+  const C = s.clusterSize;
+  const b = Buffer.from(t.bytes.buffer, t.bytes.byteOffset, t.bytes.byteLength);
+  const runs: Array<[number, number]> = [];
+  const compressed: Array<[number, number]> = [];
+  let runStart = 0;
+  let runLen = 0;
+  for (let j = nextUsedEntry(b, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(b, j + 1, s.l2Entries)) {
+    const hi = entryHi(t.view, j);
+    const lo = entryLo(t.view, j);
+    const type = l2EntryType(hi, lo, s.v3);
+    if (type === ClusterType.Compressed) {
+      const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
+      const start = offset - (offset % 512);
+      compressed.push([start, offset + bytes - start]);
+    } else if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
+      const d = entryOffset(hi, lo);
+      if (d % C !== 0) throw s.corrupt(`Cluster allocation offset ${d} unaligned (L2 offset: ${l2Off}, L2 index: ${j})`, 'l2_table');
+      if (runLen > 0 && d === runStart + runLen * C) runLen++;
+      else {
+        if (runLen > 0) runs.push([runStart, runLen]);
+        runStart = d;
+        runLen = 1;
+      }
+    }
+  }
+  if (runLen > 0) runs.push([runStart, runLen]);
+  return { runs, compressed };
+}
+
+/**
+ * Sets the COPIED bits of an L2 table's entries from refcounts already in memory; returns whether
+ * anything changed, or null (nothing changed yet) when some refcount block is not in memory.
+ */
+function copiedPassCached(s: Qcow2State, t: Table): boolean | null {
+  const C = s.clusterSize;
+  const b = Buffer.from(t.bytes.buffer, t.bytes.byteOffset, t.bytes.byteLength);
+  const updates: Array<[number, number, number]> = [];
+  for (let j = nextUsedEntry(b, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(b, j + 1, s.l2Entries)) {
+    const hi = entryHi(t.view, j);
+    const lo = entryLo(t.view, j);
+    const type = l2EntryType(hi, lo, s.v3);
+    let want = false;
+    if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
+      const rc = peekRefcount(s, entryOffset(hi, lo) / C);
+      if (rc < 0) return null;
+      want = rc === 1;
+    }
+    if (isCopied(hi) !== want) updates.push([j, withCopied(hi, want), lo]);
+  }
+  for (const [j, hi, lo] of updates) setEntryRaw(t.view, j, hi, lo);
+  return updates.length > 0;
 }
 
 /**
@@ -61,20 +139,9 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
         const off = l2At(i);
         if (off === 0) continue;
         const t = await s.l2Cache.get(off);
-        for (let j = 0; j < s.l2Entries; j++) {
-          const hi = entryHi(t.view, j);
-          const lo = entryLo(t.view, j);
-          const type = l2EntryType(hi, lo, s.v3);
-          if (type === ClusterType.Compressed) {
-            const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
-            const start = offset - (offset % 512);
-            await updateRefcount(s, start, offset + bytes - start, addend);
-          } else if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
-            const d = entryOffset(hi, lo);
-            if (d % C !== 0) throw s.corrupt(`Cluster allocation offset ${d} unaligned (L2 offset: ${off}, L2 index: ${j})`, 'l2_table');
-            await updateRefcount(s, d, C, addend);
-          }
-        }
+        const { runs, compressed } = collectReferences(s, t, off);
+        for (const [start, len] of runs) await updateRefcount(s, start, len * C, addend);
+        for (const [start, bytes] of compressed) await updateRefcount(s, start, bytes, addend);
         await updateRefcount(s, off, C, addend);
       }
     } catch (e) {
@@ -108,17 +175,20 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
     const l2rc = await getRefcount(s, off / C);
     if (l2rc === 0) continue; // freed by this walk: never write it again
     const t = await s.l2Cache.get(off);
-    let changed = false;
-    for (let j = 0; j < s.l2Entries; j++) {
-      const hi = entryHi(t.view, j);
-      const lo = entryLo(t.view, j);
-      const type = l2EntryType(hi, lo, s.v3);
-      let want: boolean;
-      if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) want = (await getRefcount(s, entryOffset(hi, lo) / C)) === 1;
-      else want = false;
-      if (isCopied(hi) !== want) {
-        setEntryRaw(t.view, j, withCopied(hi, want), lo);
-        changed = true;
+    let changed = copiedPassCached(s, t);
+    if (changed === null) {
+      changed = false;
+      for (let j = 0; j < s.l2Entries; j++) {
+        const hi = entryHi(t.view, j);
+        const lo = entryLo(t.view, j);
+        if (hi === 0 && lo === 0) continue;
+        const type = l2EntryType(hi, lo, s.v3);
+        let want = false;
+        if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) want = (await getRefcount(s, entryOffset(hi, lo) / C)) === 1;
+        if (isCopied(hi) !== want) {
+          setEntryRaw(t.view, j, withCopied(hi, want), lo);
+          changed = true;
+        }
       }
     }
     if (changed) await s.writeMeta(off, t.bytes, 'L2 table');

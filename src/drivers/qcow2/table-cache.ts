@@ -33,6 +33,11 @@ export class TableCache {
     return t;
   }
 
+  /** The cached table at `offset` without marking it recently used (for tight loops). */
+  lookup(offset: number): Table | undefined {
+    return this.tables.get(offset);
+  }
+
   /** The table at `offset`, read from the file when not cached. */
   async get(offset: number): Promise<Table> {
     const hit = this.peek(offset);
