@@ -15,6 +15,11 @@ run 'snapstack <command> --help' for a command's options`;
 
 /** Runs the command line `argv` (without node and script); returns the exit status. */
 export async function main(argv: string[]): Promise<number> {
+  // a reader that goes away (`| head`) ends the output, not the process with a stack trace
+  process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+    if (e.code === 'EPIPE') process.exit(0);
+    throw e;
+  });
   const out = (s: string): void => void process.stdout.write(`${s}\n`);
   const err = (s: string): void => void process.stderr.write(`${s}\n`);
   const [cmd, ...rest] = argv;
