@@ -9,12 +9,13 @@
  * write into a cache that is never flushed would). Reads always return the persisted bytes (zeros
  * past the end), so the persisted image is exactly what was written before the crash: a prefix of
  * the write sequence. flush is a no-op (writes are persisted in order); discard is a hint and is
- * ignored.
+ * ignored. `maxLength` models a full disk: a write that would persist past it fails with ENOSPC
+ * (and still counts as a write). `log` lists the writes, for failure messages.
  *
- *   const disk = createCrashDisk('d0', seedBytes);
- *   disk.writesLeft = 5;            // the 6th write and every later one are lost
- *   await openImage('driver=qcow2,file.driver=crashsim,file.id=d0');
- *   ...
+ *   createCrashDisk('d0', seedBytes);
+ *   const img = await openImage('driver=qcow2,file.driver=crashsim,file.id=d0');
+ *   armCrash('d0', 5);              // the 6th write and every later one are lost
+ *   await img.createSnapshot('s1'); await img.close();
  *   persistedBytes('d0')            // what survived the crash
  */
 import type { Bql } from '../../src/block/bql.js';
@@ -36,6 +37,10 @@ export interface CrashDisk {
   writes: number;
   /** Write requests dropped because the disk had crashed. */
   dropped: number;
+  /** Every write request since the counters were last reset: `w@OFFSET+BYTES`, `z@...`, `t@SIZE`. */
+  log: string[];
+  /** The disk's capacity: a persisted write or truncate past it fails with ENOSPC (Infinity: none). */
+  maxLength: number;
 }
 
 /** Every simulated disk, by id. */
@@ -50,7 +55,7 @@ const RESOLVED = Promise.resolve();
 export function createCrashDisk(id: string, initial: Uint8Array = new Uint8Array(0)): CrashDisk {
   const bytes = new Uint8Array(Math.max(initial.length, 4096));
   bytes.set(initial);
-  const disk: CrashDisk = { bytes, length: initial.length, writesLeft: Infinity, writes: 0, dropped: 0 };
+  const disk: CrashDisk = { bytes, length: initial.length, writesLeft: Infinity, writes: 0, dropped: 0, log: [], maxLength: Infinity };
   crashDisks.set(id, disk);
   return disk;
 }
@@ -83,6 +88,7 @@ export function armCrash(id: string, n: number): void {
   disk.writesLeft = n;
   disk.writes = 0;
   disk.dropped = 0;
+  disk.log = [];
 }
 
 /** Grows the backing array so that it holds at least `end` bytes (new capacity reads as zeros). */
@@ -111,15 +117,28 @@ class CrashInstance implements BlockDriverInstance {
   }
 
   /** Counts a write; true when it is to be persisted, false once the disk has crashed. */
-  private admit(): boolean {
+  private admit(what: string): boolean {
     const disk = this.disk;
     disk.writes++;
+    disk.log.push(what);
     if (disk.writesLeft <= 0) {
       disk.dropped++;
       return false;
     }
     disk.writesLeft--;
     return true;
+  }
+
+  /** ENOSPC when `end` lies past the disk's capacity. */
+  private checkCapacity(end: number, op: string): void {
+    const max = this.disk.maxLength;
+    if (end > max) {
+      throw new BlockError('ENOSPC', `${op} on crashsim node '${this.nodeName}': no space left (${end} bytes needed, capacity ${max})`, {
+        node: this.nodeName,
+        op,
+        value: end,
+      });
+    }
   }
 
   /**
@@ -142,8 +161,9 @@ class CrashInstance implements BlockDriverInstance {
    * @locking io
    */
   pwritev(offset: number, buf: Uint8Array): Promise<void> {
-    if (!this.admit()) return RESOLVED;
+    if (!this.admit(`w@${offset}+${buf.length}`)) return RESOLVED;
     const disk = this.disk;
+    this.checkCapacity(offset + buf.length, 'write');
     reserve(disk, offset + buf.length);
     disk.bytes.set(buf, offset);
     disk.length = Math.max(disk.length, offset + buf.length);
@@ -155,8 +175,9 @@ class CrashInstance implements BlockDriverInstance {
    * @locking io
    */
   pwriteZeroes(offset: number, bytes: number, _flags: WriteZeroesFlags): Promise<void> {
-    if (!this.admit()) return RESOLVED;
+    if (!this.admit(`z@${offset}+${bytes}`)) return RESOLVED;
     const disk = this.disk;
+    this.checkCapacity(offset + bytes, 'write-zeroes');
     reserve(disk, offset + bytes);
     disk.bytes.fill(0, offset, offset + bytes);
     disk.length = Math.max(disk.length, offset + bytes);
@@ -193,8 +214,9 @@ class CrashInstance implements BlockDriverInstance {
    * @locking io
    */
   truncate(sizeBytes: number): Promise<void> {
-    if (!this.admit()) return RESOLVED;
+    if (!this.admit(`t@${sizeBytes}`)) return RESOLVED;
     const disk = this.disk;
+    this.checkCapacity(sizeBytes, 'truncate');
     if (sizeBytes < disk.length) disk.bytes.fill(0, sizeBytes, disk.length);
     else reserve(disk, sizeBytes);
     disk.length = sizeBytes;

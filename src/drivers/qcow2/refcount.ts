@@ -224,42 +224,90 @@ export function peekRefcount(s: Qcow2State, ci: number): number {
   return readSlot(t, ci - b * s.refblockEntries, s.refcountBits);
 }
 
+/** The first run of `n` free clusters at or after the hint, and the first free cluster seen. */
+async function findFreeRun(s: Qcow2State, n: number): Promise<{ start: number; firstFree: number }> {
+  let start = s.freeClusterHint;
+  let run = 0;
+  let firstFree = -1; // the first free cluster seen, even in a gap too short for n
+  for (let ci = start; run < n; ci++) {
+    const cached = peekRefcount(s, ci);
+    const rc = cached >= 0 ? cached : await getRefcount(s, ci);
+    if (rc === 0) {
+      run++;
+      if (firstFree < 0) firstFree = ci;
+    } else {
+      run = 0;
+      start = ci + 1;
+    }
+  }
+  return { start, firstFree };
+}
+
+/** Refcount blocks that [start, start + n) needs and that do not exist yet. */
+function missingRefblocks(s: Qcow2State, start: number, n: number): number[] {
+  const E = s.refblockEntries;
+  const missing: number[] = [];
+  for (let b = Math.floor(start / E); b <= Math.floor((start + n - 1) / E); b++) if (refblockOffset(s, b) === 0) missing.push(b);
+  return missing;
+}
+
+/**
+ * Creates the refcount blocks `blocks` in the free clusters [at, at + blocks.length), each
+ * counting those of the new clusters it covers; clusters covered by existing blocks are counted
+ * there. The blocks are written before the table entries that point at them.
+ */
+async function createRefblocksAt(s: Qcow2State, blocks: number[], at: number): Promise<void> {
+  const E = s.refblockEntries;
+  const C = s.clusterSize;
+  const k = blocks.length;
+  const fresh = new Map<number, Table>();
+  for (const [j, b] of blocks.entries()) fresh.set(b, s.refblockCache.insert((at + j) * C, new Uint8Array(C)));
+  for (let c = at; c < at + k; c++) {
+    const t = fresh.get(Math.floor(c / E));
+    if (t !== undefined) writeSlot(t, c - Math.floor(c / E) * E, s.refcountBits, 1);
+  }
+  for (const [j, b] of blocks.entries()) {
+    const t = fresh.get(b);
+    if (t !== undefined) await s.writeMeta((at + j) * C, t.bytes, 'new refcount block');
+  }
+  for (let c = at; c < at + k; c++) if (!fresh.has(Math.floor(c / E))) await updateRefcount(s, c * C, C, 1);
+  for (const [j, b] of blocks.entries()) {
+    setEntry(s.reftableView, b, (at + j) * C, false);
+    await s.writeMeta(s.header.refcountTableOffset + b * 8, s.reftable.subarray(b * 8, b * 8 + 8), 'refcount table entry');
+  }
+  s.refblockGeneration++;
+}
+
 /**
  * Allocates `n` contiguous free clusters, sets their refcounts to 1 and returns the host offset.
+ * Refcount blocks the run needs are created in free clusters just in front of it, so a run may
+ * span any number of refcount blocks (a run as long as one block covers fits too).
  * @locking io
  */
 export async function allocClusters(s: Qcow2State, n: number): Promise<number> {
-  for (let attempt = 0; attempt < 1000; attempt++) {
-    let start = s.freeClusterHint;
-    let run = 0;
-    let firstFree = -1; // the first free cluster seen, even in a gap too short for n
-    for (let ci = start; run < n; ci++) {
-      const cached = peekRefcount(s, ci);
-      const rc = cached >= 0 ? cached : await getRefcount(s, ci);
-      if (rc === 0) {
-        run++;
-        if (firstFree < 0) firstFree = ci;
-      } else {
-        run = 0;
-        start = ci + 1;
-      }
-    }
-    if ((start + n) * s.clusterSize > Number.MAX_SAFE_INTEGER / 2) {
+  let want = n; // n clusters for the caller, plus the refcount blocks placed in front of them
+  for (let attempt = 0; attempt < 100; attempt++) {
+    const { start, firstFree } = await findFreeRun(s, want);
+    if ((start + want) * s.clusterSize > Number.MAX_SAFE_INTEGER / 2) {
       throw new BlockError('ENOSPC', `qcow2 '${s.filename}': no room for ${n} more clusters`, { node: s.node.nodeName, file: s.filename });
     }
-    let created = false;
-    for (let b = Math.floor(start / s.refblockEntries); b <= Math.floor((start + n - 1) / s.refblockEntries); b++) {
-      if (refblockOffset(s, b) === 0) {
-        await ensureRefblock(s, b);
-        created = true;
-      }
+    const missing = missingRefblocks(s, start, want);
+    if (n + missing.length !== want) {
+      want = n + missing.length; // a run of another length: look again
+      continue;
     }
-    if (created) continue; // the new refcount block may sit in the run: search again
-    await updateRefcount(s, start * s.clusterSize, n * s.clusterSize, 1);
+    const last = missing[missing.length - 1];
+    if (last !== undefined && last >= reftableEntries(s)) {
+      await growReftable(s, last + 1); // the table moves (and may take free clusters): look again
+      continue;
+    }
+    if (missing.length > 0) await createRefblocksAt(s, missing, start);
+    const dataStart = start + missing.length;
+    await updateRefcount(s, dataStart * s.clusterSize, n * s.clusterSize, 1);
     // everything before the hint is in use: it moves past this run unless a shorter gap was skipped
-    s.freeClusterHint = firstFree === start ? start + n : Math.max(s.freeClusterHint, firstFree);
-    s.allocatedEnd = Math.max(s.allocatedEnd, start + n);
-    return start * s.clusterSize;
+    s.freeClusterHint = firstFree === start ? dataStart + n : Math.max(s.freeClusterHint, firstFree);
+    s.allocatedEnd = Math.max(s.allocatedEnd, dataStart + n);
+    return dataStart * s.clusterSize;
   }
   throw new BlockError('EIO', `qcow2 '${s.filename}': cluster allocation did not converge`, { node: s.node.nodeName, file: s.filename });
 }

@@ -357,9 +357,11 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     if (sn.diskSize !== s.sizeBytes) await setDiskSize(s, sn.diskSize);
     if (s.l1Size < sn.l1Size) await growL1(s, sn.l1Size);
     const cur = s.l1Size;
+    // the snapshot's state gains its references first; that pass also corrects the COPIED bits
+    // of the snapshot's L1 on disk, so the copy read afterwards carries no stale "not shared" bit
+    await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, 1);
     const buf = new Uint8Array(cur * 8);
     if (sn.l1Size > 0) buf.set(await s.readMeta(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table'));
-    await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, 1);
     await s.writeMeta(s.header.l1TableOffset, buf, 'L1 table');
     await bdrvFlush(s.file);
     let dropError: unknown = null;

@@ -1,0 +1,738 @@
+/**
+ * Crash safety of qcow2 metadata updates (issue requirement: "a crash at any write leaves an image
+ * that qemu-img check reports with at most leaked clusters, never corruption, and a snapshot that
+ * either fully exists or does not").
+ *
+ * Each scenario builds a pre-operation image with the library on a `crashsim` disk (an in-memory
+ * protocol layer that stops persisting after write N, test/helpers/crash-driver.ts), runs the
+ * operation once without a crash to count its writes W, then for every N in 0..W restores the
+ * pre-operation bytes, lets only the first N writes persist, runs the operation again (it may
+ * "succeed": dropped writes look successful) and hands the persisted bytes to qemu-img. Two tests
+ * per scenario share that one run:
+ *
+ * - data safety: `qemu-img snapshot -l` lists the old snapshots or the new ones; the active disk
+ *   (`qemu-img convert`) holds the old or the new contents, whole; every listed snapshot holds
+ *   exactly its contents (a new one: the active contents it was taken from), so a snapshot fully
+ *   exists or does not; snapstack reads the same active contents; and `qemu-img check` reports no
+ *   harmful error (a refcount below its references, a COPIED flag set on a shared cluster, anything
+ *   but leaks and benign COPIED mismatches; see classifyCheck). A harmful COPIED flag is also
+ *   demonstrated: a qemu-io write on a copy of the crashed image changes a snapshot.
+ * - the issue's wording: `qemu-img check` exits 0 (clean) or 3 (leaks only) at every crash point.
+ *
+ * Tests expected to fail are listed in knownFailures with the reason (it.fails).
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { withBql } from '../src/block/bql.js';
+import { closeNode, openNode } from '../src/block/graph.js';
+import { shutdownIOThreads } from '../src/block/iothread.js';
+import { createQcow2OnNode, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.js';
+import { l2ForRead, l2Offset, splitGuestOffset } from '../src/drivers/qcow2/cluster-map.js';
+import { entryHi, entryLo, entryOffset } from '../src/drivers/qcow2/entries.js';
+import { Qcow2Instance } from '../src/drivers/qcow2/instance.js';
+import { getRefcount, refblockOffset } from '../src/drivers/qcow2/refcount.js';
+import type { Qcow2State } from '../src/drivers/qcow2/state.js';
+import { openImage, type Image } from '../src/image.js';
+import { armCrash, crashDisk, createCrashDisk, persistedBytes } from './helpers/crash-driver.js';
+import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
+
+const MiB = 1024 * 1024;
+const KiB = 1024;
+/** Virtual size: small, since each crash point reads the active disk and every snapshot whole. */
+const VSIZE = 4 * MiB;
+
+let dir = '';
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-crash-'));
+});
+afterAll(async () => {
+  if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
+  await shutdownIOThreads();
+});
+
+// ---------------------------------------------------------------------------------------------
+// library side: images on crashsim disks
+
+function openDisk(id: string, readOnly = false): Promise<Image> {
+  return openImage(`driver=qcow2,file.driver=crashsim,file.id=${id}`, { readOnly });
+}
+
+/** The qcow2 state behind an open image (read-only inspection: the geometry for the fill loops). */
+function stateOf(img: Image): Qcow2State {
+  const inst = img.backend.root?.instance;
+  if (!(inst instanceof Qcow2Instance)) throw new Error(`image '${img.name}' is not an open qcow2 image`);
+  return inst.state;
+}
+
+/** Formats a fresh crashsim disk `id` as qcow2, runs `prep` on it and returns the persisted bytes. */
+async function buildImage(id: string, create: Qcow2CreateOptions, prep: (img: Image) => Promise<void>): Promise<Uint8Array> {
+  createCrashDisk(id);
+  await withBql(async (bql) => {
+    const node = await openNode(bql, `driver=crashsim,id=${id}`);
+    try {
+      await createQcow2OnNode(node, create);
+    } finally {
+      await closeNode(bql, node);
+    }
+  });
+  const img = await openDisk(id);
+  try {
+    await prep(img);
+  } finally {
+    await img.close();
+  }
+  return persistedBytes(id);
+}
+
+function fill(bytes: number, value: number): Uint8Array {
+  return new Uint8Array(bytes).fill(value);
+}
+
+/** A buffer whose bytes vary (so that a misplaced sector shows), derived from `seed`. */
+function pattern(bytes: number, seed: number): Uint8Array {
+  const b = new Uint8Array(bytes);
+  for (let i = 0; i < bytes; i++) b[i] = (seed * 31 + i * 7 + (i >> 9)) & 0xff;
+  return b;
+}
+
+/**
+ * The lowest cluster index from `from` on with refcount 0: where the next single-cluster
+ * allocation lands when no cluster below `from` is free. The scenarios' checkPath confirms on the
+ * complete run that the operation took the path meant.
+ */
+async function nextFreeCluster(s: Qcow2State, from = 0): Promise<number> {
+  for (let ci = from; ; ci++) if ((await getRefcount(s, ci)) === 0) return ci;
+}
+
+/**
+ * Writes whole clusters one at a time at guest clusters `fromCluster`, `fromCluster + 1`, ... (each
+ * write allocates one data cluster, plus an L2 table when it starts a new one, and nothing is freed)
+ * until `done` holds for the next free host cluster. Returns the next guest cluster not written.
+ */
+async function fillUntil(img: Image, fromCluster: number, done: (nextFree: number) => boolean): Promise<number> {
+  const s = stateOf(img);
+  const C = s.clusterSize;
+  let g = fromCluster;
+  let free = 0;
+  for (let guard = 0; guard < 20000; guard++) {
+    free = await nextFreeCluster(s, free); // only allocations happen here: the first free cluster only moves up
+    if (done(free)) return g;
+    await img.write(g * C, pattern(C, g));
+    g++;
+  }
+  throw new Error('fillUntil did not reach its target');
+}
+
+/** The number of refcount blocks the image has. */
+function refblockCount(s: Qcow2State): number {
+  let n = 0;
+  for (let b = 0; b < s.reftable.length / 8; b++) if (refblockOffset(s, b) !== 0) n++;
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// qemu side: what an image holds
+
+interface SnapshotId {
+  id: string;
+  name: string;
+}
+
+interface ImageState {
+  /** `ID:TAG` of every snapshot, in table order, as qemu-img snapshot -l lists them. */
+  snapshots: string[];
+  /** sha256 of the active disk, read by qemu-img convert. */
+  active: string;
+  /** sha256 of each listed snapshot's disk, by `ID:TAG`. */
+  snapshotData: Map<string, string>;
+}
+
+function key(sn: SnapshotId): string {
+  return `${sn.id}:${sn.name}`;
+}
+
+function listSnapshots(file: string): SnapshotId[] {
+  const out = qemu('qemu-img', ['snapshot', '-l', file]);
+  const lines = out.split('\n').filter((l) => l.trim() !== '');
+  if (lines.length === 0) return [];
+  if (lines[0] !== 'Snapshot list:' || !(lines[1] ?? '').startsWith('ID')) throw new Error(`unexpected qemu-img snapshot -l output:\n${out}`);
+  return lines.slice(2).map((l) => {
+    const [id, name] = l.trim().split(/\s+/);
+    if (id === undefined || name === undefined) throw new Error(`unexpected snapshot line '${l}'`);
+    return { id, name };
+  });
+}
+
+function sha256File(file: string): string {
+  return crypto.createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+}
+
+function sha256(bytes: Uint8Array): string {
+  return crypto.createHash('sha256').update(bytes).digest('hex');
+}
+
+/** Reads the active disk (or a snapshot's, `-l snapshot.id=ID`) through qemu-img convert. */
+function qemuDiskHash(file: string, snapshotId?: string): string {
+  const out = `${file}.${snapshotId === undefined ? 'active' : `sn${snapshotId}`}.raw`;
+  const args = ['convert', '-f', 'qcow2', '-O', 'raw'];
+  if (snapshotId !== undefined) args.push('-l', `snapshot.id=${snapshotId}`);
+  qemu('qemu-img', [...args, file, out]);
+  try {
+    return sha256File(out);
+  } finally {
+    fs.rmSync(out, { force: true });
+  }
+}
+
+function qemuState(file: string): ImageState {
+  const sns = listSnapshots(file);
+  const snapshotData = new Map<string, string>();
+  for (const sn of sns) snapshotData.set(key(sn), qemuDiskHash(file, sn.id));
+  return { snapshots: sns.map(key), active: qemuDiskHash(file), snapshotData };
+}
+
+/** What snapstack reads from the image's active disk. */
+async function libraryDiskHash(id: string): Promise<string> {
+  const img = await openDisk(id, true);
+  try {
+    const h = crypto.createHash('sha256');
+    for (let off = 0; off < img.size; off += MiB) h.update(await img.read(off, Math.min(MiB, img.size - off)));
+    return h.digest('hex');
+  } finally {
+    await img.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// scenarios
+
+interface Scenario {
+  name: string;
+  create: Qcow2CreateOptions;
+  /** Builds the pre-operation image. */
+  prep(img: Image): Promise<void>;
+  /** The operation under test. */
+  op(img: Image): Promise<void>;
+  /** Checks, on the completed run (before close), that the operation took the path meant. */
+  checkPath?(before: PathFacts, after: PathFacts): void;
+  /** Guest offset whose L1 entry checkPath looks at. */
+  watch?: number;
+  /** Guest ranges [offset, bytes] holding data: where the harm demonstration writes. */
+  guestRanges: Array<[number, number]>;
+}
+
+/** Facts about the metadata, read from the library's state around the completed run. */
+interface PathFacts {
+  refblocks: number;
+  reftableEntries: number;
+  /** Host offset of the L2 table that maps the watched guest offset (0: none). */
+  l2ForWatch: number;
+  /** Host offset of the data cluster that holds the watched guest offset (0: none). */
+  dataForWatch: number;
+}
+
+async function pathFacts(img: Image, watch: number): Promise<PathFacts> {
+  const s = stateOf(img);
+  const { l1Index, l2Index } = splitGuestOffset(s, watch);
+  const t = await l2ForRead(s, l1Index);
+  return {
+    refblocks: refblockCount(s),
+    reftableEntries: s.reftable.length / 8,
+    l2ForWatch: l2Offset(s, l1Index),
+    dataForWatch: t === null ? 0 : entryOffset(entryHi(t.view, l2Index), entryLo(t.view, l2Index)),
+  };
+}
+
+/**
+ * The common pre-operation image: data in several L2 tables (several for 512-byte clusters), two
+ * snapshots, and active data that differs from both (so clusters are shared 1, 2 and 3 ways, and
+ * the active L2 table of [64K, 96K) is the active image's own).
+ */
+async function commonPrep(img: Image): Promise<void> {
+  await img.write(0, fill(80 * KiB, 0x11));
+  await img.write(1 * MiB, pattern(8 * KiB, 2));
+  await img.write(2 * MiB + 4 * KiB, pattern(36 * KiB, 3));
+  await img.createSnapshot('base');
+  await img.write(32 * KiB, fill(16 * KiB, 0x44));
+  await img.write(3 * MiB, pattern(4 * KiB, 5));
+  await img.createSnapshot('second');
+  await img.write(64 * KiB, fill(8 * KiB, 0x66));
+}
+
+const COMMON_RANGES: Array<[number, number]> = [
+  [0, 128 * KiB],
+  [1 * MiB, 64 * KiB],
+  [2 * MiB, 64 * KiB],
+  [3 * MiB, 64 * KiB],
+];
+
+function snapshotScenarios(clusterSize: number): Scenario[] {
+  const create: Qcow2CreateOptions = { sizeBytes: VSIZE, clusterSize };
+  // a free cluster in the active image's own L2 table (the one table of a 64 KiB-cluster image;
+  // the table of [64K, 96K) with 512-byte clusters)
+  const allocAt = clusterSize >= 65536 ? 3.5 * MiB + 100 : 88 * KiB + 100;
+  const cowAt = 4 * KiB + 100;
+  const tag = clusterSize >= 1024 ? `${clusterSize / 1024} KiB clusters` : `${clusterSize}-byte clusters`;
+  return [
+    {
+      name: `snapshot create (${tag})`,
+      create,
+      guestRanges: COMMON_RANGES,
+      prep: commonPrep,
+      op: async (img) => {
+        await img.createSnapshot('third', { dateSec: 1_700_000_000, dateNsec: 0 });
+      },
+    },
+    {
+      name: `snapshot delete of the oldest, shared snapshot (${tag})`,
+      create,
+      guestRanges: COMMON_RANGES,
+      prep: commonPrep,
+      op: async (img) => {
+        await img.deleteSnapshot('base');
+      },
+    },
+    {
+      name: `snapshot delete of the newest snapshot (${tag})`,
+      create,
+      guestRanges: COMMON_RANGES,
+      prep: commonPrep,
+      op: async (img) => {
+        await img.deleteSnapshot('second');
+      },
+    },
+    {
+      name: `snapshot goto (${tag})`,
+      create,
+      guestRanges: COMMON_RANGES,
+      prep: commonPrep,
+      op: async (img) => {
+        await img.gotoSnapshot('base');
+      },
+    },
+    {
+      name: `allocating write into a new cluster of an existing L2 table (${tag})`,
+      create,
+      guestRanges: COMMON_RANGES,
+      prep: commonPrep,
+      watch: allocAt,
+      op: async (img) => {
+        await img.write(allocAt, pattern(200, 7)); // partial: zeros are written around it
+      },
+      checkPath: (before, after) => {
+        expect(before.l2ForWatch).not.toBe(0);
+        expect(after.l2ForWatch).toBe(before.l2ForWatch);
+        expect(before.dataForWatch).toBe(0);
+        expect(after.dataForWatch).not.toBe(0);
+      },
+    },
+    {
+      name: `write that copies clusters shared with snapshots (${tag})`,
+      create,
+      guestRanges: COMMON_RANGES,
+      prep: commonPrep,
+      watch: cowAt,
+      op: async (img) => {
+        // clusters shared with both snapshots: two 512-byte clusters (in an L2 table shared too,
+        // so it is copied first), or part of one 64 KiB cluster (its L2 table is the active's own)
+        await img.write(cowAt, pattern(600, 8));
+      },
+      checkPath: (before, after) => {
+        expect(before.dataForWatch).not.toBe(0);
+        expect(after.dataForWatch).not.toBe(before.dataForWatch);
+        if (clusterSize === 512) expect(after.l2ForWatch).not.toBe(before.l2ForWatch);
+        else expect(after.l2ForWatch).toBe(before.l2ForWatch);
+      },
+    },
+  ];
+}
+
+/**
+ * A 512-byte-cluster image whose next free host cluster is `offsetInBlock` clusters into a range
+ * no refcount block covers yet (-1: the last cluster the current block covers), with a snapshot.
+ */
+function refblockScenario(offsetInBlock: -1 | 0): Scenario {
+  const watch = 3.5 * MiB + 512;
+  return {
+    name:
+      offsetInBlock === -1
+        ? 'write needing a new L2 table and, for its data cluster, a new refcount block (512-byte clusters)'
+        : 'write whose new L2 table needs a new refcount block (512-byte clusters)',
+    create: { sizeBytes: VSIZE, clusterSize: 512 },
+    watch,
+    guestRanges: [[0, 256 * KiB]],
+    prep: async (img) => {
+      await img.write(0, fill(20 * KiB, 0x21));
+      await img.createSnapshot('base');
+      const s = stateOf(img);
+      const E = s.refblockEntries;
+      await fillUntil(img, 64, (free) => {
+        const next = free + (offsetInBlock === -1 ? 1 : 0);
+        return next % E === 0 && refblockOffset(s, next / E) === 0;
+      });
+    },
+    op: async (img) => {
+      await img.write(watch, pattern(1024, 9));
+    },
+    checkPath: (before, after) => {
+      expect(before.l2ForWatch).toBe(0);
+      expect(after.l2ForWatch).not.toBe(0);
+      expect(after.refblocks).toBe(before.refblocks + 1);
+    },
+  };
+}
+
+/** 512-byte clusters with 64-bit refcounts: one refcount table cluster covers 4096 clusters (2 MiB). */
+function reftableGrowthScenario(): Scenario {
+  const watch = 3.5 * MiB;
+  return {
+    name: 'write that grows the refcount table (512-byte clusters, 64-bit refcounts)',
+    create: { sizeBytes: VSIZE, clusterSize: 512, refcountBits: 64 },
+    watch,
+    guestRanges: [[0, 64 * KiB]],
+    prep: async (img) => {
+      // in 4 KiB pieces, so that the single-cluster fill below has small holes to plug
+      for (let off = 0; off < 1792 * KiB; off += 4 * KiB) await img.write(off, pattern(4 * KiB, off / 512));
+      await img.createSnapshot('base');
+      const s = stateOf(img);
+      const E = s.refblockEntries;
+      const covered = (s.reftable.length / 8) * E;
+      await fillUntil(img, (1792 * KiB) / 512, (free) => free === covered - 1);
+    },
+    op: async (img) => {
+      await img.write(watch, pattern(512, 12));
+    },
+    checkPath: (before, after) => {
+      expect(before.l2ForWatch).toBe(0);
+      expect(after.l2ForWatch).not.toBe(0);
+      expect(after.reftableEntries).toBeGreaterThan(before.reftableEntries);
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// reading qemu-img check's verdict
+
+/**
+ * What `qemu-img check` said about one image, sorted into what the issue allows (leaks), what
+ * cannot harm data (COPIED flag mismatches in the safe direction) and what can.
+ */
+interface CheckVerdict {
+  status: number;
+  output: string;
+  /**
+   * OFLAG_COPIED errors that cannot harm data: the flag is clear on a cluster with refcount 1
+   * (the next write copies it needlessly), or set on a cluster whose extra refcount is a leak (only
+   * one L1 table reaches it, so writing it in place is what should happen). `qemu-img check` still
+   * counts both as corruptions (exit 2), and `-r all` repairs them.
+   */
+  benign: string[];
+  /**
+   * Everything else: a refcount below the cluster's references (the cluster can be reallocated
+   * while in use), COPIED set on a cluster that several L1 tables reach (the next guest write lands
+   * in place and changes a snapshot), any other error, or a check that could not run.
+   */
+  harmful: string[];
+}
+
+const OFFSET_MASK = 0x00fffffffffffe00n;
+
+function classifyCheck(status: number, output: string, clusterSize: number): CheckVerdict {
+  const v: CheckVerdict = { status, output, benign: [], harmful: [] };
+  if (status !== 0 && status !== 2 && status !== 3) v.harmful.push(`qemu-img check exit ${status} (it could not check the image)`);
+  const lines = output.split('\n').map((l) => l.trim());
+  // references qemu-img computed for clusters whose refcount is wrong (for the others they are equal)
+  const references = new Map<number, number>();
+  for (const l of lines) {
+    const m = /^(?:Leaked cluster|ERROR cluster) (\d+) refcount=(\d+) reference=(\d+)/.exec(l);
+    if (m !== null) references.set(Number(m[1]), Number(m[3]));
+  }
+  for (const l of lines) {
+    if (l.startsWith('ERROR cluster')) {
+      v.harmful.push(`${l} (refcount below the references: the cluster can be handed out again while in use)`);
+      continue;
+    }
+    const m = /^ERROR OFLAG_COPIED (?:L2|data) cluster: .*(?:l1_entry|l2_entry)=([0-9a-f]+) refcount=(\d+)$/.exec(l);
+    if (m !== null) {
+      const entry = BigInt(`0x${m[1] ?? '0'}`);
+      const copied = (entry >> 63n) === 1n;
+      const cluster = Number(entry & OFFSET_MASK) / clusterSize;
+      const refs = references.get(cluster) ?? Number(m[2]);
+      if (copied && refs > 1) v.harmful.push(`${l} (COPIED set on a cluster ${refs} L1 tables reach: a guest write would change a snapshot)`);
+      else v.benign.push(l);
+      continue;
+    }
+    if (/^ERROR/.test(l) || /^Warning/i.test(l)) v.harmful.push(l);
+  }
+  if (status === 2 && v.benign.length === 0 && v.harmful.length === 0) v.harmful.push('corruption reported without an ERROR line');
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// the crash loop
+
+interface CrashPoint {
+  /** Writes that persisted. */
+  n: number;
+  verdict: CheckVerdict;
+  /** Violations of the data-safety invariants (old or new contents, whole snapshots, no harmful error). */
+  unsafe: string[];
+}
+
+interface CrashReport {
+  writes: number;
+  /** The writes of the complete run, in order. */
+  log: string[];
+  points: CrashPoint[];
+}
+
+function sameList(a: string[], b: string[]): boolean {
+  return a.length === b.length && a.every((x, i) => x === b[i]);
+}
+
+/**
+ * Writes a pattern over the scenario's guest ranges of a copy of a crashed image with qemu-io, and
+ * lists the snapshots whose contents that changed: the demonstration that a harmful COPIED flag
+ * does corrupt a snapshot.
+ */
+function snapshotsChangedByAGuestWrite(file: string, sc: Scenario, st: ImageState): string[] {
+  const copy = `${file}.demo.qcow2`;
+  fs.copyFileSync(file, copy);
+  try {
+    const cmds = sc.guestRanges.flatMap(([off, len]) => ['-c', `write -P 0xee ${off} ${len}`]);
+    const w = qemuStatus('qemu-io', ['-f', 'qcow2', ...cmds, copy]);
+    if (w.status !== 0) return [`(qemu-io could not write: ${w.stderr.trim()})`];
+    const after = qemuState(copy);
+    return [...st.snapshotData].filter(([k, h]) => after.snapshotData.get(k) !== h).map(([k]) => k);
+  } finally {
+    fs.rmSync(copy, { force: true });
+  }
+}
+
+async function runCrashMatrix(sc: Scenario, id: string): Promise<CrashReport> {
+  const pre = await buildImage(id, sc.create, sc.prep);
+  const C = sc.create.clusterSize ?? 65536;
+  const preFile = path.join(dir, `${id}-pre.qcow2`);
+  fs.writeFileSync(preFile, pre);
+  const preCheck = qemuStatus('qemu-img', ['check', '-f', 'qcow2', preFile]);
+  expect(preCheck.status, `pre-operation image is not clean:\n${preCheck.stdout}${preCheck.stderr}`).toBe(0);
+  const oldState = qemuState(preFile);
+
+  // the complete run: count the writes, and record the new state
+  createCrashDisk(id, pre);
+  {
+    const img = await openDisk(id);
+    try {
+      const before = sc.checkPath === undefined ? null : await pathFacts(img, sc.watch ?? 0);
+      armCrash(id, Infinity);
+      await sc.op(img);
+      if (sc.checkPath !== undefined && before !== null) sc.checkPath(before, await pathFacts(img, sc.watch ?? 0));
+    } finally {
+      await img.close();
+    }
+  }
+  const W = crashDisk(id).writes;
+  const log = [...crashDisk(id).log];
+  const postFile = path.join(dir, `${id}-post.qcow2`);
+  fs.writeFileSync(postFile, persistedBytes(id));
+  const postCheck = qemuStatus('qemu-img', ['check', '-f', 'qcow2', postFile]);
+  expect(postCheck.status, `completed operation leaves an unclean image:\n${postCheck.stdout}${postCheck.stderr}`).toBe(0);
+  const newState = qemuState(postFile);
+  expect(W).toBeGreaterThan(0);
+  expect(sameList(oldState.snapshots, newState.snapshots) && oldState.active === newState.active, 'the operation changes nothing').toBe(false);
+
+  // a snapshot's contents never change; a new one holds what the active disk held
+  const expectedSnapshot = new Map<string, string>(oldState.snapshotData);
+  for (const [k, h] of newState.snapshotData) {
+    const old = expectedSnapshot.get(k);
+    if (old === undefined) expect(h, `new snapshot ${k} does not hold the pre-operation active contents`).toBe(oldState.active);
+    else expect(h, `snapshot ${k} changed contents in the completed run`).toBe(old);
+    expectedSnapshot.set(k, h);
+  }
+
+  const report: CrashReport = { writes: W, log, points: [] };
+  for (let n = 0; n <= W; n++) {
+    const unsafe: string[] = [];
+    createCrashDisk(id, pre);
+    const img = await openDisk(id);
+    armCrash(id, n);
+    try {
+      await sc.op(img);
+    } catch (e) {
+      // once writes are lost, the driver reads back stale metadata and may give up: that is fine
+      if (crashDisk(id).dropped === 0) unsafe.push(`the operation failed before the crash: ${String(e)}`);
+    }
+    try {
+      await img.close();
+    } catch (e) {
+      if (crashDisk(id).dropped === 0) unsafe.push(`close failed before the crash: ${String(e)}`);
+    }
+    if (n < W && crashDisk(id).dropped === 0) unsafe.push('no write was dropped: the operation took another path than the complete run');
+    const file = path.join(dir, `${id}-crash${n}.qcow2`);
+    fs.writeFileSync(file, persistedBytes(id));
+    const chk = qemuStatus('qemu-img', ['check', '-f', 'qcow2', file]);
+    const verdict = classifyCheck(chk.status, (chk.stdout + chk.stderr).trim(), C);
+    unsafe.push(...verdict.harmful);
+    let st: ImageState | null = null;
+    try {
+      st = qemuState(file);
+    } catch (e) {
+      unsafe.push(`qemu-img cannot read the image: ${String(e)}`);
+    }
+    if (st !== null) {
+      if (!sameList(st.snapshots, oldState.snapshots) && !sameList(st.snapshots, newState.snapshots)) {
+        unsafe.push(`snapshot list [${st.snapshots.join(', ')}] is neither the old [${oldState.snapshots.join(', ')}] nor the new [${newState.snapshots.join(', ')}]`);
+      }
+      if (st.active !== oldState.active && st.active !== newState.active) unsafe.push('the active disk holds neither the old nor the new contents');
+      for (const [k, h] of st.snapshotData) {
+        if (expectedSnapshot.get(k) !== h) unsafe.push(`snapshot ${k} does not hold its contents`);
+      }
+      if (verdict.harmful.some((h) => h.includes('COPIED'))) {
+        const changed = snapshotsChangedByAGuestWrite(file, sc, st);
+        if (changed.length > 0) unsafe.push(`confirmed: a qemu-io write to the crashed image changed snapshot(s) ${changed.join(', ')}`);
+      }
+      try {
+        const mine = await libraryDiskHash(id);
+        if (mine !== st.active) unsafe.push('snapstack reads other active contents than qemu-img from the crashed image');
+      } catch (e) {
+        unsafe.push(`snapstack cannot open or read the crashed image: ${String(e)}`);
+      }
+    }
+    report.points.push({ n, verdict, unsafe });
+    fs.rmSync(file, { force: true });
+  }
+  fs.rmSync(preFile, { force: true });
+  fs.rmSync(postFile, { force: true });
+  return report;
+}
+
+/** Where the crash happened: the last persisted write and the first lost one. */
+function where(r: CrashReport, n: number): string {
+  const last = n === 0 ? 'none' : (r.log[n - 1] ?? '?');
+  const next = n >= r.writes ? 'none' : (r.log[n] ?? '?');
+  return `crash after write ${n}/${r.writes} (last persisted ${last}, first lost ${next})`;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/**
+ * Which scenario's tests are expected to fail (it.fails), and why; reported to the owners of
+ * src/drivers/qcow2/. Remove an entry when its test starts passing (it.fails then fails).
+ */
+interface KnownFailure {
+  /** The data-safety test fails: a real bug. */
+  unsafe?: string;
+  /** The strict qemu-img check test fails (COPIED-flag windows; see the comment at STRICT_WINDOW). */
+  strict?: string;
+}
+
+/**
+ * The issue asks for "at most leaked clusters" from qemu-img check after every crash. qemu-img
+ * check counts a COPIED flag that disagrees with the stored refcount as a corruption in both
+ * directions (set with refcount > 1, clear with refcount 1). Snapshot create, delete and goto
+ * change the refcount of clusters the active L1 table reaches (1 -> 2, 2 -> 1) and their COPIED
+ * flags, which live in other clusters (L1/L2 tables) than the refcounts (refcount blocks): with
+ * refcounts updated in place there is always a write between the two, and a crash there gives
+ * exit 2 although no data can be harmed (the flag errs on the safe side or the extra refcount is a
+ * leak; `qemu-img check -r all` repairs it). Meeting the requirement literally needs another
+ * commit scheme (e.g. new L1 table, refcount table and blocks, and snapshot table written aside
+ * and switched by one header write: fields 36..72 are contiguous). The strict tests below stay
+ * marked until the owners decide.
+ */
+const STRICT_WINDOW = 'COPIED flags and refcounts change in separate writes: exit 2 with only benign OFLAG_COPIED errors in between';
+
+/*
+ * Fixed bug, kept as a regression scenario: gotoSnapshot used to read the snapshot's L1 table
+ * before the +1 pass, so the active L1 was written with stale COPIED bits; a crash before the final
+ * COPIED pass let the next guest write change the snapshots. Both goto scenarios pass now.
+ */
+
+const knownFailures = new Map<string, KnownFailure>([
+  ['snapshot create (64 KiB clusters)', { strict: STRICT_WINDOW }],
+  ['snapshot create (512-byte clusters)', { strict: STRICT_WINDOW }],
+  ['snapshot delete of the newest snapshot (64 KiB clusters)', { strict: STRICT_WINDOW }],
+  ['snapshot delete of the newest snapshot (512-byte clusters)', { strict: STRICT_WINDOW }],
+]);
+
+const scenarios: Scenario[] = [...snapshotScenarios(65536), ...snapshotScenarios(512), refblockScenario(-1), refblockScenario(0), reftableGrowthScenario()];
+
+describeInterop('qcow2 crash safety: a crash after any write of an operation leaves the old or the new image', () => {
+  it('the oracle notices a corrupt image (the checks can fail)', async () => {
+    const pre = await buildImage('oracle', { sizeBytes: VSIZE, clusterSize: 65536 }, async (img) => {
+      await img.write(0, fill(64 * KiB, 0x5a));
+    });
+    const bad = pre.slice();
+    // the first refcount block is cluster 2 (after the header and the refcount table): zero it
+    bad.fill(0, 2 * 65536, 3 * 65536);
+    const file = path.join(dir, 'oracle.qcow2');
+    fs.writeFileSync(file, bad);
+    const chk = qemuStatus('qemu-img', ['check', '-f', 'qcow2', file]);
+    expect(chk.status).toBe(2);
+    const v = classifyCheck(chk.status, chk.stdout + chk.stderr, 65536);
+    expect(v.harmful.length).toBeGreaterThan(0);
+    expect(classifyCheck(2, 'ERROR OFLAG_COPIED data cluster: l2_entry=c0000 refcount=1', 65536).benign).toHaveLength(1);
+    expect(classifyCheck(2, 'ERROR OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=8000000000040000 refcount=2', 65536).harmful).toHaveLength(1);
+    expect(
+      classifyCheck(2, 'Leaked cluster 4 refcount=2 reference=1\nERROR OFLAG_COPIED L2 cluster: l1_index=0 l1_entry=8000000000040000 refcount=2', 65536).benign,
+    ).toHaveLength(1);
+  });
+
+  const reports = new Map<string, Promise<CrashReport>>();
+  const reportFor = (sc: Scenario, i: number): Promise<CrashReport> => {
+    let r = reports.get(sc.name);
+    if (r === undefined) {
+      r = runCrashMatrix(sc, `sc${i}`);
+      reports.set(sc.name, r);
+    }
+    return r;
+  };
+
+  scenarios.forEach((sc, i) => {
+    const known = knownFailures.get(sc.name) ?? {};
+    const unsafeTest = known.unsafe === undefined ? it : it.fails;
+    const unsafeTitle = `${sc.name}: every crash point keeps the old or new contents and whole snapshots, with no harmful check error`;
+    unsafeTest(`${unsafeTitle}${known.unsafe === undefined ? '' : ` [known bug: ${known.unsafe}]`}`, async () => {
+      const r = await reportFor(sc, i);
+      const counts = { clean: 0, leaks: 0, benignOnly: 0, harmful: 0 };
+      for (const p of r.points) {
+        if (p.verdict.harmful.length > 0) counts.harmful++;
+        else if (p.verdict.status === 0) counts.clean++;
+        else if (p.verdict.status === 3) counts.leaks++;
+        else counts.benignOnly++;
+      }
+      console.log(
+        `${sc.name}: ${r.writes} writes, ${r.points.length} crash points: ${counts.clean} clean, ${counts.leaks} leaks only, ` +
+          `${counts.benignOnly} benign COPIED errors, ${counts.harmful} harmful`,
+      );
+      const failures = r.points.filter((p) => p.unsafe.length > 0).map((p) => `${where(r, p.n)}:\n  ${p.unsafe.join('\n  ')}`);
+      expect(failures, failures.join('\n\n')).toEqual([]);
+    });
+    const strictTest = known.strict === undefined ? it : it.fails;
+    const strictTitle = `${sc.name}: qemu-img check finds at most leaked clusters after every crash (issue requirement)`;
+    strictTest(`${strictTitle}${known.strict === undefined ? '' : ` [known: ${known.strict}]`}`, async () => {
+      const r = await reportFor(sc, i);
+      const failures = r.points
+        .filter((p) => p.verdict.status !== 0 && p.verdict.status !== 3)
+        .map((p) => `${where(r, p.n)}: qemu-img check exit ${p.verdict.status}:\n${p.verdict.output.split('\n').filter((l) => l.startsWith('ERROR')).join('\n')}`);
+      expect(failures, failures.join('\n\n')).toEqual([]);
+    });
+  });
+});
+
+/*
+ * Regression (fixed): with 64-bit refcounts a refcount block covers C/8 clusters, as many as one
+ * L2 table maps; allocClusters used to put each new refcount block on the first cluster of its
+ * range and search again, so a run that long never fitted (EIO after growing the file by ~31 MiB).
+ * New refcount blocks now go in front of the run. The disk is capped so a regression shows at once.
+ */
+it('allocates a run of clusters as long as a refcount block covers (64-bit refcounts, 512-byte clusters)', async () => {
+  const pre = await buildImage('alloc64', { sizeBytes: VSIZE, clusterSize: 512, refcountBits: 64 }, async (img) => {
+    crashDisk('alloc64').maxLength = 4 * MiB;
+    await img.write(0, pattern(32 * KiB, 1));
+  });
+  // header, refcount table, refcount block, 8 L1 clusters, an L2 table, 64 data clusters, a refcount block
+  expect(pre.length).toBeLessThanOrEqual(48 * KiB);
+});
