@@ -180,6 +180,19 @@ function vmstateNode(node: BlockNode, op: string): BlockNode {
 }
 
 /**
+ * True when `node` (or a node down its `file` chain) can store VM state.
+ * @locking io
+ */
+export function bdrvCanStoreVmstate(node: BlockNode): boolean {
+  try {
+    vmstateNode(node, 'vmstate');
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
  * Writes VM-state bytes at `pos` of the node's VM-state area (QEMU's bdrv_co_writev_vmstate).
  * @locking io
  */

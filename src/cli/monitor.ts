@@ -1,37 +1,26 @@
 /**
- * `snapstack monitor`: the HMP-like monitor over the drives given in QEMU's syntax:
- * `--drive file=PATH,format=raw,id=ID[,iothread=ID][,readonly=on]` (repeatable) and
- * `--object iothread,id=ID`; `--demo` adds a demo disk under ./demo (created if absent) bound to
- * an IOThread.
+ * `snapstack monitor`: the HMP-like monitor on an emulated machine whose disks and options are
+ * given in QEMU's syntax: `--drive file=PATH,format=raw|qcow2,id=ID[,iothread=ID][,readonly=on]`
+ * (repeatable), `--object iothread,id=ID`, `-m SIZE` (guest RAM), `--smp N` (vCPUs), `--guest`
+ * (run the self-checking guest workload). `--demo` builds a demo machine under ./demo: a qcow2
+ * and a raw disk (created if absent), an IOThread, and the guest workload running.
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { blkNew } from '../block/backend.js';
 import { withBql, type Bql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
-import { openNode } from '../block/graph.js';
 import { createIOThread, shutdownIOThreads } from '../block/iothread.js';
-import { parseOptions, type NodeOptions } from '../block/options.js';
+import { parseOptions, parseSize } from '../block/options.js';
 import { createRawFile } from '../drivers/file.js';
+import { createQcow2File } from '../drivers/qcow2/create.js';
 import '../drivers/index.js';
+import { Machine } from '../machine/machine.js';
 import { Monitor } from '../monitor/hmp.js';
 import { runRepl } from '../monitor/repl.js';
 import { describeError } from './format.js';
 
-const USAGE = `usage: snapstack monitor [--object iothread,id=ID]... [--drive file=PATH,format=raw,id=ID[,iothread=ID][,readonly=on]]... [--demo]`;
-
-async function addDrive(bql: Bql, spec: string): Promise<void> {
-  const o = parseOptions(spec, 'file');
-  const id = o['id'];
-  if (id === undefined) throw new BlockError('EINVAL', `--drive ${spec}: 'id' is required`, { field: 'id' });
-  const nodeOpts: NodeOptions = {};
-  for (const [k, v] of Object.entries(o)) {
-    if (k === 'id') continue;
-    nodeOpts[k === 'readonly' ? 'read-only' : k] = v;
-  }
-  const node = await openNode(bql, nodeOpts);
-  blkNew(bql, id, node);
-}
+const USAGE = `usage: snapstack monitor [--object iothread,id=ID]... [--drive file=PATH,format=raw|qcow2,id=ID[,iothread=ID][,readonly=on]]...
+                         [-m SIZE] [--smp N] [--guest] [--demo]`;
 
 function addObject(bql: Bql, spec: string): void {
   const o = parseOptions(spec, 'qom-type');
@@ -43,9 +32,14 @@ function addObject(bql: Bql, spec: string): void {
 
 function demoSetup(dir: string): { objects: string[]; drives: string[] } {
   fs.mkdirSync(dir, { recursive: true });
-  const raw = path.join(dir, 'disk0.raw');
+  const qcow = path.join(dir, 'disk0.qcow2');
+  const raw = path.join(dir, 'disk1.raw');
+  if (!fs.existsSync(qcow)) createQcow2File(qcow, { sizeBytes: 256 * 1024 * 1024 });
   if (!fs.existsSync(raw)) createRawFile(raw, 64 * 1024 * 1024);
-  return { objects: ['iothread,id=io0'], drives: [`file=${raw},format=raw,id=disk0,iothread=io0`] };
+  return {
+    objects: ['iothread,id=io0'],
+    drives: [`file=${qcow},format=qcow2,id=disk0,iothread=io0`, `file=${raw},format=raw,id=disk1`],
+  };
 }
 
 /** Runs `snapstack monitor ARGS`; returns the exit status. */
@@ -53,14 +47,24 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
   const objects: string[] = [];
   const drives: string[] = [];
   let demo = false;
+  let guest = false;
+  let ramBytes = 64 * 1024 * 1024;
+  let vcpus = 2;
+  let machine: Machine;
   try {
     for (let i = 0; i < argv.length; i++) {
       const a = argv[i] as string;
-      if (a === '--drive' || a === '-drive' || a === '--object' || a === '-object') {
+      const value = (): string => {
         const v = argv[++i];
         if (v === undefined) throw new BlockError('EINVAL', `option ${a} needs a value\n${USAGE}`, { field: a });
-        (a.endsWith('drive') ? drives : objects).push(v);
-      } else if (a === '--demo') demo = true;
+        return v;
+      };
+      if (a === '--drive' || a === '-drive') drives.push(value());
+      else if (a === '--object' || a === '-object') objects.push(value());
+      else if (a === '-m' || a === '--m') ramBytes = parseSize(value().replace(/^size=/, ''), '-m');
+      else if (a === '--smp' || a === '-smp') vcpus = Number(value());
+      else if (a === '--guest') guest = true;
+      else if (a === '--demo') demo = true;
       else if (a === '-h' || a === '--help') {
         out(USAGE);
         return 0;
@@ -70,24 +74,33 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
       const d = demoSetup(path.resolve('demo'));
       objects.push(...d.objects);
       drives.push(...d.drives);
+      guest = true;
     }
+    machine = new Machine({ ramBytes, vcpus, guest });
+    const m = machine;
     await withBql(async (bql) => {
       for (const o of objects) addObject(bql, o);
-      for (const d of drives) await addDrive(bql, d);
+      for (const d of drives) await m.addDrive(bql, d);
+      await m.start(bql);
     });
   } catch (e) {
     err(`snapstack monitor: ${describeError(e)}`);
     await shutdownIOThreads();
     return 1;
   }
-  const monitor = new Monitor(out);
+  const interactive = process.stdin.isTTY === true && process.stdout.isTTY === true;
+  const progress = interactive ? (text: string): void => void process.stdout.write(`\r${text}\x1b[K${text === '' ? '' : ''}`) : null;
+  const monitor = new Monitor(out, machine, progress);
+  await monitor.refreshNames();
   const banner = ["snapstack monitor - type 'help' for more information"];
   if (demo) {
-    banner.push('Try:  info block            (the demo disk, bound to IOThread io0)');
-    banner.push('      qemu-io disk0 "write -P 0xab 0 64k"   then   qemu-io disk0 "read -P 0xab 0 64k"');
-    banner.push('      info iothreads        and   quit');
+    banner.push('Demo machine: disk0 (qcow2, IOThread io0) and disk1 (raw), the guest workload running. Try:');
+    banner.push('  savevm s1     info snapshots     qemu-io disk0 "read 0 4k"     loadvm s1     delvm s1');
+    banner.push('  info block    info status        stop / cont                   quit');
   }
   await runRepl(monitor, process.stdin, process.stdout, banner);
+  const m = machine;
+  await withBql((bql) => m.shutdown(bql));
   await shutdownIOThreads();
   return 0;
 }

@@ -3,9 +3,8 @@
  * BQL, as QEMU's monitor runs in the main loop with the BQL held; I/O commands (`qemu-io`) issue
  * ordinary requests. A bad command prints one `Error: ...` line and the monitor goes on.
  *
- * This version covers the block layer: help, info block, info iothreads, qemu-io, quit. The
- * machine and the snapshot commands (savevm, loadvm, delvm, info snapshots, stop, cont) come
- * with the machine (issue 4).
+ * Commands: help, info (block, iothreads, snapshots, status), qemu-io, savevm, loadvm, delvm,
+ * stop, cont, quit. Each is a thin layer over a library call (src/machine, src/block).
  */
 import { blkFind } from '../block/backend.js';
 import { withBql } from '../block/bql.js';
@@ -14,6 +13,9 @@ import { listIOThreads } from '../block/iothread.js';
 import { formatInfoBlock, queryNamedBlockNodes } from '../block/query.js';
 import { describeError } from '../cli/format.js';
 import { runQemuIoCommand, splitArgs } from '../cli/qemu-io.js';
+import { snapshotHeader, snapshotRow } from '../cli/snapshot-format.js';
+import type { Machine } from '../machine/machine.js';
+import { delVm, listVmSnapshots, loadVm, saveVm } from '../machine/savevm.js';
 
 interface CommandSpec {
   args: string;
@@ -28,10 +30,19 @@ export class Monitor {
   private readonly commands: Map<string, CommandSpec>;
   private readonly infoCommands: Map<string, { help: string; run: (args: string[]) => Promise<void> }>;
 
-  constructor(private readonly out: (line: string) => void) {
+  /** Snapshot names seen by the last command, for tab completion (the completer is synchronous). */
+  private snapshotNames: string[] = [];
+
+  constructor(
+    private readonly out: (line: string) => void,
+    private readonly machine: Machine | null = null,
+    private readonly progress: ((text: string) => void) | null = null,
+  ) {
     this.infoCommands = new Map([
       ['block', { help: 'show the block devices (-n: also the named nodes)', run: (a) => this.infoBlock(a) }],
       ['iothreads', { help: 'show the IOThreads and their pending requests', run: () => this.infoIOThreads() }],
+      ['snapshots', { help: 'show the currently saved VM snapshots', run: () => this.infoSnapshots() }],
+      ['status', { help: 'show the current VM status (running|paused)', run: () => this.infoStatus() }],
     ]);
     this.commands = new Map<string, CommandSpec>([
       ['help', { args: '[cmd]', help: 'show the help', run: (a) => this.help(a) }],
@@ -44,8 +55,112 @@ export class Monitor {
           run: (a) => this.qemuIo(a),
         },
       ],
+      ['savevm', { args: '[tag]', help: 'save a VM snapshot. If no tag is provided, a new snapshot is created', run: (a) => this.savevm(a) }],
+      ['loadvm', { args: 'tag', help: 'restore a VM snapshot from its tag', run: (a) => this.loadvm(a) }],
+      ['delvm', { args: 'tag', help: 'delete a VM snapshot from its tag', run: (a) => this.delvm(a) }],
+      ['stop', { args: '', help: 'stop emulation', run: () => this.stop() }],
+      ['cont', { args: '', help: 'resume emulation', run: () => this.cont() }],
       ['quit', { args: '', help: 'quit the monitor', run: async () => void (this.quitRequested = true) }],
     ]);
+  }
+
+  private needMachine(): Machine {
+    if (this.machine === null) throw new BlockError('ENOTSUP', 'this monitor runs no machine', { op: 'monitor' });
+    return this.machine;
+  }
+
+  private oneTag(args: string[], cmd: string, optional: boolean): string | undefined {
+    if (args.length > 1) throw new BlockError('EINVAL', `${cmd}: too many arguments (one tag)`, { op: cmd });
+    const tag = args[0];
+    if (tag === undefined && !optional) throw new BlockError('EINVAL', `${cmd}: Parameter 'name' is missing`, { op: cmd });
+    return tag;
+  }
+
+  private async savevm(args: string[]): Promise<void> {
+    const m = this.needMachine();
+    const tag = this.oneTag(args, 'savevm', true);
+    this.progress?.('savevm: stopping the vCPUs, draining, saving the VM state and the disks...');
+    try {
+      const r = await withBql((bql) => saveVm(bql, m, tag));
+      for (const w of r.warnings) this.out(`Warning: ${w}`);
+    } finally {
+      this.progress?.('');
+    }
+    await this.refreshNames();
+  }
+
+  private async loadvm(args: string[]): Promise<void> {
+    const m = this.needMachine();
+    const tag = this.oneTag(args, 'loadvm', false) ?? '';
+    this.progress?.(`loadvm: reverting the disks to '${tag}' and loading the VM state...`);
+    try {
+      await withBql((bql) => loadVm(bql, m, tag));
+    } finally {
+      this.progress?.('');
+    }
+  }
+
+  private async delvm(args: string[]): Promise<void> {
+    const m = this.needMachine();
+    const tag = this.oneTag(args, 'delvm', false) ?? '';
+    const failures = await withBql((bql) => delVm(bql, m, tag));
+    for (const f of failures) this.out(`Error: ${f}`);
+    await this.refreshNames();
+  }
+
+  private async stop(): Promise<void> {
+    const m = this.needMachine();
+    await withBql((bql) => m.stop(bql));
+  }
+
+  private async cont(): Promise<void> {
+    const m = this.needMachine();
+    await withBql((bql) => m.cont(bql));
+  }
+
+  private async infoStatus(): Promise<void> {
+    const m = this.needMachine();
+    this.out(`VM status: ${m.runState}`);
+  }
+
+  private async infoSnapshots(): Promise<void> {
+    const m = this.needMachine();
+    let report;
+    try {
+      report = await withBql((bql) => listVmSnapshots(bql, m));
+    } catch (e) {
+      this.out(e instanceof BlockError ? e.message : describeError(e)); // QEMU prints no "Error: " here
+      return;
+    }
+    if (report.complete.length === 0 && report.partial.length === 0) {
+      this.out('There is no snapshot available.');
+      return;
+    }
+    this.out('List of snapshots present on all disks:');
+    if (report.complete.length === 0) this.out('None');
+    else {
+      this.out(snapshotHeader());
+      for (const sn of report.complete) this.out(snapshotRow(sn, '--'));
+    }
+    for (const p of report.partial) {
+      this.out('');
+      this.out(`List of partial (non-loadable) snapshots on '${p.disk}':`);
+      this.out(snapshotHeader());
+      for (const sn of p.snapshots) this.out(snapshotRow(sn));
+    }
+    this.snapshotNames = [...new Set([...report.complete, ...report.partial.flatMap((p) => p.snapshots)].map((s) => s.name))];
+  }
+
+  /** Re-reads the snapshot names for tab completion. */
+  async refreshNames(): Promise<void> {
+    if (this.machine === null) return;
+    const m = this.machine;
+    try {
+      const r = await withBql((bql) => listVmSnapshots(bql, m));
+      this.snapshotNames = [...new Set([...r.complete, ...r.partial.flatMap((p) => p.snapshots)].map((s) => s.name))];
+    } catch {
+      this.snapshotNames = [];
+    }
   }
 
   /** Command names, then `info` subcommands, for tab completion. */
@@ -53,6 +168,12 @@ export class Monitor {
     const words = line.split(/\s+/);
     if (words.length <= 1) return [...this.commands.keys()].filter((c) => c.startsWith(words[0] ?? ''));
     if (words[0] === 'info' && words.length === 2) return [...this.infoCommands.keys()].filter((c) => c.startsWith(words[1] ?? '')).map((c) => `info ${c}`);
+    if ((words[0] === 'loadvm' || words[0] === 'delvm' || words[0] === 'savevm') && words.length === 2) {
+      return this.snapshotNames.filter((n) => n.startsWith(words[1] ?? '')).map((n) => `${words[0] ?? ''} ${n}`);
+    }
+    if (words[0] === 'qemu-io' && words.length === 2 && this.machine !== null) {
+      return this.machine.disks.map((d) => d.id).filter((n) => n.startsWith(words[1] ?? '')).map((n) => `qemu-io ${n}`);
+    }
     return [];
   }
 

@@ -1,0 +1,362 @@
+/**
+ * The emulated machine: guest RAM in a SharedArrayBuffer, vCPU worker threads running the
+ * self-checking guest workload, and disks reached through a virtio-blk-like request queue in
+ * shared memory (one slot per vCPU; layout.js). The device side runs on the main loop: it takes a
+ * queued request exactly once, submits it to the disk's BlockBackend with the guest buffer as the
+ * data (no copy: guest RAM is shared memory), and completes it.
+ *
+ * Global-state object: drives are added, the VM stopped and resumed, and its state saved and
+ * loaded with the BQL held (the functions take the proof). The request path is I/O code.
+ */
+import { Worker } from 'node:worker_threads';
+import { blkDelete, blkFlush, blkNew, blkPread, blkPwrite, type BlockBackend } from '../block/backend.js';
+import { assertBql, type Bql } from '../block/bql.js';
+import { withDrained } from '../block/drain.js';
+import { BlockError } from '../block/errors.js';
+import { closeNode, openNode } from '../block/graph.js';
+import { bdrvGetLength } from '../block/io.js';
+import type { BlockNode } from '../block/node.js';
+import { parseOptions } from '../block/options.js';
+import '../drivers/index.js';
+import {
+  BLOCK, CPU_RNG, CPU_SEED, CPU_STRIDE, CTL_DOORBELL, CTL_PAUSED, CTL_QUIT, CTL_RUN_STATE, GUEST_MAGIC, HDR_DISKS, HDR_ERRORS, HDR_MAGIC,
+  HDR_READS, HDR_TABLE_BLOCKS, HDR_VCPUS, HDR_WRITES, OP_FLUSH, OP_READ, OP_WRITE, RUN, SLOT_DISK, SLOT_DONE, SLOT_LENGTH, SLOT_OP, SLOT_QUEUED,
+  SLOT_RAM_OFFSET, SLOT_RUNNING, SLOT_STATE, SLOT_STATUS, SLOT_STRIDE, STOP, blockChecksum, bufferOffset, tableOffset,
+} from './layout.js';
+import { decodeVmState, encodeVmState } from './vmstate.js';
+
+const VCPU_WORKER = new URL('./vcpu-worker.js', import.meta.url);
+/** Blocks per disk whose checksums the guest tracks (64 MiB of each disk at 4 KiB). */
+const MAX_TABLE_BLOCKS = 16384;
+
+/** How to build a machine. */
+export interface MachineOptions {
+  /** Guest RAM in bytes (default 64 MiB). */
+  ramBytes?: number;
+  /** vCPU count (default 2). */
+  vcpus?: number;
+  /** Run the self-checking guest workload on the vCPUs (default false: the vCPUs idle). */
+  guest?: boolean;
+  /** Seed of the workload's pseudo-random sequence. */
+  seed?: number;
+}
+
+/** One of the machine's disks: its device name, backend and root node. */
+export interface MachineDisk {
+  id: string;
+  blk: BlockBackend;
+  node: BlockNode;
+  readOnly: boolean;
+}
+
+/** What `info status` shows. */
+export type RunState = 'running' | 'paused';
+
+/** Counters the guest keeps in its RAM. */
+export interface GuestCounters {
+  writes: number;
+  reads: number;
+  errors: number;
+}
+
+/** The emulated machine. */
+export class Machine {
+  readonly ramBytes: number;
+  readonly vcpus: number;
+  readonly guest: boolean;
+  readonly ram: SharedArrayBuffer;
+  readonly disks: MachineDisk[] = [];
+  private readonly control: Int32Array;
+  private readonly slots: Int32Array;
+  private readonly slotOffsets: Float64Array;
+  private readonly cpu: Int32Array;
+  private readonly workers: Worker[] = [];
+  private state: RunState = 'paused';
+  private started = false;
+  private inFlight = 0;
+  private readonly idleWaiters: Array<() => void> = [];
+  private deviceLoopDone: Promise<void> | null = null;
+  private quitting = false;
+  /** Virtual clock: nanoseconds the VM has been running. */
+  private vmClockBase = 0;
+  private runningSince = 0;
+  private readonly seed: number;
+  /** Keeps the process alive while the machine exists (Atomics.waitAsync holds no reference). */
+  private keepAlive: ReturnType<typeof setInterval> | null = null;
+
+  constructor(opts: MachineOptions = {}) {
+    this.ramBytes = opts.ramBytes ?? 64 * 1024 * 1024;
+    this.vcpus = opts.vcpus ?? 2;
+    this.guest = opts.guest ?? false;
+    this.seed = opts.seed ?? 0x5eed;
+    if (!Number.isInteger(this.vcpus) || this.vcpus < 1 || this.vcpus > 64) {
+      throw new BlockError('EINVAL', `a machine has 1 to 64 vCPUs, not ${this.vcpus}`, { field: 'vcpus', value: this.vcpus });
+    }
+    if (!Number.isInteger(this.ramBytes) || this.ramBytes < 1024 * 1024 || this.ramBytes % BLOCK !== 0) {
+      throw new BlockError('EINVAL', `guest RAM must be at least 1 MiB and a multiple of 4 KiB (-m ${this.ramBytes})`, { field: 'ram', value: this.ramBytes });
+    }
+    this.ram = new SharedArrayBuffer(this.ramBytes);
+    this.control = new Int32Array(new SharedArrayBuffer((CTL_PAUSED + this.vcpus) * 4));
+    this.slots = new Int32Array(new SharedArrayBuffer(this.vcpus * SLOT_STRIDE * 4));
+    this.slotOffsets = new Float64Array(new SharedArrayBuffer(this.vcpus * 8));
+    this.cpu = new Int32Array(new SharedArrayBuffer(this.vcpus * CPU_STRIDE * 4));
+    Atomics.store(this.control, CTL_RUN_STATE, STOP);
+  }
+
+  /**
+   * Adds a disk from QEMU-style options (`file=PATH,format=qcow2,id=disk0[,iothread=io0][,readonly=on]`).
+   * Disks are added before the machine starts.
+   * @locking global-state
+   */
+  async addDrive(bql: Bql, options: string): Promise<MachineDisk> {
+    assertBql(bql, 'addDrive');
+    if (this.started) throw new BlockError('EBUSY', 'disks are added before the machine starts', { op: 'addDrive' });
+    const opts = parseOptions(options, 'file');
+    const id = opts['id'] ?? `disk${this.disks.length}`;
+    delete opts['id'];
+    if (opts['if'] !== undefined) delete opts['if'];
+    if (opts['readonly'] !== undefined) {
+      opts['read-only'] = opts['readonly'];
+      delete opts['readonly'];
+    }
+    if (this.disks.some((d) => d.id === id)) throw new BlockError('EINVAL', `Duplicate drive ID '${id}'`, { field: 'id', value: id });
+    const node = await openNode(bql, opts);
+    try {
+      const blk = blkNew(bql, id, node, { readOnly: node.readOnly });
+      const disk: MachineDisk = { id, blk, node, readOnly: node.readOnly };
+      this.disks.push(disk);
+      return disk;
+    } catch (e) {
+      await closeNode(bql, node);
+      throw e;
+    }
+  }
+
+  /** Blocks per disk the guest tracks. */
+  private get tableBlocks(): number {
+    const sizes = this.disks.map((d) => Math.floor(bdrvGetLength(d.node) / BLOCK));
+    return Math.min(MAX_TABLE_BLOCKS, Math.max(1, ...sizes));
+  }
+
+  /**
+   * Boots the machine: lays out guest RAM, starts the device queue and (with a guest) the vCPU
+   * workers, and runs it.
+   * @locking global-state
+   */
+  async start(bql: Bql): Promise<void> {
+    assertBql(bql, 'machine start');
+    if (this.started) return;
+    this.started = true;
+    const tableBlocks = this.tableBlocks;
+    const need = bufferOffset(this.vcpus, this.disks.length, tableBlocks);
+    if (need > this.ramBytes) {
+      throw new BlockError('ENOSPC', `guest RAM of ${this.ramBytes} bytes is too small for the workload's tables (${need} bytes needed)`, { field: 'ram' });
+    }
+    const words = new Uint32Array(this.ram);
+    words[HDR_MAGIC] = GUEST_MAGIC;
+    words[HDR_DISKS] = this.disks.length;
+    words[HDR_TABLE_BLOCKS] = tableBlocks;
+    words[HDR_VCPUS] = this.vcpus;
+    // the rest of RAM holds "guest memory": a pattern, so that saved RAM is not all zeros
+    const ramBytes = new Uint8Array(this.ram);
+    for (let off = need; off < this.ramBytes; off += BLOCK) ramBytes[off] = (off / BLOCK) & 0xff;
+    for (let i = 0; i < this.vcpus; i++) {
+      this.cpu[i * CPU_STRIDE + CPU_RNG] = (this.seed * 2654435761 + i * 40503 + 1) | 0 || 1;
+      this.cpu[i * CPU_STRIDE + CPU_SEED] = this.seed;
+    }
+    this.keepAlive = setInterval(() => undefined, 1 << 30);
+    this.deviceLoopDone = this.deviceLoop();
+    if (this.guest && this.disks.some((d) => !d.readOnly)) {
+      const writable = this.disks.map((d) => (d.readOnly ? 0 : Math.floor(bdrvGetLength(d.node) / BLOCK)));
+      for (let i = 0; i < this.vcpus; i++) {
+        const w = new Worker(VCPU_WORKER, {
+          workerData: { index: i, vcpus: this.vcpus, disks: writable, control: this.control.buffer, slots: this.slots.buffer, slotOffsets: this.slotOffsets.buffer, ram: this.ram, cpu: this.cpu.buffer },
+        });
+        w.unref();
+        this.workers.push(w);
+      }
+    }
+    this.cont(bql);
+  }
+
+  /** Running or paused. */
+  get runState(): RunState {
+    return this.state;
+  }
+
+  /** Nanoseconds of virtual time (advances only while running). */
+  get vmClockNsec(): number {
+    return this.vmClockBase + (this.state === 'running' ? Number(process.hrtime.bigint()) - this.runningSince : 0);
+  }
+
+  /**
+   * Pauses the vCPUs: returns once every vCPU sits in its pause and no guest request is in
+   * flight (a request a vCPU had queued completes first: it is neither lost nor run twice).
+   * @locking global-state
+   */
+  async stop(bql: Bql): Promise<void> {
+    assertBql(bql, 'stop');
+    if (this.state === 'paused') return;
+    Atomics.store(this.control, CTL_RUN_STATE, STOP);
+    Atomics.notify(this.control, CTL_RUN_STATE);
+    for (let i = 0; i < this.workers.length; i++) {
+      while (Atomics.load(this.control, CTL_PAUSED + i) !== 1) {
+        const w = Atomics.waitAsync(this.control, CTL_PAUSED + i, 0, 100);
+        if (w.async) await w.value;
+      }
+    }
+    await this.whenDeviceIdle();
+    this.vmClockBase = this.vmClockNsec;
+    this.state = 'paused';
+  }
+
+  /**
+   * Resumes the vCPUs.
+   * @locking global-state
+   */
+  cont(bql: Bql): void {
+    assertBql(bql, 'cont');
+    if (this.state === 'running') return;
+    this.runningSince = Number(process.hrtime.bigint());
+    this.state = 'running';
+    Atomics.store(this.control, CTL_RUN_STATE, RUN);
+    Atomics.notify(this.control, CTL_RUN_STATE);
+  }
+
+  /** The counters the guest keeps in its RAM. */
+  guestCounters(): GuestCounters {
+    const w = new Uint32Array(this.ram);
+    return { writes: w[HDR_WRITES] ?? 0, reads: w[HDR_READS] ?? 0, errors: w[HDR_ERRORS] ?? 0 };
+  }
+
+  /**
+   * The VM state of a stopped machine: RAM, vCPU registers, device slots, and a description.
+   * @locking global-state
+   */
+  saveState(bql: Bql): Uint8Array {
+    assertBql(bql, 'saveState');
+    if (this.state !== 'paused') throw new BlockError('EBUSY', 'the VM state can only be saved while the machine is stopped', { op: 'savevm' });
+    return encodeVmState({
+      ram: new Uint8Array(this.ram),
+      cpu: new Uint8Array(this.cpu.buffer),
+      devices: new Uint8Array(this.slots.buffer),
+      machine: { ramBytes: this.ramBytes, vcpus: this.vcpus, disks: this.disks.map((d) => d.id), vmClockNsec: this.vmClockNsec, guest: this.guest },
+    });
+  }
+
+  /**
+   * Loads a VM state into the stopped machine; refuses one that does not fit (other RAM size,
+   * vCPU count, format version) without changing anything.
+   * @locking global-state
+   */
+  loadState(bql: Bql, bytes: Uint8Array): void {
+    assertBql(bql, 'loadState');
+    if (this.state !== 'paused') throw new BlockError('EBUSY', 'the VM state can only be loaded while the machine is stopped', { op: 'loadvm' });
+    const s = decodeVmState(bytes, { ramBytes: this.ramBytes, vcpus: this.vcpus, cpuBytes: this.cpu.byteLength, deviceBytes: this.slots.byteLength });
+    const savedSlots = new Int32Array(s.devices.slice().buffer);
+    for (let i = 0; i < this.vcpus; i++) {
+      if ((savedSlots[i * SLOT_STRIDE + SLOT_STATE] ?? 0) !== 0) {
+        throw new BlockError('EINVAL', `VM state: the request slot of vCPU ${i} is not idle`, { field: 'devices' });
+      }
+    }
+    new Uint8Array(this.ram).set(s.ram);
+    new Uint8Array(this.cpu.buffer).set(s.cpu);
+    new Uint8Array(this.slots.buffer).set(s.devices);
+    this.vmClockBase = s.machine.vmClockNsec;
+  }
+
+  /**
+   * Reads back every block the guest's table knows and compares its checksum; the machine should
+   * be stopped so that nothing changes meanwhile.
+   * @locking io
+   */
+  async verifyDisks(): Promise<{ checked: number; mismatches: Array<{ disk: string; block: number }> }> {
+    const words = new Uint32Array(this.ram);
+    const tableBlocks = words[HDR_TABLE_BLOCKS] ?? 0;
+    const buf = new Uint8Array(BLOCK);
+    const mismatches: Array<{ disk: string; block: number }> = [];
+    let checked = 0;
+    for (const [d, disk] of this.disks.entries()) {
+      const base = tableOffset(d, tableBlocks) / 4;
+      for (let b = 0; b < tableBlocks; b++) {
+        const want = words[base + b] ?? 0;
+        if (want === 0) continue;
+        await blkPread(disk.blk, b * BLOCK, buf);
+        checked++;
+        if (blockChecksum(buf) !== want) mismatches.push({ disk: disk.id, block: b });
+      }
+    }
+    return { checked, mismatches };
+  }
+
+  /**
+   * Stops the vCPUs and the device queue, flushes and closes every disk.
+   * @locking global-state
+   */
+  async shutdown(bql: Bql): Promise<void> {
+    assertBql(bql, 'machine shutdown');
+    if (this.started) await this.stop(bql);
+    this.quitting = true;
+    Atomics.store(this.control, CTL_QUIT, 1);
+    Atomics.notify(this.control, CTL_RUN_STATE);
+    Atomics.add(this.control, CTL_DOORBELL, 1);
+    Atomics.notify(this.control, CTL_DOORBELL);
+    await Promise.all(this.workers.map((w) => w.terminate()));
+    this.workers.length = 0;
+    if (this.deviceLoopDone !== null) await this.deviceLoopDone;
+    if (this.keepAlive !== null) clearInterval(this.keepAlive);
+    this.keepAlive = null;
+    for (const disk of this.disks.splice(0)) {
+      if (!disk.readOnly) await blkFlush(disk.blk);
+      await withDrained(bql, disk.node, () => blkDelete(bql, disk.blk));
+      await closeNode(bql, disk.node);
+    }
+  }
+
+  private whenDeviceIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** The device side of the request queue: wakes on the doorbell and serves queued slots. */
+  private async deviceLoop(): Promise<void> {
+    while (!this.quitting) {
+      const seen = Atomics.load(this.control, CTL_DOORBELL);
+      for (let i = 0; i < this.vcpus; i++) {
+        if (Atomics.compareExchange(this.slots, i * SLOT_STRIDE + SLOT_STATE, SLOT_QUEUED, SLOT_RUNNING) === SLOT_QUEUED) this.serve(i);
+      }
+      const w = Atomics.waitAsync(this.control, CTL_DOORBELL, seen);
+      if (w.async) await w.value;
+    }
+  }
+
+  /** Runs the request in slot `i` and completes it. */
+  private serve(i: number): void {
+    const base = i * SLOT_STRIDE;
+    const op = this.slots[base + SLOT_OP] ?? 0;
+    const disk = this.disks[this.slots[base + SLOT_DISK] ?? -1];
+    const length = this.slots[base + SLOT_LENGTH] ?? 0;
+    const ramOffset = this.slots[base + SLOT_RAM_OFFSET] ?? 0;
+    const offset = this.slotOffsets[i] ?? 0;
+    this.inFlight++;
+    let p: Promise<void>;
+    if (disk === undefined || ramOffset < 0 || ramOffset + length > this.ramBytes) {
+      p = Promise.reject(new BlockError('EINVAL', `vCPU ${i}: bad request (disk or buffer out of range)`, { op: 'virtio-blk' }));
+    } else {
+      const data = new Uint8Array(this.ram, ramOffset, length);
+      p = op === OP_READ ? blkPread(disk.blk, offset, data) : op === OP_WRITE ? blkPwrite(disk.blk, offset, data) : op === OP_FLUSH ? blkFlush(disk.blk) : Promise.reject(new BlockError('EINVAL', `vCPU ${i}: unknown request ${op}`));
+    }
+    p.then(
+      () => this.complete(i, 0),
+      (e: unknown) => this.complete(i, e instanceof BlockError ? -e.errno : -5),
+    );
+  }
+
+  private complete(i: number, status: number): void {
+    const base = i * SLOT_STRIDE;
+    this.slots[base + SLOT_STATUS] = status;
+    Atomics.store(this.slots, base + SLOT_STATE, SLOT_DONE);
+    Atomics.notify(this.slots, base + SLOT_STATE);
+    if (--this.inFlight === 0) for (const w of this.idleWaiters.splice(0)) w();
+  }
+}
