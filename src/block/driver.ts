@@ -144,8 +144,11 @@ export interface BlockDriverInstance {
 /** A driver: its name, how to recognise its images, and how to open (and create) them. */
 export interface BlockDriver {
   readonly formatName: string;
-  /** Protocol drivers reach storage; format drivers interpret a child's bytes. */
-  readonly kind: 'protocol' | 'format';
+  /**
+   * Protocol drivers reach storage; format drivers interpret a child's bytes; filters sit on a
+   * `file` child and pass its bytes through (its length and growth included), like blkdebug.
+   */
+  readonly kind: 'protocol' | 'format' | 'filter';
   /**
    * For format drivers: 0..100, how sure the first bytes of a file are this format.
    * @locking common

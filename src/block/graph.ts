@@ -185,7 +185,7 @@ export async function openNode(bql: Bql, options: NodeOptions | string): Promise
   const file = await openNode(bql, childOpts);
   try {
     const formatDrv = drv ?? (await probeFormat(bql, file));
-    if (formatDrv.kind !== 'format') {
+    if (formatDrv.kind === 'protocol') {
       throw new BlockError('EINVAL', `Driver '${formatDrv.formatName}' is a protocol driver, not a format`, { field: 'format', value: formatDrv.formatName });
     }
     const nodeOpts = { ...opts, driver: formatDrv.formatName };

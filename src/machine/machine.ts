@@ -290,6 +290,22 @@ export class Machine {
   }
 
   /**
+   * The guest's self-check: stops the vCPUs (if running), reads back every block the guest's
+   * table knows, and resumes; with the guest's own counters.
+   * @locking global-state
+   */
+  async checkGuest(bql: Bql): Promise<GuestCounters & { checked: number; mismatches: Array<{ disk: string; block: number }> }> {
+    const wasRunning = this.state === 'running';
+    await this.stop(bql);
+    try {
+      const v = await this.verifyDisks();
+      return { ...this.guestCounters(), ...v };
+    } finally {
+      if (wasRunning) this.cont(bql);
+    }
+  }
+
+  /**
    * Stops the vCPUs and the device queue, flushes and closes every disk.
    * @locking global-state
    */

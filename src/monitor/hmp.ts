@@ -43,6 +43,7 @@ export class Monitor {
       ['iothreads', { help: 'show the IOThreads and their pending requests', run: () => this.infoIOThreads() }],
       ['snapshots', { help: 'show the currently saved VM snapshots', run: () => this.infoSnapshots() }],
       ['status', { help: 'show the current VM status (running|paused)', run: () => this.infoStatus() }],
+      ['guest', { help: "show the guest workload's counters and check every disk against its checksums", run: () => this.infoGuest() }],
     ]);
     this.commands = new Map<string, CommandSpec>([
       ['help', { args: '[cmd]', help: 'show the help', run: (a) => this.help(a) }],
@@ -121,6 +122,14 @@ export class Monitor {
   private async infoStatus(): Promise<void> {
     const m = this.needMachine();
     this.out(`VM status: ${m.runState}`);
+  }
+
+  private async infoGuest(): Promise<void> {
+    const m = this.needMachine();
+    const r = await withBql((bql) => m.checkGuest(bql));
+    this.out(`guest: ${m.guest ? 'running the workload' : 'no workload'}; writes ${r.writes}, reads ${r.reads}, self-check errors ${r.errors}`);
+    const bad = r.mismatches.slice(0, 5).map((x) => `${x.disk}:${x.block}`);
+    this.out(`disks: ${r.checked} blocks checked, ${r.mismatches.length} mismatches${bad.length > 0 ? ` (${bad.join(', ')}${r.mismatches.length > 5 ? ', ...' : ''})` : ''}`);
   }
 
   private async infoSnapshots(): Promise<void> {

@@ -234,7 +234,12 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       }
       payload.set(data.subarray(dataFrom, dataTo), headGap);
     }
-    refuseDataOnMetadata(s, newHost, run * C, pos);
+    try {
+      refuseDataOnMetadata(s, newHost, run * C, pos);
+    } catch (e) {
+      await freeClusters(s, newHost, run * C); // the allocator's mistake must not leak too
+      throw e;
+    }
     await bdrvPwrite(s.file, newHost, payload);
     const old: Array<[number, number, ClusterType]> = [];
     for (let k = 0; k < run; k++) {

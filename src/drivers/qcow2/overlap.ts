@@ -17,7 +17,7 @@ export interface MetaRange {
   what: string;
 }
 
-const cache = new WeakMap<Qcow2State, { key: string; ranges: MetaRange[] }>();
+const cache = new WeakMap<Qcow2State, { key: string; snapshots: readonly unknown[]; ranges: MetaRange[] }>();
 
 function roundUp(n: number, c: number): number {
   return Math.ceil(n / c) * c;
@@ -31,7 +31,8 @@ export function metadataRanges(s: Qcow2State): MetaRange[] {
   const h = s.header;
   const key = `${h.l1TableOffset}:${h.l1Size}:${h.refcountTableOffset}:${h.refcountTableClusters}:${h.snapshotsOffset}:${h.nbSnapshots}:${s.snapshots.length}:${s.refblockGeneration}`;
   const hit = cache.get(s);
-  if (hit !== undefined && hit.key === key) return hit.ranges;
+  // the snapshot list is replaced (never changed in place) whenever the table is rewritten
+  if (hit !== undefined && hit.key === key && hit.snapshots === s.snapshots) return hit.ranges;
   const C = s.clusterSize;
   const ranges: MetaRange[] = [{ start: 0, end: C, what: 'header' }];
   if (h.l1Size > 0) ranges.push({ start: h.l1TableOffset, end: h.l1TableOffset + roundUp(h.l1Size * 8, C), what: 'active L1 table' });
@@ -45,7 +46,7 @@ export function metadataRanges(s: Qcow2State): MetaRange[] {
     if (sn.l1Size > 0) ranges.push({ start: sn.l1TableOffset, end: sn.l1TableOffset + roundUp(sn.l1Size * 8, C), what: `L1 table of snapshot '${sn.name}'` });
   }
   ranges.sort((a, b) => a.start - b.start);
-  cache.set(s, { key, ranges });
+  cache.set(s, { key, snapshots: s.snapshots, ranges });
   return ranges;
 }
 
