@@ -127,13 +127,18 @@ export async function loadVm(bql: Bql, m: Machine, tag: string): Promise<void> {
       // the current state of every disk, kept until everything has succeeded
       const undoName = `snapstack-loadvm-undo-${process.pid}-${Date.now()}`;
       const now = Date.now();
-      const undo = await bdrvAllCreateSnapshot(
-        bql,
-        drained,
-        disks,
-        { id: '', name: undoName, vmStateSize: 0, dateSec: Math.floor(now / 1000), dateNsec: 0, vmClockNsec: 0, icount: -1 },
-        null,
-      );
+      let undo: Awaited<ReturnType<typeof bdrvAllCreateSnapshot>>;
+      try {
+        undo = await bdrvAllCreateSnapshot(
+          bql,
+          drained,
+          disks,
+          { id: '', name: undoName, vmStateSize: 0, dateSec: Math.floor(now / 1000), dateNsec: 0, vmClockNsec: 0, icount: -1 },
+          null,
+        );
+      } catch (e) {
+        throw new BlockError(isBlockError(e) ? e.code : 'EIO', `loadvm '${tag}': could not keep the current state, no disk was changed: ${message(e)}`, { cause: e });
+      }
       const undoIds = new Map(undo.map((u) => [u.disk, u.snapshot.id]));
       const putBack = async (names: string[]): Promise<string> => {
         const back = await bdrvAllGotoSnapshot(
@@ -144,12 +149,13 @@ export async function loadVm(bql: Bql, m: Machine, tag: string): Promise<void> {
           undoIds,
         );
         if (back.failed !== null) return `; putting '${back.failed.disk}' back failed too: ${back.failed.error.message}`;
-        return names.length > 0 ? `; the disks already reverted (${names.join(', ')}) were put back` : '; no disk was changed';
+        return `; every disk was put back as it was (${names.join(', ')})`;
       };
       try {
         const r = await bdrvAllGotoSnapshot(bql, drained, disks, tag, ids);
         if (r.failed !== null) {
-          const tail = await putBack(r.reverted);
+          // the failing disk may have switched before its error: it goes back too
+          const tail = await putBack([...r.reverted, r.failed.disk]);
           throw new BlockError(r.failed.error.code, `${r.failed.error.message}${tail}`, { node: r.failed.disk, cause: r.failed.error });
         }
         try {

@@ -3,7 +3,8 @@
  * a `file` child (`driver=qcow2,file.driver=faulty,file.tag=d1,file.file.filename=PATH`). It
  * forwards everything to its child until the test arms it: `faults.get(NAME).failWrites = true`
  * makes every later write, write-zeroes and truncate fail with EIO (reads and flushes still pass),
- * until it is disarmed. `failAfterWrites = N` arms it after N more successful writes.
+ * until it is disarmed. `failAfterWrites = N` arms it after N more successful writes, and
+ * `failCount = K` (with either) disarms it again after K failed writes: a transient fault.
  */
 import type { Bql } from '../../src/block/bql.js';
 import type { DrainedProof } from '../../src/block/drain.js';
@@ -18,8 +19,12 @@ export interface FaultSwitch {
   failWrites: boolean;
   /** When set, the switch arms itself after this many more successful writes. */
   failAfterWrites: number | null;
+  /** When set, the switch disarms itself after this many more failed writes. */
+  failCount: number | null;
   /** Writes that failed because of the switch. */
   failed: number;
+  /** Writes that passed. */
+  passed: number;
 }
 
 /** Every faulty node's switch, by tag. */
@@ -29,7 +34,7 @@ export const faults = new Map<string, FaultSwitch>();
 export function faultSwitch(tag: string): FaultSwitch {
   let f = faults.get(tag);
   if (f === undefined) {
-    f = { failWrites: false, failAfterWrites: null, failed: 0 };
+    f = { failWrites: false, failAfterWrites: null, failCount: null, failed: 0, passed: 0 };
     faults.set(tag, f);
   }
   return f;
@@ -51,8 +56,13 @@ class FaultyInstance implements BlockDriverInstance {
     }
     if (this.sw.failWrites) {
       this.sw.failed++;
+      if (this.sw.failCount !== null && --this.sw.failCount <= 0) {
+        this.sw.failWrites = false;
+        this.sw.failCount = null;
+      }
       throw new BlockError('EIO', `faulty '${this.tag}': injected ${op} failure`, { op });
     }
+    this.sw.passed++;
   }
 
   /** @locking io */

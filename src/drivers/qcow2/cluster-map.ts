@@ -71,7 +71,12 @@ export async function l2ForWrite(s: Qcow2State, l1Index: number): Promise<Table>
     const old = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
     bytes = old.bytes.slice();
   }
-  await s.writeMeta(newOff, bytes, 'L2 table');
+  try {
+    await s.writeMeta(newOff, bytes, 'L2 table');
+  } catch (e) {
+    await freeClusters(s, newOff, s.clusterSize).catch(() => undefined); // nothing points there yet
+    throw e;
+  }
   const t = s.l2Cache.insert(newOff, bytes);
   setEntry(s.l1View, l1Index, newOff, true);
   await writeL1Entry(s, l1Index);
@@ -90,8 +95,13 @@ export async function growL1(s: Qcow2State, minEntries: number): Promise<void> {
   bytes.set(s.l1);
   const clusters = Math.ceil(bytes.length / s.clusterSize);
   const newOff = await allocClusters(s, clusters);
-  await s.writeMeta(newOff, bytes, 'L1 table');
-  await bdrvFlush(s.file);
+  try {
+    await s.writeMeta(newOff, bytes, 'L1 table');
+    await bdrvFlush(s.file);
+  } catch (e) {
+    await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined); // nothing points there yet
+    throw e;
+  }
   const hdr = new Uint8Array(12);
   const hv = new DataView(hdr.buffer);
   hv.setUint32(0, minEntries);

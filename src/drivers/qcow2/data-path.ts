@@ -240,7 +240,12 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       await freeClusters(s, newHost, run * C); // the allocator's mistake must not leak too
       throw e;
     }
-    await bdrvPwrite(s.file, newHost, payload);
+    try {
+      await bdrvPwrite(s.file, newHost, payload);
+    } catch (e) {
+      await freeClusters(s, newHost, run * C).catch(() => undefined); // nothing points there yet
+      throw e;
+    }
     const old: Array<[number, number, ClusterType]> = [];
     for (let k = 0; k < run; k++) {
       const idx = first + i + k;

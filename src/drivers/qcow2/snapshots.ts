@@ -227,18 +227,20 @@ export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]
     hv.setUint32(0, entries.length);
     hv.setUint32(4, Math.floor(newOff / TWO32));
     hv.setUint32(8, newOff % TWO32);
-    await s.writeMeta(60, hdr, 'header (snapshot table pointer)');
-    await bdrvFlush(s.file);
+    await s.writeMeta(60, hdr, 'header (snapshot table pointer)'); // the commit point
   } catch (e) {
     if (clusters > 0) await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined);
     throw e;
   }
+  // committed: from here on nothing may undo it (a caller's rollback would corrupt the image)
+  await bdrvFlush(s.file).catch(() => undefined);
   const oldOff = s.header.snapshotsOffset;
   const oldBytes = serializeSnapshotTable(s.snapshots).length;
   s.header.nbSnapshots = entries.length;
   s.header.snapshotsOffset = newOff;
   s.snapshots = entries;
-  if (oldOff !== 0 && oldBytes > 0) await freeClusters(s, oldOff, Math.ceil(oldBytes / s.clusterSize) * s.clusterSize);
+  // past the commit point a failure may only leak: the new table is in place whatever happens
+  if (oldOff !== 0 && oldBytes > 0) await freeClusters(s, oldOff, Math.ceil(oldBytes / s.clusterSize) * s.clusterSize).catch(() => undefined);
 }
 
 /** Refuses a snapshot whose L1 table cannot be right (QEMU's checks before goto, delete, load). */
@@ -335,8 +337,10 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       throw e;
     }
     if (info.vmStateSize > 0) {
+      // the snapshot owns the VM-state clusters now; dropping them from the active state is
+      // housekeeping past the commit point: a failure leaves them allocated there, nothing worse
       const clusters = Math.ceil(info.vmStateSize / C);
-      await zeroClustersLocked(s, s.vmStateOffset(), clusters, true, true);
+      await zeroClustersLocked(s, s.vmStateOffset(), clusters, true, true).catch(() => undefined);
     }
     return entry;
   });

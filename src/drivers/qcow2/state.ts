@@ -145,10 +145,40 @@ export class Qcow2State {
         file: this.filename,
       });
     }
+    if (this.broken !== null) {
+      throw new BlockError('EIO', `qcow2 '${this.filename}': refusing to write after an earlier failure left the metadata unknown (${this.broken}); reopen the image`, {
+        node: this.node.nodeName,
+        file: this.filename,
+      });
+    }
     try {
       await bdrvPwrite(this.file, offset, data);
     } catch (e) {
+      await this.resyncAfterFailedWrite(what);
       throw this.wrap(e, `writing the ${what} at offset ${offset}`);
+    }
+  }
+
+  /** Set when the in-memory metadata could not be brought back in line with the file. */
+  broken: string | null = null;
+
+  /**
+   * After a failed metadata write the tables in memory may hold changes the file does not: drop
+   * the caches and the refcount batch, and read the L1 and refcount tables again, so that memory
+   * says what the file says (an operation that failed half-way then leaves at most leaks). If
+   * even that fails, every later metadata write is refused.
+   */
+  private async resyncAfterFailedWrite(what: string): Promise<void> {
+    this.l2Cache.clear();
+    this.refblockCache.clear();
+    this.refcountBatch = null;
+    try {
+      const h = this.header;
+      this.setL1(h.l1Size === 0 ? new Uint8Array(0) : await this.readMeta(h.l1TableOffset, h.l1Size * 8, 'L1 table'));
+      this.setReftable(await this.readMeta(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table'));
+      this.refblockGeneration++;
+    } catch (e) {
+      this.broken = `writing the ${what} failed and re-reading the tables failed too: ${e instanceof Error ? e.message : String(e)}`;
     }
   }
 
