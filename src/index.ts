@@ -34,3 +34,17 @@ export { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotGoto, bdrvSnapshotDele
 export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from './block/driver.js';
 export { parseOptions, parseSize, type NodeOptions } from './block/options.js';
 export { createRawFile } from './drivers/file.js';
+export { createQcow2File, type Qcow2CreateOptions } from './drivers/qcow2/create.js';
+export { checkQcow2File } from './cli/img-check.js';
+export { Machine, type MachineOptions, type MachineDisk, type RunState, type GuestCounters } from './machine/machine.js';
+export { saveVm, loadVm, delVm, listVmSnapshots, defaultSnapshotTag, type SavevmResult, type SnapshotReport } from './machine/savevm.js';
+export {
+  bdrvAllCanSnapshot,
+  bdrvAllCreateSnapshot,
+  bdrvAllDeleteSnapshot,
+  bdrvAllFindSnapshots,
+  bdrvAllFindVmstateDisk,
+  bdrvAllGotoSnapshot,
+  type GroupDisk,
+} from './block/snapshot-group.js';
+export { bdrvSaveVmstate, bdrvLoadVmstate, bdrvBlockStatus } from './block/io.js';

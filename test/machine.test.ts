@@ -153,6 +153,26 @@ describeInterop('savevm, loadvm, delvm', () => {
     }
   });
 
+  it('a machine with a raw and a qcow2 disk saves and loads both (raw snapshots beside the image)', async () => {
+    const fq = image('mixed.qcow2');
+    const fr = path.join(dir, 'mixed.raw');
+    fs.writeFileSync(fr, Buffer.alloc(16 * MiB));
+    const m = await machineWith([`file=${fq},format=qcow2,id=q,iothread=mt-io0`, `file=${fr},format=raw,id=r`]);
+    try {
+      await waitForWrites(m, 100);
+      await withBql((bql) => saveVm(bql, m, 'mixed'));
+      await waitForWrites(m, 200);
+      await withBql((bql) => loadVm(bql, m, 'mixed'));
+      await expectGuestConsistent(m);
+      const report = await withBql((bql) => listVmSnapshots(bql, m));
+      expect(report.complete.map((x) => x.name)).toEqual(['mixed']);
+      expect(await withBql((bql) => delVm(bql, m, 'mixed'))).toEqual([]);
+    } finally {
+      await withBql((bql) => m.shutdown(bql));
+    }
+    expect(qemuStatus('qemu-img', ['check', fq]).status).toBe(0);
+  });
+
   it('a disk failing at any write of savevm: no new snapshot on any disk, the old one of the same tag kept, images never corrupt', async () => {
     const fa = image('fault-a.qcow2');
     const fb = image('fault-b.qcow2');

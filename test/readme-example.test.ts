@@ -27,3 +27,10 @@ it('runs the easy-API example and prints what its comments promise', () => {
 it('runs the block-layer example to completion', () => {
   expect(run(examples[1] ?? '', 1)).toBe('');
 });
+
+const apiExamples = [...fs.readFileSync('docs/api.md', 'utf8').matchAll(/```js example\n([\s\S]*?)```/g)].map((m) => m[1] ?? '');
+
+it('runs the machine example of docs/api.md and prints what its comments promise', () => {
+  expect(apiExamples).toHaveLength(1);
+  expect(run(apiExamples[0] ?? '', 2).trim().split('\n')).toEqual(['0 0', 'before']);
+});
