@@ -1,3 +1,6 @@
+import { bdrvAllCreateSnapshot, bdrvAllDeleteSnapshot, bdrvAllGotoSnapshot, type GroupDisk } from '../src/block/snapshot-group.js';
+import { Machine } from '../src/machine/machine.js';
+import { delVm, loadVm, saveVm } from '../src/machine/savevm.js';
 /**
  * The locking contract at compile time: a call made without the proofs its signature demands must
  * not compile. Every `@ts-expect-error` below is a call that has to be refused; if one compiles,
@@ -224,4 +227,36 @@ test('I/O calls do not compile with a proof in front', () => {
     void bdrvPwrite(drained, node, 0, new Uint8Array(512));
   }
   expectTypeOf(compileOnlyIo).toBeFunction();
+});
+
+test('group snapshot operations need Bql and a drain-all proof; a one-node proof does not do', () => {
+  function compileOnlyGroup(bql: Bql, all: DrainedAll, one: Drained<BlockNode>, disks: GroupDisk[], info: SnapshotInfo): void {
+    void bdrvAllCreateSnapshot(bql, all, disks, info, null);
+    void bdrvAllGotoSnapshot(bql, all, disks, 's1');
+    void bdrvAllDeleteSnapshot(bql, all, disks, 's1');
+    // @ts-expect-error -- a drained section of one node is not a drain of all
+    void bdrvAllCreateSnapshot(bql, one, disks, info, null);
+    // @ts-expect-error -- no drain proof at all
+    void bdrvAllGotoSnapshot(bql, disks, 's1');
+    // @ts-expect-error -- no Bql
+    void bdrvAllDeleteSnapshot(all, disks, 's1');
+  }
+  expectTypeOf(compileOnlyGroup).toBeFunction();
+  expectTypeOf(bdrvAllCreateSnapshot).parameter(1).toEqualTypeOf<DrainedAll>();
+  expectTypeOf(bdrvAllGotoSnapshot).parameter(1).toEqualTypeOf<DrainedAll>();
+  expectTypeOf(bdrvAllDeleteSnapshot).parameter(1).toEqualTypeOf<DrainedAll>();
+});
+
+test('machine and VM snapshot calls need the Bql', () => {
+  function compileOnlyMachine(bql: Bql, m: Machine): void {
+    void saveVm(bql, m, 'tag');
+    void loadVm(bql, m, 'tag');
+    void delVm(bql, m, 'tag');
+    void m.stop(bql);
+    // @ts-expect-error -- savevm without the Big Lock
+    void saveVm(m, 'tag');
+    // @ts-expect-error -- stop without the Big Lock
+    void m.stop();
+  }
+  expectTypeOf(compileOnlyMachine).toBeFunction();
 });
