@@ -104,6 +104,29 @@ function copiedPassCached(s: Qcow2State, t: Table): boolean | null {
   return updates.length > 0;
 }
 
+/** An L1 table to walk: the active one from memory, a snapshot's from the file. */
+interface L1Walk {
+  active: boolean;
+  l1: Uint8Array;
+  l1v: DataView;
+  /** Entries to walk. */
+  n: number;
+  /** The L2 table offset in entry `i` (0: none), refusing an unaligned one. */
+  l2At: (i: number) => number;
+}
+
+async function openL1Walk(s: Qcow2State, l1Offset: number, l1Size: number): Promise<L1Walk> {
+  const active = l1Offset === s.header.l1TableOffset;
+  const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, 'snapshot L1 table');
+  const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+  const l2At = (i: number): number => {
+    const off = entryOffset(entryHi(l1v, i), entryLo(l1v, i));
+    if (off % s.clusterSize !== 0) throw s.corrupt(`L2 table offset ${off} unaligned (L1 index: ${i})`, 'l1_table');
+    return off;
+  };
+  return { active, l1, l1v, n: Math.min(l1Size, l1.length / 8), l2At };
+}
+
 /**
  * QEMU's qcow2_update_snapshot_refcount: adds `addend` (-1, 0, +1) to the refcount of every L2
  * table and data cluster reachable from the L1 table at `l1Offset`, then recomputes the COPIED
@@ -123,15 +146,7 @@ export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1
  */
 export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
   const C = s.clusterSize;
-  const active = l1Offset === s.header.l1TableOffset;
-  const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, 'snapshot L1 table');
-  const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-  const n = Math.min(l1Size, l1.length / 8);
-  const l2At = (i: number): number => {
-    const off = entryOffset(entryHi(l1v, i), entryLo(l1v, i));
-    if (off % C !== 0) throw s.corrupt(`L2 table offset ${off} unaligned (L1 index: ${i})`, 'l1_table');
-    return off;
-  };
+  const { n, l2At } = await openL1Walk(s, l1Offset, l1Size);
   if (addend !== 0) {
     beginRefcountBatch(s);
     try {
@@ -159,15 +174,7 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
  */
 export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
   const C = s.clusterSize;
-  const active = l1Offset === s.header.l1TableOffset;
-  const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, 'snapshot L1 table');
-  const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-  const n = Math.min(l1Size, l1.length / 8);
-  const l2At = (i: number): number => {
-    const off = entryOffset(entryHi(l1v, i), entryLo(l1v, i));
-    if (off % C !== 0) throw s.corrupt(`L2 table offset ${off} unaligned (L1 index: ${i})`, 'l1_table');
-    return off;
-  };
+  const { active, l1, l1v, n, l2At } = await openL1Walk(s, l1Offset, l1Size);
   let l1Changed = false;
   for (let i = 0; i < n; i++) {
     const off = l2At(i);
