@@ -81,6 +81,8 @@ export class Machine {
   private vmClockBase = 0;
   private runningSince = 0;
   private readonly seed: number;
+  /** Errors of vCPU workers that died (shown by `info guest`). */
+  readonly vcpuErrors: string[] = [];
   /** Keeps the process alive while the machine exists (Atomics.waitAsync holds no reference). */
   private keepAlive: ReturnType<typeof setInterval> | null = null;
 
@@ -173,6 +175,12 @@ export class Machine {
           workerData: { index: i, vcpus: this.vcpus, disks: writable, control: this.control.buffer, slots: this.slots.buffer, slotOffsets: this.slotOffsets.buffer, ram: this.ram, cpu: this.cpu.buffer },
         });
         w.unref();
+        // a vCPU that dies counts as paused, so that stop never waits for it; the error is kept
+        w.on('error', (e: unknown) => this.vcpuErrors.push(`vCPU ${i}: ${e instanceof Error ? e.message : String(e)}`));
+        w.on('exit', () => {
+          Atomics.store(this.control, CTL_PAUSED + i, 1);
+          Atomics.notify(this.control, CTL_PAUSED + i);
+        });
         this.workers.push(w);
       }
     }

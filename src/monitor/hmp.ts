@@ -130,6 +130,7 @@ export class Monitor {
     this.out(`guest: ${m.guest ? 'running the workload' : 'no workload'}; writes ${r.writes}, reads ${r.reads}, self-check errors ${r.errors}`);
     const bad = r.mismatches.slice(0, 5).map((x) => `${x.disk}:${x.block}`);
     this.out(`disks: ${r.checked} blocks checked, ${r.mismatches.length} mismatches${bad.length > 0 ? ` (${bad.join(', ')}${r.mismatches.length > 5 ? ', ...' : ''})` : ''}`);
+    for (const e of m.vcpuErrors) this.out(`Error: ${e}`);
   }
 
   private async infoSnapshots(): Promise<void> {
