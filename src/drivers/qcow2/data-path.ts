@@ -163,16 +163,35 @@ async function readOldCluster(s: Qcow2State, hi: number, lo: number, type: Clust
   else into.fill(0);
 }
 
-/** Drops the references an L2 entry held (after the entry stopped pointing there). */
-async function releaseEntry(s: Qcow2State, hi: number, lo: number, type: ClusterType): Promise<void> {
+/**
+ * Drops the references that L2 entries held (after they stopped pointing there): host-contiguous
+ * clusters are freed as one range, so discarding a large area costs one refcount update per run,
+ * not one per cluster.
+ */
+async function releaseEntries(s: Qcow2State, old: Array<[number, number, ClusterType]>): Promise<void> {
+  if (old.length === 0) return;
   const quiet = s.whenNoInPlaceWrites();
   if (quiet !== undefined) await quiet;
-  if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) await freeClusters(s, entryOffset(hi, lo), s.clusterSize);
-  else if (type === ClusterType.Compressed) {
-    const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
-    const start = offset - (offset % 512);
-    await freeClusters(s, start, offset + bytes - start);
+  const C = s.clusterSize;
+  let runStart = -1;
+  let runLen = 0;
+  for (const [hi, lo, type] of old) {
+    if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
+      const off = entryOffset(hi, lo);
+      if (runLen > 0 && off === runStart + runLen * C) {
+        runLen++;
+        continue;
+      }
+      if (runLen > 0) await freeClusters(s, runStart, runLen * C);
+      runStart = off;
+      runLen = 1;
+    } else if (type === ClusterType.Compressed) {
+      const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
+      const start = offset - (offset % 512);
+      await freeClusters(s, start, offset + bytes - start);
+    }
   }
+  if (runLen > 0) await freeClusters(s, runStart, runLen * C);
 }
 
 /**
@@ -255,7 +274,7 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       setEntry(t.view, idx, newHost + k * C, true);
     }
     await s.writeMeta(t.offset + (first + i) * 8, t.bytes.subarray((first + i) * 8, (first + i + run) * 8), 'L2 table entries');
-    for (const [h, l, type] of old) await releaseEntry(s, h, l, type);
+    await releaseEntries(s, old);
     i += run;
   }
 }
@@ -310,7 +329,7 @@ export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters
         }
       }
       await s.writeMeta(t.offset + l2Index * 8, t.bytes.subarray(l2Index * 8, (l2Index + n) * 8), 'L2 table entries');
-      for (const [h, l, type] of old) await releaseEntry(s, h, l, type);
+      await releaseEntries(s, old);
       c += n;
     }
   }
