@@ -6,6 +6,7 @@
  * ordinary I/O requests), and `close` waits for the requests in flight.
  */
 import { blkDelete, blkFlush, blkGetLength, blkNew, blkPdiscard, blkPread, blkPwrite, blkPwriteZeroes, blkTruncate, type BlockBackend } from './block/backend.js';
+import { aioWaitWhile } from './block/aio-wait.js';
 import { withBql } from './block/bql.js';
 import { withDrained } from './block/drain.js';
 import { BlockError } from './block/errors.js';
@@ -157,6 +158,8 @@ export class Image {
     const blk = this.backend;
     const root = blk.root;
     if (root === null) return;
+    // requests still running or waiting in the queue complete first (as QEMU's blk_drain does)
+    await aioWaitWhile(() => blk.inFlight > 0 || blk.queued.length > 0);
     if (!blk.readOnly) await blkFlush(blk);
     await withBql(async (bql) => {
       await withDrained(bql, root, () => blkDelete(bql, blk));
