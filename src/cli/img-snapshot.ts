@@ -33,25 +33,18 @@ export async function imgSnapshot(args: string[], out: Out, err: Out): Promise<n
         out(snapshotHeader());
         for (const sn of sns) out(snapshotRow(sn));
       }
-    } else if (createTag !== undefined) {
+    } else {
+      // exactly one of them is set (checked above): qemu-img's wording for its failure
+      const [verb, tag, run] =
+        createTag !== undefined
+          ? (['create', createTag, () => img.createSnapshot(createTag, { icount: 0 })] as const)
+          : apply !== undefined
+            ? (['apply', apply, () => img.gotoSnapshot(apply)] as const)
+            : (['delete', del ?? '', () => img.deleteSnapshot(del ?? '')] as const);
       try {
-        await img.createSnapshot(createTag, { icount: 0 });
+        await run();
       } catch (e) {
-        err(`snapstack img: Could not create snapshot '${createTag}': ${describeError(e)}`);
-        return 1;
-      }
-    } else if (apply !== undefined) {
-      try {
-        await img.gotoSnapshot(apply);
-      } catch (e) {
-        err(`snapstack img: Could not apply snapshot '${apply}': ${describeError(e)}`);
-        return 1;
-      }
-    } else if (del !== undefined) {
-      try {
-        await img.deleteSnapshot(del);
-      } catch (e) {
-        err(`snapstack img: Could not delete snapshot '${del}': ${describeError(e)}`);
+        err(`snapstack img: Could not ${verb} snapshot '${tag}': ${describeError(e)}`);
         return 1;
       }
     }

@@ -32,7 +32,7 @@ import { assertDrained, type DrainedProof } from '../block/drain.js';
 import type { SnapshotInfo } from '../block/driver.js';
 import { BlockError, fromSystemError } from '../block/errors.js';
 import type { BlockNode } from '../block/node.js';
-import { findByIdAndName, findByIdOrName, findForLoadTmp, nextSnapshotId } from './snapshot-lookup.js';
+import { findByIdAndName, findByIdOrName, findForLoadTmp, nextSnapshotId, toSnapshotInfo } from './snapshot-lookup.js';
 
 /** The `format` member every index carries. */
 export const INDEX_FORMAT = 'snapstack-raw-snapshots';
@@ -124,19 +124,6 @@ function extraMembers(obj: Record<string, unknown>, known: readonly string[]): R
   const extra: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(obj)) if (!known.includes(k)) extra[k] = v;
   return extra;
-}
-
-/** A snapshot as the block layer lists it (the store's own members left out). */
-function toInfo(e: RawSnapshotEntry): SnapshotInfo {
-  return {
-    id: e.id,
-    name: e.name,
-    vmStateSize: e.vmStateSize,
-    dateSec: e.dateSec,
-    dateNsec: e.dateNsec,
-    vmClockNsec: e.vmClockNsec,
-    icount: e.icount,
-  };
 }
 
 /**
@@ -370,7 +357,7 @@ export class FileSnapshotStore {
    */
   list(bql: Bql): SnapshotInfo[] {
     assertBql(bql, 'file snapshot-list');
-    return this.readIndex(this.where()).snapshots.map(toInfo);
+    return this.readIndex(this.where()).snapshots.map(toSnapshotInfo);
   }
 
   /**
@@ -442,7 +429,7 @@ export class FileSnapshotStore {
     if (pendingTaken) unlinkQuiet(pending);
     const late = this.syncDirLate(w.dir, 'snapshot-create');
     if (late !== null) throw late;
-    return toInfo(entry);
+    return toSnapshotInfo(entry);
   }
 
   /**
@@ -505,7 +492,7 @@ export class FileSnapshotStore {
       unlinkQuiet(pendingTmp);
       late ??= this.fsError(e, `snapshot-goto (the image shows snapshot '${sn.id}', its VM state could not be restored)`, pending);
     }
-    return { fd: newFd, sizeBytes: sn.diskSize, info: toInfo(sn), lateError: late };
+    return { fd: newFd, sizeBytes: sn.diskSize, info: toSnapshotInfo(sn), lateError: late };
   }
 
   /**
@@ -537,7 +524,7 @@ export class FileSnapshotStore {
     if (sn.vmStateFile !== null) unlinkQuiet(path.join(w.dir, sn.vmStateFile));
     this.removeOrphans(w, rest);
     if (late !== null) throw late;
-    return toInfo(sn);
+    return toSnapshotInfo(sn);
   }
 
   /**
@@ -572,7 +559,7 @@ export class FileSnapshotStore {
       closeQuiet(fd);
       throw this.fsError(e, 'snapshot-load-tmp', src);
     }
-    return { fd, sizeBytes: size, info: toInfo(sn), vmStatePath: sn.vmStateFile === null ? null : path.join(w.dir, sn.vmStateFile) };
+    return { fd, sizeBytes: size, info: toSnapshotInfo(sn), vmStatePath: sn.vmStateFile === null ? null : path.join(w.dir, sn.vmStateFile) };
   }
 
   /**

@@ -6,6 +6,7 @@
  *
  * Common code: pure functions over a list, no lock, no I/O.
  */
+import type { SnapshotInfo } from '../block/driver.js';
 
 /** What a lookup needs of a snapshot. */
 export interface NamedSnapshot {
@@ -48,4 +49,12 @@ export function findByIdAndName<T extends NamedSnapshot>(list: readonly T[], id:
  */
 export function findForLoadTmp<T extends NamedSnapshot>(list: readonly T[], id: string | null, name: string | null): T | undefined {
   return findByIdAndName(list, id, name) ?? (id !== null && name === null ? findByIdOrName(list, id) : undefined);
+}
+
+/**
+ * The block layer's view of a driver's snapshot entry: the SnapshotInfo fields, nothing else.
+ * @locking common
+ */
+export function toSnapshotInfo(e: SnapshotInfo): SnapshotInfo {
+  return { id: e.id, name: e.name, vmStateSize: e.vmStateSize, dateSec: e.dateSec, dateNsec: e.dateNsec, vmClockNsec: e.vmClockNsec, icount: e.icount };
 }

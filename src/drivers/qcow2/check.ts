@@ -9,7 +9,7 @@
  * qcow2 lock while it runs.
  */
 import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './constants.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, TWO32 } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { checkNoMetadataOverlap } from './overlap.js';
 import { readSlot, refblockOffset, updateRefcount } from './refcount.js';
@@ -38,7 +38,6 @@ export interface RepairMode {
   errors: boolean;
 }
 
-const TWO32 = 0x100000000;
 
 /** Reference counts computed from the metadata, growing when something points past the end. */
 class Counts {

@@ -8,7 +8,7 @@
  */
 import { bdrvFlush } from '../../block/io.js';
 import { L1_HI_RESERVED, L1_LO_RESERVED } from './constants.js';
-import { entryHi, entryLo, entryOffset, isCopied, setEntry } from './entries.js';
+import { entryHi, entryLo, entryOffset, headerFields, isCopied, setEntry } from './entries.js';
 import { allocClusters, freeClusters } from './refcount.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
@@ -102,12 +102,7 @@ export async function growL1(s: Qcow2State, minEntries: number): Promise<void> {
     await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined); // nothing points there yet
     throw e;
   }
-  const hdr = new Uint8Array(12);
-  const hv = new DataView(hdr.buffer);
-  hv.setUint32(0, minEntries);
-  hv.setUint32(4, Math.floor(newOff / 0x100000000));
-  hv.setUint32(8, newOff % 0x100000000);
-  await s.writeMeta(36, hdr, 'header (L1 table pointer)');
+  await s.writeMeta(36, headerFields([[4, minEntries], [8, newOff]]), 'header (L1 table pointer)');
   const oldOff = s.header.l1TableOffset;
   const oldClusters = Math.ceil((s.l1Size * 8) / s.clusterSize);
   s.header.l1TableOffset = newOff;

@@ -57,3 +57,6 @@ export const MAX_L1_BYTES = 32 * 1024 * 1024;
 export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
 /** Host offsets must stay below 2^56 in the format; snapstack (JS numbers) below 2^53. */
 export const MAX_HOST_OFFSET = Number.MAX_SAFE_INTEGER;
+
+/** 2^32: 64-bit fields are handled as two 32-bit halves (offsets stay below 2^53). */
+export const TWO32 = 0x100000000;

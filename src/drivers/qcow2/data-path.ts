@@ -11,12 +11,13 @@
 import zlib from 'node:zlib';
 import type { BlockStatus } from '../../block/driver.js';
 import { bdrvPread, bdrvPwrite } from '../../block/io.js';
-import { HI_COMPRESSED, L2_HI_RESERVED, L2_LO_RESERVED } from './constants.js';
+import { L2_HI_RESERVED, L2_LO_RESERVED } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
 import { l2ForRead, l2ForWrite, splitGuestOffset } from './cluster-map.js';
 import { refuseDataOnMetadata } from './overlap.js';
 import { allocClusters, freeClusters } from './refcount.js';
 import type { Qcow2State } from './state.js';
+import type { Table } from './table-cache.js';
 
 /** The last decompressed cluster, keyed by its L2 entry (sequential reads hit it). */
 const lastDecompressed = new WeakMap<Qcow2State, { hi: number; lo: number; data: Uint8Array }>();
@@ -50,17 +51,43 @@ async function decompressCluster(s: Qcow2State, hi: number, lo: number): Promise
 }
 
 /**
+ * How many bytes from `n` (the part in the cluster at `l2Index`, at host offset `host`) a transfer
+ * may cover: following entries are taken while they are normal, contiguous on the host (and, for
+ * in-place writes, COPIED), up to `limit` bytes.
+ */
+function contiguousBytes(s: Qcow2State, t: Table, l2Index: number, host: number, n: number, limit: number, copiedOnly: boolean): number {
+  const C = s.clusterSize;
+  let expect = host + C;
+  for (let k = l2Index + 1; n < limit && k < s.l2Entries; k++, expect += C) {
+    const hi = entryHi(t.view, k);
+    const lo = entryLo(t.view, k);
+    if (l2EntryType(hi, lo, s.v3) !== ClusterType.Normal || (copiedOnly && !isCopied(hi)) || entryOffset(hi, lo) !== expect) break;
+    n = Math.min(n + C, limit);
+  }
+  return n;
+}
+
+/** Waits for the transfers a request submitted: the first one, and any others (usually none). */
+async function settle(first: Promise<void> | null, more: Array<Promise<void>> | null): Promise<void> {
+  if (more !== null) await Promise.all([first, ...more]);
+  else if (first !== null) await first;
+}
+
+/**
  * Reads `buf.length` bytes at guest offset `offset` (which may lie in the VM-state area).
  * @locking io
  */
 export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array): Promise<void> {
   const C = s.clusterSize;
   let done = 0;
-  const pending: Array<Promise<void>> = [];
+  let first: Promise<void> | null = null; // the usual case: one transfer, no array
+  let more: Array<Promise<void>> | null = null;
   while (done < buf.length) {
     const pos = offset + done;
     const inCluster = pos % C;
-    const { l1Index, l2Index } = splitGuestOffset(s, pos);
+    const cluster = (pos - inCluster) / C;
+    const l1Index = Math.floor(cluster / s.l2Entries);
+    const l2Index = cluster - l1Index * s.l2Entries;
     const t = await l2ForRead(s, l1Index);
     // everything from here to the submission is synchronous: the entries cannot change under us
     let n = Math.min(C - inCluster, buf.length - done);
@@ -75,18 +102,10 @@ export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array):
     const type = l2EntryType(hi, lo, s.v3);
     if (type === ClusterType.Normal) {
       const host = checkNormalEntry(s, hi, lo, pos);
-      // extend over following clusters that are contiguous on the host
-      let k = l2Index + 1;
-      let expect = host + C;
-      while (done + n < buf.length && k < s.l2Entries) {
-        const h2 = entryHi(t.view, k);
-        const l2 = entryLo(t.view, k);
-        if (l2EntryType(h2, l2, s.v3) !== ClusterType.Normal || entryOffset(h2, l2) !== expect) break;
-        n = Math.min(n + C, buf.length - done);
-        expect += C;
-        k++;
-      }
-      pending.push(bdrvPread(s.file, host + inCluster, buf.subarray(done, done + n)));
+      n = contiguousBytes(s, t, l2Index, host, n, buf.length - done, false);
+      const p = bdrvPread(s.file, host + inCluster, buf.subarray(done, done + n));
+      if (first === null) first = p;
+      else (more ??= []).push(p);
     } else if (type === ClusterType.Compressed) {
       const data = await decompressCluster(s, hi, lo);
       buf.set(data.subarray(inCluster, inCluster + n), done);
@@ -95,8 +114,7 @@ export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array):
     }
     done += n;
   }
-  if (pending.length === 1) await pending[0];
-  else if (pending.length > 1) await Promise.all(pending);
+  await settle(first, more);
 }
 
 /** One contiguous piece of a write that maps onto clusters allocated in place. */
@@ -117,42 +135,37 @@ async function writeInPlace(s: Qcow2State, host: number, data: Uint8Array): Prom
 export async function qcow2Write(s: Qcow2State, offset: number, buf: Uint8Array): Promise<void> {
   const C = s.clusterSize;
   let done = 0;
-  const pending: Array<Promise<void>> = [];
+  let first: Promise<void> | null = null; // the usual case: one transfer, no array
+  let more: Array<Promise<void>> | null = null;
   try {
     while (done < buf.length) {
       const pos = offset + done;
       const inCluster = pos % C;
-      const { l1Index, l2Index } = splitGuestOffset(s, pos);
+      const cluster = (pos - inCluster) / C;
+      const l1Index = Math.floor(cluster / s.l2Entries);
+      const l2Index = cluster - l1Index * s.l2Entries;
       const t = await l2ForRead(s, l1Index);
-      let n = Math.min(C - inCluster, buf.length - done);
-      if (t !== null && !s.lock.isLocked && (l1Index >= s.l1Size || isCopied(entryHi(s.l1View, l1Index)))) {
+      if (t !== null && !s.lock.isLocked && isCopied(entryHi(s.l1View, l1Index))) {
         const hi = entryHi(t.view, l2Index);
         const lo = entryLo(t.view, l2Index);
         if (l2EntryType(hi, lo, s.v3) === ClusterType.Normal && isCopied(hi)) {
           const host = checkNormalEntry(s, hi, lo, pos);
-          let k = l2Index + 1;
-          let expect = host + C;
-          while (done + n < buf.length && k < s.l2Entries) {
-            const h2 = entryHi(t.view, k);
-            const l2 = entryLo(t.view, k);
-            if (l2EntryType(h2, l2, s.v3) !== ClusterType.Normal || !isCopied(h2) || entryOffset(h2, l2) !== expect) break;
-            n = Math.min(n + C, buf.length - done);
-            expect += C;
-            k++;
-          }
+          const n = contiguousBytes(s, t, l2Index, host, Math.min(C - inCluster, buf.length - done), buf.length - done, true);
           refuseDataOnMetadata(s, host, n + inCluster, pos);
-          pending.push(writeInPlace(s, host + inCluster, buf.subarray(done, done + n)));
+          const p = writeInPlace(s, host + inCluster, buf.subarray(done, done + n));
+          if (first === null) first = p;
+          else (more ??= []).push(p);
           done += n;
           continue;
         }
       }
       // allocation: as many clusters as the request covers within this L2 table, under the lock
-      n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
+      const n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
       await s.lock.run(() => allocatingWrite(s, pos, buf.subarray(done, done + n)));
       done += n;
     }
   } finally {
-    if (pending.length > 0) await Promise.all(pending);
+    await settle(first, more);
   }
 }
 
@@ -280,9 +293,9 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
 }
 
 /**
- * Makes whole clusters read as zeros by their L2 entries (v3 zero flag; unallocated entries on v2
- * when nothing shares them is not attempted: v2 writes zeros instead). Returns false when the
- * image cannot (v2), so that the caller writes zeros.
+ * Makes whole clusters read as zeros by their L2 entries (the v3 zero flag), or with `discard`
+ * makes them unallocated. Returns false when the image cannot (a v2 image has no zero flag), so
+ * that the caller writes zeros instead.
  * @locking io
  */
 export async function qcow2ZeroClusters(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean): Promise<boolean> {
@@ -297,50 +310,40 @@ export async function qcow2ZeroClusters(s: Qcow2State, offset: number, clusters:
  */
 export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean): Promise<void> {
   const C = s.clusterSize;
-  {
-    let c = 0;
-    while (c < clusters) {
-      const pos = offset + c * C;
-      const { l1Index, l2Index } = splitGuestOffset(s, pos);
-      const n = Math.min(clusters - c, s.l2Entries - l2Index);
-      const existing = await l2ForRead(s, l1Index);
-      if (existing === null) {
-        c += n; // nothing allocated there: reads as zeros already
-        continue;
-      }
-      const t = await l2ForWrite(s, l1Index);
-      const old: Array<[number, number, ClusterType]> = [];
-      for (let k = 0; k < n; k++) {
-        const idx = l2Index + k;
-        const h = entryHi(t.view, idx);
-        const l = entryLo(t.view, idx);
-        const type = l2EntryType(h, l, s.v3);
-        if (discard) {
-          if (type === ClusterType.Unallocated) continue;
-          old.push([h, l, type]);
-          setEntryRaw(t.view, idx, 0, 0);
-        } else if (type === ClusterType.Unallocated || type === ClusterType.ZeroPlain) {
-          continue;
-        } else if (!mayUnmap && type === ClusterType.Normal && isCopied(h)) {
-          setEntry(t.view, idx, entryOffset(h, l), true, true); // keep the allocation, read zeros
-        } else {
-          old.push([h, l, type]);
-          setEntry(t.view, idx, 0, false, true);
-        }
-      }
-      await s.writeMeta(t.offset + l2Index * 8, t.bytes.subarray(l2Index * 8, (l2Index + n) * 8), 'L2 table entries');
-      await releaseEntries(s, old);
-      c += n;
+  let c = 0;
+  while (c < clusters) {
+    const pos = offset + c * C;
+    const { l1Index, l2Index } = splitGuestOffset(s, pos);
+    const n = Math.min(clusters - c, s.l2Entries - l2Index);
+    const existing = await l2ForRead(s, l1Index);
+    if (existing === null) {
+      c += n; // nothing allocated there: reads as zeros already
+      continue;
     }
+    const t = await l2ForWrite(s, l1Index);
+    const old: Array<[number, number, ClusterType]> = [];
+    for (let k = 0; k < n; k++) {
+      const idx = l2Index + k;
+      const h = entryHi(t.view, idx);
+      const l = entryLo(t.view, idx);
+      const type = l2EntryType(h, l, s.v3);
+      if (discard) {
+        if (type === ClusterType.Unallocated) continue;
+        old.push([h, l, type]);
+        setEntryRaw(t.view, idx, 0, 0);
+      } else if (type === ClusterType.Unallocated || type === ClusterType.ZeroPlain) {
+        continue;
+      } else if (!mayUnmap && type === ClusterType.Normal && isCopied(h)) {
+        setEntry(t.view, idx, entryOffset(h, l), true, true); // keep the allocation, read zeros
+      } else {
+        old.push([h, l, type]);
+        setEntry(t.view, idx, 0, false, true);
+      }
+    }
+    await s.writeMeta(t.offset + l2Index * 8, t.bytes.subarray(l2Index * 8, (l2Index + n) * 8), 'L2 table entries');
+    await releaseEntries(s, old);
+    c += n;
   }
-}
-
-/**
- * True when the high half of an entry marks a compressed cluster.
- * @locking common
- */
-export function isCompressedHi(hi: number): boolean {
-  return (hi & HI_COMPRESSED) !== 0;
 }
 
 /**

@@ -3,9 +3,8 @@
  * every entry is a high and a low 32-bit half; host offsets are whole numbers below 2^53.
  * Common code (pure functions on table bytes).
  */
-import { HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, LO_OFFSET_MASK, LO_ZERO } from './constants.js';
+import { HI_COMPRESSED, HI_COPIED, HI_OFFSET_MASK, LO_OFFSET_MASK, LO_ZERO, TWO32 } from './constants.js';
 
-const TWO32 = 0x100000000;
 
 /**
  * The high 32 bits of entry `i`.
@@ -91,4 +90,23 @@ export function compressedExtent(hi: number, lo: number, clusterBits: number): {
   const sectorMask = (1n << BigInt(clusterBits - 8)) - 1n;
   const nsectors = Number((v >> BigInt(x)) & sectorMask) + 1;
   return { offset, bytes: nsectors * 512 - (offset & 511) };
+}
+
+/**
+ * Adjacent big-endian header fields, ready for one write: each item is a 4- or 8-byte field and
+ * its value (header updates that must land together are written as one buffer).
+ * @locking common
+ */
+export function headerFields(fields: ReadonlyArray<readonly [4 | 8, number]>): Uint8Array {
+  const bytes = new Uint8Array(fields.reduce((n, [w]) => n + w, 0));
+  const v = new DataView(bytes.buffer);
+  let at = 0;
+  for (const [width, value] of fields) {
+    if (width === 8) {
+      v.setUint32(at, Math.floor(value / TWO32));
+      v.setUint32(at + 4, value % TWO32);
+    } else v.setUint32(at, value);
+    at += width;
+  }
+  return bytes;
 }

@@ -12,13 +12,13 @@
  */
 import { BlockError, type ErrorCode } from '../../block/errors.js';
 import {
+  COMPAT_LAZY_REFCOUNTS,
   EXT_END,
   EXT_FEATURE_TABLE,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
   INCOMPAT_EXTL2,
   INCOMPAT_KNOWN_MASK,
-  COMPAT_LAZY_REFCOUNTS,
   MAX_CLUSTER_BITS,
   MAX_HOST_OFFSET,
   MAX_L1_BYTES,
@@ -27,12 +27,12 @@ import {
   MIN_CLUSTER_BITS,
   QCOW_MAGIC,
   QEMU_V3_HEADER_LENGTH,
+  TWO32,
   V2_HEADER_LENGTH,
   V3_HEADER_LENGTH,
 } from './constants.js';
 import type { HeaderExtension, Qcow2Header } from './types.js';
 
-const TWO32 = 0x100000000;
 /** QEMU's limit on the backing file name (it keeps it in a 1024-byte buffer with the NUL). */
 const MAX_BACKING_FILE_SIZE = 1023;
 /** One entry of the feature-name table: u8 type, u8 bit, 46-byte name. */

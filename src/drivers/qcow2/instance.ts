@@ -14,22 +14,10 @@ import { INCOMPAT_CORRUPT, COMPAT_LAZY_REFCOUNTS } from './constants.js';
 import { qcow2BlockStatus, qcow2Read, qcow2Write, qcow2ZeroClusters } from './data-path.js';
 import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily, setDiskSize } from './snapshots.js';
 import type { Qcow2State } from './state.js';
-import type { SnapshotEntry } from './types.js';
+import { toSnapshotInfo } from '../snapshot-lookup.js';
 
 /** Largest chunk of explicit zeros written at once when the zero flag cannot be used. */
 const ZERO_CHUNK = 1024 * 1024;
-
-function toInfo(sn: SnapshotEntry): SnapshotInfo {
-  return {
-    id: sn.id,
-    name: sn.name,
-    vmStateSize: sn.vmStateSize,
-    dateSec: sn.dateSec,
-    dateNsec: sn.dateNsec,
-    vmClockNsec: sn.vmClockNsec,
-    icount: sn.icount,
-  };
-}
 
 /** The instance of one open qcow2 image. */
 export class Qcow2Instance implements BlockDriverInstance {
@@ -131,7 +119,7 @@ export class Qcow2Instance implements BlockDriverInstance {
     this.enterSnapshotOp(bql, drained, 'snapshot-create');
     this.refuseInTmpSnapshot('snapshot-create');
     const sn = await createSnapshot(bql, drained, this.state, info);
-    return toInfo(sn);
+    return toSnapshotInfo(sn);
   }
 
   /** Reverts the active state to the snapshot with this ID or name. */
@@ -145,13 +133,13 @@ export class Qcow2Instance implements BlockDriverInstance {
   async snapshotDelete(bql: Bql, drained: DrainedProof, id: string | null, name: string | null): Promise<SnapshotInfo> {
     this.enterSnapshotOp(bql, drained, 'snapshot-delete');
     this.refuseInTmpSnapshot('snapshot-delete');
-    return toInfo(await deleteSnapshot(bql, drained, this.state, id, name));
+    return toSnapshotInfo(await deleteSnapshot(bql, drained, this.state, id, name));
   }
 
   /** The snapshot table, in order. */
   async snapshotList(bql: Bql): Promise<SnapshotInfo[]> {
     assertBql(bql, 'qcow2 snapshot-list');
-    return this.state.snapshots.map(toInfo);
+    return this.state.snapshots.map(toSnapshotInfo);
   }
 
   /** Shows a snapshot instead of the active state; the node must be read-only. */

@@ -6,19 +6,12 @@
 import { BlockError } from '../../block/errors.js';
 import { bdrvGetLength, bdrvPread } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
-import { MAX_CLUSTER_BITS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, MIN_CLUSTER_BITS } from './constants.js';
+import { MAX_CLUSTER_BITS, MAX_SNAPSHOTS_SIZE, MIN_CLUSTER_BITS } from './constants.js';
 import { parseHeader } from './header.js';
 import { checkNoMetadataOverlap } from './overlap.js';
-import { parseSnapshotTable } from './snapshot-table.js';
+import { parseSnapshotTable, snapshotTableExtent } from './snapshot-table.js';
 import { Qcow2State } from './state.js';
 import type { Qcow2Header, SnapshotEntry } from './types.js';
-
-/** Bytes of a snapshot table entry before its extra data. */
-const ENTRY_HEADER = 40;
-
-function align8(n: number): number {
-  return n + ((8 - (n % 8)) % 8);
-}
 
 /**
  * Reads the first cluster of `file` (or the whole file when shorter) and parses the header.
@@ -36,26 +29,6 @@ export async function readQcow2Header(file: BlockNode, filename: string): Promis
   const first = new Uint8Array(Math.min(fileLength, 2 ** clusterBits));
   await bdrvPread(file, 0, first);
   return { header: parseHeader(first, fileLength, filename), fileLength };
-}
-
-/**
- * How many bytes of `buf` the first `nb` snapshot table entries take, or -1 when `buf` ends
- * before they do (the caller reads more).
- */
-function snapshotTableExtent(buf: Uint8Array, nb: number): number {
-  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  let off = 0;
-  for (let i = 0; i < nb; i++) {
-    off = align8(off);
-    if (off + ENTRY_HEADER > buf.length) return -1;
-    const idSize = view.getUint16(off + 12);
-    const nameSize = view.getUint16(off + 14);
-    const extra = view.getUint32(off + 36);
-    if (extra > MAX_SNAPSHOT_EXTRA_DATA) return off + ENTRY_HEADER; // the parser names the field
-    off += ENTRY_HEADER + extra + idSize + nameSize;
-    if (off > buf.length) return -1;
-  }
-  return off;
 }
 
 /**

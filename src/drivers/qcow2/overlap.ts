@@ -17,7 +17,18 @@ export interface MetaRange {
   what: string;
 }
 
-const cache = new WeakMap<Qcow2State, { key: string; snapshots: readonly unknown[]; ranges: MetaRange[] }>();
+/** The ranges, and what they were computed from (compared field by field: no key to build per write). */
+interface CachedRanges {
+  l1TableOffset: number;
+  l1Size: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  refblockGeneration: number;
+  snapshots: readonly unknown[];
+  ranges: MetaRange[];
+}
+
+const cache = new WeakMap<Qcow2State, CachedRanges>();
 
 function roundUp(n: number, c: number): number {
   return Math.ceil(n / c) * c;
@@ -29,10 +40,20 @@ function roundUp(n: number, c: number): number {
  */
 export function metadataRanges(s: Qcow2State): MetaRange[] {
   const h = s.header;
-  const key = `${h.l1TableOffset}:${h.l1Size}:${h.refcountTableOffset}:${h.refcountTableClusters}:${h.snapshotsOffset}:${h.nbSnapshots}:${s.snapshots.length}:${s.refblockGeneration}`;
   const hit = cache.get(s);
-  // the snapshot list is replaced (never changed in place) whenever the table is rewritten
-  if (hit !== undefined && hit.key === key && hit.snapshots === s.snapshots) return hit.ranges;
+  // the snapshot list is replaced (never changed in place) whenever the table is rewritten, so
+  // its identity also stands for the snapshot table's offset and size
+  if (
+    hit !== undefined &&
+    hit.snapshots === s.snapshots &&
+    hit.l1TableOffset === h.l1TableOffset &&
+    hit.l1Size === h.l1Size &&
+    hit.refcountTableOffset === h.refcountTableOffset &&
+    hit.refcountTableClusters === h.refcountTableClusters &&
+    hit.refblockGeneration === s.refblockGeneration
+  ) {
+    return hit.ranges;
+  }
   const C = s.clusterSize;
   const ranges: MetaRange[] = [{ start: 0, end: C, what: 'header' }];
   if (h.l1Size > 0) ranges.push({ start: h.l1TableOffset, end: h.l1TableOffset + roundUp(h.l1Size * 8, C), what: 'active L1 table' });
@@ -46,7 +67,15 @@ export function metadataRanges(s: Qcow2State): MetaRange[] {
     if (sn.l1Size > 0) ranges.push({ start: sn.l1TableOffset, end: sn.l1TableOffset + roundUp(sn.l1Size * 8, C), what: `L1 table of snapshot '${sn.name}'` });
   }
   ranges.sort((a, b) => a.start - b.start);
-  cache.set(s, { key, snapshots: s.snapshots, ranges });
+  cache.set(s, {
+    l1TableOffset: h.l1TableOffset,
+    l1Size: h.l1Size,
+    refcountTableOffset: h.refcountTableOffset,
+    refcountTableClusters: h.refcountTableClusters,
+    refblockGeneration: s.refblockGeneration,
+    snapshots: s.snapshots,
+    ranges,
+  });
   return ranges;
 }
 

@@ -10,12 +10,11 @@
  */
 import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
-import { REFT_LO_RESERVED } from './constants.js';
-import { entryHi, entryLo, entryOffset, setEntry } from './entries.js';
+import { REFT_LO_RESERVED, TWO32 } from './constants.js';
+import { entryHi, entryLo, entryOffset, headerFields, setEntry } from './entries.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
 
-const TWO32 = 0x100000000;
 
 /**
  * Reads slot `i` of a refcount block.
@@ -388,12 +387,7 @@ async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
   // 3. the new table, flushed before the header points at it
   await s.writeMeta(tableOff, table, 'new refcount table');
   await bdrvFlush(s.file);
-  const hdr = new Uint8Array(12);
-  const hv = new DataView(hdr.buffer);
-  hv.setUint32(0, Math.floor(tableOff / TWO32));
-  hv.setUint32(4, tableOff % TWO32);
-  hv.setUint32(8, tableClusters);
-  await s.writeMeta(48, hdr, 'header (refcount table pointer)');
+  await s.writeMeta(48, headerFields([[8, tableOff], [4, tableClusters]]), 'header (refcount table pointer)');
   const oldOff = s.header.refcountTableOffset;
   const oldClusters = s.header.refcountTableClusters;
   s.header.refcountTableOffset = tableOff;

@@ -13,10 +13,9 @@
  * as in QEMU's.
  */
 import { BlockError } from '../../block/errors.js';
-import { MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js';
+import { MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, MAX_SNAPSHOT_EXTRA_DATA, TWO32 } from './constants.js';
 import type { SnapshotEntry } from './types.js';
 
-const TWO32 = 0x100000000;
 /** The fixed part of an entry. */
 const ENTRY_HEADER = 40;
 /** The extra data QEMU knows today: vm_state_size_large, disk_size, icount. */
@@ -45,6 +44,27 @@ function u64(view: DataView, off: number, filename: string, i: number, field: st
     refuse('EINVAL', filename, field, `0x${big.toString(16)}`, `snapshot table entry ${i}: ${field} is too large`);
   }
   return hi * TWO32 + lo;
+}
+
+/**
+ * How many bytes of `buf` the first `nb` snapshot table entries take, or -1 when `buf` ends
+ * before they do (the caller reads more): what a reader needs to know to size its read.
+ * @locking common
+ */
+export function snapshotTableExtent(buf: Uint8Array, nb: number): number {
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  let off = 0;
+  for (let i = 0; i < nb; i++) {
+    off = align8(off);
+    if (off + ENTRY_HEADER > buf.length) return -1;
+    const idSize = view.getUint16(off + 12);
+    const nameSize = view.getUint16(off + 14);
+    const extra = view.getUint32(off + 36);
+    if (extra > MAX_SNAPSHOT_EXTRA_DATA) return off + ENTRY_HEADER; // the parser names the field
+    off += ENTRY_HEADER + extra + idSize + nameSize;
+    if (off > buf.length) return -1;
+  }
+  return off;
 }
 
 /**

@@ -11,7 +11,7 @@ import { assertDrained, type DrainedProof } from '../../block/drain.js';
 import { bdrvFlush } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js';
-import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
+import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, headerFields, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { growL1 } from './cluster-map.js';
 import { zeroClustersLocked } from './data-path.js';
 import { abortRefcountBatch, allocClusters, beginRefcountBatch, flushRefcountBatch, peekRefcount, freeClusters, getRefcount, updateRefcount } from './refcount.js';
@@ -19,8 +19,9 @@ import { serializeSnapshotTable } from './snapshot-table.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
 import type { SnapshotEntry } from './types.js';
+import type { SnapshotInfo } from '../../block/driver.js';
+import { findByIdAndName, findByIdOrName, findForLoadTmp, nextSnapshotId } from '../snapshot-lookup.js';
 
-const TWO32 = 0x100000000;
 
 /** Sets or clears bit 63 in the high half of an entry. */
 function withCopied(hi: number, copied: boolean): number {
@@ -229,12 +230,7 @@ export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]
     await bdrvFlush(s.file);
     if (clusters > 0) await s.writeMeta(newOff, bytes, 'snapshot table');
     await bdrvFlush(s.file);
-    const hdr = new Uint8Array(12);
-    const hv = new DataView(hdr.buffer);
-    hv.setUint32(0, entries.length);
-    hv.setUint32(4, Math.floor(newOff / TWO32));
-    hv.setUint32(8, newOff % TWO32);
-    await s.writeMeta(60, hdr, 'header (snapshot table pointer)'); // the commit point
+    await s.writeMeta(60, headerFields([[4, entries.length], [8, newOff]]), 'header (snapshot table pointer)'); // the commit point
   } catch (e) {
     if (clusters > 0) await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined);
     throw e;
@@ -260,48 +256,12 @@ function checkSnapshotL1(s: Qcow2State, sn: SnapshotEntry): void {
   }
 }
 
-/** QEMU's find_new_snapshot_id: one more than the largest numeric ID. */
-function newSnapshotId(s: Qcow2State): string {
-  let max = 0;
-  for (const sn of s.snapshots) {
-    const v = /^\d+$/.test(sn.id) ? Number(sn.id) : 0;
-    if (v > max) max = v;
-  }
-  return String(max + 1);
-}
-
-/**
- * Finds by ID first, then by name (goto's rule).
- * @locking common
- */
-export function findByIdOrName(s: Qcow2State, idOrName: string): SnapshotEntry | undefined {
-  return s.snapshots.find((sn) => sn.id === idOrName) ?? s.snapshots.find((sn) => sn.name === idOrName);
-}
-
-/**
- * Finds the first snapshot whose ID and name match (a null one is not compared).
- * @locking common
- */
-export function findByIdAndName(s: Qcow2State, id: string | null, name: string | null): SnapshotEntry | undefined {
-  return s.snapshots.find((sn) => (id === null || sn.id === id) && (name === null || sn.name === name));
-}
-
-/** What a new snapshot records (the driver assigns the ID and the L1 copy). */
-export interface NewSnapshot {
-  name: string;
-  vmStateSize: number;
-  dateSec: number;
-  dateNsec: number;
-  vmClockNsec: number;
-  icount: number;
-}
-
 /**
  * Creates a snapshot of the active state: copy of the L1, +1 on everything it reaches, the new
  * table, then the VM-state clusters leave the active image (the snapshot owns them).
  * @locking global-state
  */
-export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, info: NewSnapshot): Promise<SnapshotEntry> {
+export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, info: Omit<SnapshotInfo, 'id'>): Promise<SnapshotEntry> {
   assertDrained(bql, drained, s.node, 'qcow2 snapshot create');
   return s.lock.run(async () => {
     if (s.snapshots.length >= MAX_SNAPSHOTS) {
@@ -323,7 +283,7 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       entry = {
         l1TableOffset: l1Off,
         l1Size: s.l1Size,
-        id: newSnapshotId(s),
+        id: nextSnapshotId(s.snapshots),
         name: info.name,
         dateSec: info.dateSec,
         dateNsec: info.dateNsec,
@@ -360,7 +320,7 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
 export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, idOrName: string): Promise<SnapshotEntry> {
   assertDrained(bql, drained, s.node, 'qcow2 snapshot goto');
   return s.lock.run(async () => {
-    const sn = findByIdOrName(s, idOrName);
+    const sn = findByIdOrName(s.snapshots, idOrName);
     if (sn === undefined) {
       throw new BlockError('ENOENT', `Snapshot '${idOrName}' not found in '${s.filename}'`, { node: s.node.nodeName, value: idOrName });
     }
@@ -395,7 +355,7 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
 export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
   assertDrained(bql, drained, s.node, 'qcow2 snapshot delete');
   return s.lock.run(async () => {
-    const sn = findByIdAndName(s, id, name);
+    const sn = findByIdAndName(s.snapshots, id, name);
     if (sn === undefined) {
       throw new BlockError('ENOENT', `Can't find the snapshot (id ${id ?? 'any'}, name ${name ?? 'any'}) in '${s.filename}'`, {
         node: s.node.nodeName,
@@ -421,7 +381,7 @@ export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
 export async function loadSnapshotTemporarily(bql: Bql, s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
   assertBql(bql, 'qcow2 snapshot load-tmp');
   return s.lock.run(async () => {
-    const sn = findByIdAndName(s, id, name) ?? (id !== null && name === null ? findByIdOrName(s, id) : undefined);
+    const sn = findForLoadTmp(s.snapshots, id, name);
     if (sn === undefined) {
       throw new BlockError('ENOENT', `Can't find snapshot '${name ?? id ?? ''}' in '${s.filename}'`, { node: s.node.nodeName, value: name ?? id ?? '' });
     }
@@ -453,10 +413,6 @@ export async function setDiskSize(s: Qcow2State, sizeBytes: number): Promise<voi
     if (lastCluster > firstCluster) await zeroClustersLocked(s, firstCluster * s.clusterSize, lastCluster - firstCluster, true, true);
   }
   if (needL1 > s.l1Size) await growL1(s, needL1);
-  const b = new Uint8Array(8);
-  const v = new DataView(b.buffer);
-  v.setUint32(0, Math.floor(sizeBytes / TWO32));
-  v.setUint32(4, sizeBytes % TWO32);
-  await s.writeMeta(24, b, 'header (size)');
+  await s.writeMeta(24, headerFields([[8, sizeBytes]]), 'header (size)');
   s.header.size = sizeBytes;
 }
