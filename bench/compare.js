@@ -25,6 +25,7 @@ import { formatSize, parseArgs, usage, UsageError } from './lib/args.js';
 import { barChartSvg } from './lib/chart.js';
 import { liveTempDirs, prepareImage, removeTempDirs, runBenchmark, warnIfDistStale } from './lib/engine.js';
 import { detectTool, fioRun, probeFioEngine, probeQemuIoUring, qemuImgBenchTimed, qemuStrideBlocks, syncLoop } from './lib/peers.js';
+import { renderTable } from './lib/table.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 
@@ -103,20 +104,6 @@ function median(xs) {
 /** @param {number[]} xs */
 function spread(xs) {
   return xs.length === 0 ? null : { min: Math.min(...xs), median: median(xs), max: Math.max(...xs), n: xs.length };
-}
-
-/**
- * Renders rows of cells as an aligned text table or as Markdown.
- * @param {string[]} head @param {string[][]} rows @param {boolean} markdown @param {number} [leftColumns]
- */
-function renderTable(head, rows, markdown, leftColumns = 1) {
-  if (markdown) {
-    const line = (/** @type {string[]} */ cells) => `| ${cells.join(' | ')} |`;
-    return [line(head), line(head.map((_, i) => (i < leftColumns ? '---' : '---:'))), ...rows.map(line)].join('\n');
-  }
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const pad = (/** @type {string[]} */ cells) => cells.map((c, i) => (i < leftColumns ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
-  return [pad(head), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(pad)].join('\n');
 }
 
 /** @param {number} v @param {'IOPS' | 'MB/s'} unit */

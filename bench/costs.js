@@ -48,6 +48,7 @@ import {
 import { formatSize, parseArgs, usage, UsageError } from './lib/args.js';
 import { prepareImage, warnIfDistStale } from './lib/engine.js';
 import { LatencyHistogram } from './lib/histogram.js';
+import { renderTable } from './lib/table.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.join(HERE, '..', 'bin', 'snapstack.js');
@@ -156,20 +157,6 @@ function fmtUs(v) {
 /** @param {number} a @param {number} b */
 function fmtRatio(a, b) {
   return Number.isFinite(a) && Number.isFinite(b) && b > 0 ? (a / b).toFixed(2) : '';
-}
-
-/**
- * Renders rows of cells as an aligned text table or as Markdown.
- * @param {string[]} head @param {string[][]} rows @param {boolean} markdown @param {number} [leftColumns]
- */
-function renderTable(head, rows, markdown, leftColumns = 1) {
-  if (markdown) {
-    const line = (/** @type {string[]} */ cells) => `| ${cells.join(' | ')} |`;
-    return [line(head), line(head.map((_, i) => (i < leftColumns ? '---' : '---:'))), ...rows.map(line)].join('\n');
-  }
-  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const pad = (/** @type {string[]} */ cells) => cells.map((c, i) => (i < leftColumns ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
-  return [pad(head), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(pad)].join('\n');
 }
 
 /** @param {string} msg */
