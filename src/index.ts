@@ -28,7 +28,7 @@ export {
 } from './block/backend.js';
 export { bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvPdiscard, bdrvFlush, bdrvGetLength, bdrvTruncate } from './block/io.js';
 export { openNode, closeNode, findNode, listNodes, attachChild, detachChild } from './block/graph.js';
-export { IOThread, createIOThread, findIOThread, listIOThreads, destroyIOThread, shutdownIOThreads } from './block/iothread.js';
+export { IOThread, type IOThreadOptions, createIOThread, findIOThread, listIOThreads, destroyIOThread, shutdownIOThreads } from './block/iothread.js';
 export { queryBlock, queryNamedBlockNodes, formatInfoBlock, type NodeInfo, type BackendInfo } from './block/query.js';
 export { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotGoto, bdrvSnapshotDelete, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
 export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from './block/driver.js';

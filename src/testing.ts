@@ -3,3 +3,4 @@
  * says it wants to break an invariant on purpose (negative controls).
  */
 export { setDrainDisabledForTesting } from './block/drain.js';
+export { crashIOThreadForTesting } from './block/iothread.js';

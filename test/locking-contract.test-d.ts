@@ -29,7 +29,7 @@ import {
 import type { BlockDriver, BlockDriverInstance, SnapshotInfo, WriteZeroesFlags } from '../src/block/driver.js';
 import { attachChild, closeNode, detachChild, openNode } from '../src/block/graph.js';
 import { bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes } from '../src/block/io.js';
-import { createIOThread } from '../src/block/iothread.js';
+import { createIOThread, type IOThreadOptions } from '../src/block/iothread.js';
 import type { BdrvChild, BlockNode } from '../src/block/node.js';
 import type { NodeOptions } from '../src/block/options.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../src/block/snapshot.js';
@@ -189,7 +189,7 @@ test('global-state functions take the Bql first and snapshot changes take a drai
   expectTypeOf(closeNode).parameter(0).toEqualTypeOf<Bql>();
   expectTypeOf(attachChild).parameter(0).toEqualTypeOf<Bql>();
   expectTypeOf(blkNew).parameter(0).toEqualTypeOf<Bql>();
-  expectTypeOf(createIOThread).parameters.toEqualTypeOf<[Bql, string]>();
+  expectTypeOf(createIOThread).parameters.toEqualTypeOf<[Bql, string, IOThreadOptions?]>();
 });
 
 test('driver snapshot callbacks demand the BQL and a drained proof', () => {

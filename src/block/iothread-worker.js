@@ -1,32 +1,45 @@
 // @ts-check
 /**
- * The body of an IOThread worker: runs a batch of blocking transfers (pread, pwrite, fdatasync,
- * ftruncate) with synchronous syscalls, straight into and out of shared memory.
+ * The body of an I/O worker: serves one request ring (iothread-ring.js) with synchronous syscalls
+ * (pread, pwrite, fdatasync, ftruncate), straight into and out of shared memory.
  *
- * Runs on a worker thread, never on the main loop. It touches no block-layer state: the main loop
- * decided everything (file, offset, memory) and this code only moves bytes and reports, per
- * request, the byte count or a negative errno in the descriptor slot it was given.
- *
- * Descriptor layout (Float64Array, OPS_STRIDE numbers per request) must match iothread.ts:
- *   [op, fd, region, bufOffset, length, position]; the worker writes the result into `position`'s
- *   neighbour slot RESULT.
+ * Runs on a worker thread as a piscina task that serves the ring while requests keep coming,
+ * never on the main loop.
+ * It touches no block-layer state: the main loop decided everything (file, offset, memory) and
+ * this code only moves bytes and reports, per request, the byte count or a negative errno in the
+ * request's slot. Requests run in ring order.
  */
 import fs from 'node:fs';
 import os from 'node:os';
-
-const OPS_STRIDE = 7;
-const OP_READ = 1;
-const OP_WRITE = 2;
-const OP_WRITE_ZEROES = 3;
-const OP_FDATASYNC = 4;
-const OP_TRUNCATE = 5;
-const RESULT = 6;
+import { receiveMessageOnPort } from 'node:worker_threads';
+import {
+  CTL_DONE,
+  CTL_HEAD,
+  CTL_MAIN_WAITING,
+  CTL_REGION_SEQ,
+  CTL_STOP,
+  CTL_WORKER_STATE,
+  OP_FDATASYNC,
+  OP_READ,
+  OP_TRUNCATE,
+  OP_WRITE,
+  OP_WRITE_ZEROES,
+  RING_SLOTS,
+  SLOT_BUF_OFFSET,
+  SLOT_FD,
+  SLOT_LENGTH,
+  SLOT_OP,
+  SLOT_POSITION,
+  SLOT_REGION,
+  SLOT_RESULT,
+  SLOT_STRIDE,
+  WORKER_ACTIVE,
+  WORKER_IDLE,
+  pollWhileEqual,
+} from './iothread-ring.js';
 
 /** Zeros for write-zeroes requests, reused for every request. */
 const ZERO_CHUNK = new Uint8Array(1 << 20);
-
-/** @type {Map<number, Uint8Array>} registered shared memory regions by id */
-const regions = new Map();
 
 /**
  * @param {unknown} e
@@ -93,51 +106,109 @@ function writeZeroes(fd, len, pos) {
 }
 
 /**
- * Runs one batch. Returns the number of requests done (all of them: errors are per request).
- * @param {{ ops: Float64Array, count: number, staging: SharedArrayBuffer | null,
- *           newRegions: Array<[number, SharedArrayBuffer]> | null, deadRegions: number[] | null }} batch
+ * Runs the request in the slot at `s`; returns its result (bytes or a negative errno).
+ * @param {Float64Array} ops
+ * @param {number} s
+ * @param {Map<number, Uint8Array>} regions
  */
-export default function runBatch(batch) {
-  if (batch.newRegions !== null) for (const [id, sab] of batch.newRegions) regions.set(id, new Uint8Array(sab));
-  if (batch.deadRegions !== null) for (const id of batch.deadRegions) regions.delete(id);
-  const staging = batch.staging === null ? null : new Uint8Array(batch.staging);
-  const ops = batch.ops;
-  for (let i = 0; i < batch.count; i++) {
-    const base = i * OPS_STRIDE;
-    const op = ops[base] ?? 0;
-    const fd = ops[base + 1] ?? 0;
-    const region = ops[base + 2] ?? 0;
-    const off = ops[base + 3] ?? 0;
-    const len = ops[base + 4] ?? 0;
-    const pos = ops[base + 5] ?? 0;
-    try {
-      const mem = region < 0 ? staging : regions.get(region);
-      switch (op) {
-        case OP_READ:
-          if (!mem) throw Object.assign(new Error('unknown memory region'), { errno: -14 });
-          ops[base + RESULT] = readFully(fd, mem, off, len, pos);
-          break;
-        case OP_WRITE:
-          if (!mem) throw Object.assign(new Error('unknown memory region'), { errno: -14 });
-          ops[base + RESULT] = writeFully(fd, mem, off, len, pos);
-          break;
-        case OP_WRITE_ZEROES:
-          ops[base + RESULT] = writeZeroes(fd, len, pos);
-          break;
-        case OP_FDATASYNC:
-          fs.fdatasyncSync(fd);
-          ops[base + RESULT] = 0;
-          break;
-        case OP_TRUNCATE:
-          fs.ftruncateSync(fd, pos);
-          ops[base + RESULT] = 0;
-          break;
-        default:
-          ops[base + RESULT] = -22; // EINVAL
+function runRequest(ops, s, regions) {
+  const op = ops[s + SLOT_OP] ?? 0;
+  const fd = ops[s + SLOT_FD] ?? 0;
+  const len = ops[s + SLOT_LENGTH] ?? 0;
+  const pos = ops[s + SLOT_POSITION] ?? 0;
+  try {
+    switch (op) {
+      case OP_READ:
+      case OP_WRITE: {
+        const mem = regions.get(ops[s + SLOT_REGION] ?? -1);
+        if (mem === undefined) return -14; // EFAULT: a region the main loop never registered
+        const off = ops[s + SLOT_BUF_OFFSET] ?? 0;
+        return op === OP_READ ? readFully(fd, mem, off, len, pos) : writeFully(fd, mem, off, len, pos);
       }
-    } catch (e) {
-      ops[base + RESULT] = negErrno(e);
+      case OP_WRITE_ZEROES:
+        return writeZeroes(fd, len, pos);
+      case OP_FDATASYNC:
+        fs.fdatasyncSync(fd);
+        return 0;
+      case OP_TRUNCATE:
+        fs.ftruncateSync(fd, pos);
+        return 0;
+      default:
+        return -22; // EINVAL
+    }
+  } catch (e) {
+    return negErrno(e);
+  }
+}
+
+/** @type {Map<number, Uint8Array>} registered shared memory regions by id (kept across serve tasks) */
+const regions = new Map();
+/** @type {import('node:worker_threads').MessagePort | null} the channel to the main loop (regions in, wake-ups out), sent with the first task */
+let regionPort = null;
+let regionSeq = 0;
+
+/** Applies the region messages posted so far: `[id, SharedArrayBuffer]` pairs to map, ids to drop. */
+function receiveRegions() {
+  if (regionPort === null) return;
+  for (let m = receiveMessageOnPort(regionPort); m !== undefined; m = receiveMessageOnPort(regionPort)) {
+    const msg = /** @type {{ add: Array<[number, SharedArrayBuffer]>, drop: number[] }} */ (m.message);
+    for (const [id, sab] of msg.add) regions.set(id, new Uint8Array(sab));
+    for (const id of msg.drop) regions.delete(id);
+  }
+}
+
+/**
+ * Gives the ring up after an idle poll window: true when this task must return, false when a
+ * request arrived meanwhile and the task took the ring back (see WORKER_STATE in iothread-ring.js).
+ * @param {Int32Array} ctl
+ * @param {number} done
+ */
+function park(ctl, done) {
+  if (Atomics.compareExchange(ctl, CTL_WORKER_STATE, WORKER_ACTIVE, WORKER_IDLE) !== WORKER_ACTIVE) return true;
+  if (Atomics.load(ctl, CTL_HEAD) === done || Atomics.load(ctl, CTL_STOP) !== 0) return true;
+  // a request came in after the poll: keep serving unless the main loop already claimed the ring
+  return Atomics.compareExchange(ctl, CTL_WORKER_STATE, WORKER_IDLE, WORKER_ACTIVE) !== WORKER_IDLE;
+}
+
+/**
+ * Serves the ring until it has been empty for the poll window (or CTL_STOP is set), then returns
+ * the number of requests it ran. Requests run in ring order.
+ * @param {{ ctl: SharedArrayBuffer, ops: SharedArrayBuffer, port: import('node:worker_threads').MessagePort | null, pollMaxNs: number }} task
+ */
+export default function serve(task) {
+  const ctl = new Int32Array(task.ctl);
+  const ops = new Float64Array(task.ops);
+  if (task.port !== null) {
+    regionPort = task.port;
+    regions.clear();
+    regionSeq = 0;
+  }
+  Atomics.store(ctl, CTL_WORKER_STATE, WORKER_ACTIVE);
+  let done = Atomics.load(ctl, CTL_DONE);
+  let served = 0;
+  for (;;) {
+    let head = Atomics.load(ctl, CTL_HEAD);
+    if (head === done) {
+      if (Atomics.load(ctl, CTL_STOP) !== 0 || !pollWhileEqual(ctl, CTL_HEAD, done, task.pollMaxNs)) {
+        if (park(ctl, done)) return served;
+      }
+      head = Atomics.load(ctl, CTL_HEAD);
+    }
+    while (done !== head) {
+      // a request may name a region posted just before it was published
+      const seq = Atomics.load(ctl, CTL_REGION_SEQ);
+      if (seq !== regionSeq) {
+        receiveRegions();
+        regionSeq = seq;
+      }
+      const s = (done & (RING_SLOTS - 1)) * SLOT_STRIDE;
+      ops[s + SLOT_RESULT] = runRequest(ops, s, regions);
+      done = (done + 1) | 0;
+      served++;
+      Atomics.store(ctl, CTL_DONE, done);
+      if (Atomics.load(ctl, CTL_MAIN_WAITING) !== 0 && Atomics.exchange(ctl, CTL_MAIN_WAITING, 0) !== 0) {
+        regionPort?.postMessage(0); // wakes the main loop (see iothread-ring.js)
+      }
     }
   }
-  return batch.count;
 }

@@ -8,7 +8,8 @@ import { withBql } from './bql.js';
 import { BlockError } from './errors.js';
 import { closeNode, listNodes, openNode } from './graph.js';
 import { bdrvPread, bdrvPwrite, bdrvPwriteZeroes } from './io.js';
-import { createIOThread, destroyIOThread, findIOThread, listIOThreads, shutdownIOThreads, submitRead, submitWrite, type IOThread } from './iothread.js';
+import { spawnSync } from 'node:child_process';
+import { crashIOThreadForTesting, createIOThread, destroyIOThread, findIOThread, listIOThreads, shutdownIOThreads, submitRead, submitWrite, submitWriteZeroes, type IOThread } from './iothread.js';
 import type { BlockNode } from './node.js';
 
 let dir: string;
@@ -238,6 +239,79 @@ describe('transfers on an IOThread', () => {
     await Promise.all(writes.map((w) => w.p));
     const onDisk = new Uint8Array(fs.readFileSync(p));
     for (let k = 0; k < 100; k++) expect(sameBytes(onDisk.subarray(k * 512, k * 512 + 512), block(k, 3))).toBe(true);
+  });
+});
+
+describe('the request ring', () => {
+  it('queues requests beyond the ring\'s 256 slots and runs all 1000 in submission order', async () => {
+    const p = tempFile(0);
+    await withBql((bql) => createIOThread(bql, 'io-ring-full'));
+    const node = await openFileNode(p, 'io-ring-full');
+    // every block is written twice, the second time 500 requests later: the second must win
+    const first = Array.from({ length: 500 }, (_, k) => bdrvPwrite(node, k * 512, block(k, 1)));
+    const second = Array.from({ length: 500 }, (_, k) => bdrvPwrite(node, k * 512, block(k, 2)));
+    await Promise.all([...first, ...second]);
+    const onDisk = new Uint8Array(fs.readFileSync(p));
+    for (let k = 0; k < 500; k++) expect(sameBytes(onDisk.subarray(k * 512, k * 512 + 512), block(k, 2)), `block ${k}`).toBe(true);
+    expect(node.inFlight).toBe(0);
+  });
+
+  it('works with polling off (poll-max-ns=0): every completion wakes the main loop', async () => {
+    const p = tempFile(0);
+    await withBql((bql) => createIOThread(bql, 'io-no-poll', { pollMaxNs: 0 }));
+    const node = await openFileNode(p, 'io-no-poll');
+    for (let k = 0; k < 50; k++) await bdrvPwrite(node, k * 512, block(k, 4)); // one at a time: sleeps and wake-ups
+    await Promise.all(Array.from({ length: 50 }, (_, k) => bdrvPwrite(node, (50 + k) * 512, block(50 + k, 4))));
+    const back = new Uint8Array(100 * 512);
+    await bdrvPread(node, 0, back);
+    for (let k = 0; k < 100; k++) expect(sameBytes(back.subarray(k * 512, k * 512 + 512), block(k, 4)), `block ${k}`).toBe(true);
+  });
+
+  it('refuses a poll window that is not a non-negative integer, naming poll-max-ns', async () => {
+    await withBql(async (bql) => {
+      for (const bad of [-1, 1.5, Number.NaN]) {
+        const e = await rejection(() => createIOThread(bql, 'io-bad-poll', { pollMaxNs: bad }));
+        expect(e.code).toBe('EINVAL');
+        expect(e.message).toContain('poll-max-ns');
+      }
+      expect(listIOThreads(bql).map((t) => t.id)).not.toContain('io-bad-poll');
+    });
+  });
+
+  it('fails the in-flight requests of a crashed worker with EIO and serves later ones on a new worker', async () => {
+    const devNull = fs.openSync('/dev/null', 'w');
+    const t = await withBql((bql) => createIOThread(bql, 'io-crash'));
+    try {
+      // 1 TiB of zeros to /dev/null: a million 1 MiB writes, so the worker is still busy when it dies
+      const busy = tracked(submitWriteZeroes(t, devNull, 2 ** 40, 0, 'write-zeroes to /dev/null'));
+      await crashIOThreadForTesting(t);
+      const e = await rejection(busy.p);
+      expect(e.code).toBe('EIO');
+      expect(e.message).toContain('write-zeroes to /dev/null');
+      const p = tempFile(0);
+      const node = await openFileNode(p, 'io-crash');
+      await bdrvPwrite(node, 0, block(0, 6));
+      const back = new Uint8Array(512);
+      await bdrvPread(node, 0, back);
+      expect(sameBytes(back, block(0, 6))).toBe(true);
+    } finally {
+      fs.closeSync(devNull);
+    }
+  });
+
+  it('lets a process that forgot shutdownIOThreads exit once its requests are done', () => {
+    const script = `
+      const { openImage } = await import(${JSON.stringify(new URL('../../dist/index.js', import.meta.url).href)});
+      const img = await openImage(${JSON.stringify(tempFile(65536))}, { format: 'raw' });
+      await img.write(0, new Uint8Array(4096).fill(7));
+      const back = await img.read(0, 4096);
+      await img.close();
+      console.log(back.every((b) => b === 7) ? 'ok' : 'bad');`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', timeout: 60_000 });
+    expect(r.error, 'the process did not exit').toBeUndefined();
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe('ok');
+    expect(r.status).toBe(0);
   });
 });
 

@@ -1,22 +1,57 @@
 /**
- * IOThreads: worker threads (a piscina pool each) that run the blocking transfers off the main
- * loop, as QEMU's IOThreads and thread pool do.
+ * IOThreads: worker threads (a piscina pool of one worker each) that run the blocking transfers
+ * off the main loop, as QEMU's IOThreads and thread pool do.
  *
  * Submitting (`submit*`) is I/O code: any request may call it alongside others. Creating and
  * destroying IOThreads is global state (BQL). The design that keeps a 4 KiB request cheap:
- * - submissions made while a batch is already at the worker accumulate into the next batch, and
- *   one batch carries up to MAX_BATCH requests (QEMU's plug/unplug): one message round trip is
- *   shared by every request of the batch, and the worker does the transfers back to back;
- * - descriptors live in a reused SharedArrayBuffer: the worker writes each result in place, so a
- *   completion costs no serialisation;
- * - data in SharedArrayBuffer memory (guest RAM) is moved by the worker directly, without a copy;
- *   the SharedArrayBuffer is sent to the worker once (a registered region) and named by id after.
- *   Ordinary (non-shared) buffers go through a staging area: one copy each way.
- * A worker runs its batches in order, so requests to one IOThread execute in submission order.
+ * - requests travel through a ring in shared memory (iothread-ring.js), not through messages: the
+ *   main loop writes a descriptor and publishes it with one atomic store; the worker writes the
+ *   result in place and publishes it the same way. Nothing is serialised or allocated per request;
+ * - both sides poll before they sleep, as QEMU's IOThreads do (`poll-max-ns`): the worker keeps
+ *   polling for new requests for the poll window after the last one, and the main loop polls for
+ *   the completion of what it has just published (adaptively: after a poll that comes back empty
+ *   it stops polling for a while, and it never polls for more than a bounded time per turn of the
+ *   event loop, so timers and I/O callbacks still run). A wake-up across threads costs tens of µs
+ *   on a small VM; a 4 KiB read from the page cache costs two;
+ * - data in SharedArrayBuffer memory (guest RAM, the benchmarks' buffers) is moved by the worker
+ *   directly, without a copy; each SharedArrayBuffer is sent to the worker once (a registered
+ *   region) and named by id after. Ordinary buffers go through a pooled staging area: one copy
+ *   each way.
+ * Requests to one worker run in submission order.
  */
 import os from 'node:os';
+import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
+import { assertBql, type Bql } from './bql.js';
+import { BlockError, ERROR_CODES, type ErrorCode } from './errors.js';
+import {
+  CTL_BYTES,
+  CTL_DONE,
+  CTL_HEAD,
+  CTL_MAIN_WAITING,
+  CTL_REGION_SEQ,
+  CTL_STOP,
+  CTL_WORKER_STATE,
+  DEFAULT_POLL_MAX_NS,
+  OP_FDATASYNC,
+  OP_READ,
+  OP_TRUNCATE,
+  OP_WRITE,
+  OP_WRITE_ZEROES,
+  RING_SLOTS,
+  SLOT_BUF_OFFSET,
+  SLOT_FD,
+  SLOT_LENGTH,
+  SLOT_OP,
+  SLOT_POSITION,
+  SLOT_REGION,
+  SLOT_RESULT,
+  SLOT_STRIDE,
+  WORKER_CLAIMED,
+  WORKER_IDLE,
+  pollWhileEqual,
+} from './iothread-ring.js';
 
 /** piscina is loaded on the first IOThread: one-shot tools that never start one skip its load time. */
 let piscinaClass: typeof Piscina | null = null;
@@ -27,93 +62,131 @@ function loadPiscina(): typeof Piscina {
   }
   return piscinaClass;
 }
-import { assertBql, type Bql } from './bql.js';
-import { BlockError, ERROR_CODES, type ErrorCode } from './errors.js';
 
-const OPS_STRIDE = 7;
-/** Most bytes of staging areas an IOThread keeps for reuse. */
+/** Most bytes of staging areas a worker keeps for reuse. */
 const STAGING_POOL_BYTES = 32 * 1024 * 1024;
-const OP_READ = 1;
-const OP_WRITE = 2;
-const OP_WRITE_ZEROES = 3;
-const OP_FDATASYNC = 4;
-const OP_TRUNCATE = 5;
-const RESULT = 6;
-/** Requests per batch: bounds the descriptor memory and the latency of the last request. */
-const MAX_BATCH = 64;
-/** Batches a worker may hold at once (one running, one waiting at the worker). */
-const MAX_OUTSTANDING = 2;
+/** Longest the main loop polls for completions in one turn of the event loop before it yields. */
+const MAIN_POLL_BUDGET_MS = 0.5;
+/** Submissions after an empty main-loop poll during which the main loop does not poll. */
+const MAIN_POLL_BACKOFF = 64;
+
+/**
+ * Requests a default-pool worker holds before the next worker takes new ones. One polling worker
+ * serves a page-cache load best (two would compete with the main loop for the cores); more join
+ * only when requests queue up behind slow transfers.
+ */
+const SPILL_PENDING = 64;
 
 const WORKER_URL = new URL('./iothread-worker.js', import.meta.url);
 
-interface BatchMessage {
-  ops: Float64Array;
-  count: number;
-  staging: SharedArrayBuffer | null;
-  newRegions: Array<[number, SharedArrayBuffer]> | null;
-  deadRegions: number[] | null;
+/** The task that serves a ring (see iothread-worker.js). */
+interface ServeTask {
+  ctl: SharedArrayBuffer;
+  ops: SharedArrayBuffer;
+  port: MessagePort | null;
+  pollMaxNs: number;
 }
 
-/** One request's completion: resolve with the byte count or reject with a typed error. */
-interface Completion {
+/** A staging area for ordinary buffers: a registered SharedArrayBuffer and its view. */
+interface StagingArea {
+  sab: SharedArrayBuffer;
+  bytes: Uint8Array;
+}
+
+/** One ring slot's completion: preallocated and reused. */
+class Completion {
+  resolve: ((n: number) => void) | null = null;
+  reject: ((e: BlockError) => void) | null = null;
+  /** For staged reads: where the bytes go when the request completes. */
+  target: Uint8Array | null = null;
+  staging: StagingArea | null = null;
+  what = '';
+}
+
+/** A request waiting for a free ring slot. */
+interface Overflow {
+  op: number;
+  fd: number;
+  buf: Uint8Array | null;
+  length: number;
+  position: number;
+  what: string;
   resolve: (n: number) => void;
   reject: (e: BlockError) => void;
-  /** For staged reads: where the bytes go when the request completes. */
-  target: Uint8Array | null;
-  stagingOffset: number;
-  what: string;
 }
 
-/** A batch being filled or in flight; reused through a free list. */
-class Batch {
-  readonly ops = new Float64Array(new SharedArrayBuffer(MAX_BATCH * OPS_STRIDE * 8));
-  readonly completions: Completion[] = [];
-  count = 0;
-  stagingBytes = 0;
-  /** Non-shared buffers to copy into staging before sending (writes). */
-  readonly stagedWrites: Array<{ src: Uint8Array; offset: number }> = [];
-  newRegions: Array<[number, SharedArrayBuffer]> | null = null;
-
-  reset(): void {
-    this.count = 0;
-    this.stagingBytes = 0;
-    this.completions.length = 0;
-    this.stagedWrites.length = 0;
-    this.newRegions = null;
-  }
-}
+/** Settlement functions of the promise being built: set by promiseExecutor, read right after. */
+let newResolve: ((n: number) => void) | null = null;
+let newReject: ((e: BlockError) => void) | null = null;
+const promiseExecutor = (resolve: (n: number) => void, reject: (e: BlockError) => void): void => {
+  newResolve = resolve;
+  newReject = reject;
+};
 
 const errnoToCode = new Map<number, ErrorCode>(Object.entries(ERROR_CODES).map(([k, v]) => [v, k as ErrorCode]));
 
-/** One worker thread with its batches and its registered memory regions. */
+/** Options of a worker: how long each side polls before it sleeps (0: never polls). */
+export interface IOThreadOptions {
+  /** Nanoseconds to poll before sleeping, QEMU's `poll-max-ns` (default 32768). */
+  pollMaxNs?: number;
+}
+
+/** One worker thread with its request ring and its registered memory regions. */
 class IoWorker {
-  private readonly pool: Piscina<BatchMessage, number>;
-  /** Free staging areas by size: reused so that a batch allocates (and zero-fills) none. */
-  private readonly stagingPool = new Map<number, SharedArrayBuffer[]>();
-  private stagingPooledBytes = 0;
-  private readonly regionIds = new WeakMap<SharedArrayBuffer, number>();
-  private nextRegionId = 1;
-  private readonly deadRegions: number[] = [];
-  private readonly finalizer = new FinalizationRegistry<number>((id) => this.deadRegions.push(id));
-  private readonly freeBatches: Batch[] = [];
-  private filling: Batch | null = null;
-  private outstanding = 0;
+  private readonly pool: Piscina<ServeTask, number>;
+  private readonly ctl = new Int32Array(new SharedArrayBuffer(CTL_BYTES));
+  private readonly ops = new Float64Array(new SharedArrayBuffer(RING_SLOTS * SLOT_STRIDE * 8));
+  private readonly slots: Completion[] = Array.from({ length: RING_SLOTS }, () => new Completion());
+  private readonly overflow: Overflow[] = [];
+  private port: MessagePort;
+  /** Port to send with the next serve task (the first one only). */
+  private portToSend: MessagePort | null;
+  private head = 0;
+  private published = 0;
+  private seen = 0;
   private flushQueued = false;
+  private waiting = false;
+  private pollBackoff = 0;
+  private pollTurnStart = 0;
+  private readonly pollMaxNs: number;
+  /** Free staging areas by size: reused so that a request allocates (and zero-fills) none. */
+  private readonly stagingPool = new Map<number, StagingArea[]>();
+  private stagingPooledBytes = 0;
+  private regionIds = new WeakMap<SharedArrayBuffer, number>();
+  private nextRegionId = 1;
+  private newRegions: Array<[number, SharedArrayBuffer]> = [];
+  private deadRegions: number[] = [];
+  private readonly finalizer = new FinalizationRegistry<number>((id) => this.deadRegions.push(id));
+  private serving: Promise<unknown> = Promise.resolve();
+  /**
+   * Ref'd while a request is pending, so the process waits for its completion (the port that
+   * brings the wake-up is unref'd, and a serve task may return between requests).
+   */
+  private readonly keepAlive = setInterval(() => undefined, 1 << 30).unref();
   /** Requests submitted and not yet completed. */
   pending = 0;
   private closed = false;
   private idleWaiters: Array<() => void> = [];
 
-  constructor(readonly label: string) {
+  constructor(
+    readonly label: string,
+    options: IOThreadOptions = {},
+  ) {
+    this.pollMaxNs = options.pollMaxNs ?? DEFAULT_POLL_MAX_NS;
     const PiscinaClass = loadPiscina();
-    this.pool = new PiscinaClass<BatchMessage, number>({
+    this.pool = new PiscinaClass<ServeTask, number>({
       filename: WORKER_URL.href,
       minThreads: 1,
       maxThreads: 1,
-      concurrentTasksPerWorker: MAX_OUTSTANDING,
+      concurrentTasksPerWorker: 1,
       idleTimeout: Infinity,
       name: 'default',
     });
+    const channel = new MessageChannel();
+    this.port = channel.port1;
+    this.port.on('message', this.onWake);
+    this.port.unref();
+    this.portToSend = channel.port2;
   }
 
   submit(op: number, fd: number, buf: Uint8Array | null, length: number, position: number, what: string): Promise<number> {
@@ -122,44 +195,20 @@ class IoWorker {
     }
     // a zero-length transfer moves nothing: complete it here rather than stage an empty buffer
     if (length === 0 && (op === OP_READ || op === OP_WRITE || op === OP_WRITE_ZEROES)) return Promise.resolve(0);
-    let batch = this.filling;
-    if (batch === null || batch.count === MAX_BATCH) {
-      if (batch !== null) this.sendOrQueue();
-      batch = this.freeBatches.pop() ?? new Batch();
-      this.filling = batch;
-    }
-    const base = batch.count * OPS_STRIDE;
-    const ops = batch.ops;
-    ops[base] = op;
-    ops[base + 1] = fd;
-    ops[base + 4] = length;
-    ops[base + 5] = position;
-    ops[base + RESULT] = 0;
-    let target: Uint8Array | null = null;
-    let stagingOffset = 0;
-    if (buf === null) {
-      ops[base + 2] = -1;
-      ops[base + 3] = 0;
-    } else if (buf.buffer instanceof SharedArrayBuffer) {
-      ops[base + 2] = this.regionId(batch, buf.buffer);
-      ops[base + 3] = buf.byteOffset;
+    const promise = new Promise<number>(promiseExecutor);
+    const resolve = newResolve as (n: number) => void;
+    const reject = newReject as (e: BlockError) => void;
+    if (this.pending++ === 0) this.keepAlive.ref();
+    if (this.overflow.length > 0 || this.head - this.seen === RING_SLOTS) {
+      this.overflow.push({ op, fd, buf, length, position, what, resolve, reject });
     } else {
-      stagingOffset = batch.stagingBytes;
-      batch.stagingBytes += length + ((8 - (length % 8)) % 8); // 8-byte aligned, safe above 2 GiB
-      ops[base + 2] = -1;
-      ops[base + 3] = stagingOffset;
-      if (op === OP_WRITE) batch.stagedWrites.push({ src: buf, offset: stagingOffset });
-      else target = buf;
+      this.fillSlot(op, fd, buf, length, position, what, resolve, reject);
     }
-    batch.count++;
-    this.pending++;
-    return new Promise<number>((resolve, reject) => {
-      batch.completions.push({ resolve, reject, target, stagingOffset, what });
-      if (!this.flushQueued) {
-        this.flushQueued = true;
-        queueMicrotask(this.flushFromMicrotask);
-      }
-    });
+    if (!this.flushQueued) {
+      this.flushQueued = true;
+      queueMicrotask(this.flush);
+    }
+    return promise;
   }
 
   /** Resolves when nothing is pending on this worker. */
@@ -168,105 +217,254 @@ class IoWorker {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
+  /** Test hook: terminates the worker thread as a crash would (see src/testing.ts). */
+  async terminateForTesting(): Promise<void> {
+    await Promise.all(this.pool.threads.map((w) => w.terminate()));
+  }
+
   async close(): Promise<void> {
     this.closed = true;
     await this.whenIdle();
+    Atomics.store(this.ctl, CTL_STOP, 1);
+    clearInterval(this.keepAlive);
+    await this.serving;
+    this.port.close();
+    this.portToSend?.close();
     await this.pool.close();
   }
 
-  private readonly flushFromMicrotask = (): void => {
+  private fillSlot(
+    op: number,
+    fd: number,
+    buf: Uint8Array | null,
+    length: number,
+    position: number,
+    what: string,
+    resolve: (n: number) => void,
+    reject: (e: BlockError) => void,
+  ): void {
+    const slot = this.head & (RING_SLOTS - 1);
+    const s = slot * SLOT_STRIDE;
+    const ops = this.ops;
+    const c = this.slots[slot] as Completion;
+    ops[s + SLOT_OP] = op;
+    ops[s + SLOT_FD] = fd;
+    ops[s + SLOT_LENGTH] = length;
+    ops[s + SLOT_POSITION] = position;
+    ops[s + SLOT_RESULT] = 0;
+    if (buf === null) {
+      ops[s + SLOT_REGION] = -1;
+      ops[s + SLOT_BUF_OFFSET] = 0;
+    } else if (buf.buffer instanceof SharedArrayBuffer) {
+      ops[s + SLOT_REGION] = this.regionId(buf.buffer);
+      ops[s + SLOT_BUF_OFFSET] = buf.byteOffset;
+    } else {
+      const area = this.takeStaging(length);
+      ops[s + SLOT_REGION] = this.regionId(area.sab);
+      ops[s + SLOT_BUF_OFFSET] = 0;
+      if (op === OP_WRITE) area.bytes.set(buf);
+      else c.target = buf;
+      c.staging = area;
+    }
+    c.resolve = resolve;
+    c.reject = reject;
+    c.what = what;
+    this.head = (this.head + 1) | 0;
+  }
+
+  /** Publishes what was submitted since the last flush, then polls for its completion. */
+  private readonly flush = (): void => {
     this.flushQueued = false;
-    if (this.outstanding < MAX_OUTSTANDING) this.sendOrQueue();
+    if (this.head === this.published) return;
+    if (this.newRegions.length > 0 || this.deadRegions.length > 0) {
+      this.port.postMessage({ add: this.newRegions, drop: this.deadRegions });
+      this.newRegions = [];
+      this.deadRegions = [];
+      Atomics.add(this.ctl, CTL_REGION_SEQ, 1);
+    }
+    this.published = this.head;
+    Atomics.store(this.ctl, CTL_HEAD, this.head);
+    if (Atomics.load(this.ctl, CTL_WORKER_STATE) === WORKER_IDLE) this.startServing();
+    if (this.mayPoll()) {
+      if (pollWhileEqual(this.ctl, CTL_DONE, this.seen, this.pollMaxNs)) this.harvest();
+      else this.pollBackoff = MAIN_POLL_BACKOFF;
+    }
+    if (this.seen !== this.head && !this.waiting) this.waitForCompletions();
   };
 
-  private regionId(batch: Batch, sab: SharedArrayBuffer): number {
+  /** Whether the main loop may poll now: polling is on, not backing off, and this turn's budget is left. */
+  private mayPoll(): boolean {
+    if (this.pollMaxNs <= 0) return false;
+    if (this.pollBackoff > 0) {
+      this.pollBackoff--;
+      return false;
+    }
+    const now = performance.now();
+    if (this.pollTurnStart === 0) {
+      this.pollTurnStart = now;
+      setImmediate(this.endPollTurn);
+      return true;
+    }
+    return now - this.pollTurnStart < MAIN_POLL_BUDGET_MS;
+  }
+
+  private readonly endPollTurn = (): void => {
+    this.pollTurnStart = 0;
+  };
+
+  /** Starts a serve task unless one serves the ring already (see WORKER_STATE in iothread-ring.js). */
+  private startServing(): void {
+    if (Atomics.compareExchange(this.ctl, CTL_WORKER_STATE, WORKER_IDLE, WORKER_CLAIMED) !== WORKER_IDLE) return;
+    const port = this.portToSend;
+    this.portToSend = null;
+    const task: ServeTask = { ctl: this.ctl.buffer as SharedArrayBuffer, ops: this.ops.buffer as SharedArrayBuffer, port, pollMaxNs: this.pollMaxNs };
+    this.serving = this.pool.run(task, port === null ? {} : { transferList: [port] }).then(
+      () => undefined,
+      (e: unknown) => this.fail(e),
+    );
+  }
+
+  /** Asks the worker for a wake-up (a message on the port) on its next completion. */
+  private waitForCompletions(): void {
+    this.waiting = true;
+    Atomics.store(this.ctl, CTL_MAIN_WAITING, 1);
+    // a completion stored before the flag was set would post nothing: look once more
+    if (Atomics.load(this.ctl, CTL_DONE) !== this.seen && Atomics.exchange(this.ctl, CTL_MAIN_WAITING, 0) !== 0) {
+      queueMicrotask(this.onWake);
+    }
+  }
+
+  private readonly onWake = (): void => {
+    if (!this.waiting) return;
+    this.waiting = false;
+    this.harvest();
+    if (this.seen !== this.head) this.waitForCompletions();
+  };
+
+  /** Settles every completed request, in order, and moves waiting requests into the freed slots. */
+  private harvest(): void {
+    const done = Atomics.load(this.ctl, CTL_DONE);
+    const ops = this.ops;
+    while (this.seen !== done) {
+      const slot = this.seen & (RING_SLOTS - 1);
+      const c = this.slots[slot] as Completion;
+      const result = ops[slot * SLOT_STRIDE + SLOT_RESULT] ?? -5;
+      this.seen = (this.seen + 1) | 0;
+      this.settle(c, result, null);
+    }
+    this.afterSettle();
+  }
+
+  private settle(c: Completion, result: number, failure: unknown): void {
+    const { resolve, reject, target, staging, what } = c;
+    c.resolve = null;
+    c.reject = null;
+    c.target = null;
+    c.staging = null;
+    this.pending--;
+    if (result < 0) {
+      const code = errnoToCode.get(-result) ?? 'EIO';
+      const why = failure instanceof Error ? failure.message : `errno ${-result}`;
+      reject?.(new BlockError(code, `${what}: ${code} (${why})`, { op: what, cause: failure ?? undefined }));
+    } else {
+      if (target !== null && staging !== null) target.set(staging.bytes.subarray(0, target.length));
+      resolve?.(result);
+    }
+    if (staging !== null) this.returnStaging(staging);
+  }
+
+  private afterSettle(): void {
+    while (this.overflow.length > 0 && this.head - this.seen < RING_SLOTS) {
+      const o = this.overflow.shift() as Overflow;
+      this.fillSlot(o.op, o.fd, o.buf, o.length, o.position, o.what, o.resolve, o.reject);
+      if (!this.flushQueued) {
+        this.flushQueued = true;
+        queueMicrotask(this.flush);
+      }
+    }
+    if (this.pending === 0) {
+      this.keepAlive.unref();
+      if (this.idleWaiters.length > 0) for (const w of this.idleWaiters.splice(0)) w();
+    }
+  }
+
+  /**
+   * The serve task failed (its worker died): what it completed settles normally, the rest of the
+   * ring and the waiting requests fail with EIO, and the ring starts over on a fresh channel (a
+   * new worker knows no region), so later requests are served again.
+   */
+  private fail(e: unknown): void {
+    this.harvest();
+    const lost = this.overflow.splice(0);
+    while (this.seen !== this.head) {
+      const slot = this.seen & (RING_SLOTS - 1);
+      this.seen = (this.seen + 1) | 0;
+      this.settle(this.slots[slot] as Completion, -5, e);
+    }
+    this.ctl.fill(0);
+    this.head = this.published = this.seen = 0;
+    this.waiting = false;
+    this.port.close();
+    const channel = new MessageChannel();
+    this.port = channel.port1;
+    this.port.on('message', this.onWake);
+    this.port.unref();
+    this.portToSend = channel.port2;
+    this.regionIds = new WeakMap();
+    this.newRegions = [];
+    this.deadRegions = [];
+    for (const o of lost) {
+      this.pending--;
+      o.reject(new BlockError('EIO', `${o.what}: EIO (the I/O worker of '${this.label}' failed)`, { op: o.what, cause: e }));
+    }
+    this.afterSettle();
+  }
+
+  private regionId(sab: SharedArrayBuffer): number {
     let id = this.regionIds.get(sab);
     if (id === undefined) {
       id = this.nextRegionId++;
       this.regionIds.set(sab, id);
       this.finalizer.register(sab, id);
-      (batch.newRegions ??= []).push([id, sab]);
+      this.newRegions.push([id, sab]);
     }
     return id;
   }
 
-  /** Sends the filling batch if the worker has room; otherwise it keeps filling until a batch returns. */
-  private sendOrQueue(): void {
-    const batch = this.filling;
-    if (batch === null || batch.count === 0) return;
-    if (this.outstanding >= MAX_OUTSTANDING && batch.count < MAX_BATCH) return;
-    this.filling = null;
-    this.outstanding++;
-    let staging: SharedArrayBuffer | null = null;
-    if (batch.stagingBytes > 0) {
-      staging = this.takeStaging(batch.stagingBytes);
-      const view = new Uint8Array(staging);
-      for (const w of batch.stagedWrites) view.set(w.src, w.offset);
-    }
-    const dead = this.deadRegions.length > 0 ? this.deadRegions.splice(0) : null;
-    const msg: BatchMessage = { ops: batch.ops, count: batch.count, staging, newRegions: batch.newRegions, deadRegions: dead };
-    this.pool.run(msg).then(
-      () => this.complete(batch, staging, null),
-      (e: unknown) => this.complete(batch, staging, e),
-    );
-  }
-
   /** A staging area of at least `bytes` bytes: a pooled one when free, else a new one (power-of-two size). */
-  private takeStaging(bytes: number): SharedArrayBuffer {
+  private takeStaging(bytes: number): StagingArea {
     let size = 4096;
     while (size < bytes) size *= 2;
-    const free = this.stagingPool.get(size);
-    const sab = free?.pop();
-    if (sab !== undefined) {
+    const area = this.stagingPool.get(size)?.pop();
+    if (area !== undefined) {
       this.stagingPooledBytes -= size;
-      return sab;
+      return area;
     }
-    return new SharedArrayBuffer(size);
+    const sab = new SharedArrayBuffer(size);
+    return { sab, bytes: new Uint8Array(sab) };
   }
 
-  /** Keeps a staging area for the next batch (up to STAGING_POOL_BYTES in all). */
-  private returnStaging(sab: SharedArrayBuffer): void {
-    const size = sab.byteLength;
+  /** Keeps a staging area for a later request (up to STAGING_POOL_BYTES in all). */
+  private returnStaging(area: StagingArea): void {
+    const size = area.sab.byteLength;
     if (this.stagingPooledBytes + size > STAGING_POOL_BYTES) return;
     let list = this.stagingPool.get(size);
     if (list === undefined) {
       list = [];
       this.stagingPool.set(size, list);
     }
-    list.push(sab);
+    list.push(area);
     this.stagingPooledBytes += size;
   }
+}
 
-  private complete(batch: Batch, staging: SharedArrayBuffer | null, failure: unknown): void {
-    this.outstanding--;
-    const ops = batch.ops;
-    const stagingView = staging === null ? null : new Uint8Array(staging);
-    const n = batch.count;
-    for (let i = 0; i < n; i++) {
-      const c = batch.completions[i];
-      if (c === undefined) continue;
-      const result = failure === null ? (ops[i * OPS_STRIDE + RESULT] ?? -5) : -5;
-      if (result < 0) {
-        const code = errnoToCode.get(-result) ?? 'EIO';
-        const why = failure instanceof Error ? failure.message : `errno ${-result}`;
-        c.reject(new BlockError(code, `${c.what}: ${code} (${why})`, { op: c.what, cause: failure ?? undefined }));
-      } else {
-        if (c.target !== null && stagingView !== null) {
-          c.target.set(stagingView.subarray(c.stagingOffset, c.stagingOffset + c.target.length));
-        }
-        c.resolve(result);
-      }
-    }
-    if (staging !== null) this.returnStaging(staging);
-    this.pending -= n;
-    batch.reset();
-    this.freeBatches.push(batch);
-    if (this.pending === 0 && this.idleWaiters.length > 0) {
-      for (const w of this.idleWaiters.splice(0)) w();
-    }
-    // what accumulated while the worker was busy goes now, as one batch
-    if (this.filling !== null && this.filling.count > 0) this.sendOrQueue();
-  }
+/**
+ * Terminates the worker thread of `t` as a crash would: its in-flight requests fail with EIO and
+ * later ones run on a new worker. For tests only (exported through src/testing.ts).
+ * @locking common
+ */
+export async function crashIOThreadForTesting(t: IOThread): Promise<void> {
+  await t.worker.terminateForTesting();
 }
 
 /** A named IOThread: one worker thread that runs the transfers of the nodes bound to it. */
@@ -274,8 +472,11 @@ export class IOThread {
   /** @internal */
   readonly worker: IoWorker;
 
-  constructor(readonly id: string) {
-    this.worker = new IoWorker(id);
+  constructor(
+    readonly id: string,
+    options: IOThreadOptions = {},
+  ) {
+    this.worker = new IoWorker(id, options);
   }
 
   /** Requests submitted to this IOThread and not yet completed. */
@@ -289,10 +490,11 @@ const iothreads = new Map<string, IOThread>();
 let defaultPool: IoWorker[] | null = null;
 
 /**
- * Creates the IOThread `id` (QEMU's `-object iothread,id=ID`); EINVAL if it exists.
+ * Creates the IOThread `id` (QEMU's `-object iothread,id=ID[,poll-max-ns=N]`); EINVAL if it
+ * exists or the poll window is not a non-negative integer.
  * @locking global-state
  */
-export function createIOThread(bql: Bql, id: string): IOThread {
+export function createIOThread(bql: Bql, id: string, options: IOThreadOptions = {}): IOThread {
   assertBql(bql, 'createIOThread');
   if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(id)) {
     throw new BlockError('EINVAL', `Invalid IOThread id '${id}': it must start with a letter and hold letters, digits, '-', '.', '_'`, {
@@ -301,7 +503,11 @@ export function createIOThread(bql: Bql, id: string): IOThread {
     });
   }
   if (iothreads.has(id)) throw new BlockError('EINVAL', `IOThread '${id}' already exists`, { field: 'id', value: id });
-  const t = new IOThread(id);
+  const poll = options.pollMaxNs;
+  if (poll !== undefined && !(Number.isSafeInteger(poll) && poll >= 0)) {
+    throw new BlockError('EINVAL', `IOThread '${id}': poll-max-ns must be a non-negative integer, not ${poll}`, { field: 'poll-max-ns', value: String(poll) });
+  }
+  const t = new IOThread(id, options);
   iothreads.set(id, t);
   return t;
 }
@@ -356,10 +562,14 @@ function pickWorker(t: IOThread | null): IoWorker {
     const n = Math.max(1, Math.min(4, os.availableParallelism()));
     defaultPool = Array.from({ length: n }, (_, i) => new IoWorker(`main-loop pool #${i}`));
   }
-  // the least busy worker; ties go to the first one, so that a light load (queue depth 1) keeps
-  // one worker warm instead of waking every worker in turn (each wake-up costs tens of µs)
+  // the first worker with fewer than SPILL_PENDING requests, else the least busy one: a light
+  // load stays on one warm, polling worker; the next worker joins only when requests queue up
+  // (slow transfers that would otherwise wait behind each other)
   let best = defaultPool[0] as IoWorker;
-  for (const w of defaultPool) if (w.pending < best.pending) best = w;
+  for (const w of defaultPool) {
+    if (w.pending < SPILL_PENDING) return w;
+    if (w.pending < best.pending) best = w;
+  }
   return best;
 }
 

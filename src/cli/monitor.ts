@@ -19,7 +19,7 @@ import { Monitor } from '../monitor/hmp.js';
 import { runRepl } from '../monitor/repl.js';
 import { describeError } from './format.js';
 
-const USAGE = `usage: snapstack monitor [--object iothread,id=ID]... [--drive file=PATH,format=raw|qcow2,id=ID[,iothread=ID][,readonly=on]]...
+const USAGE = `usage: snapstack monitor [--object iothread,id=ID[,poll-max-ns=NS]]... [--drive file=PATH,format=raw|qcow2,id=ID[,iothread=ID][,readonly=on]]...
                          [-m SIZE] [--smp N] [--guest] [--demo]`;
 
 function addObject(bql: Bql, spec: string): void {
@@ -27,7 +27,16 @@ function addObject(bql: Bql, spec: string): void {
   if (o['qom-type'] !== 'iothread') throw new BlockError('EINVAL', `--object ${spec}: only 'iothread' objects are known`, { field: 'qom-type' });
   const id = o['id'];
   if (id === undefined) throw new BlockError('EINVAL', `--object ${spec}: 'id' is required`, { field: 'id' });
-  createIOThread(bql, id);
+  for (const key of Object.keys(o)) {
+    if (key !== 'qom-type' && key !== 'id' && key !== 'poll-max-ns') {
+      throw new BlockError('EINVAL', `--object ${spec}: unknown iothread property '${key}' (known: id, poll-max-ns)`, { field: key });
+    }
+  }
+  const poll = o['poll-max-ns'];
+  if (poll !== undefined && !/^\d+$/.test(poll)) {
+    throw new BlockError('EINVAL', `--object ${spec}: poll-max-ns must be a non-negative integer, not '${poll}'`, { field: 'poll-max-ns', value: poll });
+  }
+  createIOThread(bql, id, poll === undefined ? {} : { pollMaxNs: Number(poll) });
 }
 
 function demoSetup(dir: string): { objects: string[]; drives: string[] } {
