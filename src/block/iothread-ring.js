@@ -10,13 +10,17 @@
  * `done`. A slot is reused only once `done` has passed it. Counters wrap at 2^32 (compared only
  * for equality and by difference).
  *
- * Who serves: the worker runs a serve task (a piscina task) that polls the ring for new requests
- * for up to its poll window (QEMU's `poll-max-ns`) after the last one, then returns, so that an
- * idle worker neither burns a core nor keeps the process alive. WORKER_STATE says whether a task
- * serves the ring: a returning task moves it ACTIVE -> IDLE, the main loop, after publishing,
- * moves it IDLE -> CLAIMED and starts a new task, which moves it to ACTIVE. A returning task that
- * then sees a new request takes it back IDLE -> ACTIVE unless the main loop claimed it first, so
- * exactly one task serves the ring at a time (piscina runs the next task only after the last one).
+ * Who serves: the worker runs a serve task (a piscina task) that, once the ring is empty, polls
+ * it for up to its poll window (QEMU's `poll-max-ns`), then sleeps in Atomics.wait on HEAD for up
+ * to WORKER_SLEEP_MS, then returns, so that an idle worker neither burns a core nor keeps the
+ * process alive. WORKER_STATE says who serves the ring:
+ * - ACTIVE: a task runs or polls and will see what the main loop publishes;
+ * - SLEEPING: a task sleeps on HEAD: the main loop notifies HEAD after publishing;
+ * - IDLE: no task serves (or the running one is returning): the main loop moves it to CLAIMED
+ *   and starts a new task, which moves it to ACTIVE.
+ * A task leaving SLEEPING or returning re-reads HEAD after its state change and takes the ring
+ * back (IDLE -> ACTIVE by compare-exchange) unless the main loop claimed it first, so exactly
+ * one task serves the ring at a time (piscina runs the next task only after the last one).
  *
  * Completions: the main loop polls DONE for a while after publishing (see iothread.ts), and
  * otherwise sets MAIN_WAITING and waits for a message on its port; the worker, after storing DONE,
@@ -33,7 +37,7 @@
 export const CTL_HEAD = 0;
 /** Requests completed by the worker (worker writes). */
 export const CTL_DONE = 16;
-/** WORKER_IDLE, WORKER_ACTIVE or WORKER_CLAIMED: who serves the ring (both sides, by compare-exchange). */
+/** WORKER_IDLE, WORKER_ACTIVE, WORKER_SLEEPING or WORKER_CLAIMED: who serves the ring (see above). */
 export const CTL_WORKER_STATE = 32;
 /** 1 while the main loop waits for DONE to move; the worker clears it when it wakes the main loop. */
 export const CTL_MAIN_WAITING = 48;
@@ -47,6 +51,10 @@ export const WORKER_IDLE = 0;
 export const WORKER_ACTIVE = 1;
 /** The main loop has started a serve task that has not begun yet. */
 export const WORKER_CLAIMED = 2;
+/** A serve task sleeps in Atomics.wait on HEAD: publishing must notify it. */
+export const WORKER_SLEEPING = 3;
+/** How long an idle serve task sleeps on HEAD before it returns (a piscina task start costs more than a wake-up). */
+export const WORKER_SLEEP_MS = 50;
 /** Bytes of the control area. */
 export const CTL_BYTES = 96 * 4;
 

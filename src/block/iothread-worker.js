@@ -35,6 +35,8 @@ import {
   SLOT_STRIDE,
   WORKER_ACTIVE,
   WORKER_IDLE,
+  WORKER_SLEEPING,
+  WORKER_SLEEP_MS,
   pollWhileEqual,
 } from './iothread-ring.js';
 
@@ -158,21 +160,28 @@ function receiveRegions() {
 }
 
 /**
- * Gives the ring up after an idle poll window: true when this task must return, false when a
- * request arrived meanwhile and the task took the ring back (see WORKER_STATE in iothread-ring.js).
+ * Waits for a request after an idle poll window: sleeps on HEAD for up to WORKER_SLEEP_MS, then
+ * gives the ring up. Returns false when a request arrived and this task still serves the ring,
+ * true when the task must return (see WORKER_STATE in iothread-ring.js).
  * @param {Int32Array} ctl
  * @param {number} done
  */
-function park(ctl, done) {
-  if (Atomics.compareExchange(ctl, CTL_WORKER_STATE, WORKER_ACTIVE, WORKER_IDLE) !== WORKER_ACTIVE) return true;
+function sleepOrPark(ctl, done) {
+  if (Atomics.load(ctl, CTL_STOP) === 0) {
+    Atomics.store(ctl, CTL_WORKER_STATE, WORKER_SLEEPING);
+    Atomics.wait(ctl, CTL_HEAD, done, WORKER_SLEEP_MS);
+    Atomics.store(ctl, CTL_WORKER_STATE, WORKER_ACTIVE);
+    if (Atomics.load(ctl, CTL_HEAD) !== done) return false;
+  }
+  Atomics.store(ctl, CTL_WORKER_STATE, WORKER_IDLE);
   if (Atomics.load(ctl, CTL_HEAD) === done || Atomics.load(ctl, CTL_STOP) !== 0) return true;
-  // a request came in after the poll: keep serving unless the main loop already claimed the ring
+  // a request came in meanwhile: keep serving unless the main loop already claimed the ring
   return Atomics.compareExchange(ctl, CTL_WORKER_STATE, WORKER_IDLE, WORKER_ACTIVE) !== WORKER_IDLE;
 }
 
 /**
- * Serves the ring until it has been empty for the poll window (or CTL_STOP is set), then returns
- * the number of requests it ran. Requests run in ring order.
+ * Serves the ring until it has been empty for the poll window and the sleep after it (or CTL_STOP
+ * is set), then returns the number of requests it ran. Requests run in ring order.
  * @param {{ ctl: SharedArrayBuffer, ops: SharedArrayBuffer, port: import('node:worker_threads').MessagePort | null, pollMaxNs: number }} task
  */
 export default function serve(task) {
@@ -190,7 +199,7 @@ export default function serve(task) {
     let head = Atomics.load(ctl, CTL_HEAD);
     if (head === done) {
       if (Atomics.load(ctl, CTL_STOP) !== 0 || !pollWhileEqual(ctl, CTL_HEAD, done, task.pollMaxNs)) {
-        if (park(ctl, done)) return served;
+        if (sleepOrPark(ctl, done)) return served;
       }
       head = Atomics.load(ctl, CTL_HEAD);
     }

@@ -50,6 +50,7 @@ import {
   SLOT_STRIDE,
   WORKER_CLAIMED,
   WORKER_IDLE,
+  WORKER_SLEEPING,
   pollWhileEqual,
 } from './iothread-ring.js';
 
@@ -68,7 +69,7 @@ const STAGING_POOL_BYTES = 32 * 1024 * 1024;
 /** Longest the main loop polls for completions in one turn of the event loop before it yields. */
 const MAIN_POLL_BUDGET_MS = 0.5;
 /** Submissions after an empty main-loop poll during which the main loop does not poll. */
-const MAIN_POLL_BACKOFF = 64;
+const MAIN_POLL_BACKOFF = 16;
 
 /**
  * Requests a default-pool worker holds before the next worker takes new ones. One polling worker
@@ -226,6 +227,7 @@ class IoWorker {
     this.closed = true;
     await this.whenIdle();
     Atomics.store(this.ctl, CTL_STOP, 1);
+    Atomics.notify(this.ctl, CTL_HEAD);
     clearInterval(this.keepAlive);
     await this.serving;
     this.port.close();
@@ -284,7 +286,9 @@ class IoWorker {
     }
     this.published = this.head;
     Atomics.store(this.ctl, CTL_HEAD, this.head);
-    if (Atomics.load(this.ctl, CTL_WORKER_STATE) === WORKER_IDLE) this.startServing();
+    const state = Atomics.load(this.ctl, CTL_WORKER_STATE);
+    if (state === WORKER_SLEEPING) Atomics.notify(this.ctl, CTL_HEAD, 1);
+    else if (state === WORKER_IDLE) this.startServing();
     if (this.mayPoll()) {
       if (pollWhileEqual(this.ctl, CTL_DONE, this.seen, this.pollMaxNs)) this.harvest();
       else this.pollBackoff = MAIN_POLL_BACKOFF;
