@@ -8,7 +8,8 @@
  *   main loop writes a descriptor and publishes it with one atomic store; the worker writes the
  *   result in place and publishes it the same way. Nothing is serialised or allocated per request;
  * - both sides poll before they sleep, as QEMU's IOThreads do (`poll-max-ns`): the worker keeps
- *   polling for new requests for the poll window after the last one, and the main loop polls for
+ *   polling for new requests for the poll window after the last one (then sleeps on the ring,
+ *   then gives its thread back to piscina), and the main loop polls for
  *   the completion of what it has just published (adaptively: after a poll that comes back empty
  *   it stops polling for a while, and it never polls for more than a bounded time per turn of the
  *   event loop, so timers and I/O callbacks still run). A wake-up across threads costs tens of µs
@@ -66,17 +67,23 @@ function loadPiscina(): typeof Piscina {
 
 /** Most bytes of staging areas a worker keeps for reuse. */
 const STAGING_POOL_BYTES = 32 * 1024 * 1024;
-/** Longest the main loop polls for completions in one turn of the event loop before it yields. */
-const MAIN_POLL_BUDGET_MS = 0.5;
+/**
+ * Longest the main loop goes on collecting completions without yielding, within one turn of the
+ * event loop (by polling, or by finding more done when it was about to wait): past it, it lets
+ * the event loop turn, so timers and I/O callbacks are not starved by a fast request loop.
+ */
+const MAIN_TURN_BUDGET_MS = 0.5;
 /** Submissions after an empty main-loop poll during which the main loop does not poll. */
 const MAIN_POLL_BACKOFF = 16;
 
 /**
- * Requests a default-pool worker holds before the next worker takes new ones. One polling worker
- * serves a page-cache load best (two would compete with the main loop for the cores); more join
- * only when requests queue up behind slow transfers.
+ * Requests and bytes a default-pool worker holds before the next worker takes new ones. One
+ * polling worker serves small requests from the page cache best (two would compete with the main
+ * loop for the cores); more join when requests queue up behind slow transfers, or when large
+ * transfers (copies that keep a core busy) are pending.
  */
 const SPILL_PENDING = 64;
+const SPILL_BYTES = 2 * 1024 * 1024;
 
 const WORKER_URL = new URL('./iothread-worker.js', import.meta.url);
 
@@ -102,6 +109,8 @@ class Completion {
   target: Uint8Array | null = null;
   staging: StagingArea | null = null;
   what = '';
+  /** Bytes the request moves (counted in IoWorker.pendingBytes). */
+  length = 0;
 }
 
 /** A request waiting for a free ring slot. */
@@ -148,7 +157,7 @@ class IoWorker {
   private flushQueued = false;
   private waiting = false;
   private pollBackoff = 0;
-  private pollTurnStart = 0;
+  private turnStart = 0;
   private readonly pollMaxNs: number;
   /** Free staging areas by size: reused so that a request allocates (and zero-fills) none. */
   private readonly stagingPool = new Map<number, StagingArea[]>();
@@ -166,6 +175,8 @@ class IoWorker {
   private readonly keepAlive = setInterval(() => undefined, 1 << 30).unref();
   /** Requests submitted and not yet completed. */
   pending = 0;
+  /** Bytes those requests move. */
+  pendingBytes = 0;
   private closed = false;
   private idleWaiters: Array<() => void> = [];
 
@@ -200,6 +211,7 @@ class IoWorker {
     const resolve = newResolve as (n: number) => void;
     const reject = newReject as (e: BlockError) => void;
     if (this.pending++ === 0) this.keepAlive.ref();
+    this.pendingBytes += length;
     if (this.overflow.length > 0 || this.head - this.seen === RING_SLOTS) {
       this.overflow.push({ op, fd, buf, length, position, what, resolve, reject });
     } else {
@@ -271,6 +283,7 @@ class IoWorker {
     c.resolve = resolve;
     c.reject = reject;
     c.what = what;
+    c.length = length;
     this.head = (this.head + 1) | 0;
   }
 
@@ -303,17 +316,22 @@ class IoWorker {
       this.pollBackoff--;
       return false;
     }
-    const now = performance.now();
-    if (this.pollTurnStart === 0) {
-      this.pollTurnStart = now;
-      setImmediate(this.endPollTurn);
-      return true;
-    }
-    return now - this.pollTurnStart < MAIN_POLL_BUDGET_MS;
+    return this.turnBudgetLeft();
   }
 
-  private readonly endPollTurn = (): void => {
-    this.pollTurnStart = 0;
+  /** Whether this turn of the event loop has budget left (the first call of a turn starts it). */
+  private turnBudgetLeft(): boolean {
+    const now = performance.now();
+    if (this.turnStart === 0) {
+      this.turnStart = now;
+      setImmediate(this.endTurn);
+      return true;
+    }
+    return now - this.turnStart < MAIN_TURN_BUDGET_MS;
+  }
+
+  private readonly endTurn = (): void => {
+    this.turnStart = 0;
   };
 
   /** Starts a serve task unless one serves the ring already (see WORKER_STATE in iothread-ring.js). */
@@ -332,9 +350,11 @@ class IoWorker {
   private waitForCompletions(): void {
     this.waiting = true;
     Atomics.store(this.ctl, CTL_MAIN_WAITING, 1);
-    // a completion stored before the flag was set would post nothing: look once more
+    // a completion stored before the flag was set would post nothing: look once more, and yield
+    // to the event loop first when this turn has run long
     if (Atomics.load(this.ctl, CTL_DONE) !== this.seen && Atomics.exchange(this.ctl, CTL_MAIN_WAITING, 0) !== 0) {
-      queueMicrotask(this.onWake);
+      if (this.turnBudgetLeft()) queueMicrotask(this.onWake);
+      else setImmediate(this.onWake);
     }
   }
 
@@ -366,6 +386,7 @@ class IoWorker {
     c.target = null;
     c.staging = null;
     this.pending--;
+    this.pendingBytes -= c.length;
     if (result < 0) {
       const code = errnoToCode.get(-result) ?? 'EIO';
       const why = failure instanceof Error ? failure.message : `errno ${-result}`;
@@ -419,6 +440,7 @@ class IoWorker {
     this.deadRegions = [];
     for (const o of lost) {
       this.pending--;
+      this.pendingBytes -= o.length;
       o.reject(new BlockError('EIO', `${o.what}: EIO (the I/O worker of '${this.label}' failed)`, { op: o.what, cause: e }));
     }
     this.afterSettle();
@@ -566,13 +588,12 @@ function pickWorker(t: IOThread | null): IoWorker {
     const n = Math.max(1, Math.min(4, os.availableParallelism()));
     defaultPool = Array.from({ length: n }, (_, i) => new IoWorker(`main-loop pool #${i}`));
   }
-  // the first worker with fewer than SPILL_PENDING requests, else the least busy one: a light
-  // load stays on one warm, polling worker; the next worker joins only when requests queue up
-  // (slow transfers that would otherwise wait behind each other)
+  // the first worker below both spill limits, else the one with the fewest bytes pending: a light
+  // load stays on one warm, polling worker; the next one joins when requests queue up
   let best = defaultPool[0] as IoWorker;
   for (const w of defaultPool) {
-    if (w.pending < SPILL_PENDING) return w;
-    if (w.pending < best.pending) best = w;
+    if (w.pending < SPILL_PENDING && w.pendingBytes < SPILL_BYTES) return w;
+    if (w.pendingBytes < best.pendingBytes) best = w;
   }
   return best;
 }

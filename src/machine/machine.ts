@@ -25,6 +25,8 @@ import {
 } from './layout.js';
 import { decodeVmState, encodeVmState } from './vmstate.js';
 
+/** Longest the device loop sleeps without rescanning the request slots. */
+const DOORBELL_RESCAN_MS = 20;
 const VCPU_WORKER = new URL('./vcpu-worker.js', import.meta.url);
 /** Blocks per disk whose checksums the guest tracks (64 MiB of each disk at 4 KiB). */
 const MAX_TABLE_BLOCKS = 16384;
@@ -349,7 +351,10 @@ export class Machine {
       for (let i = 0; i < this.vcpus; i++) {
         if (Atomics.compareExchange(this.slots, i * SLOT_STRIDE + SLOT_STATE, SLOT_QUEUED, SLOT_RUNNING) === SLOT_QUEUED) this.serve(i);
       }
-      const w = Atomics.waitAsync(this.control, CTL_DOORBELL, seen);
+      // the timeout is a safety net: in Node 20 a wake-up of Atomics.waitAsync from another
+      // thread was seen to get lost under load (see src/block/iothread-ring.js); the slots are
+      // rescanned at least every DOORBELL_RESCAN_MS
+      const w = Atomics.waitAsync(this.control, CTL_DOORBELL, seen, DOORBELL_RESCAN_MS);
       if (w.async) await w.value;
     }
   }
