@@ -75,6 +75,12 @@ const STAGING_POOL_BYTES = 32 * 1024 * 1024;
 const MAIN_TURN_BUDGET_MS = 0.5;
 /** Submissions after an empty main-loop poll during which the main loop does not poll. */
 const MAIN_POLL_BACKOFF = 16;
+/**
+ * Requests above this size are not polled for (a copy that long outlasts the poll window), nor
+ * are flushes and truncations: while one is in the ring the main loop goes straight to waiting,
+ * and its miss does not stop the polling for the small requests after it.
+ */
+const POLL_MAX_BYTES = 256 * 1024;
 
 /**
  * Requests and bytes a default-pool worker holds before the next worker takes new ones. One
@@ -111,6 +117,8 @@ class Completion {
   what = '';
   /** Bytes the request moves (counted in IoWorker.pendingBytes). */
   length = 0;
+  /** Not worth polling for (counted in IoWorker.slowPending). */
+  slow = false;
 }
 
 /** A request waiting for a free ring slot. */
@@ -157,6 +165,8 @@ class IoWorker {
   private flushQueued = false;
   private waiting = false;
   private pollBackoff = 0;
+  /** Requests in the ring not worth polling for (completions come in order, so none is while one is there). */
+  private slowPending = 0;
   private turnStart = 0;
   private readonly pollMaxNs: number;
   /** Free staging areas by size: reused so that a request allocates (and zero-fills) none. */
@@ -284,6 +294,8 @@ class IoWorker {
     c.reject = reject;
     c.what = what;
     c.length = length;
+    c.slow = op === OP_FDATASYNC || op === OP_TRUNCATE || length > POLL_MAX_BYTES;
+    if (c.slow) this.slowPending++;
     this.head = (this.head + 1) | 0;
   }
 
@@ -302,7 +314,7 @@ class IoWorker {
     const state = Atomics.load(this.ctl, CTL_WORKER_STATE);
     if (state === WORKER_SLEEPING) Atomics.notify(this.ctl, CTL_HEAD, 1);
     else if (state === WORKER_IDLE) this.startServing();
-    if (this.mayPoll()) {
+    if (this.slowPending === 0 && this.mayPoll()) {
       if (pollWhileEqual(this.ctl, CTL_DONE, this.seen, this.pollMaxNs)) this.harvest();
       else this.pollBackoff = MAIN_POLL_BACKOFF;
     }
@@ -387,6 +399,7 @@ class IoWorker {
     c.staging = null;
     this.pending--;
     this.pendingBytes -= c.length;
+    if (c.slow) this.slowPending--;
     if (result < 0) {
       const code = errnoToCode.get(-result) ?? 'EIO';
       const why = failure instanceof Error ? failure.message : `errno ${-result}`;

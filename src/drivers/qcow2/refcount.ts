@@ -107,10 +107,12 @@ export async function flushRefcountBatch(s: Qcow2State): Promise<void> {
   const batch = s.refcountBatch;
   if (batch === null) return;
   s.refcountBatch = null;
+  const writes: Array<{ offset: number; data: Uint8Array; what: string }> = [];
   for (const [off, { table, lo, hi }] of batch) {
     s.refblockCache.insert(off, table.bytes);
-    await s.writeMeta(off + lo, table.bytes.subarray(lo, hi), 'refcount block');
+    writes.push({ offset: off + lo, data: table.bytes.subarray(lo, hi), what: 'refcount block' });
   }
+  await s.writeMetaAll(writes);
 }
 
 /**

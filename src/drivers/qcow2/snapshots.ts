@@ -105,6 +105,9 @@ function copiedPassCached(s: Qcow2State, t: Table): boolean | null {
   return updates.length > 0;
 }
 
+/** L2 tables read ahead of the one being walked (bounded to a quarter of the cache). */
+const L2_READAHEAD = 8;
+
 /** An L1 table to walk: the active one from memory, a snapshot's from the file. */
 interface L1Walk {
   active: boolean;
@@ -151,7 +154,14 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
   if (addend !== 0) {
     beginRefcountBatch(s);
     try {
+      // read ahead: the next few L2 tables load while this one is walked
+      const ahead = Math.min(L2_READAHEAD, s.l2Cache.size >> 2);
+      let prefetched = 0;
       for (let i = 0; i < n; i++) {
+        for (prefetched = Math.max(prefetched, i + 1); prefetched < n && prefetched <= i + ahead; prefetched++) {
+          const next = l2At(prefetched);
+          if (next !== 0) s.l2Cache.prefetch(next);
+        }
         const off = l2At(i);
         if (off === 0) continue;
         const t = await s.l2Cache.get(off);
@@ -177,6 +187,7 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
   const C = s.clusterSize;
   const { active, l1, l1v, n, l2At } = await openL1Walk(s, l1Offset, l1Size);
   let l1Changed = false;
+  const l2Writes: Array<{ offset: number; data: Uint8Array; what: string }> = [];
   for (let i = 0; i < n; i++) {
     const off = l2At(i);
     if (off === 0) continue;
@@ -199,7 +210,7 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
         }
       }
     }
-    if (changed) await s.writeMeta(off, t.bytes, 'L2 table');
+    if (changed) l2Writes.push({ offset: off, data: t.bytes, what: 'L2 table' });
     const l1hi = entryHi(l1v, i);
     const want = l2rc === 1;
     if (isCopied(l1hi) !== want) {
@@ -207,6 +218,7 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
       l1Changed = true;
     }
   }
+  await s.writeMetaAll(l2Writes);
   await bdrvFlush(s.file);
   if (addend >= 0 && l1Changed) {
     await s.writeMeta(l1Offset, l1.subarray(0, n * 8), active ? 'L1 table' : 'snapshot L1 table');

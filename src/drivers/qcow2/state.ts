@@ -159,6 +159,16 @@ export class Qcow2State {
     }
   }
 
+  /**
+   * Writes several metadata ranges at once (their order does not matter: the caller flushes after
+   * them): the transfers overlap instead of each waiting for the one before. Waits for every
+   * write to settle, then throws the first failure.
+   */
+  async writeMetaAll(writes: ReadonlyArray<{ offset: number; data: Uint8Array; what: string }>): Promise<void> {
+    const results = await Promise.allSettled(writes.map((w) => this.writeMeta(w.offset, w.data, w.what)));
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  }
+
   /** Set when the in-memory metadata could not be brought back in line with the file. */
   broken: string | null = null;
 

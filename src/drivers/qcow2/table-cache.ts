@@ -16,6 +16,8 @@ export interface Table {
 export class TableCache {
   /** Map iteration order is insertion order: re-inserting on use keeps the LRU at the front. */
   private readonly tables = new Map<number, Table>();
+  /** Reads in flight, by offset: a get() of a table being read waits for that read. */
+  private readonly loading = new Map<number, Promise<Table | null>>();
 
   constructor(
     private readonly s: Qcow2State,
@@ -42,6 +44,13 @@ export class TableCache {
   async get(offset: number): Promise<Table> {
     const hit = this.peek(offset);
     if (hit !== undefined) return hit;
+    const pending = this.loading.get(offset);
+    if (pending !== undefined) {
+      await pending.catch(() => null);
+      const loaded = this.peek(offset);
+      if (loaded !== undefined) return loaded;
+      // the read failed, or the table was dropped meanwhile: read it now
+    }
     const bytes = await this.s.readMeta(offset, this.s.clusterSize, this.what);
     // another request may have loaded it meanwhile: keep the first copy, which may hold changes
     const raced = this.tables.get(offset);
@@ -62,13 +71,42 @@ export class TableCache {
     return t;
   }
 
+  /**
+   * Starts reading the table at `offset` unless it is cached or being read, so that a later get()
+   * finds it (readahead for walks over many tables). Only for tables nothing writes meanwhile: a
+   * read that completes after the table was dropped is discarded. Errors surface at the get().
+   */
+  prefetch(offset: number): void {
+    if (this.tables.has(offset) || this.loading.has(offset)) return;
+    const p: Promise<Table | null> = this.s.readMeta(offset, this.s.clusterSize, this.what).then(
+      (bytes) => {
+        if (this.loading.get(offset) !== p) return null;
+        this.loading.delete(offset);
+        return this.tables.get(offset) ?? this.insert(offset, bytes);
+      },
+      (e: unknown) => {
+        if (this.loading.get(offset) === p) this.loading.delete(offset);
+        throw e;
+      },
+    );
+    p.catch(() => undefined); // an unused failed readahead is not an unhandled rejection
+    this.loading.set(offset, p);
+  }
+
   /** Forgets the table at `offset` (its cluster was freed or reused). */
   drop(offset: number): void {
     this.tables.delete(offset);
+    this.loading.delete(offset);
   }
 
   /** Forgets every table. */
   clear(): void {
     this.tables.clear();
+    this.loading.clear();
+  }
+
+  /** How many tables the cache holds at most. */
+  get size(): number {
+    return this.capacity;
   }
 }
