@@ -28,24 +28,26 @@ function withCopied(hi: number, copied: boolean): number {
   return copied ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff;
 }
 
-const ZERO_BLOCK = Buffer.alloc(512);
-
 /**
- * Index of the first entry at or after `j` that is not all zero (`entries` when none): empty
- * stretches are skipped 64 entries at a time with a native compare, as most L2 tables are sparse.
+ * The table's bytes as 32-bit words, for finding used entries fast (a zero test does not depend
+ * on byte order). Tables are read into fresh buffers, so the view is normally aligned; an
+ * unaligned one is scanned through a copy.
  */
-function nextUsedEntry(b: Buffer, j: number, entries: number): number {
-  let i = j;
-  while (i < entries) {
-    if (i % 64 === 0 && i + 64 <= entries && b.compare(ZERO_BLOCK, 0, 512, i * 8, i * 8 + 512) === 0) {
-      i += 64;
-      continue;
-    }
-    if (b.readUInt32BE(i * 8) !== 0 || b.readUInt32BE(i * 8 + 4) !== 0) return i;
-    i++;
-  }
-  return entries;
+function tableWords(t: Table): Uint32Array {
+  const b = t.bytes;
+  if (b.byteOffset % 4 === 0) return new Uint32Array(b.buffer, b.byteOffset, b.byteLength >>> 2);
+  return new Uint32Array(b.slice().buffer);
 }
+
+/** Index of the first entry at or after `j` that is not all zero (`entries` when none). */
+function nextUsedEntry(words: Uint32Array, j: number, entries: number): number {
+  let i = j;
+  while (i < entries && (words[2 * i] as number) === 0 && (words[2 * i + 1] as number) === 0) i++;
+  return i;
+}
+
+/** Entry indexes whose COPIED bit a pass will flip, with the new value in bit 0 (reused). */
+let copiedScratch = new Uint32Array(0);
 
 /**
  * The clusters an L2 table references: runs of host-contiguous data clusters [offset, count] and
@@ -53,12 +55,12 @@ function nextUsedEntry(b: Buffer, j: number, entries: number): number {
  */
 function collectReferences(s: Qcow2State, t: Table, l2Off: number): { runs: Array<[number, number]>; compressed: Array<[number, number]> } {
   const C = s.clusterSize;
-  const b = Buffer.from(t.bytes.buffer, t.bytes.byteOffset, t.bytes.byteLength);
+  const words = tableWords(t);
   const runs: Array<[number, number]> = [];
   const compressed: Array<[number, number]> = [];
   let runStart = 0;
   let runLen = 0;
-  for (let j = nextUsedEntry(b, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(b, j + 1, s.l2Entries)) {
+  for (let j = nextUsedEntry(words, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(words, j + 1, s.l2Entries)) {
     const hi = entryHi(t.view, j);
     const lo = entryLo(t.view, j);
     const type = l2EntryType(hi, lo, s.v3);
@@ -87,9 +89,11 @@ function collectReferences(s: Qcow2State, t: Table, l2Off: number): { runs: Arra
  */
 function copiedPassCached(s: Qcow2State, t: Table): boolean | null {
   const C = s.clusterSize;
-  const b = Buffer.from(t.bytes.buffer, t.bytes.byteOffset, t.bytes.byteLength);
-  const updates: Array<[number, number, number]> = [];
-  for (let j = nextUsedEntry(b, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(b, j + 1, s.l2Entries)) {
+  const words = tableWords(t);
+  if (copiedScratch.length < s.l2Entries) copiedScratch = new Uint32Array(s.l2Entries);
+  const flips = copiedScratch;
+  let n = 0;
+  for (let j = nextUsedEntry(words, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(words, j + 1, s.l2Entries)) {
     const hi = entryHi(t.view, j);
     const lo = entryLo(t.view, j);
     const type = l2EntryType(hi, lo, s.v3);
@@ -99,10 +103,14 @@ function copiedPassCached(s: Qcow2State, t: Table): boolean | null {
       if (rc < 0) return null;
       want = rc === 1;
     }
-    if (isCopied(hi) !== want) updates.push([j, withCopied(hi, want), lo]);
+    if (isCopied(hi) !== want) flips[n++] = j * 2 + (want ? 1 : 0);
   }
-  for (const [j, hi, lo] of updates) setEntryRaw(t.view, j, hi, lo);
-  return updates.length > 0;
+  for (let k = 0; k < n; k++) {
+    const f = flips[k] as number;
+    const j = f >>> 1;
+    setEntryRaw(t.view, j, withCopied(entryHi(t.view, j), (f & 1) === 1), entryLo(t.view, j));
+  }
+  return n > 0;
 }
 
 /** L2 tables read ahead of the one being walked (bounded to a quarter of the cache). */
