@@ -311,10 +311,18 @@ class IoWorker {
     }
     this.published = this.head;
     Atomics.store(this.ctl, CTL_HEAD, this.head);
+    // a worker that must first be woken or started answers later than a poll waits: no poll
+    // then, and no back-off either, since the miss would say nothing about the requests
     const state = Atomics.load(this.ctl, CTL_WORKER_STATE);
-    if (state === WORKER_SLEEPING) Atomics.notify(this.ctl, CTL_HEAD, 1);
-    else if (state === WORKER_IDLE) this.startServing();
-    if (this.slowPending === 0 && this.mayPoll()) {
+    let awake = true;
+    if (state === WORKER_SLEEPING) {
+      Atomics.notify(this.ctl, CTL_HEAD, 1);
+      awake = false;
+    } else if (state === WORKER_IDLE) {
+      this.startServing();
+      awake = false;
+    }
+    if (awake && this.slowPending === 0 && this.mayPoll()) {
       if (pollWhileEqual(this.ctl, CTL_DONE, this.seen, this.pollMaxNs)) this.harvest();
       else this.pollBackoff = MAIN_POLL_BACKOFF;
     }
