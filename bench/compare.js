@@ -21,7 +21,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { checkQcow2File, shutdownIOThreads } from '../dist/index.js';
-import { formatSize, parseArgs, usage, UsageError } from './lib/args.js';
+import { formatSize, readCommandLine, usageFail as failUsage } from './lib/args.js';
 import { barChartSvg } from './lib/chart.js';
 import { liveTempDirs, prepareImage, removeTempDirs, runBenchmark, warnIfDistStale } from './lib/engine.js';
 import { detectTool, fioRun, probeFioEngine, probeQemuIoUring, qemuImgBenchTimed, qemuStrideBlocks, syncLoop } from './lib/peers.js';
@@ -239,19 +239,8 @@ function renderText(doc, markdown) {
 }
 
 async function main() {
-  let a;
-  try {
-    a = parseArgs(process.argv.slice(2), SPEC);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    process.stderr.write(`bench/compare.js: ${e.message}\nusage: npm run bench:compare -- [options]\n${usage(SPEC)}\n`);
-    process.exitCode = 2;
-    return;
-  }
-  if (a['help'] === true) {
-    process.stdout.write(`usage: npm run bench:compare -- [options]\n${usage(SPEC)}\n`);
-    return;
-  }
+  const a = readCommandLine('bench/compare.js', 'npm run bench:compare', SPEC);
+  if (a === null) return;
   if (a['from'] !== undefined) {
     const doc = /** @type {ResultsDoc} */ (JSON.parse(fs.readFileSync(String(a['from']), 'utf8')));
     process.stdout.write(`${renderText(doc, a['markdown'] === true)}\n`);
@@ -517,8 +506,7 @@ async function main() {
 
 /** @param {string} msg */
 function usageFail(msg) {
-  process.stderr.write(`bench/compare.js: ${msg}\nusage: npm run bench:compare -- [options]\n${usage(SPEC)}\n`);
-  process.exitCode = 2;
+  failUsage('bench/compare.js', 'npm run bench:compare', SPEC, msg);
 }
 
 await main();

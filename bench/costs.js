@@ -45,7 +45,7 @@ import {
   withBql,
   withDrained,
 } from '../dist/index.js';
-import { formatSize, parseArgs, usage, UsageError } from './lib/args.js';
+import { formatSize, readCommandLine, usageFail as failUsage } from './lib/args.js';
 import { prepareImage, warnIfDistStale } from './lib/engine.js';
 import { LatencyHistogram } from './lib/histogram.js';
 import { renderTable } from './lib/table.js';
@@ -802,22 +802,12 @@ function renderText(doc, markdown) {
 
 /** @param {string} msg */
 function usageFail(msg) {
-  process.stderr.write(`bench/costs.js: ${msg}\nusage: npm run bench:costs -- [options]\n${usage(SPEC)}\n`);
-  process.exitCode = 2;
+  failUsage('bench/costs.js', 'npm run bench:costs', SPEC, msg);
 }
 
 async function main() {
-  let a;
-  try {
-    a = parseArgs(process.argv.slice(2), SPEC);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    return usageFail(e.message);
-  }
-  if (a['help'] === true) {
-    process.stdout.write(`usage: npm run bench:costs -- [options]\n${usage(SPEC)}\n`);
-    return;
-  }
+  const a = readCommandLine('bench/costs.js', 'npm run bench:costs', SPEC);
+  if (a === null) return;
   const markdown = a['markdown'] === true;
   if (a['from'] !== undefined) {
     const doc = /** @type {ResultsDoc} */ (JSON.parse(fs.readFileSync(String(a['from']), 'utf8')));

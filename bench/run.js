@@ -18,7 +18,7 @@
  * writes the whole image first (writes then never allocate); it is refused on a --file image.
  */
 import { shutdownIOThreads } from '../dist/index.js';
-import { parseArgs, usage, UsageError, formatSize } from './lib/args.js';
+import { formatSize, readCommandLine } from './lib/args.js';
 import { DRIVERS, RW_MODES, removeTempDirs, runBenchmark, warnIfDistStale } from './lib/engine.js';
 
 /** @type {import('./lib/args.js').Spec} */
@@ -59,19 +59,8 @@ function formatResult(r) {
 }
 
 async function main() {
-  let a;
-  try {
-    a = parseArgs(process.argv.slice(2), SPEC);
-  } catch (e) {
-    if (!(e instanceof UsageError)) throw e;
-    process.stderr.write(`bench/run.js: ${e.message}\nusage: npm run bench -- [options]\n${usage(SPEC)}\n`);
-    process.exitCode = 2;
-    return;
-  }
-  if (a['help'] === true) {
-    process.stdout.write(`usage: npm run bench -- [options]\n${usage(SPEC)}\n`);
-    return;
-  }
+  const a = readCommandLine('bench/run.js', 'npm run bench', SPEC);
+  if (a === null) return;
   warnIfDistStale();
   const tty = process.stderr.isTTY === true;
   process.once('SIGINT', () => {

@@ -86,6 +86,38 @@ export function usage(spec) {
   return lines.join('\n');
 }
 
+/**
+ * Reports a usage error of a bench script on stderr, with its option list, and sets exit status 2.
+ * @param {string} script e.g. 'bench/run.js' @param {string} command e.g. 'npm run bench'
+ * @param {Spec} spec @param {string} msg
+ */
+export function usageFail(script, command, spec, msg) {
+  process.stderr.write(`${script}: ${msg}\nusage: ${command} -- [options]\n${usage(spec)}\n`);
+  process.exitCode = 2;
+}
+
+/**
+ * Parses a bench script's command line. Prints the option list for `--help`, or a usage error
+ * (exit status 2), and returns null then: the script has nothing more to do.
+ * @param {string} script @param {string} command @param {Spec} spec
+ * @returns {Record<string, string | number | boolean> | null}
+ */
+export function readCommandLine(script, command, spec) {
+  let a;
+  try {
+    a = parseArgs(process.argv.slice(2), spec);
+  } catch (e) {
+    if (!(e instanceof UsageError)) throw e;
+    usageFail(script, command, spec, e.message);
+    return null;
+  }
+  if (a['help'] === true) {
+    process.stdout.write(`usage: ${command} -- [options]\n${usage(spec)}\n`);
+    return null;
+  }
+  return a;
+}
+
 /** @param {number} bytes */
 export function formatSize(bytes) {
   const units = [
