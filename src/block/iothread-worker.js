@@ -181,7 +181,7 @@ function sleepOrPark(ctl, done) {
 
 /**
  * Serves the ring until it has been empty for the poll window and the sleep after it (or CTL_STOP
- * is set), then returns the number of requests it ran. Requests run in ring order.
+ * is set). Requests run in ring order.
  * @param {{ ctl: SharedArrayBuffer, ops: SharedArrayBuffer, port: import('node:worker_threads').MessagePort | null, pollMaxNs: number }} task
  */
 export default function serve(task) {
@@ -194,12 +194,11 @@ export default function serve(task) {
   }
   Atomics.store(ctl, CTL_WORKER_STATE, WORKER_ACTIVE);
   let done = Atomics.load(ctl, CTL_DONE);
-  let served = 0;
   for (;;) {
     let head = Atomics.load(ctl, CTL_HEAD);
     if (head === done) {
       if (Atomics.load(ctl, CTL_STOP) !== 0 || !pollWhileEqual(ctl, CTL_HEAD, done, task.pollMaxNs)) {
-        if (sleepOrPark(ctl, done)) return served;
+        if (sleepOrPark(ctl, done)) return;
       }
       head = Atomics.load(ctl, CTL_HEAD);
     }
@@ -213,7 +212,6 @@ export default function serve(task) {
       const s = (done & (RING_SLOTS - 1)) * SLOT_STRIDE;
       ops[s + SLOT_RESULT] = runRequest(ops, s, regions);
       done = (done + 1) | 0;
-      served++;
       Atomics.store(ctl, CTL_DONE, done);
       if (Atomics.load(ctl, CTL_MAIN_WAITING) !== 0 && Atomics.exchange(ctl, CTL_MAIN_WAITING, 0) !== 0) {
         regionPort?.postMessage(0); // wakes the main loop (see iothread-ring.js)

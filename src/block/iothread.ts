@@ -151,7 +151,7 @@ export interface IOThreadOptions {
 
 /** One worker thread with its request ring and its registered memory regions. */
 class IoWorker {
-  private readonly pool: Piscina<ServeTask, number>;
+  private readonly pool: Piscina<ServeTask, void>;
   private readonly ctl = new Int32Array(new SharedArrayBuffer(CTL_BYTES));
   private readonly ops = new Float64Array(new SharedArrayBuffer(RING_SLOTS * SLOT_STRIDE * 8));
   private readonly slots: Completion[] = Array.from({ length: RING_SLOTS }, () => new Completion());
@@ -196,7 +196,7 @@ class IoWorker {
   ) {
     this.pollMaxNs = options.pollMaxNs ?? DEFAULT_POLL_MAX_NS;
     const PiscinaClass = loadPiscina();
-    this.pool = new PiscinaClass<ServeTask, number>({
+    this.pool = new PiscinaClass<ServeTask, void>({
       filename: WORKER_URL.href,
       minThreads: 1,
       maxThreads: 1,
@@ -440,8 +440,8 @@ class IoWorker {
    * new worker knows no region), so later requests are served again.
    */
   private fail(e: unknown): void {
+    const lost = this.overflow.splice(0); // taken first, so that harvest does not move them into the dead ring
     this.harvest();
-    const lost = this.overflow.splice(0);
     while (this.seen !== this.head) {
       const slot = this.seen & (RING_SLOTS - 1);
       this.seen = (this.seen + 1) | 0;

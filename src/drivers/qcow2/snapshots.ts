@@ -46,7 +46,7 @@ function nextUsedEntry(words: Uint32Array, j: number, entries: number): number {
   return i;
 }
 
-/** Entry indexes whose COPIED bit a pass will flip, with the new value in bit 0 (reused). */
+/** Entry indexes whose COPIED bit a pass will flip, with the new value in bit 0 (reused: the pass never awaits). */
 let copiedScratch = new Uint32Array(0);
 
 /**
@@ -163,12 +163,12 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
     beginRefcountBatch(s);
     try {
       // read ahead: the next few L2 tables load while this one is walked
-      const ahead = Math.min(L2_READAHEAD, s.l2Cache.size >> 2);
-      let prefetched = 0;
+      const ahead = Math.min(L2_READAHEAD, s.l2Cache.maxTables >> 2);
+      let next = 1; // the first entry not read ahead yet
       for (let i = 0; i < n; i++) {
-        for (prefetched = Math.max(prefetched, i + 1); prefetched < n && prefetched <= i + ahead; prefetched++) {
-          const next = l2At(prefetched);
-          if (next !== 0) s.l2Cache.prefetch(next);
+        for (; ahead > 0 && next < n && next <= i + ahead; next++) {
+          const nextOff = l2At(next);
+          if (nextOff !== 0) s.l2Cache.prefetch(nextOff);
         }
         const off = l2At(i);
         if (off === 0) continue;

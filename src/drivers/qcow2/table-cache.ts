@@ -106,7 +106,7 @@ export class TableCache {
   }
 
   /** How many tables the cache holds at most. */
-  get size(): number {
+  get maxTables(): number {
     return this.capacity;
   }
 }
