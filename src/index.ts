@@ -33,7 +33,7 @@ export { queryBlock, queryNamedBlockNodes, formatInfoBlock, type NodeInfo, type 
 export { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotGoto, bdrvSnapshotDelete, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
 export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from './block/driver.js';
 export { parseOptions, parseSize, type NodeOptions } from './block/options.js';
-export { createRawFile } from './drivers/file.js';
+export { createRawFile } from './drivers/file/driver.js';
 export { createQcow2File, type Qcow2CreateOptions } from './drivers/qcow2/create.js';
 export { checkQcow2File } from './cli/img-check.js';
 export { Machine, type MachineOptions, type MachineDisk, type RunState, type GuestCounters } from './machine/machine.js';

@@ -1,7 +1,8 @@
 // @ts-check
 /**
  * The body of an I/O worker: serves one request ring (iothread-ring.js) with synchronous syscalls
- * (pread, pwrite, fdatasync, ftruncate), straight into and out of shared memory.
+ * (pread, pwrite, fdatasync, ftruncate), straight into and out of shared memory. The transfers
+ * themselves are sync-transfer.js, which the `file` driver's aio=sync path uses too.
  *
  * Runs on a worker thread as a piscina task that serves the ring while requests keep coming,
  * never on the main loop.
@@ -39,9 +40,7 @@ import {
   WORKER_SLEEP_MS,
   pollWhileEqual,
 } from './iothread-ring.js';
-
-/** Zeros for write-zeroes requests, reused for every request. */
-const ZERO_CHUNK = new Uint8Array(1 << 20);
+import { readFullySync, writeFullySync, writeZeroesSync } from './sync-transfer.js';
 
 /**
  * @param {unknown} e
@@ -56,55 +55,6 @@ function negErrno(e) {
     if (typeof n === 'number') return -n;
   }
   return -5; // EIO
-}
-
-/**
- * @param {number} fd
- * @param {Uint8Array} mem
- * @param {number} off
- * @param {number} len
- * @param {number} pos
- */
-function readFully(fd, mem, off, len, pos) {
-  let done = 0;
-  while (done < len) {
-    const n = fs.readSync(fd, mem, off + done, len - done, pos + done);
-    if (n === 0) {
-      // past the end of the file: a protocol node reads zeros there
-      mem.fill(0, off + done, off + len);
-      break;
-    }
-    done += n;
-  }
-  return len;
-}
-
-/**
- * @param {number} fd
- * @param {Uint8Array} mem
- * @param {number} off
- * @param {number} len
- * @param {number} pos
- */
-function writeFully(fd, mem, off, len, pos) {
-  let done = 0;
-  while (done < len) done += fs.writeSync(fd, mem, off + done, len - done, pos + done);
-  return len;
-}
-
-/**
- * @param {number} fd
- * @param {number} len
- * @param {number} pos
- */
-function writeZeroes(fd, len, pos) {
-  let done = 0;
-  while (done < len) {
-    const n = Math.min(len - done, ZERO_CHUNK.length);
-    writeFully(fd, ZERO_CHUNK, 0, n, pos + done);
-    done += n;
-  }
-  return len;
 }
 
 /**
@@ -125,10 +75,10 @@ function runRequest(ops, s, regions) {
         const mem = regions.get(ops[s + SLOT_REGION] ?? -1);
         if (mem === undefined) return -14; // EFAULT: a region the main loop never registered
         const off = ops[s + SLOT_BUF_OFFSET] ?? 0;
-        return op === OP_READ ? readFully(fd, mem, off, len, pos) : writeFully(fd, mem, off, len, pos);
+        return op === OP_READ ? readFullySync(fd, mem, off, len, pos) : writeFullySync(fd, mem, off, len, pos);
       }
       case OP_WRITE_ZEROES:
-        return writeZeroes(fd, len, pos);
+        return writeZeroesSync(fd, len, pos);
       case OP_FDATASYNC:
         fs.fdatasyncSync(fd);
         return 0;

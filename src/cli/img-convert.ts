@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import { BlockError } from '../block/errors.js';
 import { parseOptions } from '../block/options.js';
-import { createRawFile } from '../drivers/file.js';
+import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
 import { takeFlag, takeSwitch, refuseUnknownOptions } from './args.js';

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import { blkGetLength } from '../block/backend.js';
 import { BlockError } from '../block/errors.js';
 import { parseBool, parseOptions, parseSize, type NodeOptions } from '../block/options.js';
-import { createRawFile } from '../drivers/file.js';
+import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage } from '../image.js';
 import { takeFlag, takeOutputJson } from './args.js';

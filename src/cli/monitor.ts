@@ -11,7 +11,7 @@ import { withBql, type Bql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { createIOThread, shutdownIOThreads } from '../block/iothread.js';
 import { parseOptions, parseSize } from '../block/options.js';
-import { createRawFile } from '../drivers/file.js';
+import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import '../drivers/index.js';
 import { Machine } from '../machine/machine.js';
