@@ -9,6 +9,7 @@
  * - Global-state callbacks take `Bql`; those that need a quiet node also take a drained proof.
  */
 import type { Bql } from './bql.js';
+import type { CheckFix, CheckResult } from './check.js';
 import type { DrainedProof } from './drain.js';
 import { BlockError } from './errors.js';
 import type { BlockNode } from './node.js';
@@ -139,6 +140,12 @@ export interface BlockDriverInstance {
    * @locking io
    */
   clusterSize?(): number;
+  /**
+   * Checks the image's metadata as qemu-img check does and repairs what `fix` asks for; the node
+   * is quiet (block/check.ts's bdrvCheck is the entry point).
+   * @locking global-state
+   */
+  checkImage?(bql: Bql, drained: DrainedProof, fix: CheckFix): Promise<CheckResult>;
 }
 
 /** A driver: its name, how to recognise its images, and how to open (and create) them. */

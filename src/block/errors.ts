@@ -5,6 +5,7 @@
  * branch on, and a message that names the node, the operation and the offending value, the way
  * QEMU's messages do. Extra context (file, field, offset) is kept as properties for programs.
  */
+import os from 'node:os';
 
 /** The errno-like codes snapstack uses; stable public API. */
 export const ERROR_CODES = {
@@ -29,6 +30,10 @@ export interface BlockErrorContext {
   file?: string;
   field?: string;
   value?: string | number | bigint;
+  /** Byte offset (in the file or node named) where the problem lies. */
+  offset?: number;
+  /** True when the error says the image's metadata is inconsistent (QEMU's "corrupt" events). */
+  corrupt?: boolean;
   cause?: unknown;
 }
 
@@ -41,6 +46,10 @@ export class BlockError extends Error {
   readonly op: string | undefined;
   readonly file: string | undefined;
   readonly field: string | undefined;
+  /** Byte offset where the problem lies, when known. */
+  readonly offset: number | undefined;
+  /** True for damaged metadata (the image is refused or marked corrupt); false otherwise. */
+  readonly corrupt: boolean;
 
   constructor(code: ErrorCode, message: string, ctx: BlockErrorContext = {}) {
     super(message, ctx.cause === undefined ? undefined : { cause: ctx.cause });
@@ -50,6 +59,8 @@ export class BlockError extends Error {
     this.op = ctx.op;
     this.file = ctx.file;
     this.field = ctx.field;
+    this.offset = ctx.offset;
+    this.corrupt = ctx.corrupt === true;
   }
 }
 
@@ -61,6 +72,7 @@ export function isBlockError(e: unknown, code?: ErrorCode): e is BlockError {
   return e instanceof BlockError && (code === undefined || e.code === code);
 }
 
+/** System error names (as Node.js and os.constants.errno spell them) and the code each becomes. */
 const NODE_ERRNO: Readonly<Record<string, ErrorCode>> = {
   ENOENT: 'ENOENT',
   EACCES: 'EACCES',
@@ -71,7 +83,34 @@ const NODE_ERRNO: Readonly<Record<string, ErrorCode>> = {
   EFBIG: 'EFBIG',
   EROFS: 'EACCES',
   EISDIR: 'EINVAL',
+  EIO: 'EIO',
+  ENOTSUP: 'ENOTSUP',
+  EOPNOTSUPP: 'ENOTSUP',
+  ENOMEDIUM: 'ENOMEDIUM',
+  EDQUOT: 'ENOSPC',
 };
+
+/** errno number -> name, from the platform's table (Linux numbers on Linux). */
+const ERRNO_NAMES = new Map<number, string>(Object.entries(os.constants.errno).map(([name, n]) => [n, name]));
+
+/**
+ * The BlockError code for a system error name such as 'ENOSPC' (EIO for anything unknown): the one
+ * mapping shared by aio=sync (fs errors carry the name) and aio=threads (errno numbers, below).
+ * @locking common
+ */
+export function codeForSystemError(name: string): ErrorCode {
+  return NODE_ERRNO[name] ?? 'EIO';
+}
+
+/**
+ * The BlockError code for an errno number, positive or negative (a worker's result): the same
+ * table as codeForSystemError, reached through the platform's errno names.
+ * @locking common
+ */
+export function codeForErrno(errno: number): ErrorCode {
+  const name = ERRNO_NAMES.get(Math.abs(errno));
+  return name === undefined ? 'EIO' : codeForSystemError(name);
+}
 
 /**
  * Wraps a Node.js system error (fs) into a BlockError naming the node, operation and file.
@@ -80,7 +119,7 @@ const NODE_ERRNO: Readonly<Record<string, ErrorCode>> = {
 export function fromSystemError(e: unknown, op: string, ctx: BlockErrorContext): BlockError {
   if (e instanceof BlockError) return e;
   const sysCode = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
-  const code = NODE_ERRNO[sysCode] ?? 'EIO';
+  const code = codeForSystemError(sysCode);
   const what = e instanceof Error ? e.message : String(e);
   const where = [ctx.node !== undefined ? `node '${ctx.node}'` : '', ctx.file !== undefined ? `file '${ctx.file}'` : '']
     .filter((s) => s !== '')

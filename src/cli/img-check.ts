@@ -4,12 +4,14 @@
  * 63 format without checks). Without -r the image is opened read-only and never written.
  */
 import fs from 'node:fs';
-import { withBql } from '../block/bql.js';
+import { withBql, type Bql } from '../block/bql.js';
+import { bdrvCanCheck, bdrvCheck, type CheckFix, type CheckResult } from '../block/check.js';
+import { withDrained } from '../block/drain.js';
+import { probingDrivers } from '../block/driver.js';
 import { BlockError } from '../block/errors.js';
 import { closeNode, openNode } from '../block/graph.js';
-import { QCOW_MAGIC } from '../drivers/qcow2/constants.js';
-import { checkQcow2, type Qcow2CheckResult } from '../drivers/qcow2/check.js';
-import { loadQcow2State } from '../drivers/qcow2/open.js';
+import type { BlockNode } from '../block/node.js';
+import type { NodeOptions } from '../block/options.js';
 import '../drivers/index.js';
 import { takeFlag, takeOutputJson, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
@@ -17,17 +19,38 @@ import type { Out } from './img.js';
 
 const USAGE = 'usage: snapstack img check [-f FMT] [-r leaks|all] [--output=human|json] FILENAME';
 
-function isQcow2(file: string): boolean {
+/** Formats whose driver takes `x-check=on` (QEMU's BDRV_O_CHECK: open what a check must report). */
+const CHECK_MODE_FORMATS = new Set(['qcow2']);
+
+/** The format the first bytes of `file` show (raw when no driver claims them), as the block layer probes. */
+function probeFormatName(file: string): string {
   const fd = fs.openSync(file, 'r');
   try {
-    const b = Buffer.alloc(4);
-    return fs.readSync(fd, b, 0, 4, 0) === 4 && b.readUInt32BE(0) === QCOW_MAGIC;
+    const head = new Uint8Array(2048);
+    const n = fs.readSync(fd, head, 0, head.length, 0);
+    let best = 'raw';
+    let bestScore = 0;
+    for (const drv of probingDrivers()) {
+      const score = drv.probe?.(head.subarray(0, n), file) ?? 0;
+      if (score > bestScore) {
+        best = drv.formatName;
+        bestScore = score;
+      }
+    }
+    return best;
   } finally {
     fs.closeSync(fd);
   }
 }
 
-function printHuman(r: Qcow2CheckResult, out: Out): void {
+/** Opens the image for a check through the block layer: read-only unless a repair was asked for. */
+async function openForCheck(bql: Bql, file: string, format: string, writable: boolean): Promise<BlockNode> {
+  const opts: NodeOptions = { driver: format, 'file.driver': 'file', 'file.filename': file, 'file.aio': 'sync', 'read-only': writable ? 'off' : 'on' };
+  if (CHECK_MODE_FORMATS.has(format)) opts['x-check'] = 'on';
+  return openNode(bql, opts);
+}
+
+function printHuman(r: CheckResult, out: Out): void {
   if (r.corruptionsFixed > 0 || r.leaksFixed > 0) {
     out(`The following inconsistencies were found and repaired:\n\n    ${r.leaksFixed} leaked clusters\n    ${r.corruptionsFixed} corruptions\n`);
     out('Double checking the fixed image now...');
@@ -45,8 +68,8 @@ function printHuman(r: Qcow2CheckResult, out: Out): void {
   if (r.imageEndOffset > 0) out(`Image end offset: ${r.imageEndOffset}`);
 }
 
-function toJson(r: Qcow2CheckResult, file: string): Record<string, unknown> {
-  const o: Record<string, unknown> = { filename: file, format: 'qcow2', 'check-errors': r.checkErrors };
+function toJson(r: CheckResult, file: string, format: string): Record<string, unknown> {
+  const o: Record<string, unknown> = { filename: file, format, 'check-errors': r.checkErrors };
   if (r.imageEndOffset > 0) o['image-end-offset'] = r.imageEndOffset;
   if (r.corruptions > 0) o['corruptions'] = r.corruptions;
   if (r.leaks > 0) o['leaks'] = r.leaks;
@@ -62,20 +85,30 @@ function toJson(r: Qcow2CheckResult, file: string): Record<string, unknown> {
 }
 
 /**
- * Checks (and on request repairs) the qcow2 file `file`; the result's counts decide the exit code.
- * Opens the file's protocol node itself: read-only unless a repair was asked for.
+ * Checks (and on request repairs) the image `file` through its driver's check callback; null when
+ * its format has no check (qemu-img's exit code 63).
  */
-export async function checkQcow2File(file: string, repair: { leaks: boolean; errors: boolean }): Promise<Qcow2CheckResult> {
-  const writable = repair.leaks || repair.errors;
+export async function checkImageFile(file: string, format: string, fix: CheckFix): Promise<CheckResult | null> {
+  const writable = fix.leaks || fix.errors;
   return withBql(async (bql) => {
-    const node = await openNode(bql, { driver: 'file', filename: file, 'read-only': writable ? 'off' : 'on' });
+    const node = await openForCheck(bql, file, format, writable);
     try {
-      const state = await loadQcow2State(node, node, 4 * 1024 * 1024, { refuseOverlaps: false });
-      return await checkQcow2(state, repair);
+      if (!bdrvCanCheck(bql, node)) return null;
+      return await withDrained(bql, node, (drained) => bdrvCheck(bql, drained, node, fix));
     } finally {
       await closeNode(bql, node);
     }
   });
+}
+
+/**
+ * Checks (and on request repairs) the qcow2 file `file` (the library's entry point, kept for its
+ * callers); ENOTSUP when the file is not qcow2.
+ */
+export async function checkQcow2File(file: string, repair: CheckFix): Promise<CheckResult> {
+  const res = await checkImageFile(file, 'qcow2', repair);
+  if (res === null) throw new BlockError('ENOTSUP', `'${file}': this image format does not support checks`, { file, op: 'check' });
+  return res;
 }
 
 /** Runs `img check`; returns qemu-img's exit code. */
@@ -88,19 +121,20 @@ export async function imgCheck(args: string[], out: Out, err: Out): Promise<numb
   if (file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
   if (r !== undefined && r !== 'leaks' && r !== 'all') throw new BlockError('EINVAL', `Unknown option value for -r (expecting 'leaks' or 'all'): ${r}`, { field: '-r', value: r });
   if (!fs.existsSync(file)) throw new BlockError('ENOENT', `Could not open '${file}': No such file or directory`, { file });
-  if ((fmt !== undefined && fmt !== 'qcow2') || !isQcow2(file)) {
-    err('snapstack img: This image format does not support checks');
-    return 63;
-  }
-  let res: Qcow2CheckResult;
+  const format = fmt ?? probeFormatName(file);
+  let res: CheckResult | null;
   try {
-    res = await checkQcow2File(file, { leaks: r !== undefined, errors: r === 'all' });
+    res = await checkImageFile(file, format, { leaks: r !== undefined, errors: r === 'all' });
   } catch (e) {
     err(`snapstack img: Check failed: ${describeError(e)}`);
     return 1;
   }
+  if (res === null) {
+    err('snapstack img: This image format does not support checks');
+    return 63;
+  }
   for (const m of res.messages) err(m);
-  if (json) out(JSON.stringify(toJson(res, file), null, 4));
+  if (json) out(JSON.stringify(toJson(res, file, format), null, 4));
   else printHuman(res, out);
   if (res.checkErrors > 0) return 1;
   if (res.corruptions > 0) return 2;

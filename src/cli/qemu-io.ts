@@ -49,9 +49,20 @@ function parsePattern(text: string, cmd: string): number {
   return n;
 }
 
-function offLen(rest: string[], cmd: string): [number, number] {
+/**
+ * QEMU's BDRV_REQUEST_MAX_BYTES: the largest single request (INT_MAX rounded down to 512). A
+ * length past it is refused before it sizes a buffer, with qemu-io's words.
+ */
+export const MAX_REQUEST_BYTES = 2147483136;
+
+function offLen(rest: string[], cmd: string, suffix = ''): [number, number] {
   if (rest.length !== 2) throw new BlockError('EINVAL', `${cmd}: expected OFFSET and LENGTH, got ${rest.length} arguments`, { op: cmd });
-  return [parseSize(rest[0] as string, 'offset'), parseSize(rest[1] as string, 'length')];
+  const off = parseSize(rest[0] as string, 'offset');
+  const len = parseSize(rest[1] as string, 'length');
+  if (len > MAX_REQUEST_BYTES) {
+    throw new BlockError('EINVAL', `length cannot exceed ${MAX_REQUEST_BYTES}${suffix}, given ${rest[1] as string}`, { op: cmd, field: 'length', value: len });
+  }
+  return [off, len];
 }
 
 function timing(out: (s: string) => void, bytes: number, startMs: number): void {
@@ -114,7 +125,7 @@ export async function runQemuIoCommand(blk: BlockBackend, line: string, out: (s:
       }
       case 'write': {
         const { flags, rest } = parseFlags(args, 'P', 'zqu', 'write');
-        const [off, len] = offLen(rest, 'write');
+        const [off, len] = offLen(rest, 'write', ' without -n');
         const pat = flags.get('P');
         if (flags.has('z') && pat !== undefined) throw new BlockError('EINVAL', 'write: -z and -P cannot be given together', { field: '-z' });
         const fill = typeof pat === 'string' ? parsePattern(pat, 'write') : 0xcd;
@@ -174,7 +185,9 @@ export async function runQemuIoCommand(blk: BlockBackend, line: string, out: (s:
         return false;
     }
   } catch (e) {
-    out(`${cmd}: ${e instanceof BlockError ? e.message : String(e)}`);
+    // a refused argument prints qemu-io's own line; anything else is named, never a V8 stack
+    if (e instanceof BlockError && e.field === 'length') out(e.message);
+    else out(`${cmd}: ${e instanceof BlockError ? e.message : describeError(e)}`);
     return false;
   }
 }

@@ -1,239 +1,66 @@
 /**
- * qcow2 consistency check and repair, as `qemu-img check` does it: recompute every cluster's
- * reference count from the metadata (header, L1 tables of the active state and of every snapshot,
- * L2 tables, data clusters, the refcount structures, the snapshot table), compare with the stored
- * refcounts, and check the COPIED flags. Leaks (stored > computed) waste space; errors (stored <
- * computed, bad flags, bad offsets) corrupt. Repair changes refcounts and flags only when asked.
+ * qcow2 consistency check and repair, as `qemu-img check` 7.2 does it (qcow2_co_check_locked and
+ * qcow2_check_refcounts): compute every cluster's reference count from the metadata
+ * (check-refcounts.ts), compare it with the stored refcounts, repair what was asked for, rebuild
+ * the refcount structure at fresh locations when it cannot be repaired in place
+ * (rebuild-refcounts.ts), then check the COPIED flags of the active tables. Leaks (stored >
+ * computed) waste space; errors (stored < computed, bad flags, bad offsets) corrupt.
  *
- * I/O code: run it on a node nobody else uses (the CLI opens the file for itself); it takes the
- * qcow2 lock while it runs.
+ * I/O code: the caller (the driver's `check` callback) holds the BQL and has drained the node, so
+ * no request runs beside it; it also takes the qcow2 lock. Without a repair nothing is written.
+ * Repairs never allocate through the ordinary allocator (which trusts the stored refcounts):
+ * in-place repairs change refcounts whose refcount block exists, and a rebuild allocates from the
+ * computed refcounts, which cover the header and every table.
  */
+import { BlockError } from '../../block/errors.js';
 import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, TWO32 } from './constants.js';
-import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
-import { checkNoMetadataOverlap } from './overlap.js';
-import { readSlot, refblockOffset, updateRefcount } from './refcount.js';
-import { snapshotTableSize } from './snapshot-table.js';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './constants.js';
+import {
+  calculateRefcounts,
+  compareRefcounts,
+  emptyResult,
+  hex64,
+  Imrt,
+  MAX_CHECK_CLUSTERS,
+  readZeroPadded,
+  storedRefcount,
+  type Qcow2CheckResult,
+  type RepairMode,
+} from './check-refcounts.js';
+import { ClusterType, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
+import { metadataRanges } from './overlap.js';
+import { rebuildRefcountStructure } from './rebuild-refcounts.js';
 import type { Qcow2State } from './state.js';
+import { flushMetadata } from './writeback.js';
 
-/** What a check found (QEMU's BdrvCheckResult plus the fragmentation figures). */
-export interface Qcow2CheckResult {
-  corruptions: number;
-  leaks: number;
-  checkErrors: number;
-  corruptionsFixed: number;
-  leaksFixed: number;
-  imageEndOffset: number;
-  totalClusters: number;
-  allocatedClusters: number;
-  fragmentedClusters: number;
-  compressedClusters: number;
-  /** One line per problem, in the words qemu-img prints to stderr. */
-  messages: string[];
+export type { Qcow2CheckResult, RepairMode } from './check-refcounts.js';
+
+const NO_FIX: RepairMode = { leaks: false, errors: false };
+
+/** The counts of a result (messages shared), to set aside and restore as QEMU does. */
+function counts(r: Qcow2CheckResult): Qcow2CheckResult {
+  return { ...r };
 }
 
-/** Which problems to repair: `-r leaks` or `-r all`. */
-export interface RepairMode {
-  leaks: boolean;
-  errors: boolean;
-}
-
-
-/** Reference counts computed from the metadata, growing when something points past the end. */
-class Counts {
-  data: Float64Array;
-  constructor(n: number) {
-    this.data = new Float64Array(Math.max(n, 1));
-  }
-  inc(ci: number): void {
-    if (ci >= this.data.length) {
-      const next = new Float64Array(Math.max(ci + 1, this.data.length * 2));
-      next.set(this.data);
-      this.data = next;
-    }
-    this.data[ci] = (this.data[ci] ?? 0) + 1;
-  }
-  get(ci: number): number {
-    return ci < this.data.length ? (this.data[ci] ?? 0) : 0;
-  }
-}
-
-function emptyResult(): Qcow2CheckResult {
-  return {
-    corruptions: 0,
-    leaks: 0,
-    checkErrors: 0,
-    corruptionsFixed: 0,
-    leaksFixed: 0,
-    imageEndOffset: 0,
-    totalClusters: 0,
-    allocatedClusters: 0,
-    fragmentedClusters: 0,
-    compressedClusters: 0,
-    messages: [],
-  };
-}
-
-/** Walks the metadata and counts references; records corruptions it meets on the way. */
-async function computeRefcounts(s: Qcow2State, res: Qcow2CheckResult, repair: RepairMode): Promise<{ counts: Counts; copiedErrors: Array<() => Promise<void>> }> {
-  const C = s.clusterSize;
-  const fileLength = bdrvGetLength(s.file);
-  const counts = new Counts(Math.ceil(fileLength / C));
-  const incRange = (offset: number, bytes: number): void => {
-    if (bytes <= 0) return;
-    const last = Math.floor((offset + bytes - 1) / C);
-    for (let ci = Math.floor(offset / C); ci <= last; ci++) counts.inc(ci);
-  };
-  incRange(0, C); // header
-  try {
-    checkNoMetadataOverlap(s);
-  } catch (e) {
-    res.messages.push(`ERROR ${e instanceof Error ? e.message : String(e)}`);
-    res.corruptions++;
-  }
-  const copiedFixes: Array<() => Promise<void>> = [];
-  const l2Seen = new Set<number>();
-  const walkL1 = async (l1Offset: number, l1Size: number, active: boolean, label: string): Promise<void> => {
-    if (l1Size === 0) return;
-    incRange(l1Offset, l1Size * 8);
-    if (l1Offset % C !== 0 || l1Offset + l1Size * 8 > fileLength) {
-      res.messages.push(`ERROR ${label} L1 table at offset ${l1Offset} is unaligned or past the end of the image`);
-      res.corruptions++;
-      return;
-    }
-    const l1 = active ? s.l1 : await s.readMeta(l1Offset, l1Size * 8, `${label} L1 table`);
-    const l1v = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
-    let nextContiguous = 0;
-    for (let i = 0; i < l1Size; i++) {
-      const hi = entryHi(l1v, i);
-      const lo = entryLo(l1v, i);
-      const l2Off = entryOffset(hi, lo);
-      if (l2Off === 0) continue;
-      incRange(l2Off, C);
-      if (l2Off % C !== 0) {
-        res.messages.push(`ERROR l2_offset=${l2Off}: Table is not cluster aligned; L1 entry corrupted`);
-        res.corruptions++;
-        continue;
-      }
-      if (l2Off + C > fileLength) {
-        res.messages.push(`ERROR l2_offset=${l2Off}: L2 table is outside the image`);
-        res.corruptions++;
-        continue;
-      }
-      if (active) {
-        const l1Index = i;
-        copiedFixes.push(async () => {
-          const rc = await storedRefcount(s, l2Off / C);
-          if ((rc === 1) !== isCopied(hi)) {
-            res.messages.push(`ERROR OFLAG_COPIED L2 cluster: l1_index=${l1Index} l1_entry=${hex(hi, lo)} refcount=${rc}`);
-            if (repair.errors) {
-              setEntryRaw(s.l1View, l1Index, rc === 1 ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff, lo);
-              await s.writeMeta(s.header.l1TableOffset + l1Index * 8, s.l1.subarray(l1Index * 8, l1Index * 8 + 8), 'L1 entry (COPIED flag repair)');
-              res.corruptionsFixed++;
-            } else res.corruptions++;
-          }
-        });
-      }
-      const l2 = await s.readMeta(l2Off, C, `${label} L2 table`);
-      const v = new DataView(l2.buffer);
-      const firstVisit = !l2Seen.has(l2Off);
-      l2Seen.add(l2Off);
-      for (let j = 0; j < s.l2Entries; j++) {
-        const eh = entryHi(v, j);
-        const el = entryLo(v, j);
-        const type = l2EntryType(eh, el, s.v3);
-        if (type === ClusterType.Compressed) {
-          const { offset, bytes } = compressedExtent(eh, el, s.clusterBits);
-          if (isCopied(eh)) {
-            res.messages.push(`ERROR: coffset=0x${offset.toString(16)}: copied flag must never be set for compressed clusters`);
-            res.corruptions++;
-          }
-          incRange(offset - (offset % 512), bytes + (offset % 512));
-          if (active) {
-            res.allocatedClusters++;
-            res.compressedClusters++;
-            res.fragmentedClusters++;
-          }
-        } else if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
-          const d = entryOffset(eh, el);
-          if (d % C !== 0) {
-            res.messages.push(`ERROR offset=${d}: Cluster is not properly aligned; L2 entry corrupted`);
-            res.corruptions++;
-            continue;
-          }
-          incRange(d, C);
-          if (active) {
-            res.allocatedClusters++;
-            if (nextContiguous !== 0 && d !== nextContiguous) res.fragmentedClusters++;
-            nextContiguous = d + C;
-            if (firstVisit) {
-              const at = l2Off + j * 8;
-              copiedFixes.push(async () => {
-                const rc = await storedRefcount(s, d / C);
-                if ((rc === 1) !== isCopied(eh)) {
-                  res.messages.push(`ERROR OFLAG_COPIED data cluster: l2_entry=${hex(eh, el)} refcount=${rc}`);
-                  if (!repair.errors) res.corruptions++;
-                  else {
-                    const b = new Uint8Array(8);
-                    setEntryRaw(new DataView(b.buffer), 0, rc === 1 ? (eh | 0x80000000) >>> 0 : eh & 0x7fffffff, el);
-                    await s.writeMeta(at, b, 'L2 entry (COPIED flag repair)');
-                    s.l2Cache.drop(l2Off);
-                    res.corruptionsFixed++;
-                  }
-                }
-              });
-            }
-          }
-        }
-      }
-    }
-  };
-  await walkL1(s.header.l1TableOffset, s.header.l1Size, true, 'active');
-  for (const sn of s.snapshots) await walkL1(sn.l1TableOffset, sn.l1Size, false, `snapshot '${sn.name}'`);
-  if (s.header.nbSnapshots > 0) incRange(s.header.snapshotsOffset, snapshotTableSize(s.snapshots));
-  incRange(s.header.refcountTableOffset, s.header.refcountTableClusters * C);
-  for (let b = 0; b < s.reftable.length / 8; b++) {
-    const off = entryOffset(entryHi(s.reftableView, b), entryLo(s.reftableView, b));
-    if (off === 0) continue;
-    if (off % C !== 0) {
-      res.messages.push(`ERROR refcount block ${b} is not cluster aligned; refcount table entry corrupted`);
-      res.corruptions++;
-      continue;
-    }
-    if (off >= fileLength) {
-      res.messages.push(`ERROR refcount block ${b} is outside image`);
-      res.corruptions++;
-      continue;
-    }
-    incRange(off, C);
-  }
-  return { counts, copiedErrors: copiedFixes };
-}
-
-function hex(hi: number, lo: number): string {
-  return (hi * TWO32 + lo).toString(16);
-}
-
-/** The refcount stored on disk for a cluster (0 when no refcount block covers it). */
-async function storedRefcount(s: Qcow2State, ci: number): Promise<number> {
-  const b = Math.floor(ci / s.refblockEntries);
-  const off = refblockOffset(s, b);
-  if (off === 0 || off % s.clusterSize !== 0 || off >= bdrvGetLength(s.file)) return 0;
-  const t = s.refblockCache.peek(off) ?? (await s.refblockCache.get(off));
-  return readSlot(t, ci - b * s.refblockEntries, s.refcountBits);
+function restoreCounts(into: Qcow2CheckResult, from: Qcow2CheckResult): void {
+  const messages = into.messages;
+  Object.assign(into, from);
+  into.messages = messages;
 }
 
 /**
  * Checks the image behind `s` and, when `repair` asks, fixes what it found; returns the figures
- * of the final state (after a repair, of the double check) with the repair counts.
+ * of the final state (after a repair, of the double check qemu-img makes) with the repair counts.
  * @locking io
  */
-export async function checkQcow2(s: Qcow2State, repair: RepairMode = { leaks: false, errors: false }): Promise<Qcow2CheckResult> {
+export async function checkQcow2(s: Qcow2State, repair: RepairMode = NO_FIX): Promise<Qcow2CheckResult> {
   return s.lock.run(async () => {
+    // what the check reads on disk must be all there is: write back what is still in memory
+    if (!s.node.readOnly) await flushMetadata(s, true);
     const first = await checkOnce(s, repair);
     if (first.leaksFixed === 0 && first.corruptionsFixed === 0) return first;
     await bdrvFlush(s.file);
-    const second = await checkOnce(s, { leaks: false, errors: false });
+    const second = await checkOnce(s, NO_FIX);
     second.leaksFixed = first.leaksFixed;
     second.corruptionsFixed = first.corruptionsFixed;
     second.messages = [...first.messages, ...second.messages];
@@ -241,42 +68,147 @@ export async function checkQcow2(s: Qcow2State, repair: RepairMode = { leaks: fa
   });
 }
 
-async function checkOnce(s: Qcow2State, repair: RepairMode): Promise<Qcow2CheckResult> {
+/** One bdrv_check: qcow2_check_refcounts, the COPIED check, then marking the image clean. */
+async function checkOnce(s: Qcow2State, fix: RepairMode): Promise<Qcow2CheckResult> {
   const res = emptyResult();
   const C = s.clusterSize;
   res.totalClusters = Math.ceil(s.sizeBytes / C);
-  {
-    const { counts, copiedErrors } = await computeRefcounts(s, res, repair);
-    const fileClusters = Math.ceil(bdrvGetLength(s.file) / C);
-    const n = Math.max(fileClusters, counts.data.length);
-    let highest = -1;
-    for (let ci = 0; ci < n; ci++) {
-      const want = counts.get(ci);
-      const have = ci < fileClusters || want > 0 ? await storedRefcount(s, ci) : 0;
-      if (have > 0 || want > 0) highest = ci;
-      if (have === want) continue;
-      const leak = have > want;
-      const fix = leak ? repair.leaks : repair.errors;
-      res.messages.push(`${fix ? 'Repairing' : leak ? 'Leaked' : 'ERROR'} cluster ${ci} refcount=${have} reference=${want}`);
-      if (fix) {
-        await updateRefcount(s, ci * C, C, want - have);
-        if (leak) res.leaksFixed++;
-        else res.corruptionsFixed++;
-      } else if (leak) res.leaks++;
-      else res.corruptions++;
-    }
-    for (const f of copiedErrors) await f();
-    res.imageEndOffset = (highest + 1) * C;
+  const nbClusters = Math.ceil(bdrvGetLength(s.file) / C);
+  if (nbClusters > MAX_CHECK_CLUSTERS) {
+    throw new BlockError('EFBIG', `qcow2 '${s.filename}': File too large: ${nbClusters} clusters are more than a check can count`, { file: s.filename, field: 'nb_clusters' });
   }
-  // a repaired image is consistent again: QEMU's qcow2_mark_clean / qcow2_mark_consistent
-  let clear = 0;
-  if ((repair.leaks || repair.errors) && res.corruptions === 0) clear |= INCOMPAT_DIRTY;
-  if (repair.errors && res.corruptions === 0) clear |= INCOMPAT_CORRUPT;
-  if ((s.header.incompatibleFeatures & BigInt(clear)) !== 0n) await clearIncompatibleBits(s, clear);
+  const imrt = new Imrt(nbClusters);
+  let rebuild = await calculateRefcounts(s, res, fix, imrt);
+  // the comparison is made once without repairs; a repair run repeats it from these counts
+  const pre = counts(res);
+  let cmp = await compareRefcounts(s, res, NO_FIX, imrt);
+  rebuild ||= cmp.rebuild;
+  if (rebuild && fix.errors) {
+    const old = counts(res);
+    res.messages.push('Rebuilding refcount structure');
+    await rebuildRefcountStructure(s, imrt);
+    res.corruptions = 0;
+    res.leaks = 0;
+    // the old structure is gone from the header: count the references again
+    imrt.clear();
+    const after = emptyResult();
+    after.messages = res.messages;
+    await calculateRefcounts(s, after, NO_FIX, imrt);
+    res.corruptions += after.corruptions;
+    res.leaks += after.leaks;
+    res.checkErrors += after.checkErrors;
+    let freshLeaks = 0;
+    if (fix.leaks) {
+      // the old structure is leaked now: free it; leaks left here are the rebuild's own
+      const r3 = emptyResult();
+      r3.messages = res.messages;
+      cmp = await compareRefcounts(s, r3, { leaks: true, errors: false }, imrt);
+      await flushMetadata(s, true);
+      if (cmp.rebuild) res.messages.push('ERROR rebuilt refcount structure is still broken');
+      freshLeaks = r3.leaks;
+      res.checkErrors += r3.checkErrors;
+    }
+    if (res.corruptions < old.corruptions) res.corruptionsFixed += old.corruptions - res.corruptions;
+    if (res.leaks < old.leaks) res.leaksFixed += old.leaks - res.leaks;
+    res.leaks += freshLeaks;
+  } else if (fix.leaks || fix.errors) {
+    if (rebuild) {
+      res.messages.push('ERROR need to rebuild refcount structures');
+      res.checkErrors++;
+      throw new BlockError('EIO', `qcow2 '${s.filename}': Input/output error: the refcount structure must be rebuilt (run 'snapstack img check -r all')`, {
+        file: s.filename,
+        field: 'refcount_table',
+        corrupt: true,
+      });
+    }
+    if (res.leaks > 0 || res.corruptions > 0) {
+      restoreCounts(res, pre);
+      cmp = await compareRefcounts(s, res, fix, imrt);
+      await flushMetadata(s, true);
+    }
+  }
+  await checkOflagCopied(s, res, fix);
+  res.imageEndOffset = (cmp.highest + 1) * C;
+  if ((fix.leaks || fix.errors) && res.checkErrors === 0 && res.corruptions === 0) await markCleanAndConsistent(s);
   return res;
 }
 
-/** Clears bits of incompatible_features in the header (offset 72, 8 bytes). */
+/** QEMU's check_oflag_copied: COPIED must be set exactly where the refcount is 1 (active tables). */
+async function checkOflagCopied(s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode): Promise<void> {
+  const C = s.clusterSize;
+  // with -r leaks only, repairing the flags is safe only when the refcounts are right now
+  const repair = fix.errors || (fix.leaks && res.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0);
+  for (let i = 0; i < s.l1Size; i++) {
+    const hi = entryHi(s.l1View, i);
+    const lo = entryLo(s.l1View, i);
+    const l2Offset = entryOffset(hi, lo);
+    if (l2Offset === 0) continue;
+    const rc = await storedRefcount(s, Math.floor(l2Offset / C));
+    if (typeof rc === 'string') continue;
+    if ((rc === 1) !== isCopied(hi)) {
+      res.corruptions++;
+      res.messages.push(`${repair ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`);
+      if (repair) {
+        setEntryRaw(s.l1View, i, rc === 1 ? (hi | 0x80000000) >>> 0 : hi & 0x7fffffff, lo);
+        await s.writeMeta(s.header.l1TableOffset + i * 8, s.l1.subarray(i * 8, i * 8 + 8), 'L1 entry (COPIED flag repair)');
+        res.corruptions--;
+        res.corruptionsFixed++;
+      }
+    }
+    let l2: Uint8Array;
+    try {
+      l2 = await readZeroPadded(s, l2Offset, C);
+    } catch (e) {
+      res.messages.push(`ERROR: Could not read L2 table: ${e instanceof Error ? e.message : String(e)}`);
+      res.checkErrors++;
+      return;
+    }
+    const v = new DataView(l2.buffer);
+    let dirty = 0;
+    for (let j = 0; j < s.l2Entries; j++) {
+      const eh = entryHi(v, j);
+      const el = entryLo(v, j);
+      const type = l2EntryType(eh, el, true);
+      if (type !== ClusterType.Normal && type !== ClusterType.ZeroAlloc) continue;
+      const drc = await storedRefcount(s, Math.floor(entryOffset(eh, el) / C));
+      if (typeof drc === 'string') continue;
+      if ((drc === 1) === isCopied(eh)) continue;
+      res.corruptions++;
+      // an L2 table at an unaligned offset straddles two clusters: never write it back
+      const fixThis = repair && l2Offset % C === 0;
+      res.messages.push(`${fixThis ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${hex64(eh, el)} refcount=${drc}`);
+      if (fixThis) {
+        setEntryRaw(v, j, drc === 1 ? (eh | 0x80000000) >>> 0 : eh & 0x7fffffff, el);
+        dirty++;
+      }
+    }
+    if (dirty === 0) continue;
+    const hit = metadataRanges(s).find((r) => r.start < l2Offset + C && r.end > l2Offset);
+    if (hit !== undefined || l2Offset < C) {
+      res.messages.push('ERROR: Could not write L2 table; metadata overlap check failed: Input/output error');
+      res.checkErrors++;
+      return;
+    }
+    try {
+      await s.writeMeta(l2Offset, l2, 'L2 table (COPIED flag repair)');
+    } catch (e) {
+      res.messages.push(`ERROR: Could not write L2 table: ${e instanceof Error ? e.message : String(e)}`);
+      res.checkErrors++;
+      return;
+    }
+    s.l2Cache.drop(l2Offset);
+    res.corruptions -= dirty;
+    res.corruptionsFixed += dirty;
+  }
+}
+
+/** QEMU's qcow2_mark_clean + qcow2_mark_consistent: clears the dirty and corrupt bits. */
+async function markCleanAndConsistent(s: Qcow2State): Promise<void> {
+  const bits = BigInt(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+  if ((s.header.incompatibleFeatures & bits) !== 0n) await clearIncompatibleBits(s, INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+}
+
+/** Clears bits of incompatible_features in the header (offset 72, 8 bytes), flushed on both sides. */
 async function clearIncompatibleBits(s: Qcow2State, bits: number): Promise<void> {
   const next = s.header.incompatibleFeatures & ~BigInt(bits);
   const b = new Uint8Array(8);
@@ -294,8 +226,8 @@ async function clearIncompatibleBits(s: Qcow2State, bits: number): Promise<void>
  */
 export async function repairDirtyImage(s: Qcow2State): Promise<Qcow2CheckResult> {
   const res = await checkQcow2(s, { leaks: true, errors: true });
-  if (res.corruptions > 0) {
-    throw s.corrupt(`the dirty image still has ${res.corruptions} errors after its refcounts were rebuilt; run 'snapstack img check -r all'`, 'incompatible_features');
+  if (res.corruptions > 0 || res.checkErrors > 0) {
+    throw s.corrupt(`the dirty image still has ${res.corruptions + res.checkErrors} errors after its refcounts were rebuilt; run 'snapstack img check -r all'`, 'incompatible_features');
   }
   if ((s.header.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n) await s.lock.run(() => clearIncompatibleBits(s, INCOMPAT_DIRTY));
   return res;

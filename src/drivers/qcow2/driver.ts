@@ -2,19 +2,55 @@
  * Format driver `qcow2`: probing by magic and opening an image over the node's `file` child.
  *
  * Options: `l2-cache-size` (bytes of L2 tables kept in memory; by default, as QEMU, enough to
- * cover the whole disk, between 1 and 32 MiB), `read-only` handled by the block layer.
+ * cover the whole disk, between 1 and 32 MiB), `read-only` handled by the block layer, and
+ * `x-check=on` (QEMU's BDRV_O_CHECK, for `img check`: a corrupt-marked or dirty image opens
+ * read/write without an automatic repair, and damage that an ordinary open refuses, overlapping
+ * tables or a bad snapshot L1 pointer, is left for the check to report).
+ *
+ * On a read/write open the autoclear feature bits are cleared before anything else is written
+ * (the specification requires it of a writer that does not know them; snapstack keeps neither
+ * bitmaps nor a raw external data file, so it knows none): one 8-byte write of the field, flushed.
  */
 import type { Bql } from '../../block/bql.js';
 import { assertBql } from '../../block/bql.js';
+import type { CheckFix, CheckResult } from '../../block/check.js';
+import { assertDrained, type DrainedProof } from '../../block/drain.js';
 import { registerDriver, type BlockDriver, type BlockDriverInstance } from '../../block/driver.js';
 import { BlockError } from '../../block/errors.js';
+import { bdrvFlush, bdrvPwrite } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
-import { parseSize, type NodeOptions } from '../../block/options.js';
+import { parseBool, parseSize, type NodeOptions } from '../../block/options.js';
+import { checkQcow2 } from './check.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
 import { Qcow2Instance } from './instance.js';
 import { loadQcow2State } from './open.js';
+import type { Qcow2State } from './state.js';
 
-const KNOWN_OPTIONS = new Set(['l2-cache-size']);
+const KNOWN_OPTIONS = new Set(['l2-cache-size', 'x-check']);
+
+/** Header offset of autoclear_features (v3). */
+const AUTOCLEAR_OFFSET = 88;
+
+/** A qcow2 instance with the check callback (check.ts does the work). */
+class CheckingQcow2Instance extends Qcow2Instance {
+  /**
+   * Checks the image as qemu-img check does and repairs what `fix` asks for; the node is quiet.
+   * @locking global-state
+   */
+  async checkImage(bql: Bql, drained: DrainedProof, fix: CheckFix): Promise<CheckResult> {
+    assertBql(bql, 'qcow2 check');
+    assertDrained(bql, drained, this.state.node, 'qcow2 check');
+    return checkQcow2(this.state, fix);
+  }
+}
+
+/** Clears autoclear_features on disk and in memory: one write of the field, then a flush. */
+async function clearAutoclearBits(s: Qcow2State): Promise<void> {
+  const field = new Uint8Array(8);
+  await bdrvPwrite(s.file, AUTOCLEAR_OFFSET, field);
+  await bdrvFlush(s.file);
+  s.header.autoclearFeatures = 0n;
+}
 
 /** The `qcow2` format driver. */
 export const qcow2Driver: BlockDriver = {
@@ -44,7 +80,8 @@ export const qcow2Driver: BlockDriver = {
     }
     const cacheText = opts['l2-cache-size'];
     const l2CacheBytes = cacheText === undefined ? undefined : parseSize(cacheText, 'l2-cache-size');
-    const state = await loadQcow2State(node, file, l2CacheBytes);
+    const checkMode = parseBool(opts, 'x-check', false);
+    const state = await loadQcow2State(node, file, l2CacheBytes, checkMode ? { refuseOverlaps: false, checkSnapshots: false } : {});
     const h = state.header;
     if (h.backingFile !== null) {
       throw new BlockError('ENOTSUP', `qcow2 '${state.filename}': backing files are not supported yet (backing file: '${h.backingFile}')`, {
@@ -53,19 +90,20 @@ export const qcow2Driver: BlockDriver = {
         field: 'backing_file_offset',
       });
     }
-    if ((h.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) !== 0n && !node.readOnly) {
+    if ((h.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) !== 0n && !node.readOnly && !checkMode) {
       throw new BlockError('EACCES', `qcow2 '${state.filename}': Image is corrupt; cannot be opened read/write (run 'snapstack img check -r all')`, {
         node: node.nodeName,
         file: state.filename,
         field: 'incompatible_features',
       });
     }
-    if ((h.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n && !node.readOnly) {
+    if (h.autoclearFeatures !== 0n && !node.readOnly) await clearAutoclearBits(state);
+    if ((h.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n && !node.readOnly && !checkMode) {
       // refcounts may be stale (lazy refcounts after a crash): QEMU repairs them on open
       const { repairDirtyImage } = await import('./check.js');
       await repairDirtyImage(state);
     }
-    return new Qcow2Instance(state);
+    return new CheckingQcow2Instance(state);
   },
 };
 

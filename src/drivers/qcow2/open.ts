@@ -111,17 +111,23 @@ export function defaultL2CacheBytes(h: Qcow2Header): number {
 
 /**
  * Reads and validates all the metadata an open image keeps in memory and returns its state.
- * `refuseOverlaps: false` lets the checker open an image whose tables overlap, to report it.
+ * `refuseOverlaps: false` and `checkSnapshots: false` let the checker open an image whose tables
+ * overlap or whose snapshot L1 pointers are bad, to report them (as QEMU's open does not check those).
  * @locking io
  */
-export async function loadQcow2State(node: BlockNode, file: BlockNode, l2CacheBytes: number | undefined, opts: { refuseOverlaps?: boolean } = {}): Promise<Qcow2State> {
+export async function loadQcow2State(
+  node: BlockNode,
+  file: BlockNode,
+  l2CacheBytes: number | undefined,
+  opts: { refuseOverlaps?: boolean; checkSnapshots?: boolean } = {},
+): Promise<Qcow2State> {
   const filename = file.filename || node.filename;
   const { header, fileLength } = await readQcow2Header(file, filename);
   const C = 2 ** header.clusterBits;
   const l1 = await readTable(file, header.l1TableOffset, header.l1Size * 8, fileLength, filename, 'l1_table');
   const reftable = await readTable(file, header.refcountTableOffset, header.refcountTableClusters * C, fileLength, filename, 'refcount_table');
   const snapshots = await readSnapshotTable(file, header, fileLength, filename);
-  checkSnapshotEntries(snapshots, C, fileLength, filename);
+  if (opts.checkSnapshots !== false) checkSnapshotEntries(snapshots, C, fileLength, filename);
   const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes ?? defaultL2CacheBytes(header));
   s.allocatedEnd = Math.ceil(fileLength / C);
   if (opts.refuseOverlaps !== false) checkNoMetadataOverlap(s);
