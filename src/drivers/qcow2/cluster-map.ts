@@ -2,14 +2,17 @@
  * qcow2 guest-to-host mapping: looking up the L2 entry of a guest cluster, and getting an L2 table
  * that may be written (allocating it, or copying it when a snapshot shares it: COPIED clear).
  *
- * I/O code, called with the qcow2 lock held when anything may change. Crash-safe order: a new L2
- * table is written (with its refcount already raised) before the L1 entry points at it, and a
- * shared L2 table loses the active image's reference only after the L1 entry moved to the copy.
+ * I/O code, called with the qcow2 lock held when anything may change. Changes are write-back
+ * (writeback.ts orders them): a new L2 table is dirty in the cache, the L1 entry that points at it
+ * is dirty, and the flush writes the table's refcount, the table, then the L1 entry, each behind a
+ * barrier; a shared L2 table loses the active image's reference only once the L1 entry that moved
+ * to the copy is on disk (pendingFrees).
  */
 import { bdrvFlush } from '../../block/io.js';
 import { L1_HI_RESERVED, L1_LO_RESERVED } from './constants.js';
 import { entryHi, entryLo, entryOffset, headerFields, isCopied, setEntry } from './entries.js';
 import { allocClusters, freeClusters } from './refcount.js';
+import { flushMetadata } from './writeback.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
 
@@ -49,11 +52,6 @@ export async function l2ForRead(s: Qcow2State, l1Index: number): Promise<Table |
   return s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
 }
 
-/** Writes L1 entry `i` to the file. */
-async function writeL1Entry(s: Qcow2State, i: number): Promise<void> {
-  await s.writeMeta(s.header.l1TableOffset + i * 8, s.l1.subarray(i * 8, i * 8 + 8), 'L1 table entry');
-}
-
 /**
  * The L2 table covering `l1Index`, ready to be changed in place: allocated when missing, copied
  * when shared with a snapshot. The L1 table is grown first when too small.
@@ -71,42 +69,44 @@ export async function l2ForWrite(s: Qcow2State, l1Index: number): Promise<Table>
     const old = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
     bytes = old.bytes.slice();
   }
-  try {
-    await s.writeMeta(newOff, bytes, 'L2 table');
-  } catch (e) {
-    await freeClusters(s, newOff, s.clusterSize).catch(() => undefined); // nothing points there yet
-    throw e;
-  }
   const t = s.l2Cache.insert(newOff, bytes);
+  s.l2Cache.markDirty(newOff, 0, s.clusterSize);
   setEntry(s.l1View, l1Index, newOff, true);
-  await writeL1Entry(s, l1Index);
-  if (off !== 0) await freeClusters(s, off, s.clusterSize);
+  s.markL1Dirty(l1Index);
+  if (off !== 0) s.pendingFrees.push([off, s.clusterSize]);
   return t;
 }
 
 /**
- * Grows the active L1 table to at least `minEntries` entries: a new table is written and
- * flushed before the header points at it; the old one is freed after.
+ * Grows the active L1 table to at least `minEntries` entries: every metadata change is flushed
+ * first (the new table's refcount, and every L2 table the L1 points at), then the new table is
+ * written and flushed before the header points at it; the old one is freed once that switch is
+ * on disk.
  * @locking io
  */
 export async function growL1(s: Qcow2State, minEntries: number): Promise<void> {
   if (minEntries <= s.l1Size) return;
-  const bytes = new Uint8Array(minEntries * 8);
-  bytes.set(s.l1);
-  const clusters = Math.ceil(bytes.length / s.clusterSize);
+  const clusters = Math.ceil((minEntries * 8) / s.clusterSize);
   const newOff = await allocClusters(s, clusters);
   try {
+    await flushMetadata(s);
+    const bytes = new Uint8Array(minEntries * 8);
+    bytes.set(s.l1);
     await s.writeMeta(newOff, bytes, 'L1 table');
     await bdrvFlush(s.file);
+    await s.writeMeta(36, headerFields([[4, minEntries], [8, newOff]]), 'header (L1 table pointer)');
+    const oldOff = s.header.l1TableOffset;
+    const oldClusters = Math.ceil((s.l1Size * 8) / s.clusterSize);
+    s.header.l1TableOffset = newOff;
+    s.header.l1Size = minEntries;
+    s.setL1(bytes);
+    s.l1DirtyLo = Infinity; // the new table holds every entry
+    s.l1DirtyHi = 0;
+    if (oldOff !== 0 && oldClusters > 0) s.pendingFrees.push([oldOff, oldClusters * s.clusterSize]);
   } catch (e) {
-    await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined); // nothing points there yet
+    // nothing points at the new clusters: give them back (after a failed write the tables were
+    // read again from the file, where the allocation may not exist: then they may only leak)
+    if (s.header.l1TableOffset !== newOff && s.broken === null) await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined);
     throw e;
   }
-  await s.writeMeta(36, headerFields([[4, minEntries], [8, newOff]]), 'header (L1 table pointer)');
-  const oldOff = s.header.l1TableOffset;
-  const oldClusters = Math.ceil((s.l1Size * 8) / s.clusterSize);
-  s.header.l1TableOffset = newOff;
-  s.header.l1Size = minEntries;
-  s.setL1(bytes);
-  if (oldOff !== 0 && oldClusters > 0) await freeClusters(s, oldOff, oldClusters * s.clusterSize);
 }

@@ -5,8 +5,10 @@
  *
  * I/O code. Reads and in-place writes take no lock: their mapping is looked up and the transfer
  * submitted without yielding in between. Allocating writes, zeroing and discarding run under the
- * qcow2 lock. Crash-safe order for an allocating write: refcount of the new cluster, then its
- * data, then the L2 entry, then the old cluster's reference is dropped.
+ * qcow2 lock. An allocating write writes its data at once and changes the metadata in memory only
+ * (the new cluster's refcount and the L2 entry are dirty; the old cluster's reference drop waits in
+ * pendingFrees); writeback.ts puts them on disk in the crash-safe order at the next flush:
+ * refcount, barrier (data and refcount durable), L2 entry, barrier, and only then the drop.
  */
 import zlib from 'node:zlib';
 import type { BlockStatus } from '../../block/driver.js';
@@ -18,6 +20,7 @@ import { refuseDataOnMetadata } from './overlap.js';
 import { allocClusters, freeClusters } from './refcount.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
+import { boundDirtyMetadata } from './writeback.js';
 
 /** The last decompressed cluster, keyed by its L2 entry (sequential reads hit it). */
 const lastDecompressed = new WeakMap<Qcow2State, { hi: number; lo: number; data: Uint8Array }>();
@@ -177,14 +180,11 @@ async function readOldCluster(s: Qcow2State, hi: number, lo: number, type: Clust
 }
 
 /**
- * Drops the references that L2 entries held (after they stopped pointing there): host-contiguous
- * clusters are freed as one range, so discarding a large area costs one refcount update per run,
- * not one per cluster.
+ * Defers the references that L2 entries held (after they stopped pointing there, in memory) to
+ * the next metadata flush, once the new entries are on disk: host-contiguous clusters go as one
+ * range, so discarding a large area costs one refcount update per run, not one per cluster.
  */
-async function releaseEntries(s: Qcow2State, old: Array<[number, number, ClusterType]>): Promise<void> {
-  if (old.length === 0) return;
-  const quiet = s.whenNoInPlaceWrites();
-  if (quiet !== undefined) await quiet;
+function deferRelease(s: Qcow2State, old: Array<[number, number, ClusterType]>): void {
   const C = s.clusterSize;
   let runStart = -1;
   let runLen = 0;
@@ -195,16 +195,16 @@ async function releaseEntries(s: Qcow2State, old: Array<[number, number, Cluster
         runLen++;
         continue;
       }
-      if (runLen > 0) await freeClusters(s, runStart, runLen * C);
+      if (runLen > 0) s.pendingFrees.push([runStart, runLen * C]);
       runStart = off;
       runLen = 1;
     } else if (type === ClusterType.Compressed) {
       const { offset, bytes } = compressedExtent(hi, lo, s.clusterBits);
       const start = offset - (offset % 512);
-      await freeClusters(s, start, offset + bytes - start);
+      s.pendingFrees.push([start, offset + bytes - start]);
     }
   }
-  if (runLen > 0) await freeClusters(s, runStart, runLen * C);
+  if (runLen > 0) s.pendingFrees.push([runStart, runLen * C]);
 }
 
 /**
@@ -286,10 +286,12 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       old.push([h, l, l2EntryType(h, l, s.v3)]);
       setEntry(t.view, idx, newHost + k * C, true);
     }
-    await s.writeMeta(t.offset + (first + i) * 8, t.bytes.subarray((first + i) * 8, (first + i + run) * 8), 'L2 table entries');
-    await releaseEntries(s, old);
+    s.l2Cache.markDirty(t.offset, (first + i) * 8, (first + i + run) * 8);
+    s.l2NeedsDataBarrier = true; // the entries point at data written since the last flush
+    deferRelease(s, old);
     i += run;
   }
+  await boundDirtyMetadata(s);
 }
 
 /**
@@ -340,10 +342,11 @@ export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters
         setEntry(t.view, idx, 0, false, true);
       }
     }
-    await s.writeMeta(t.offset + l2Index * 8, t.bytes.subarray(l2Index * 8, (l2Index + n) * 8), 'L2 table entries');
-    await releaseEntries(s, old);
+    s.l2Cache.markDirty(t.offset, l2Index * 8, (l2Index + n) * 8);
+    deferRelease(s, old);
     c += n;
   }
+  await boundDirtyMetadata(s);
 }
 
 /**

@@ -14,6 +14,7 @@ import { INCOMPAT_CORRUPT, COMPAT_LAZY_REFCOUNTS } from './constants.js';
 import { qcow2BlockStatus, qcow2Read, qcow2Write, qcow2ZeroClusters } from './data-path.js';
 import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily, setDiskSize } from './snapshots.js';
 import type { Qcow2State } from './state.js';
+import { flushMetadata } from './writeback.js';
 import { toSnapshotInfo } from '../snapshot-lookup.js';
 
 /** Largest chunk of explicit zeros written at once when the zero flag cannot be used. */
@@ -66,9 +67,14 @@ export class Qcow2Instance implements BlockDriverInstance {
     if (firstFull < lastFull) await qcow2ZeroClusters(this.state, firstFull, (lastFull - firstFull) / C, true, true);
   }
 
-  /** Metadata is written through, so flushing the file makes every completed write durable. */
+  /**
+   * Makes every completed write durable: the metadata changes in dependency order behind their
+   * barriers (writeback.ts), then a flush of the file; only the file flush when nothing is dirty.
+   */
   flush(): Promise<void> {
-    return bdrvFlush(this.state.file);
+    const s = this.state;
+    if (!s.metadataDirty) return bdrvFlush(s.file);
+    return s.lock.run(() => flushMetadata(s));
   }
 
   /** The virtual disk size. */
@@ -109,7 +115,11 @@ export class Qcow2Instance implements BlockDriverInstance {
   async close(bql: Bql, drained: DrainedProof): Promise<void> {
     assertBql(bql, 'qcow2 close');
     assertDrained(bql, drained, this.state.node, 'qcow2 close');
-    if (!this.state.node.readOnly) await bdrvFlush(this.state.file);
+    const s = this.state;
+    if (!s.node.readOnly) {
+      if (s.metadataDirty) await s.lock.run(() => flushMetadata(s, true));
+      else await bdrvFlush(s.file);
+    }
     this.state.l2Cache.clear();
     this.state.refblockCache.clear();
   }

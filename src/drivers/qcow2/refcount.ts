@@ -2,11 +2,14 @@
  * qcow2 refcounts: reading and changing a cluster's reference count, allocating and freeing
  * clusters, creating refcount blocks and growing the refcount table.
  *
- * I/O code, called with the qcow2 lock held. Crash-safe order (a crash between any two writes
- * leaves at most leaked clusters): a cluster's refcount is raised (and written) before anything
- * points to it, and lowered only after the last pointer to it is gone; a new refcount block is
- * written before the table entry that points to it; a new refcount table is written and flushed
- * before the header switches to it, and the old one is freed after.
+ * I/O code, called with the qcow2 lock held. Changes stay in memory (dirty refcount blocks and
+ * table entries) until writeback.ts flushes the metadata. Crash-safe order, whatever subset of the
+ * writes between two flushes reaches the disk: a cluster's refcount is on disk before anything
+ * that points to it (the flush writes refcount blocks, then a barrier, then L2 and L1 tables), and
+ * is lowered only after the last pointer to it is on disk (pendingFrees); a new refcount block is
+ * on disk before the table entry that points to it (writeDirtyRefcounts); a new refcount table and
+ * the counts it relies on are written and flushed before the header switches to it, and the old
+ * one is freed after that switch is on disk.
  */
 import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
@@ -85,46 +88,53 @@ export function refblockOffset(s: Qcow2State, b: number): number {
 
 async function loadRefblock(s: Qcow2State, off: number, b: number): Promise<Table> {
   if (off % s.clusterSize !== 0) throw s.corrupt(`refcount block ${b} offset ${off} is not cluster aligned`, 'refcount_table');
-  const batched = s.refcountBatch?.get(off);
-  if (batched !== undefined) return batched.table;
   return s.refblockCache.peek(off) ?? (await s.refblockCache.get(off));
 }
 
 /**
- * Starts collecting refcount changes in memory instead of writing each one: for walks that touch
- * thousands of clusters (snapshot create, goto, delete). `flushRefcountBatch` writes them.
+ * Writes every refcount block changed in memory and, behind a flush (a table entry must never
+ * reach the disk before the block it points at), the changed refcount-table entries. The blocks
+ * are not flushed here: the caller puts a barrier between them and whatever relies on them.
+ * Returns true when anything was written.
  * @locking io
  */
-export function beginRefcountBatch(s: Qcow2State): void {
-  s.refcountBatch ??= new Map();
-}
-
-/**
- * Writes every refcount block range changed since beginRefcountBatch and stops batching.
- * @locking io
- */
-export async function flushRefcountBatch(s: Qcow2State): Promise<void> {
-  const batch = s.refcountBatch;
-  if (batch === null) return;
-  s.refcountBatch = null;
-  const writes: Array<{ offset: number; data: Uint8Array; what: string }> = [];
-  for (const [off, { table, lo, hi }] of batch) {
-    s.refblockCache.insert(off, table.bytes);
-    writes.push({ offset: off + lo, data: table.bytes.subarray(lo, hi), what: 'refcount block' });
+export async function writeDirtyRefcounts(s: Qcow2State): Promise<boolean> {
+  let wrote = false;
+  if (s.refblockCache.hasDirty) {
+    await s.writeMetaAll(s.refblockCache.dirtyWrites('refcount block'));
+    s.refblockCache.markClean();
+    wrote = true;
   }
-  await s.writeMetaAll(writes);
+  if (s.reftableDirtyLo < s.reftableDirtyHi) {
+    const lo = s.reftableDirtyLo;
+    const hi = Math.min(s.reftableDirtyHi, s.reftable.length / 8);
+    await bdrvFlush(s.file).catch((e: unknown) => {
+      s.broken ??= `a flush of the refcount blocks failed: ${e instanceof Error ? e.message : String(e)}`;
+      throw e;
+    });
+    await s.writeMeta(s.header.refcountTableOffset + lo * 8, s.reftable.subarray(lo * 8, hi * 8), 'refcount table entries');
+    s.reftableDirtyLo = Infinity;
+    s.reftableDirtyHi = 0;
+    wrote = true;
+  }
+  return wrote;
 }
 
 /**
- * Drops every refcount change made since beginRefcountBatch (nothing of it was written): the
- * refcount blocks it touched leave the cache, so the next lookup reads them from the file again.
+ * Drops every refcount change not yet written (a refused snapshot walk: nothing of it may reach
+ * the disk); the refcount blocks and table are read from the file again. Only for callers that
+ * started from clean metadata (writeback.ts flushMetadata), so nothing else is lost.
  * @locking io
  */
-export function abortRefcountBatch(s: Qcow2State): void {
-  const batch = s.refcountBatch;
-  if (batch === null) return;
-  s.refcountBatch = null;
-  for (const off of batch.keys()) s.refblockCache.drop(off);
+export async function discardDirtyRefcounts(s: Qcow2State): Promise<void> {
+  s.refblockCache.discardDirty();
+  if (s.reftableDirtyLo < s.reftableDirtyHi) {
+    s.setReftable(await s.readMeta(s.header.refcountTableOffset, s.header.refcountTableClusters * s.clusterSize, 'refcount table'));
+    s.reftableDirtyLo = Infinity;
+    s.reftableDirtyHi = 0;
+    s.refblockGeneration++;
+  }
+  s.freeClusterHint = 0;
 }
 
 /**
@@ -140,9 +150,9 @@ export async function getRefcount(s: Qcow2State, clusterIndex: number): Promise<
 }
 
 /**
- * Adds `addend` to the refcount of every cluster that [offset, offset + length) touches, writing
- * each changed refcount block range through. Refcount blocks are created as needed for increases;
- * an underflow or overflow is refused before anything is written.
+ * Adds `addend` to the refcount of every cluster that [offset, offset + length) touches, in memory
+ * (the changed ranges are dirty until the next metadata flush). Refcount blocks are created as
+ * needed for increases; an underflow or overflow is refused before anything changes.
  * @locking io
  */
 export async function updateRefcount(s: Qcow2State, offset: number, length: number, addend: number): Promise<void> {
@@ -181,7 +191,7 @@ export async function updateRefcount(s: Qcow2State, offset: number, length: numb
       });
     }
   }
-  // 4. apply, then write each changed byte range through (or hand it to the batch)
+  // 4. apply, and mark each changed byte range dirty (written by the next metadata flush)
   for (let b = bFirst; b <= bLast; b++) {
     const t = tables[b - bFirst] as Table;
     const off = offsets[b - bFirst] as number;
@@ -202,17 +212,12 @@ export async function updateRefcount(s: Qcow2State, offset: number, length: numb
         if (c < s.freeClusterHint) s.freeClusterHint = c;
       }
     }
-    const batch = s.refcountBatch;
-    if (batch === null) await s.writeMeta(off + lo, t.bytes.subarray(lo, hi), 'refcount block');
-    else {
-      const prev = batch.get(off);
-      batch.set(off, { table: t, lo: Math.min(lo, prev?.lo ?? lo), hi: Math.max(hi, prev?.hi ?? hi) });
-    }
+    if (lo < hi) s.refblockCache.markDirty(off, lo, hi);
   }
 }
 
 /**
- * The refcount of cluster `ci` when its refcount block is in memory (cache or batch), without
+ * The refcount of cluster `ci` when its refcount block is in memory (cached), without
  * waiting; -1 when the block must be read first (use getRefcount).
  * @locking io
  */
@@ -220,7 +225,7 @@ export function peekRefcount(s: Qcow2State, ci: number): number {
   const b = Math.floor(ci / s.refblockEntries);
   const off = refblockOffset(s, b);
   if (off === 0) return 0;
-  const t = s.refcountBatch?.get(off)?.table ?? s.refblockCache.lookup(off);
+  const t = s.refblockCache.lookup(off);
   if (t === undefined) return -1;
   return readSlot(t, ci - b * s.refblockEntries, s.refcountBits);
 }
@@ -255,28 +260,28 @@ function missingRefblocks(s: Qcow2State, start: number, n: number): number[] {
 /**
  * Creates the refcount blocks `blocks` in the free clusters [at, at + blocks.length), each
  * counting those of the new clusters it covers; clusters covered by existing blocks are counted
- * there. The blocks are written before the table entries that point at them.
+ * there. Everything stays dirty in memory: writeDirtyRefcounts writes the blocks before (behind a
+ * flush) the table entries that point at them.
  */
 async function createRefblocksAt(s: Qcow2State, blocks: number[], at: number): Promise<void> {
   const E = s.refblockEntries;
   const C = s.clusterSize;
   const k = blocks.length;
   const fresh = new Map<number, Table>();
-  for (const [j, b] of blocks.entries()) fresh.set(b, s.refblockCache.insert((at + j) * C, new Uint8Array(C)));
+  for (const [j, b] of blocks.entries()) {
+    fresh.set(b, s.refblockCache.insert((at + j) * C, new Uint8Array(C)));
+    s.refblockCache.markDirty((at + j) * C, 0, C);
+  }
   for (let c = at; c < at + k; c++) {
     const t = fresh.get(Math.floor(c / E));
     if (t !== undefined) writeSlot(t, c - Math.floor(c / E) * E, s.refcountBits, 1);
   }
   for (const [j, b] of blocks.entries()) {
-    const t = fresh.get(b);
-    if (t !== undefined) await s.writeMeta((at + j) * C, t.bytes, 'new refcount block');
-  }
-  for (let c = at; c < at + k; c++) if (!fresh.has(Math.floor(c / E))) await updateRefcount(s, c * C, C, 1);
-  for (const [j, b] of blocks.entries()) {
     setEntry(s.reftableView, b, (at + j) * C, false);
-    await s.writeMeta(s.header.refcountTableOffset + b * 8, s.reftable.subarray(b * 8, b * 8 + 8), 'refcount table entry');
+    s.markReftableDirty(b);
   }
   s.refblockGeneration++;
+  for (let c = at; c < at + k; c++) if (!fresh.has(Math.floor(c / E))) await updateRefcount(s, c * C, C, 1);
 }
 
 /**
@@ -321,7 +326,7 @@ export function freeClusters(s: Qcow2State, offset: number, length: number): Pro
   return updateRefcount(s, offset, length, -1);
 }
 
-/** Creates refcount block `b` inside the range it covers (all free, since no block covers them). */
+/** Creates refcount block `b` inside the range it covers (all free, since no block covers them); dirty in memory. */
 async function ensureRefblock(s: Qcow2State, b: number): Promise<void> {
   if (b >= reftableEntries(s)) await growReftable(s, b + 1);
   if (refblockOffset(s, b) !== 0) return;
@@ -330,10 +335,10 @@ async function ensureRefblock(s: Qcow2State, b: number): Promise<void> {
   const bytes = new Uint8Array(s.clusterSize);
   const t = s.refblockCache.insert(off, bytes);
   writeSlot(t, 0, s.refcountBits, 1);
-  await s.writeMeta(off, bytes, 'new refcount block');
+  s.refblockCache.markDirty(off, 0, s.clusterSize);
   setEntry(s.reftableView, b, off, false);
+  s.markReftableDirty(b);
   s.refblockGeneration++;
-  await s.writeMeta(s.header.refcountTableOffset + b * 8, s.reftable.subarray(b * 8, b * 8 + 8), 'refcount table entry');
   s.allocatedEnd = Math.max(s.allocatedEnd, ci + 1);
 }
 
@@ -386,10 +391,14 @@ async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
     await s.writeMeta(off, bytes, 'new refcount block');
     setEntry(tableView, b, off, false);
   }
-  // 3. the new table, flushed before the header points at it
+  // 3. the new table and every refcount change it relies on (the counts of the area above, dirty
+  //    blocks that its entries point at), flushed before the header points at it
   await s.writeMeta(tableOff, table, 'new refcount table');
+  await writeDirtyRefcounts(s);
   await bdrvFlush(s.file);
   await s.writeMeta(48, headerFields([[8, tableOff], [4, tableClusters]]), 'header (refcount table pointer)');
+  s.reftableDirtyLo = Infinity; // the new table holds every entry
+  s.reftableDirtyHi = 0;
   const oldOff = s.header.refcountTableOffset;
   const oldClusters = s.header.refcountTableClusters;
   s.header.refcountTableOffset = tableOff;
@@ -397,6 +406,6 @@ async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
   s.setReftable(table);
   s.refblockGeneration++;
   s.allocatedEnd = Math.max(s.allocatedEnd, areaEnd);
-  // 4. the old table is garbage now
-  await freeClusters(s, oldOff, oldClusters * C);
+  // 4. the old table is garbage once the header switch is on disk (the next metadata flush)
+  s.pendingFrees.push([oldOff, oldClusters * C]);
 }

@@ -4,7 +4,11 @@
  *
  * Called by the driver's snapshot callbacks, which take `Bql` and a drained proof: nothing else
  * runs on the node meanwhile. The functions here also take the qcow2 lock, since they change
- * metadata. A crash at any write leaves the old state or the new one, plus at most leaked clusters.
+ * metadata. Each operation starts by flushing every dirty metadata change (writeback.ts), so its
+ * walks start from clean caches, and ends clean too. A crash at any point, whatever subset of the
+ * writes since the last flush reached the disk, leaves the old state or the new one, plus at most
+ * leaked clusters: every commit point (snapshot table switch, L1 switch) is one header write inside
+ * one sector, behind a flush of everything it points at.
  */
 import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, type DrainedProof } from '../../block/drain.js';
@@ -14,7 +18,8 @@ import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js'
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, headerFields, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { growL1 } from './cluster-map.js';
 import { zeroClustersLocked } from './data-path.js';
-import { abortRefcountBatch, allocClusters, beginRefcountBatch, flushRefcountBatch, peekRefcount, freeClusters, getRefcount, updateRefcount } from './refcount.js';
+import { allocClusters, discardDirtyRefcounts, peekRefcount, freeClusters, getRefcount, updateRefcount, writeDirtyRefcounts } from './refcount.js';
+import { flushMetadata } from './writeback.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
@@ -160,7 +165,7 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
   const C = s.clusterSize;
   const { n, l2At } = await openL1Walk(s, l1Offset, l1Size);
   if (addend !== 0) {
-    beginRefcountBatch(s);
+    // the caller started from clean metadata: every dirty refcount now is this walk's
     try {
       // read ahead: the next few L2 tables load while this one is walked
       const ahead = Math.min(L2_READAHEAD, s.l2Cache.maxTables >> 2);
@@ -179,10 +184,10 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
         await updateRefcount(s, off, C, addend);
       }
     } catch (e) {
-      abortRefcountBatch(s); // a refused walk (overflow, corruption) writes no refcount at all
+      await discardDirtyRefcounts(s); // a refused walk (overflow, corruption) writes no refcount at all
       throw e;
     }
-    await flushRefcountBatch(s);
+    await writeDirtyRefcounts(s); // not flushed: the caller's next barrier comes before anything relies on them
   }
 }
 
@@ -231,6 +236,10 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
   if (addend >= 0 && l1Changed) {
     await s.writeMeta(l1Offset, l1.subarray(0, n * 8), active ? 'L1 table' : 'snapshot L1 table');
     await bdrvFlush(s.file);
+    if (active && n === s.l1Size) {
+      s.l1DirtyLo = Infinity; // written whole
+      s.l1DirtyHi = 0;
+    }
   }
 }
 
@@ -247,6 +256,9 @@ export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]
   const clusters = Math.ceil(bytes.length / s.clusterSize);
   const newOff = clusters === 0 ? 0 : await allocClusters(s, clusters);
   try {
+    // the new table's refcount (and every other refcount change so far) is durable before the
+    // header can point at it
+    await writeDirtyRefcounts(s);
     await bdrvFlush(s.file);
     if (clusters > 0) await s.writeMeta(newOff, bytes, 'snapshot table');
     await bdrvFlush(s.file);
@@ -256,14 +268,20 @@ export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]
     throw e;
   }
   // committed: from here on nothing may undo it (a caller's rollback would corrupt the image)
-  await bdrvFlush(s.file).catch(() => undefined);
   const oldOff = s.header.snapshotsOffset;
   const oldBytes = serializeSnapshotTable(s.snapshots).length;
   s.header.nbSnapshots = entries.length;
   s.header.snapshotsOffset = newOff;
   s.snapshots = entries;
+  let durable = true;
+  await bdrvFlush(s.file).catch((e: unknown) => {
+    // the switch may not be on disk: the old table must stay allocated (it only leaks), and no
+    // later metadata write may rely on either state
+    durable = false;
+    s.broken ??= `the flush after switching the snapshot table failed: ${e instanceof Error ? e.message : String(e)}`;
+  });
   // past the commit point a failure may only leak: the new table is in place whatever happens
-  if (oldOff !== 0 && oldBytes > 0) await freeClusters(s, oldOff, Math.ceil(oldBytes / s.clusterSize) * s.clusterSize).catch(() => undefined);
+  if (durable && oldOff !== 0 && oldBytes > 0) await freeClusters(s, oldOff, Math.ceil(oldBytes / s.clusterSize) * s.clusterSize).catch(() => undefined);
 }
 
 /** Refuses a snapshot whose L1 table cannot be right (QEMU's checks before goto, delete, load). */
@@ -274,6 +292,11 @@ function checkSnapshotL1(s: Qcow2State, sn: SnapshotEntry): void {
   if (sn.l1TableOffset % s.clusterSize !== 0 || (sn.l1Size > 0 && sn.l1TableOffset === 0)) {
     throw new BlockError('EINVAL', `Snapshot L1 table offset invalid (snapshot '${sn.name}' in '${s.filename}')`, { node: s.node.nodeName, field: 'l1_table_offset' });
   }
+}
+
+/** Counts the metadata writes that failed (each one reads the tables again), to tell whether a rollback is safe. */
+function failedWrites(s: Qcow2State): number {
+  return s.resyncs;
 }
 
 /**
@@ -287,11 +310,13 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
     if (s.snapshots.length >= MAX_SNAPSHOTS) {
       throw new BlockError('EFBIG', `qcow2 '${s.filename}': too many snapshots (${s.snapshots.length})`, { node: s.node.nodeName, field: 'nb_snapshots' });
     }
+    await flushMetadata(s, true);
     const C = s.clusterSize;
     const l1Bytes = s.l1Size * 8;
     const l1Clusters = Math.ceil(l1Bytes / C);
+    const failuresBefore = failedWrites(s);
     // 1. everything the active state reaches gains a reference; the walk is computed in memory
-    //    and written in one batch, so a refcount that would overflow refuses before any write
+    //    and written in one go, so a refcount that would overflow refuses before any write
     await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, 1);
     let l1Off = 0;
     let entry: SnapshotEntry;
@@ -317,10 +342,15 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 1);
       await writeSnapshotTable(s, [...s.snapshots, entry]);
     } catch (e) {
-      // not committed: give the references and the copy back so the image stays clean
-      await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, -1).catch(() => undefined);
-      await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 0).catch(() => undefined);
-      if (l1Off !== 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
+      // not committed: give the references and the copy back so the image stays clean, but only
+      // when every write so far succeeded; after a failed write the file may hold any part of the
+      // +1 pass, and undoing all of it could drop a refcount below its references: then leak
+      if (failedWrites(s) === failuresBefore && s.broken === null) {
+        await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, -1).catch(() => undefined);
+        await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 0).catch(() => undefined);
+        if (l1Off !== 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
+        await flushMetadata(s, true).catch(() => undefined);
+      }
       throw e;
     }
     if (info.vmStateSize > 0) {
@@ -329,12 +359,24 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       const clusters = Math.ceil(info.vmStateSize / C);
       await zeroClustersLocked(s, s.vmStateOffset(), clusters, true, true).catch(() => undefined);
     }
+    await flushMetadata(s, true).catch(() => undefined); // committed: a failure here only leaks
     return entry;
   });
 }
 
 /**
- * Reverts the active state to a snapshot (QEMU's qcow2_snapshot_goto, step by step).
+ * Reverts the active state to a snapshot. QEMU's qcow2_snapshot_goto overwrites the active L1
+ * in place and resizes the disk before it (a failure in between loses the data past the smaller
+ * size, and a torn L1 write mixes the two states). Here the new active L1 goes to fresh clusters
+ * and one header write inside one sector switches the disk size and the L1 together:
+ *   1. flush every dirty change; the snapshot's state gains a reference (+1), its COPIED bits are
+ *      corrected (its tables are only the snapshot's or shared, so nothing active changes)
+ *   2. the new L1 (the snapshot's, zero-padded to the larger size) in fresh clusters, flushed
+ *      with its refcount
+ *   3. the commit: size, l1_size and l1_table_offset (header bytes 24..47) in one write, flushed
+ *   4. the old active state loses its reference (-1), its L1 clusters are freed, and the COPIED
+ *      bits of the new active state are recomputed. A crash before 3 leaves the old state (plus
+ *      leaks); after it, the new state (plus leaks).
  * @locking global-state
  */
 export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, idOrName: string): Promise<SnapshotEntry> {
@@ -345,24 +387,65 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
       throw new BlockError('ENOENT', `Snapshot '${idOrName}' not found in '${s.filename}'`, { node: s.node.nodeName, value: idOrName });
     }
     checkSnapshotL1(s, sn);
-    if (sn.diskSize !== s.sizeBytes) await setDiskSize(s, sn.diskSize);
-    if (s.l1Size < sn.l1Size) await growL1(s, sn.l1Size);
-    const cur = s.l1Size;
-    // the snapshot's state gains its references first; that pass also corrects the COPIED bits
-    // of the snapshot's L1 on disk, so the copy read afterwards carries no stale "not shared" bit
+    const C = s.clusterSize;
+    const span = C * s.l2Entries;
+    const newL1Size = Math.max(s.l1Size, sn.l1Size, Math.ceil(sn.diskSize / span));
+    if (newL1Size * 8 > MAX_L1_BYTES) {
+      throw new BlockError('EFBIG', `qcow2 '${s.filename}': snapshot '${sn.name}' needs an L1 table over 32 MiB`, { node: s.node.nodeName, field: 'l1_size' });
+    }
+    await flushMetadata(s, true);
+    const failuresBefore = failedWrites(s);
+    // 1.
     await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, 1);
-    const buf = new Uint8Array(cur * 8);
-    if (sn.l1Size > 0) buf.set(await s.readMeta(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table'));
-    await s.writeMeta(s.header.l1TableOffset, buf, 'L1 table');
-    await bdrvFlush(s.file);
+    const l1Clusters = Math.ceil((newL1Size * 8) / C);
+    let newOff = 0;
+    const buf = new Uint8Array(newL1Size * 8);
+    try {
+      if (sn.l1Size > 0) buf.set(await s.readMeta(sn.l1TableOffset, sn.l1Size * 8, 'snapshot L1 table'));
+      // 2.
+      newOff = await allocClusters(s, l1Clusters);
+      await s.writeMeta(newOff, buf, 'L1 table');
+      await writeDirtyRefcounts(s);
+      await bdrvFlush(s.file);
+      // 3. the commit point
+      await s.writeMeta(24, headerFields([[8, sn.diskSize], [4, s.header.cryptMethod], [4, newL1Size], [8, newOff]]), 'header (size and L1 table pointer)');
+    } catch (e) {
+      // not committed: the +1 and the new clusters only leak unless every write succeeded
+      if (failedWrites(s) === failuresBefore && s.broken === null) {
+        await addSnapshotRefs(s, sn.l1TableOffset, sn.l1Size, -1).catch(() => undefined);
+        if (newOff !== 0) await freeClusters(s, newOff, l1Clusters * C).catch(() => undefined);
+        await flushMetadata(s, true).catch(() => undefined);
+      }
+      throw e;
+    }
+    const oldOff = s.header.l1TableOffset;
+    const oldSize = s.l1Size;
+    s.header.size = sn.diskSize;
+    s.header.l1TableOffset = newOff;
+    s.header.l1Size = newL1Size;
+    s.setL1(buf);
+    s.l2Cache.clear();
+    let durable = true;
+    await bdrvFlush(s.file).catch((e: unknown) => {
+      durable = false;
+      s.broken ??= `the flush after switching the L1 table failed: ${e instanceof Error ? e.message : String(e)}`;
+    });
+    if (!durable) return sn; // switched in memory; the old state's clusters stay allocated (leak)
+    // 4. past the commit point a failure only leaks
     let dropError: unknown = null;
     try {
-      await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, -1);
+      await addSnapshotRefs(s, oldOff, oldSize, -1);
+      const oldClusters = Math.ceil((oldSize * 8) / C);
+      if (oldOff !== 0 && oldClusters > 0) await freeClusters(s, oldOff, oldClusters * C);
     } catch (e) {
-      dropError = e; // the switch has happened: continue as QEMU does, the failure only leaks
+      dropError = e;
     }
-    s.setL1(buf);
-    await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 0);
+    await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 0).catch((e: unknown) => {
+      dropError ??= e;
+    });
+    await flushMetadata(s, true).catch((e: unknown) => {
+      dropError ??= e;
+    });
     if (dropError !== null) throw dropError;
     return sn;
   });
@@ -383,13 +466,16 @@ export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       });
     }
     checkSnapshotL1(s, sn);
+    await flushMetadata(s, true);
     await writeSnapshotTable(
       s,
       s.snapshots.filter((x) => x !== sn),
     );
+    if (s.broken !== null) return sn; // the switch may not be durable: keep every cluster (leak)
     await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, -1);
     if (sn.l1Size > 0) await freeClusters(s, sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / s.clusterSize) * s.clusterSize);
     await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 0);
+    await flushMetadata(s, true);
     return sn;
   });
 }
@@ -418,7 +504,9 @@ export async function loadSnapshotTemporarily(bql: Bql, s: Qcow2State, id: strin
 
 /**
  * Changes the virtual size in the header (growing the L1 table first when needed); the caller
- * holds the lock. Data past a smaller size is discarded first.
+ * holds the lock. A smaller size is made durable first, then the data past it is discarded (a
+ * crash in between leaves allocated clusters past the end, which read as nothing); a larger one
+ * is written only once the grown L1 table it needs is durable.
  * @locking io
  */
 export async function setDiskSize(s: Qcow2State, sizeBytes: number): Promise<void> {
@@ -428,11 +516,19 @@ export async function setDiskSize(s: Qcow2State, sizeBytes: number): Promise<voi
     throw new BlockError('EFBIG', `qcow2 '${s.filename}': a size of ${sizeBytes} bytes needs an L1 table over 32 MiB`, { node: s.node.nodeName, field: 'size' });
   }
   if (sizeBytes < s.sizeBytes) {
+    const oldSize = s.sizeBytes;
+    await s.writeMeta(24, headerFields([[8, sizeBytes]]), 'header (size)');
+    await bdrvFlush(s.file);
+    s.header.size = sizeBytes;
     const firstCluster = Math.ceil(sizeBytes / s.clusterSize);
-    const lastCluster = Math.ceil(s.sizeBytes / s.clusterSize);
+    const lastCluster = Math.ceil(oldSize / s.clusterSize);
     if (lastCluster > firstCluster) await zeroClustersLocked(s, firstCluster * s.clusterSize, lastCluster - firstCluster, true, true);
+    return;
   }
-  if (needL1 > s.l1Size) await growL1(s, needL1);
+  if (needL1 > s.l1Size) {
+    await growL1(s, needL1);
+    await bdrvFlush(s.file);
+  }
   await s.writeMeta(24, headerFields([[8, sizeBytes]]), 'header (size)');
   s.header.size = sizeBytes;
 }

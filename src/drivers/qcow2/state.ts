@@ -4,13 +4,16 @@
  * tables, the caches, the snapshot list and the metadata lock.
  *
  * I/O code: metadata is read and written through the node's `file` child with ordinary requests;
- * every change to it happens with `lock` held (QEMU's s->lock).
+ * every change to it happens with `lock` held (QEMU's s->lock). Metadata is write-back: changes
+ * to refcount blocks, L2 tables, the L1 table and refcount-table entries are kept in memory
+ * (dirty) and written by writeback.ts in dependency order; clusters that lost their last pointer
+ * wait in `pendingFrees` until that loss is on disk.
  */
 import { CoMutex } from '../../block/co-mutex.js';
 import { BlockError } from '../../block/errors.js';
 import { bdrvPread, bdrvPwrite } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
-import { TableCache, type Table } from './table-cache.js';
+import { TableCache } from './table-cache.js';
 import type { Qcow2Header, SnapshotEntry } from './types.js';
 
 /** Everything the qcow2 modules share about one open image. */
@@ -40,8 +43,23 @@ export class Qcow2State {
   freeClusterHint = 0;
   /** One past the highest cluster index allocated in this session (new areas start past it). */
   allocatedEnd = 0;
-  /** Refcount changes held in memory during a batch (see refcount.ts), by refcount block offset. */
-  refcountBatch: Map<number, { table: Table; lo: number; hi: number }> | null = null;
+  /** Active L1 entries [lo, hi) changed in memory and not yet written (lo >= hi: none). */
+  l1DirtyLo = Infinity;
+  l1DirtyHi = 0;
+  /** Refcount-table entries [lo, hi) changed in memory and not yet written (lo >= hi: none). */
+  reftableDirtyLo = Infinity;
+  reftableDirtyHi = 0;
+  /**
+   * Set when an L2 change points at data written since the last flush (an allocating write): the
+   * data must be durable before the L2 table is written.
+   */
+  l2NeedsDataBarrier = false;
+  /**
+   * Host ranges [offset, bytes] whose references were dropped from L2 tables or the L1 table in
+   * memory: their refcounts go down only once a flush has put the dropped pointers on disk, so a
+   * cluster is never reused while a durable pointer to it may remain.
+   */
+  pendingFrees: Array<[number, number]> = [];
   /** In-place data writes submitted without the lock and not yet completed. */
   inPlaceWrites = 0;
   private inPlaceIdle: Array<() => void> = [];
@@ -114,6 +132,39 @@ export class Qcow2State {
     this.l1View = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   }
 
+  /** Records that active L1 entry `i` changed in memory (written by the next metadata flush). */
+  markL1Dirty(i: number): void {
+    if (i < this.l1DirtyLo) this.l1DirtyLo = i;
+    if (i + 1 > this.l1DirtyHi) this.l1DirtyHi = i + 1;
+  }
+
+  /** Records that refcount-table entry `i` changed in memory (written by the next metadata flush). */
+  markReftableDirty(i: number): void {
+    if (i < this.reftableDirtyLo) this.reftableDirtyLo = i;
+    if (i + 1 > this.reftableDirtyHi) this.reftableDirtyHi = i + 1;
+  }
+
+  /** True when some metadata change or deferred free has not reached the disk yet. */
+  get metadataDirty(): boolean {
+    return (
+      this.refblockCache.hasDirty ||
+      this.l2Cache.hasDirty ||
+      this.l1DirtyLo < this.l1DirtyHi ||
+      this.reftableDirtyLo < this.reftableDirtyHi ||
+      this.pendingFrees.length > 0
+    );
+  }
+
+  /** Forgets every unwritten metadata change (after the tables were read again from the file). */
+  forgetDirtyMetadata(): void {
+    this.l1DirtyLo = Infinity;
+    this.l1DirtyHi = 0;
+    this.reftableDirtyLo = Infinity;
+    this.reftableDirtyHi = 0;
+    this.l2NeedsDataBarrier = false;
+    this.pendingFrees = [];
+  }
+
   /** Replaces the in-memory refcount table (after growth). */
   setReftable(bytes: Uint8Array): void {
     this.reftable = bytes;
@@ -171,17 +222,20 @@ export class Qcow2State {
 
   /** Set when the in-memory metadata could not be brought back in line with the file. */
   broken: string | null = null;
+  /** How many metadata writes failed (each one read the tables again from the file). */
+  resyncs = 0;
 
   /**
    * After a failed metadata write the tables in memory may hold changes the file does not: drop
-   * the caches and the refcount batch, and read the L1 and refcount tables again, so that memory
+   * the caches and every unwritten change, and read the L1 and refcount tables again, so that memory
    * says what the file says (an operation that failed half-way then leaves at most leaks). If
    * even that fails, every later metadata write is refused.
    */
   private async resyncAfterFailedWrite(what: string): Promise<void> {
+    this.resyncs++;
     this.l2Cache.clear();
     this.refblockCache.clear();
-    this.refcountBatch = null;
+    this.forgetDirtyMetadata();
     try {
       const h = this.header;
       this.setL1(h.l1Size === 0 ? new Uint8Array(0) : await this.readMeta(h.l1TableOffset, h.l1Size * 8, 'L1 table'));

@@ -1,8 +1,10 @@
 /**
  * A bounded cache of metadata tables (L2 tables, refcount blocks), keyed by host offset, evicting
- * the least recently used. Tables are written through when changed (the caller writes them), so an
- * entry is never dirty and eviction costs nothing. I/O code, used with the qcow2 lock held for
- * changes; lookups of cached tables are synchronous.
+ * the least recently used clean table. The cache is write-back: a changed table is marked dirty
+ * (with the byte range that changed) and stays pinned until writeback.ts writes it in dependency
+ * order (refcount blocks, a barrier, L2 tables, a barrier, the L1 table); a dirty table is never
+ * evicted, so the cache may hold more than its capacity until the next metadata flush. I/O code,
+ * used with the qcow2 lock held for changes; lookups of cached tables are synchronous.
  */
 import type { Qcow2State } from './state.js';
 
@@ -18,6 +20,8 @@ export class TableCache {
   private readonly tables = new Map<number, Table>();
   /** Reads in flight, by offset: a get() of a table being read waits for that read. */
   private readonly loading = new Map<number, Promise<Table | null>>();
+  /** Tables changed in memory and not yet written: offset -> the changed byte range [lo, hi). */
+  private readonly dirty = new Map<number, { lo: number; hi: number }>();
 
   constructor(
     private readonly s: Qcow2State,
@@ -63,12 +67,63 @@ export class TableCache {
     const t: Table = { offset, bytes, view: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength) };
     this.tables.delete(offset);
     this.tables.set(offset, t);
-    while (this.tables.size > this.capacity) {
-      const oldest = this.tables.keys().next();
-      if (oldest.done === true) break;
-      this.tables.delete(oldest.value);
-    }
+    this.evict();
     return t;
+  }
+
+  /** Evicts the least recently used clean tables until the cache fits (dirty ones are pinned). */
+  private evict(): void {
+    if (this.tables.size <= this.capacity) return;
+    for (const off of this.tables.keys()) {
+      if (this.tables.size <= this.capacity) return;
+      if (!this.dirty.has(off)) this.tables.delete(off);
+    }
+  }
+
+  /**
+   * Marks bytes [lo, hi) of the cached table at `offset` as changed in memory: they are written by
+   * the next metadata flush (writeback.ts), and the table stays cached until then.
+   */
+  markDirty(offset: number, lo: number, hi: number): void {
+    const prev = this.dirty.get(offset);
+    if (prev === undefined) this.dirty.set(offset, { lo, hi });
+    else {
+      if (lo < prev.lo) prev.lo = lo;
+      if (hi > prev.hi) prev.hi = hi;
+    }
+  }
+
+  /** True when some table holds changes not yet written. */
+  get hasDirty(): boolean {
+    return this.dirty.size > 0;
+  }
+
+  /** How many tables hold changes not yet written. */
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  /** The writes that put every dirty table's changed range on disk (the tables stay dirty until markClean). */
+  dirtyWrites(what: string): Array<{ offset: number; data: Uint8Array; what: string }> {
+    const writes: Array<{ offset: number; data: Uint8Array; what: string }> = [];
+    for (const [off, { lo, hi }] of this.dirty) {
+      const t = this.tables.get(off);
+      if (t === undefined) continue; // dropped meanwhile: its cluster was freed
+      writes.push({ offset: off + lo, data: t.bytes.subarray(lo, hi), what });
+    }
+    return writes;
+  }
+
+  /** Forgets that the tables were dirty (after their writes succeeded), and evicts what no longer fits. */
+  markClean(): void {
+    this.dirty.clear();
+    this.evict();
+  }
+
+  /** Drops every dirty table (its changes were never written): the next lookup reads the file again. */
+  discardDirty(): void {
+    for (const off of this.dirty.keys()) this.tables.delete(off);
+    this.dirty.clear();
   }
 
   /**
@@ -93,16 +148,18 @@ export class TableCache {
     this.loading.set(offset, p);
   }
 
-  /** Forgets the table at `offset` (its cluster was freed or reused). */
+  /** Forgets the table at `offset` (its cluster was freed or reused), and any unwritten change to it. */
   drop(offset: number): void {
     this.tables.delete(offset);
     this.loading.delete(offset);
+    this.dirty.delete(offset);
   }
 
-  /** Forgets every table. */
+  /** Forgets every table, dirty ones included. */
   clear(): void {
     this.tables.clear();
     this.loading.clear();
+    this.dirty.clear();
   }
 
   /** How many tables the cache holds at most. */
