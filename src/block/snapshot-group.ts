@@ -94,10 +94,38 @@ export async function bdrvAllFindSnapshots(bql: Bql, disks: GroupDisk[], name: s
   return found;
 }
 
+/** A snapshot a failed group create made and could not remove again. */
+export interface GroupLeftover {
+  disk: string;
+  snapshot: SnapshotInfo;
+  /** Why removing it failed. */
+  error: BlockError;
+}
+
+/**
+ * The error of a group create that failed on one disk: `leftovers` lists the snapshots this call
+ * created on other disks and could not delete again (empty when the undo was complete), so that
+ * no undo failure is swallowed; the message names each of them.
+ */
+export class GroupCreateError extends BlockError {
+  constructor(
+    cause: BlockError,
+    readonly failedDisk: string,
+    readonly leftovers: GroupLeftover[],
+  ) {
+    const tail =
+      leftovers.length === 0
+        ? ''
+        : `; removing it again failed on ${leftovers.map((l) => `'${l.disk}' (ID ${l.snapshot.id}: ${l.error.message})`).join(', ')}, so it is still there`;
+    super(cause.code, `${cause.message}${tail}`, { node: failedDisk, op: 'snapshot-create', cause });
+  }
+}
+
 /**
  * Creates the snapshot `info` on every writable disk; the VM-state disk records `vmStateSize`,
  * the others 0. All or nothing: when one disk fails, the snapshots already created by this call
- * are deleted again (by ID) and the error names the disk.
+ * are deleted again (by ID, newest first) and a `GroupCreateError` names the disk and every
+ * snapshot that could not be deleted again.
  * @locking global-state
  */
 export async function bdrvAllCreateSnapshot(bql: Bql, drained: DrainedAll, disks: GroupDisk[], info: SnapshotInfo, vmstateDisk: GroupDisk | null): Promise<GroupResult[]> {
@@ -110,11 +138,94 @@ export async function bdrvAllCreateSnapshot(bql: Bql, drained: DrainedAll, disks
       const sn = await bdrvSnapshotCreate(bql, drained, d.node, { ...info, vmStateSize: d === vmstateDisk ? info.vmStateSize : 0 });
       done.push({ disk: d, snapshot: sn });
     } catch (e) {
-      for (const u of done.reverse()) await bdrvSnapshotDelete(bql, drained, u.disk.node, u.snapshot.id, u.snapshot.name).catch(() => undefined);
-      throw rewrap(e, `Could not create snapshot '${info.name}' on '${d.name}'`, d);
+      const failure = rewrap(e, `Could not create snapshot '${info.name}' on '${d.name}'`, d);
+      // the failing disk may have made its snapshot before reporting the error: it is undone too
+      const undo = [...done.reverse()];
+      const mine = await madeBy(bql, d.node, info);
+      if (mine !== undefined) undo.push({ disk: d, snapshot: mine });
+      const leftovers: GroupLeftover[] = [];
+      for (const u of undo) {
+        try {
+          await bdrvSnapshotDelete(bql, drained, u.disk.node, u.snapshot.id, u.snapshot.name);
+        } catch (de) {
+          leftovers.push({ disk: u.disk.name, snapshot: u.snapshot, error: rewrap(de, `Could not delete snapshot '${u.snapshot.name}' on '${u.disk.name}'`, u.disk) });
+        }
+      }
+      throw new GroupCreateError(failure, d.name, leftovers);
     }
   }
   return done.map((x) => ({ disk: x.disk.name, snapshot: x.snapshot }));
+}
+
+/** The snapshot with `info`'s name and identity on `node`, if a failed create made it anyway. */
+async function madeBy(bql: Bql, node: BlockNode, info: SnapshotInfo): Promise<SnapshotInfo | undefined> {
+  try {
+    return (await bdrvSnapshotList(bql, node)).find((s) => s.name === info.name && sameSavevm(s, info));
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * True when two disks' snapshots come from one savevm: every disk's entry of one savevm carries
+ * the same date (seconds and nanoseconds) and VM clock, as QEMU's do (one QEMUSnapshotInfo is
+ * written to every disk), and these fields are what qemu-img 7.2 reads and shows.
+ * @locking common
+ */
+export function sameSavevm(a: SnapshotInfo, b: SnapshotInfo): boolean {
+  return a.dateSec === b.dateSec && a.dateNsec === b.dateNsec && a.vmClockNsec === b.vmClockNsec;
+}
+
+/** How a tag resolved over the disks: the one snapshot of one savevm on each disk. */
+export interface ResolvedTag {
+  byDisk: Map<string, SnapshotInfo>;
+  /** Snapshots of the same name that belong to another savevm (partial leftovers), by disk. */
+  others: Map<string, SnapshotInfo[]>;
+}
+
+/**
+ * Finds the savevm a tag names: on every writable disk exactly one snapshot with that name and
+ * the same identity (`sameSavevm`). ENOENT with QEMU's message when a disk lacks the name;
+ * EINVAL naming every disk's candidates when no single savevm is present everywhere (the tag is
+ * ambiguous or its snapshots come from different savevms): a tag is never guessed.
+ * @locking global-state
+ */
+export async function bdrvAllResolveSnapshot(bql: Bql, disks: GroupDisk[], name: string): Promise<ResolvedTag> {
+  assertBql(bql, 'bdrvAllResolveSnapshot');
+  const found = await bdrvAllFindSnapshots(bql, disks, name);
+  const missing = [...found].filter(([, l]) => l.length === 0).map(([d]) => d);
+  if (missing.length > 0) {
+    throw new BlockError('ENOENT', `Snapshot '${name}' does not exist in one or more devices (${missing.join(', ')})`, { value: name, op: 'snapshot-find' });
+  }
+  const lists = [...found.values()];
+  const first = lists[0] ?? [];
+  const complete = first.filter((c) => lists.every((l) => l.filter((s) => sameSavevm(s, c)).length === 1));
+  if (complete.length !== 1) {
+    const seen = [...found].map(([d, l]) => `'${d}' has ${l.map((s) => `ID ${s.id} (${identityText(s)})`).join(', ')}`).join('; ');
+    const why = complete.length === 0 ? 'no single savevm made it on every disk' : `${complete.length} savevms made it on every disk`;
+    throw new BlockError('EINVAL', `Snapshot '${name}' is ambiguous: ${why} (${seen}); refusing to guess. Delete it with 'delvm ${name}' or rename the extra ones with qemu-img`, {
+      value: name,
+      op: 'snapshot-find',
+    });
+  }
+  const chosen = complete[0] as SnapshotInfo;
+  const byDisk = new Map<string, SnapshotInfo>();
+  const others = new Map<string, SnapshotInfo[]>();
+  for (const [d, l] of found) {
+    const mine = l.find((s) => sameSavevm(s, chosen));
+    if (mine !== undefined) byDisk.set(d, mine);
+    const rest = l.filter((s) => !sameSavevm(s, chosen));
+    if (rest.length > 0) others.set(d, rest);
+  }
+  return { byDisk, others };
+}
+
+/**
+ * The identity of a snapshot as text (date in seconds.nanoseconds, VM clock), for messages.
+ * @locking common
+ */
+export function identityText(s: SnapshotInfo): string {
+  return `date ${s.dateSec}.${String(s.dateNsec).padStart(9, '0')}, vm clock ${s.vmClockNsec} ns`;
 }
 
 /**

@@ -101,6 +101,7 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
   const progress = interactive ? (text: string): void => void process.stdout.write(`\r${text}\x1b[K${text === '' ? '' : ''}`) : null;
   const monitor = new Monitor(out, machine, progress);
   await monitor.refreshNames();
+  await monitor.printRecovery();
   const banner = ["snapstack monitor - type 'help' for more information"];
   if (demo) {
     banner.push('Demo machine: disk0 (qcow2, IOThread io0) and disk1 (raw), the guest workload running. Try:');

@@ -23,7 +23,9 @@ import {
   HDR_READS, HDR_TABLE_BLOCKS, HDR_VCPUS, HDR_WRITES, OP_FLUSH, OP_READ, OP_WRITE, RUN, SLOT_DISK, SLOT_DONE, SLOT_LENGTH, SLOT_OP, SLOT_QUEUED,
   SLOT_RAM_OFFSET, SLOT_RUNNING, SLOT_STATE, SLOT_STATUS, SLOT_STRIDE, STOP, blockChecksum, bufferOffset, tableOffset,
 } from './layout.js';
-import { decodeVmState, encodeVmState } from './vmstate.js';
+import { recoverVmSnapshots } from './savevm.js';
+import { INTENT_SUFFIX, IntentStore } from './vm-intent.js';
+import { decodeVmState, encodeVmState, maxVmStateBytes } from './vmstate.js';
 
 /** Longest the device loop sleeps without rescanning the request slots. */
 const DOORBELL_RESCAN_MS = 20;
@@ -87,6 +89,9 @@ export class Machine {
   readonly vcpuErrors: string[] = [];
   /** Keeps the process alive while the machine exists (Atomics.waitAsync holds no reference). */
   private keepAlive: ReturnType<typeof setInterval> | null = null;
+  private intentStore: IntentStore | null = null;
+  /** What the start-up recovery did, until taken (reported once). */
+  private recovered: string[] = [];
 
   constructor(opts: MachineOptions = {}) {
     this.ramBytes = opts.ramBytes ?? 64 * 1024 * 1024;
@@ -170,6 +175,11 @@ export class Machine {
     }
     this.keepAlive = setInterval(() => undefined, 1 << 30);
     this.deviceLoopDone = this.deviceLoop();
+    // a savevm / loadvm / delvm interrupted by a crash is rolled back or finished before the
+    // guest runs; a recovery that fails is tried again by the next of those operations
+    this.recovered = await recoverVmSnapshots(bql, this).catch((e: unknown) => [
+      `VM snapshot recovery failed, it will be tried again by the next savevm, loadvm, delvm or cont: ${e instanceof Error ? e.message : String(e)}`,
+    ]);
     if (this.guest && this.disks.some((d) => !d.readOnly)) {
       const writable = this.disks.map((d) => (d.readOnly ? 0 : Math.floor(bdrvGetLength(d.node) / BLOCK)));
       for (let i = 0; i < this.vcpus; i++) {
@@ -186,7 +196,47 @@ export class Machine {
         this.workers.push(w);
       }
     }
-    this.cont(bql);
+    if (this.resumeBlocker() === null) this.cont(bql);
+  }
+
+  /**
+   * Where savevm / loadvm / delvm keep their intent record: a file beside the first writable
+   * disk backed by a host file (`<image>.snapstack-vm.json`), else memory.
+   * @locking global-state
+   */
+  intents(bql: Bql): IntentStore {
+    assertBql(bql, 'intents');
+    if (this.intentStore === null) {
+      const home = this.disks.find((d) => !d.readOnly && d.node.filename !== '');
+      this.intentStore = new IntentStore(home === undefined ? null : `${home.node.filename}${INTENT_SUFFIX}`);
+    }
+    return this.intentStore;
+  }
+
+  /**
+   * What the start-up recovery of an interrupted savevm / loadvm / delvm did (empty when there was
+   * nothing to do); returned once, then cleared.
+   * @locking global-state
+   */
+  takeRecoveryReport(bql: Bql): string[] {
+    assertBql(bql, 'takeRecoveryReport');
+    return this.recovered.splice(0);
+  }
+
+  /** Why the vCPUs may not run now (a loadvm left disks to be put back), or null. */
+  private resumeBlocker(): string | null {
+    const p = this.intentStore?.pending ?? null;
+    if (p === null || p.op !== 'loadvm' || p.phase !== 'started') return null;
+    return `loadvm '${p.tag}' did not finish and the disks are not all put back yet (undo snapshots '${p.undoName ?? ''}')`;
+  }
+
+  /**
+   * The most bytes a VM state of this machine can take: vm-state-size read from an image is
+   * checked against it before it sizes a buffer.
+   * @locking common
+   */
+  get vmStateLimitBytes(): number {
+    return maxVmStateBytes({ ramBytes: this.ramBytes, cpuBytes: this.cpu.byteLength, deviceBytes: this.slots.byteLength });
   }
 
   /** Running or paused. */
@@ -221,12 +271,15 @@ export class Machine {
   }
 
   /**
-   * Resumes the vCPUs.
+   * Resumes the vCPUs; refused (EBUSY) while a failed or interrupted loadvm still has disks to
+   * put back, so that no guest write lands on a disk the rollback will revert.
    * @locking global-state
    */
   cont(bql: Bql): void {
     assertBql(bql, 'cont');
     if (this.state === 'running') return;
+    const blocker = this.resumeBlocker();
+    if (blocker !== null) throw new BlockError('EBUSY', `the machine stays paused: ${blocker}; a savevm, loadvm or delvm puts them back first`, { op: 'cont' });
     this.runningSince = Number(process.hrtime.bigint());
     this.state = 'running';
     Atomics.store(this.control, CTL_RUN_STATE, RUN);

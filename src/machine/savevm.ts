@@ -1,42 +1,92 @@
 /**
  * savevm, loadvm and delvm on a machine: VM state and every disk's snapshot as one unit, QEMU's
- * flow (migration/savevm.c) made safer:
- * - savevm is all or nothing, and an older snapshot of the same tag is deleted only once the new
- *   one exists on every disk (QEMU deletes it first and may lose both);
- * - loadvm keeps a temporary snapshot of the current state on every disk until all disks are
- *   reverted and the VM state is loaded, and puts the disks back when a step fails (QEMU leaves
- *   them half reverted);
- * - delvm reports every disk where deleting failed.
+ * flow (migration/savevm.c) made all or nothing under any number of faults and crashes:
+ * - savevm creates the new snapshot on every disk (removed again from all if one disk fails) and
+ *   only then deletes older snapshots of the same tag (QEMU deletes them first and may lose both);
+ *   every disk's entry of one savevm carries the same identity (date and VM clock, as QEMU's do),
+ *   distinct from every other snapshot of that tag, so that loadvm never mixes two savevms;
+ * - loadvm keeps an undo snapshot of the current state on every disk until all disks are
+ *   reverted and the VM state is loaded; on a failure it puts back every disk it touched, and
+ *   deletes an undo snapshot only on a disk confirmed put back (or once loadvm succeeded);
+ * - delvm deletes every snapshot of the tag on every disk; once one is gone the deletion is
+ *   finished by the next operation if it could not be finished now.
+ * An intent record (vm-intent.ts) is kept while an operation is in progress, so that the next
+ * operation, or the next start of the machine after a crash, rolls it back or finishes it.
+ * A tag that does not name exactly one savevm on every disk is refused, never guessed.
  *
  * Global-state code: each call takes `Bql`, stops the vCPUs where QEMU does, and drains all disks
  * itself before calling the group operations (which require the drain-all proof).
  */
 import { type Bql } from '../block/bql.js';
-import { withDrainedAll } from '../block/drain.js';
+import { withDrainedAll, type DrainedAll } from '../block/drain.js';
 import type { SnapshotInfo } from '../block/driver.js';
-import { BlockError, isBlockError } from '../block/errors.js';
+import { BlockError, isBlockError, type ErrorCode } from '../block/errors.js';
 import { bdrvLoadVmstate, bdrvSaveVmstate } from '../block/io.js';
-import { bdrvCanSnapshot, bdrvSnapshotList } from '../block/snapshot.js';
+import { bdrvCanSnapshot, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../block/snapshot.js';
 import {
   bdrvAllCanSnapshot,
   bdrvAllCreateSnapshot,
-  bdrvAllDeleteSnapshot,
   bdrvAllFindSnapshots,
   bdrvAllFindVmstateDisk,
-  bdrvAllGotoSnapshot,
+  bdrvAllResolveSnapshot,
+  GroupCreateError,
+  sameSavevm,
   type GroupDisk,
 } from '../block/snapshot-group.js';
 import type { Machine } from './machine.js';
+import type { SavevmIdentity, VmIntent } from './vm-intent.js';
+import { MIN_VMSTATE_BYTES } from './vmstate.js';
+
+/** How often a clean-up or put-back step is tried before it is reported as left to do. */
+const ATTEMPTS = 3;
+/** Prefix of loadvm's undo snapshots. */
+export const UNDO_PREFIX = 'snapstack-loadvm-undo-';
 
 /** What savevm did. */
 export interface SavevmResult {
   name: string;
   vmStateSize: number;
   vmstateDisk: string;
-  /** Older snapshots of the same tag that were replaced, by disk. */
+  /** Older snapshots of the same tag that were replaced. */
   replaced: number;
-  /** Disks where an older snapshot of the tag could not be deleted (the new one exists). */
+  /** Kept for callers of the earlier API: always empty (a failed clean-up is an error now). */
   warnings: string[];
+}
+
+/** What loadvm did. */
+export interface LoadvmResult {
+  name: string;
+  vmstateDisk: string;
+  /** Undo snapshots that could not be deleted after success (the next operation deletes them). */
+  warnings: string[];
+}
+
+/** A snapshot left on a disk by a failed operation. */
+export interface LeftSnapshot {
+  disk: string;
+  id: string;
+  name: string;
+}
+
+/** Where a disk stands after a failed loadvm. */
+export type DiskState = 'unchanged' | 'put back' | 'unknown';
+
+/**
+ * The error of a failed savevm / loadvm / delvm, saying exactly what is left: `undoKept` (loadvm's
+ * undo snapshots still on disks, each holding that disk's state from before loadvm), `leftovers`
+ * (snapshots of a failed savevm or an unfinished delvm still on disks), `disks` (loadvm: each
+ * disk's state), `committed` (savevm: the new snapshot exists on every disk) and `pending` (an
+ * intent record remains; the next operation or start finishes it).
+ */
+export class VmSnapshotError extends BlockError {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    readonly detail: { undoKept: LeftSnapshot[]; leftovers: LeftSnapshot[]; disks: Map<string, DiskState>; committed: boolean; pending: boolean },
+    cause?: unknown,
+  ) {
+    super(code, message, { op: 'vm-snapshot', cause });
+  }
 }
 
 function two(n: number): string {
@@ -55,17 +105,191 @@ function groupDisks(m: Machine): GroupDisk[] {
   return m.disks.map((d) => ({ name: d.id, node: d.node, readOnly: d.readOnly }));
 }
 
+function writable(m: Machine): GroupDisk[] {
+  return groupDisks(m).filter((d) => !d.readOnly);
+}
+
 function message(e: unknown): string {
   return isBlockError(e) || e instanceof Error ? e.message : String(e);
 }
 
+function codeOf(e: unknown): ErrorCode {
+  return isBlockError(e) ? e.code : 'EIO';
+}
+
+function listText(l: LeftSnapshot[]): string {
+  return l.map((x) => `'${x.name}' (ID ${x.id}) on '${x.disk}'`).join(', ');
+}
+
+/** Resumes the machine if it was running and may run (not while disks wait to be put back). */
+function resume(bql: Bql, m: Machine, wasRunning: boolean): void {
+  if (!wasRunning) return;
+  try {
+    m.cont(bql);
+  } catch (e) {
+    if (!isBlockError(e, 'EBUSY')) throw e;
+  }
+}
+
+/** Deletes one snapshot by ID, trying again; a snapshot that is gone counts as deleted. */
+async function deleteConfirmed(bql: Bql, drained: DrainedAll, disk: GroupDisk, sn: SnapshotInfo): Promise<BlockError | null> {
+  let last: unknown = null;
+  for (let i = 0; i < ATTEMPTS; i++) {
+    try {
+      await bdrvSnapshotDelete(bql, drained, disk.node, sn.id, sn.name);
+      return null;
+    } catch (e) {
+      last = e;
+      // the delete may have happened before its error was reported: look
+      const still = await bdrvSnapshotList(bql, disk.node).then(
+        (l) => l.some((s) => s.id === sn.id && s.name === sn.name),
+        () => true,
+      );
+      if (!still) return null;
+    }
+  }
+  return new BlockError(codeOf(last), `Could not delete snapshot '${sn.name}' (ID ${sn.id}) on '${disk.name}': ${message(last)}`, { node: disk.name, cause: last });
+}
+
+/** Deletes on each disk the snapshots `pick` chooses from its list; returns what is left. */
+async function deleteWhere(bql: Bql, drained: DrainedAll, disks: GroupDisk[], pick: (s: SnapshotInfo) => boolean): Promise<{ left: LeftSnapshot[]; errors: BlockError[]; deleted: number }> {
+  const left: LeftSnapshot[] = [];
+  const errors: BlockError[] = [];
+  let deleted = 0;
+  for (const d of disks) {
+    let list: SnapshotInfo[];
+    try {
+      list = await bdrvSnapshotList(bql, d.node);
+    } catch (e) {
+      errors.push(new BlockError(codeOf(e), `Could not list the snapshots of '${d.name}': ${message(e)}`, { node: d.name, cause: e }));
+      left.push({ disk: d.name, id: '?', name: '?' });
+      continue;
+    }
+    for (const sn of list.filter(pick)) {
+      const err = await deleteConfirmed(bql, drained, d, sn);
+      if (err === null) deleted++;
+      else {
+        errors.push(err);
+        left.push({ disk: d.name, id: sn.id, name: sn.name });
+      }
+    }
+  }
+  return { left, errors, deleted };
+}
+
+/** Reverts one disk to a snapshot by ID, trying again. */
+async function gotoConfirmed(bql: Bql, drained: DrainedAll, disk: GroupDisk, id: string): Promise<BlockError | null> {
+  let last: unknown = null;
+  for (let i = 0; i < ATTEMPTS; i++) {
+    try {
+      await bdrvSnapshotGoto(bql, drained, disk.node, id);
+      return null;
+    } catch (e) {
+      last = e;
+    }
+  }
+  return new BlockError(codeOf(last), message(last), { node: disk.name, cause: last });
+}
+
+/** Removes the intent record; a failure to remove it leaves a record whose recovery is a no-op. */
+function clearIntent(bql: Bql, m: Machine): string {
+  try {
+    m.intents(bql).clear();
+    return '';
+  } catch (e) {
+    return `; the intent record could not be removed (${message(e)}), the next operation removes it`;
+  }
+}
+
+/** Rolls back or finishes one intent record on the drained disks; returns what it did. */
+async function recoverIntent(bql: Bql, drained: DrainedAll, m: Machine, rec: VmIntent): Promise<string> {
+  // only the disks the operation ran on: a machine opened with other disks keeps theirs
+  const disks = writable(m).filter((d) => rec.disks.includes(d.name) && bdrvCanSnapshot(bql, d.node));
+  const tag = rec.tag;
+  if (rec.op === 'loadvm') {
+    const undo = rec.undoName ?? '';
+    if (rec.phase === 'started') {
+      const back: string[] = [];
+      for (const d of disks) {
+        const sn = (await bdrvSnapshotList(bql, d.node)).find((s) => s.name === undo);
+        if (sn === undefined) continue;
+        const err = await gotoConfirmed(bql, drained, d, sn.id);
+        if (err !== null) throw new BlockError(err.code, `could not put '${d.name}' back to '${undo}' (ID ${sn.id}) after loadvm '${tag}': ${err.message}; nothing was deleted`, { node: d.name, cause: err });
+        back.push(d.name);
+      }
+      m.intents(bql).write({ ...rec, phase: 'cleanup' });
+      const r = await deleteWhere(bql, drained, disks, (s) => s.name === undo);
+      if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `loadvm '${tag}' was rolled back on ${back.join(', ') || 'no disk'}, but undo snapshots remain: ${listText(r.left)}`);
+      return `loadvm '${tag}' was interrupted: every disk is back at its state from before it (${back.join(', ') || 'none had changed'})${clearIntent(bql, m)}`;
+    }
+    const r = await deleteWhere(bql, drained, disks, (s) => s.name === undo);
+    if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `the undo snapshots of loadvm '${tag}' remain: ${listText(r.left)}`);
+    return `loadvm '${tag}' had finished; its ${r.deleted} undo snapshot(s) were deleted${clearIntent(bql, m)}`;
+  }
+  if (rec.op === 'savevm') {
+    const id = rec.identity as SavevmIdentity;
+    const mine = (s: SnapshotInfo): boolean => s.name === tag && sameSavevm(s, { ...id, id: '', name: tag, vmStateSize: 0, icount: -1 });
+    if (rec.phase === 'started') {
+      const r = await deleteWhere(bql, drained, disks, mine);
+      if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `the partial snapshots of savevm '${tag}' remain: ${listText(r.left)}`);
+      return `savevm '${tag}' was interrupted: its partial snapshot was removed (${r.deleted} disk(s)); older snapshots of the tag are kept${clearIntent(bql, m)}`;
+    }
+    const r = await deleteWhere(bql, drained, disks, (s) => s.name === tag && !mine(s));
+    if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `older snapshots of tag '${tag}' remain beside the new one: ${listText(r.left)}`);
+    return `savevm '${tag}' had saved every disk; the ${r.deleted} older snapshot(s) of the tag were deleted${clearIntent(bql, m)}`;
+  }
+  const r = await deleteWhere(bql, drained, disks, (s) => s.name === tag);
+  if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `delvm '${tag}' is still unfinished: ${listText(r.left)}`);
+  return `delvm '${tag}' was finished: ${r.deleted} snapshot(s) deleted${clearIntent(bql, m)}`;
+}
+
 /**
- * Saves the VM state and snapshots every writable disk under `tag` (default vm-<date>).
+ * Rolls back or finishes a savevm / loadvm / delvm that a failure or a crash interrupted (its
+ * intent record is on disk or in memory); returns one line per record handled, empty when there
+ * was none. Called by the machine's start and at the start of every savevm, loadvm and delvm.
+ * @locking global-state
+ */
+export async function recoverVmSnapshots(bql: Bql, m: Machine): Promise<string[]> {
+  const store = m.intents(bql);
+  const rec = store.pending ?? store.load();
+  if (rec === null) return [];
+  return withDrainedAll(bql, async (drained) => [await recoverIntent(bql, drained, m, rec)]);
+}
+
+/** Runs the recovery before an operation; an unfinished one refuses the operation. */
+async function recoverFirst(bql: Bql, m: Machine, op: string): Promise<void> {
+  try {
+    await recoverVmSnapshots(bql, m);
+  } catch (e) {
+    throw new BlockError(codeOf(e), `${op}: an earlier savevm, loadvm or delvm could not be finished: ${message(e)}`, { op, cause: e });
+  }
+}
+
+/** A savevm identity that no snapshot of the tag on any disk has yet. */
+function freshIdentity(now: number, vmClockNsec: number, taken: SnapshotInfo[]): SavevmIdentity {
+  const id: SavevmIdentity = { dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1e6, vmClockNsec: Math.round(vmClockNsec) };
+  const clash = (): boolean => taken.some((s) => s.dateSec === id.dateSec && s.dateNsec === id.dateNsec && s.vmClockNsec === id.vmClockNsec);
+  for (let i = 0; i < 1_000_000 && clash(); i++) {
+    id.dateNsec += 1000;
+    if (id.dateNsec >= 1e9) {
+      id.dateNsec -= 1e9;
+      id.dateSec++;
+    }
+  }
+  return id;
+}
+
+/**
+ * Saves the VM state and snapshots every writable disk under `tag` (default vm-<date>); the
+ * VM state goes to the disk named by `opts.vmstate` or QEMU's default. Throws a
+ * `VmSnapshotError` saying what is left when it fails.
  * @locking global-state
  */
 export async function saveVm(bql: Bql, m: Machine, tag?: string, opts: { vmstate?: string } = {}): Promise<SavevmResult> {
   const name = tag ?? defaultSnapshotTag(new Date());
   if (name === '') throw new BlockError('EINVAL', 'savevm: the tag must not be empty', { field: 'tag' });
+  if (name.startsWith(UNDO_PREFIX)) throw new BlockError('EINVAL', `savevm: tags starting with '${UNDO_PREFIX}' are loadvm's own`, { field: 'tag', value: name });
+  await recoverFirst(bql, m, 'savevm');
   const disks = groupDisks(m);
   bdrvAllCanSnapshot(bql, disks);
   const vmDisk = bdrvAllFindVmstateDisk(bql, disks, opts.vmstate);
@@ -74,121 +298,267 @@ export async function saveVm(bql: Bql, m: Machine, tag?: string, opts: { vmstate
   try {
     return await withDrainedAll(bql, async (drained) => {
       const older = await bdrvAllFindSnapshots(bql, disks, name);
+      const olderAll = [...older.values()].flat();
       const state = m.saveState(bql);
-      await bdrvSaveVmstate(vmDisk.node, state, 0);
-      const now = Date.now();
-      const info: SnapshotInfo = {
-        id: '',
-        name,
-        vmStateSize: state.length,
-        dateSec: Math.floor(now / 1000),
-        dateNsec: (now % 1000) * 1e6,
-        vmClockNsec: Math.round(m.vmClockNsec),
-        icount: -1,
-      };
-      await bdrvAllCreateSnapshot(bql, drained, disks, info, vmDisk);
-      // the new snapshot exists on every disk: only now do older ones of the same tag go
-      const failures = await bdrvAllDeleteSnapshot(bql, drained, disks, name, older);
-      let replaced = 0;
-      for (const l of older.values()) replaced += l.length;
-      return { name, vmStateSize: state.length, vmstateDisk: vmDisk.name, replaced, warnings: failures.map((f) => f.message) };
+      try {
+        await bdrvSaveVmstate(vmDisk.node, state, 0);
+      } catch (e) {
+        throw new VmSnapshotError(codeOf(e), `savevm '${name}': could not save the VM state on '${vmDisk.name}': ${message(e)}; no snapshot was made, the older ones of the tag are kept`, {
+          undoKept: [],
+          leftovers: [],
+          disks: new Map(),
+          committed: false,
+          pending: false,
+        }, e);
+      }
+      const identity = freshIdentity(Date.now(), m.vmClockNsec, olderAll);
+      const info: SnapshotInfo = { id: '', name, vmStateSize: state.length, ...identity, icount: -1 };
+      const store = m.intents(bql);
+      const rec: VmIntent = { op: 'savevm', phase: 'started', tag: name, identity, disks: writable(m).map((d) => d.name) };
+      store.write(rec);
+      try {
+        await bdrvAllCreateSnapshot(bql, drained, disks, info, vmDisk);
+      } catch (e) {
+        throw await savevmFailed(bql, drained, m, e, name, info);
+      }
+      try {
+        store.write({ ...rec, phase: 'cleanup' });
+      } catch (e) {
+        // not committed: the new snapshot goes again
+        const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && sameSavevm(s, info));
+        const tail = r.left.length === 0 ? `; the new snapshot was removed from every disk${clearIntent(bql, m)}` : `; the new snapshot remains on ${listText(r.left)} and is removed by the next operation`;
+        throw new VmSnapshotError(codeOf(e), `savevm '${name}': ${message(e)}${tail}`, { undoKept: [], leftovers: r.left, disks: new Map(), committed: false, pending: r.left.length > 0 }, e);
+      }
+      // the new snapshot exists on every disk: only now do the older ones of the tag go
+      const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && !sameSavevm(s, info));
+      if (r.left.length > 0) {
+        const why = r.errors.map((x) => x.message).join('; ');
+        throw new VmSnapshotError(
+          r.errors[0]?.code ?? 'EIO',
+          `savevm '${name}' saved the VM and every disk, but older snapshots of the tag could not be deleted: ${listText(r.left)} (${why}); loadvm '${name}' loads the new one, and the next savevm, loadvm or delvm deletes the older ones`,
+          { undoKept: [], leftovers: r.left, disks: new Map(), committed: true, pending: true },
+        );
+      }
+      const tail = clearIntent(bql, m);
+      return { name, vmStateSize: state.length, vmstateDisk: vmDisk.name, replaced: olderAll.length, warnings: tail === '' ? [] : [tail.slice(2)] };
     });
   } finally {
-    if (wasRunning) m.cont(bql);
+    resume(bql, m, wasRunning);
   }
 }
 
+/** The error of a savevm whose group create failed: what is left, the record kept if needed. */
+async function savevmFailed(bql: Bql, drained: DrainedAll, m: Machine, e: unknown, name: string, info: SnapshotInfo): Promise<VmSnapshotError> {
+  let left: LeftSnapshot[] = [];
+  if (e instanceof GroupCreateError && e.leftovers.length > 0) {
+    // try once more to remove what the group create could not
+    const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && sameSavevm(s, info));
+    left = r.left;
+  }
+  const tail =
+    left.length === 0
+      ? `; no disk has the new snapshot, the older ones of the tag are kept${clearIntent(bql, m)}`
+      : `; the new snapshot remains on ${listText(left)} and is removed by the next savevm, loadvm, delvm or start`;
+  return new VmSnapshotError(codeOf(e), `${message(e)}${tail}`, { undoKept: [], leftovers: left, disks: new Map(), committed: false, pending: left.length > 0 }, e);
+}
+
+/** The disk whose snapshot holds the VM state: the one named, else QEMU's default, else the one that has it. */
+function chooseVmDisk(bql: Bql, disks: GroupDisk[], byDisk: Map<string, SnapshotInfo>, vmstate: string | undefined): GroupDisk {
+  if (vmstate !== undefined) return bdrvAllFindVmstateDisk(bql, disks, vmstate);
+  const def = bdrvAllFindVmstateDisk(bql, disks);
+  if ((byDisk.get(def.name)?.vmStateSize ?? 0) > 0) return def;
+  const holders = disks.filter((d) => (byDisk.get(d.name)?.vmStateSize ?? 0) > 0);
+  return holders.length === 1 ? (holders[0] as GroupDisk) : def;
+}
+
 /**
- * Reverts every writable disk to the snapshot `tag` and loads its VM state; on a failure the
- * disks are put back as they were and the machine keeps its state (and keeps running if it was).
+ * Reverts every writable disk to the savevm `tag` names and loads its VM state (from the disk
+ * named by `opts.vmstate`, else from the one that holds it). On a failure every disk it touched is
+ * put back and the machine keeps its state (and keeps running if it was); a disk that could not
+ * be put back keeps its undo snapshot, the machine stays paused, and the `VmSnapshotError` says
+ * which disks are where and which undo snapshots remain.
  * @locking global-state
  */
-export async function loadVm(bql: Bql, m: Machine, tag: string): Promise<void> {
+export async function loadVm(bql: Bql, m: Machine, tag: string, opts: { vmstate?: string } = {}): Promise<LoadvmResult> {
+  await recoverFirst(bql, m, 'loadvm');
   const disks = groupDisks(m);
   bdrvAllCanSnapshot(bql, disks);
-  const found = await bdrvAllFindSnapshots(bql, disks, tag);
-  const missing = [...found].filter(([, l]) => l.length === 0).map(([d]) => d);
-  if (missing.length > 0) {
-    throw new BlockError('ENOENT', `Snapshot '${tag}' does not exist in one or more devices (${missing.join(', ')})`, { value: tag });
-  }
-  const vmDisk = bdrvAllFindVmstateDisk(bql, disks);
-  const sn = found.get(vmDisk.name)?.[0];
+  const { byDisk } = await bdrvAllResolveSnapshot(bql, disks, tag);
+  const vmDisk = chooseVmDisk(bql, disks, byDisk, opts.vmstate);
+  const sn = byDisk.get(vmDisk.name);
   if (sn === undefined) throw new BlockError('ENOENT', 'Snapshot can not be found', { node: vmDisk.name, value: tag });
   if (sn.vmStateSize === 0) throw new BlockError('EINVAL', 'This is a disk-only snapshot. Revert to it  offline using qemu-img', { node: vmDisk.name, value: tag });
-  const ids = new Map<string, string>();
-  for (const [disk, list] of found) {
-    const first = list[0];
-    if (first !== undefined) ids.set(disk, first.id);
+  const limit = m.vmStateLimitBytes;
+  if (!Number.isSafeInteger(sn.vmStateSize) || sn.vmStateSize < MIN_VMSTATE_BYTES || sn.vmStateSize > limit) {
+    throw new BlockError(
+      'EINVAL',
+      `loadvm '${tag}': snapshot ID ${sn.id} on '${vmDisk.name}' records a VM state of ${sn.vmStateSize} bytes (vm_state_size); a VM state of this machine takes ${MIN_VMSTATE_BYTES} to ${limit} bytes`,
+      { node: vmDisk.name, field: 'vm_state_size', value: sn.vmStateSize },
+    );
   }
   const wasRunning = m.runState === 'running';
   await m.stop(bql);
   try {
-    await withDrainedAll(bql, async (drained) => {
-      // the current state of every disk, kept until everything has succeeded
-      const undoName = `snapstack-loadvm-undo-${process.pid}-${Date.now()}`;
-      const now = Date.now();
-      let undo: Awaited<ReturnType<typeof bdrvAllCreateSnapshot>>;
-      try {
-        undo = await bdrvAllCreateSnapshot(
-          bql,
-          drained,
-          disks,
-          { id: '', name: undoName, vmStateSize: 0, dateSec: Math.floor(now / 1000), dateNsec: 0, vmClockNsec: 0, icount: -1 },
-          null,
-        );
-      } catch (e) {
-        throw new BlockError(isBlockError(e) ? e.code : 'EIO', `loadvm '${tag}': could not keep the current state, no disk was changed: ${message(e)}`, { cause: e });
-      }
-      const undoIds = new Map(undo.map((u) => [u.disk, u.snapshot.id]));
-      const putBack = async (names: string[]): Promise<string> => {
-        const back = await bdrvAllGotoSnapshot(
-          bql,
-          drained,
-          disks.filter((d) => names.includes(d.name)),
-          undoName,
-          undoIds,
-        );
-        if (back.failed !== null) return `; putting '${back.failed.disk}' back failed too: ${back.failed.error.message}`;
-        return `; every disk was put back as it was (${names.join(', ')})`;
-      };
-      try {
-        const r = await bdrvAllGotoSnapshot(bql, drained, disks, tag, ids);
-        if (r.failed !== null) {
-          // the failing disk may have switched before its error: it goes back too
-          const tail = await putBack([...r.reverted, r.failed.disk]);
-          throw new BlockError(r.failed.error.code, `${r.failed.error.message}${tail}`, { node: r.failed.disk, cause: r.failed.error });
-        }
-        try {
-          const buf = new Uint8Array(sn.vmStateSize);
-          await bdrvLoadVmstate(vmDisk.node, buf, 0);
-          m.loadState(bql, buf);
-        } catch (e) {
-          const tail = await putBack(r.reverted);
-          throw new BlockError(isBlockError(e) ? e.code : 'EIO', `Error while loading VM state of '${tag}' from '${vmDisk.name}': ${message(e)}${tail}`, {
-            node: vmDisk.name,
-            cause: e,
-          });
-        }
-      } finally {
-        const byDisk = new Map<string, SnapshotInfo[]>(undo.map((u) => [u.disk, [u.snapshot]]));
-        await bdrvAllDeleteSnapshot(bql, drained, disks, undoName, byDisk);
-      }
-    });
+    return await withDrainedAll(bql, (drained) => revertAll(bql, drained, m, tag, byDisk, vmDisk, sn));
   } finally {
-    if (wasRunning) m.cont(bql);
+    resume(bql, m, wasRunning);
   }
 }
 
+/** loadvm's body on the drained disks (see loadVm). */
+async function revertAll(bql: Bql, drained: DrainedAll, m: Machine, tag: string, byDisk: Map<string, SnapshotInfo>, vmDisk: GroupDisk, sn: SnapshotInfo): Promise<LoadvmResult> {
+  const disks = writable(m);
+  const store = m.intents(bql);
+  const undoName = `${UNDO_PREFIX}${process.pid}-${Date.now()}`;
+  const rec: VmIntent = { op: 'loadvm', phase: 'started', tag, undoName, disks: disks.map((d) => d.name) };
+  store.write(rec);
+  const now = Date.now();
+  let undo: Map<string, SnapshotInfo>;
+  try {
+    const made = await bdrvAllCreateSnapshot(bql, drained, disks, { id: '', name: undoName, vmStateSize: 0, dateSec: Math.floor(now / 1000), dateNsec: 0, vmClockNsec: 0, icount: -1 }, null);
+    undo = new Map(made.map((u) => [u.disk, u.snapshot]));
+  } catch (e) {
+    // no disk was reverted: only undo snapshots can be left, and the record may only delete them
+    store.write({ ...rec, phase: 'cleanup' });
+    const r = await deleteWhere(bql, drained, disks, (s) => s.name === undoName);
+    const tail = r.left.length === 0 ? clearIntent(bql, m) : `; undo snapshots remain (${listText(r.left)}) and are deleted by the next operation`;
+    const states = new Map<string, DiskState>(disks.map((d) => [d.name, 'unchanged']));
+    throw new VmSnapshotError(codeOf(e), `loadvm '${tag}': could not keep the current state, no disk was changed: ${message(e)}${tail}`, {
+      undoKept: r.left,
+      leftovers: [],
+      disks: states,
+      committed: false,
+      pending: r.left.length > 0,
+    }, e);
+  }
+  const touched: GroupDisk[] = [];
+  let failure: BlockError | null = null;
+  for (const d of disks) {
+    const target = byDisk.get(d.name);
+    touched.push(d); // a goto that fails may have switched before its error: it goes back too
+    try {
+      if (target === undefined) throw new BlockError('ENOENT', `Snapshot '${tag}' does not exist`, { node: d.name });
+      await bdrvSnapshotGoto(bql, drained, d.node, target.id);
+    } catch (e) {
+      failure = new BlockError(codeOf(e), `Could not load snapshot '${tag}' on '${d.name}': ${message(e)}`, { node: d.name, cause: e });
+      break;
+    }
+  }
+  if (failure === null) {
+    try {
+      const buf = new Uint8Array(sn.vmStateSize);
+      await bdrvLoadVmstate(vmDisk.node, buf, 0);
+      m.loadState(bql, buf);
+    } catch (e) {
+      failure = new BlockError(codeOf(e), `Error while loading VM state of '${tag}' from '${vmDisk.name}': ${message(e)}`, { node: vmDisk.name, cause: e });
+    }
+  }
+  if (failure !== null) throw await putBack(bql, drained, m, tag, disks, touched, undo, rec, failure);
+  // loaded: from here on the record may only delete the undo snapshots
+  let warnings: string[] = [];
+  try {
+    store.write({ ...rec, phase: 'cleanup' });
+    const r = await deleteWhere(bql, drained, disks, (s) => s.name === undoName);
+    if (r.left.length > 0) warnings = [`loadvm '${tag}': undo snapshots could not be deleted yet: ${listText(r.left)}; the next savevm, loadvm or delvm deletes them`];
+    else {
+      const tail = clearIntent(bql, m);
+      if (tail !== '') warnings = [tail.slice(2)];
+    }
+  } catch (e) {
+    warnings = [`loadvm '${tag}': ${message(e)}; the undo snapshots '${undoName}' remain`];
+  }
+  return { name: tag, vmstateDisk: vmDisk.name, warnings };
+}
+
+/** Puts every touched disk back to its undo snapshot after a failed loadvm; the error says what is left. */
+async function putBack(
+  bql: Bql,
+  drained: DrainedAll,
+  m: Machine,
+  tag: string,
+  disks: GroupDisk[],
+  touched: GroupDisk[],
+  undo: Map<string, SnapshotInfo>,
+  rec: VmIntent,
+  failure: BlockError,
+): Promise<VmSnapshotError> {
+  const states = new Map<string, DiskState>(disks.map((d) => [d.name, 'unchanged']));
+  const notBack: Array<{ disk: GroupDisk; error: BlockError }> = [];
+  for (const d of touched) {
+    const u = undo.get(d.name);
+    const err = u === undefined ? new BlockError('ENOENT', 'no undo snapshot', { node: d.name }) : await gotoConfirmed(bql, drained, d, u.id);
+    if (err === null) states.set(d.name, 'put back');
+    else {
+      states.set(d.name, 'unknown');
+      notBack.push({ disk: d, error: err });
+    }
+  }
+  const undoName = rec.undoName ?? '';
+  const allUndo = disks.flatMap((d) => {
+    const u = undo.get(d.name);
+    return u === undefined ? [] : [{ disk: d.name, id: u.id, name: u.name }];
+  });
+  if (notBack.length > 0) {
+    // nothing is deleted: every disk keeps its copy of the state from before loadvm, and the
+    // record ('started') makes the next operation (or start) put them back; the vCPUs stay paused
+    const where = [...states].map(([d, s]) => `'${d}' ${s === 'unknown' ? 'may be at snapshot ' + `'${tag}' or partly reverted` : s === 'put back' ? 'is put back' : 'is unchanged'}`).join(', ');
+    const why = notBack.map((n) => `'${n.disk.name}': ${n.error.message}`).join('; ');
+    return new VmSnapshotError(
+      failure.code,
+      `${failure.message}; putting the disks back failed on ${why}. Now ${where}; the state from before loadvm is kept in the undo snapshots ${listText(allUndo)}; the machine stays paused until the next savevm, loadvm, delvm or cont puts every disk back`,
+      { undoKept: allUndo, leftovers: [], disks: states, committed: false, pending: true },
+      failure,
+    );
+  }
+  // every disk is as it was: the undo snapshots may go
+  let left: LeftSnapshot[] = allUndo;
+  let tail: string;
+  try {
+    m.intents(bql).write({ ...rec, phase: 'cleanup' });
+    const r = await deleteWhere(bql, drained, disks, (s) => s.name === undoName);
+    left = r.left;
+    tail = r.left.length === 0 ? clearIntent(bql, m) : `; undo snapshots remain (${listText(r.left)}) and are deleted by the next operation`;
+  } catch (e) {
+    tail = `; ${message(e)}: the undo snapshots remain (${listText(allUndo)}) and the machine stays paused until the next operation deletes them`;
+  }
+  const names = touched.map((d) => d.name).join(', ');
+  return new VmSnapshotError(failure.code, `${failure.message}; every disk was put back as it was (${names})${tail}`, {
+    undoKept: left,
+    leftovers: [],
+    disks: states,
+    committed: false,
+    pending: left.length > 0,
+  }, failure);
+}
+
 /**
- * Deletes the snapshot `tag` on every writable disk that has it (the first of that name on each);
- * returns the failures, each naming its disk. The VM keeps running (as in QEMU).
+ * Deletes every snapshot of `tag` on every writable disk; returns the failures, each naming its
+ * disk and what is left (the next savevm, loadvm or delvm finishes the deletion). Nothing to delete
+ * is no error, as in QEMU. The VM keeps running (as in QEMU).
  * @locking global-state
  */
 export async function delVm(bql: Bql, m: Machine, tag: string): Promise<string[]> {
+  await recoverFirst(bql, m, 'delvm');
   const disks = groupDisks(m);
   bdrvAllCanSnapshot(bql, disks);
-  const failures = await withDrainedAll(bql, (drained) => bdrvAllDeleteSnapshot(bql, drained, disks, tag));
-  return failures.map((f) => f.message);
+  return withDrainedAll(bql, async (drained) => {
+    const found = await bdrvAllFindSnapshots(bql, disks, tag);
+    const before = [...found.values()].reduce((n, l) => n + l.length, 0);
+    if (before === 0) return [];
+    const store = m.intents(bql);
+    store.write({ op: 'delvm', phase: 'cleanup', tag, disks: writable(m).map((d) => d.name) });
+    const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === tag);
+    if (r.left.length === 0) {
+      const tail = clearIntent(bql, m);
+      return tail === '' ? [] : [tail.slice(2)];
+    }
+    if (r.deleted === 0) {
+      // nothing changed: the tag stays whole and nothing is left to finish
+      const tail = clearIntent(bql, m);
+      return r.errors.map((e) => `Could not delete snapshot '${tag}' on '${e.node ?? '?'}': ${e.message}; nothing was deleted${tail}`);
+    }
+    return r.errors.map((e) => `${e.message}; the snapshot is still on ${listText(r.left)} (no longer loadable), the next savevm, loadvm or delvm deletes it`);
+  });
 }
 
 /** One row of `info snapshots`: the snapshot, and the ID to show (`--` for whole-VM ones). */
@@ -199,15 +569,15 @@ export interface SnapshotRow {
 
 /** What `info snapshots` shows: the VM snapshots, and per disk the partial ones. */
 export interface SnapshotReport {
-  /** Snapshots of the VM-state disk whose name exists on every disk. */
+  /** Snapshots of the VM-state disk whose name and identity exist on every disk. */
   complete: SnapshotInfo[];
-  /** Per disk, its snapshots whose name is missing somewhere. */
+  /** Per disk, its snapshots that are not part of a complete one. */
   partial: Array<{ disk: string; snapshots: SnapshotInfo[] }>;
 }
 
 /**
- * The data of `info snapshots` (QEMU's algorithm): throws "no block device can store vmstate for
- * snapshot" when no disk could.
+ * The data of `info snapshots` (QEMU's algorithm, with snapshots matched by name and savevm
+ * identity): throws "no block device can store vmstate for snapshot" when no disk could.
  * @locking global-state
  */
 export async function listVmSnapshots(bql: Bql, m: Machine): Promise<SnapshotReport> {
@@ -215,11 +585,11 @@ export async function listVmSnapshots(bql: Bql, m: Machine): Promise<SnapshotRep
   const vmDisk = bdrvAllFindVmstateDisk(bql, disks);
   const lists = new Map<string, SnapshotInfo[]>();
   for (const d of disks) if (!d.readOnly && bdrvCanSnapshot(bql, d.node)) lists.set(d.name, await bdrvSnapshotList(bql, d.node));
-  const everywhere = (name: string): boolean => [...lists.values()].every((l) => l.some((s) => s.name === name));
-  const complete = (lists.get(vmDisk.name) ?? []).filter((s) => everywhere(s.name));
+  const everywhere = (sn: SnapshotInfo): boolean => [...lists.values()].every((l) => l.some((s) => s.name === sn.name && sameSavevm(s, sn)));
+  const complete = (lists.get(vmDisk.name) ?? []).filter(everywhere);
   const partial: SnapshotReport['partial'] = [];
   for (const [disk, l] of lists) {
-    const left = l.filter((s) => !everywhere(s.name));
+    const left = l.filter((s) => !everywhere(s));
     if (left.length > 0) partial.push({ disk, snapshots: left });
   }
   return { complete, partial };

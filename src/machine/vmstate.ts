@@ -73,6 +73,25 @@ export function checkVmStateHeader(head: Uint8Array): void {
   if (version !== VMSTATE_VERSION) refuse('version', `version ${version} cannot be read (this snapstack reads version ${VMSTATE_VERSION})`);
 }
 
+/** Longest machine description a reader accepts (it is a short JSON object). */
+export const MAX_MACHINE_SECTION_BYTES = 64 * 1024;
+
+/**
+ * The most bytes a VM state of this machine can take (RAM, vCPU and device state, the longest
+ * machine description, the headers and the checksum): the bound on a vm-state-size read from an
+ * image before it sizes a buffer.
+ * @locking common
+ */
+export function maxVmStateBytes(expect: { ramBytes: number; cpuBytes: number; deviceBytes: number }): number {
+  return HEADER_BYTES + 4 * SECTION_HEADER_BYTES + MAX_MACHINE_SECTION_BYTES + expect.ramBytes + expect.cpuBytes + expect.deviceBytes + 4;
+}
+
+/**
+ * The fewest bytes a VM state can take (headers, empty sections and the checksum).
+ * @locking common
+ */
+export const MIN_VMSTATE_BYTES = HEADER_BYTES + 4 * SECTION_HEADER_BYTES + 4;
+
 /**
  * Parses and verifies a VM state; `expect` is the machine it must fit (RAM size, vCPUs, disks).
  * @locking common
@@ -103,6 +122,7 @@ export function decodeVmState(buf: Uint8Array, expect: { ramBytes: number; vcpus
   if (ram.length !== expect.ramBytes) refuse('ram', `${ram.length} bytes of RAM saved, the machine has ${expect.ramBytes}`);
   if (cpu.length !== expect.cpuBytes) refuse('cpu', `${cpu.length} bytes of vCPU state saved, the machine needs ${expect.cpuBytes}`);
   if (devices.length !== expect.deviceBytes) refuse('devices', `${devices.length} bytes of device state saved, the machine needs ${expect.deviceBytes}`);
+  if (machineBytes.length > MAX_MACHINE_SECTION_BYTES) refuse('machine', `a machine description of ${machineBytes.length} bytes (at most ${MAX_MACHINE_SECTION_BYTES})`);
   let machine: VmState['machine'];
   try {
     machine = JSON.parse(new TextDecoder().decode(machineBytes)) as VmState['machine'];

@@ -15,7 +15,7 @@ import { describeError } from '../cli/format.js';
 import { runQemuIoCommand, splitArgs } from '../cli/qemu-io.js';
 import { snapshotHeader, snapshotRow } from '../cli/snapshot-format.js';
 import type { Machine } from '../machine/machine.js';
-import { delVm, listVmSnapshots, loadVm, saveVm } from '../machine/savevm.js';
+import { delVm, listVmSnapshots, loadVm, recoverVmSnapshots, saveVm } from '../machine/savevm.js';
 
 interface CommandSpec {
   args: string;
@@ -95,7 +95,8 @@ export class Monitor {
     const tag = this.oneTag(args, 'loadvm', false) ?? '';
     this.progress?.(`loadvm: reverting the disks to '${tag}' and loading the VM state...`);
     try {
-      await withBql((bql) => loadVm(bql, m, tag));
+      const r = await withBql((bql) => loadVm(bql, m, tag));
+      for (const w of r.warnings) this.out(`Warning: ${w}`);
     } finally {
       this.progress?.('');
     }
@@ -116,7 +117,21 @@ export class Monitor {
 
   private async cont(): Promise<void> {
     const m = this.needMachine();
-    await withBql((bql) => m.cont(bql));
+    await withBql(async (bql) => {
+      // a failed loadvm may have left disks to put back: that is done before the vCPUs run
+      for (const line of await recoverVmSnapshots(bql, m)) this.out(line);
+      m.cont(bql);
+    });
+  }
+
+  /**
+   * Prints what the machine's start-up recovery did (an interrupted savevm / loadvm / delvm rolled
+   * back or finished), once.
+   */
+  async printRecovery(): Promise<void> {
+    const m = this.machine;
+    if (m === null) return;
+    for (const line of await withBql(async (bql) => m.takeRecoveryReport(bql))) this.out(line);
   }
 
   private async infoStatus(): Promise<void> {

@@ -5,12 +5,20 @@
  * makes every later write, write-zeroes and truncate fail with EIO (reads and flushes still pass),
  * until it is disarmed. `failAfterWrites = N` arms it after N more successful writes, and
  * `failCount = K` (with either) disarms it again after K failed writes: a transient fault.
+ *
+ * For sweeps: `plan = new Set([i, j, ...])` fails exactly the writes with those indexes, counted
+ * from 0 at the moment the plan is set (`seen` counts them), and `lostAckAt` names planned writes
+ * that are carried out before their error is reported (a completed write whose
+ * acknowledgement is lost). Snapshot create, goto and delete and VM-state saves that reach the
+ * filter (a raw disk's snapshot store below it) count as writes too, so a raw disk's snapshot
+ * operations fail on command as well as a qcow2 disk's table writes.
  */
 import type { Bql } from '../../src/block/bql.js';
 import type { DrainedProof } from '../../src/block/drain.js';
-import { registerDriver, type BlockDriver, type BlockDriverInstance, type WriteZeroesFlags } from '../../src/block/driver.js';
+import { registerDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from '../../src/block/driver.js';
 import { BlockError } from '../../src/block/errors.js';
-import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../../src/block/io.js';
+import { bdrvFlush, bdrvGetLength, bdrvLoadVmstate, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvSaveVmstate, bdrvTruncate } from '../../src/block/io.js';
+import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../../src/block/snapshot.js';
 import type { BlockNode } from '../../src/block/node.js';
 import type { NodeOptions } from '../../src/block/options.js';
 
@@ -25,6 +33,22 @@ export interface FaultSwitch {
   failed: number;
   /** Writes that passed. */
   passed: number;
+  /** Indexes of the writes to fail, counted from when the plan was set; null: no plan. */
+  plan: Set<number> | null;
+  /** Planned writes that are carried out before they fail (the acknowledgement is lost). */
+  lostAckAt: Set<number>;
+  /** Writes seen since the plan was set. */
+  seen: number;
+}
+
+/**
+ * Sets a plan on the switch: the writes with these indexes from now on fail (those in `lostAck`
+ * after they were carried out); `null` removes the plan.
+ */
+export function planFaults(sw: FaultSwitch, indexes: Iterable<number> | null, lostAck: Iterable<number> = []): void {
+  sw.plan = indexes === null ? null : new Set(indexes);
+  sw.lostAckAt = new Set(lostAck);
+  sw.seen = 0;
 }
 
 /** Every faulty node's switch, by tag. */
@@ -34,7 +58,7 @@ export const faults = new Map<string, FaultSwitch>();
 export function faultSwitch(tag: string): FaultSwitch {
   let f = faults.get(tag);
   if (f === undefined) {
-    f = { failWrites: false, failAfterWrites: null, failCount: null, failed: 0, passed: 0 };
+    f = { failWrites: false, failAfterWrites: null, failCount: null, failed: 0, passed: 0, plan: null, lostAckAt: new Set(), seen: 0 };
     faults.set(tag, f);
   }
   return f;
@@ -46,6 +70,23 @@ class FaultyInstance implements BlockDriverInstance {
     private readonly sw: FaultSwitch,
     private readonly tag: string,
   ) {}
+
+  /** Runs a write `op` under the switch: before it fails (or after, for a lost acknowledgement). */
+  private async guarded<T>(op: string, run: () => Promise<T>): Promise<T> {
+    const sw = this.sw;
+    if (sw.plan !== null) {
+      const i = sw.seen++;
+      if (sw.plan.has(i)) {
+        sw.failed++;
+        if (sw.lostAckAt.has(i)) await run();
+        throw new BlockError('EIO', `faulty '${this.tag}': injected ${op} failure (write ${i}${sw.lostAckAt.has(i) ? ', carried out' : ''})`, { op });
+      }
+      sw.passed++;
+      return run();
+    }
+    this.check(op);
+    return run();
+  }
 
   private check(op: string): void {
     if (this.sw.failAfterWrites !== null) {
@@ -71,15 +112,13 @@ class FaultyInstance implements BlockDriverInstance {
   }
 
   /** @locking io */
-  async pwritev(offset: number, buf: Uint8Array): Promise<void> {
-    this.check('write');
-    await bdrvPwrite(this.file, offset, buf);
+  pwritev(offset: number, buf: Uint8Array): Promise<void> {
+    return this.guarded('write', () => bdrvPwrite(this.file, offset, buf));
   }
 
   /** @locking io */
-  async pwriteZeroes(offset: number, bytes: number, flags: WriteZeroesFlags): Promise<void> {
-    this.check('write-zeroes');
-    await bdrvPwriteZeroes(this.file, offset, bytes, flags);
+  pwriteZeroes(offset: number, bytes: number, flags: WriteZeroesFlags): Promise<void> {
+    return this.guarded('write-zeroes', () => bdrvPwriteZeroes(this.file, offset, bytes, flags));
   }
 
   /** @locking io */
@@ -98,9 +137,38 @@ class FaultyInstance implements BlockDriverInstance {
   }
 
   /** @locking io */
-  async truncate(sizeBytes: number): Promise<void> {
-    this.check('truncate');
-    await bdrvTruncate(this.file, sizeBytes);
+  truncate(sizeBytes: number): Promise<void> {
+    return this.guarded('truncate', () => bdrvTruncate(this.file, sizeBytes));
+  }
+
+  /** @locking io */
+  saveVmstate(buf: Uint8Array, pos: number): Promise<void> {
+    return this.guarded('save-vmstate', () => bdrvSaveVmstate(this.file, buf, pos));
+  }
+
+  /** @locking io */
+  loadVmstate(buf: Uint8Array, pos: number): Promise<void> {
+    return bdrvLoadVmstate(this.file, buf, pos);
+  }
+
+  /** @locking global-state */
+  snapshotCreate(bql: Bql, drained: DrainedProof, info: SnapshotInfo): Promise<SnapshotInfo> {
+    return this.guarded('snapshot-create', () => bdrvSnapshotCreate(bql, drained, this.file, info));
+  }
+
+  /** @locking global-state */
+  snapshotGoto(bql: Bql, drained: DrainedProof, idOrName: string): Promise<void> {
+    return this.guarded('snapshot-goto', () => bdrvSnapshotGoto(bql, drained, this.file, idOrName));
+  }
+
+  /** @locking global-state */
+  snapshotDelete(bql: Bql, drained: DrainedProof, id: string | null, name: string | null): Promise<SnapshotInfo> {
+    return this.guarded('snapshot-delete', () => bdrvSnapshotDelete(bql, drained, this.file, id, name));
+  }
+
+  /** @locking global-state */
+  snapshotList(bql: Bql): Promise<SnapshotInfo[]> {
+    return bdrvSnapshotList(bql, this.file);
   }
 
   /** @locking global-state */
