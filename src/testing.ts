@@ -4,3 +4,4 @@
  */
 export { setDrainDisabledForTesting } from './block/drain.js';
 export { crashIOThreadForTesting } from './block/iothread.js';
+export { setWritebackBarriersDisabledForTesting } from './drivers/qcow2/writeback.js';

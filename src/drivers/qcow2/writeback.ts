@@ -48,6 +48,18 @@ export async function flushMetadata(s: Qcow2State, complete = false): Promise<vo
   }
 }
 
+/** Test-only: when set, the barriers between the groups of writes are skipped (the last flush stays). */
+let barriersDisabled = false;
+
+/**
+ * Test-only negative control: skips the ordering barriers of the metadata flush (steps 2 and 4),
+ * so that a power-loss test can show it notices a missing flush. Never use outside tests.
+ * @locking common
+ */
+export function setWritebackBarriersDisabledForTesting(disabled: boolean): void {
+  barriersDisabled = disabled;
+}
+
 /**
  * A flush of the file. When it fails, which writes before it reached the disk is unknown (a failed
  * fsync may have dropped any of them, and retrying does not bring them back): every later metadata
@@ -67,12 +79,12 @@ async function writeOrdered(s: Qcow2State): Promise<void> {
   const wroteRefcounts = await writeDirtyRefcounts(s);
   const l1Dirty = s.l1DirtyLo < s.l1DirtyHi;
   if (s.l2Cache.hasDirty || l1Dirty) {
-    if (wroteRefcounts || s.l2NeedsDataBarrier) await barrier(s);
+    if ((wroteRefcounts || s.l2NeedsDataBarrier) && !barriersDisabled) await barrier(s);
     s.l2NeedsDataBarrier = false;
     if (s.l2Cache.hasDirty) {
       await s.writeMetaAll(s.l2Cache.dirtyWrites('L2 table'));
       s.l2Cache.markClean();
-      if (l1Dirty) await barrier(s);
+      if (l1Dirty && !barriersDisabled) await barrier(s);
     }
     if (l1Dirty) {
       const lo = s.l1DirtyLo;
