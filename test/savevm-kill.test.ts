@@ -1,0 +1,146 @@
+/**
+ * kill -9 during savevm / loadvm / delvm: a child process (the `snapstack monitor` with the guest
+ * workload on a qcow2 and a raw disk in a temporary directory) runs a loop of VM snapshot
+ * commands and is killed with SIGKILL after a seeded random delay. Then the images are reopened
+ * by the library and checked:
+ * - the machine's start rolls back or finishes what was interrupted and reports it once (a
+ *   second start reports nothing);
+ * - every tag is on all disks or on none, one savevm each, and no undo snapshot is left;
+ * - loading a tag gives disks that agree with the restored guest RAM (the guest's checksums);
+ * - `qemu-img check` exits 0 or 3 (leaks only).
+ * A handful of points by default; SNAPSTACK_LONG_SWEEPS=1 tries many more.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { bdrvSnapshotList, shutdownIOThreads, withBql } from '../src/index.js';
+import type { SnapshotInfo } from '../src/block/driver.js';
+import { sameSavevm } from '../src/block/snapshot-group.js';
+import { createQcow2File } from '../src/drivers/qcow2/create.js';
+import { Machine } from '../src/machine/machine.js';
+import { loadVm, UNDO_PREFIX } from '../src/machine/savevm.js';
+import { INTENT_SUFFIX } from '../src/machine/vm-intent.js';
+import { describeInterop, qemuStatus } from './helpers/qemu.js';
+
+const LONG = process.env['SNAPSTACK_LONG_SWEEPS'] === '1';
+const POINTS = LONG ? 40 : 5;
+const MiB = 1024 * 1024;
+const RAM = '8M';
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+let dir: string;
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-savevm-kill-'));
+});
+afterAll(async () => {
+  fs.rmSync(dir, { recursive: true, force: true });
+  await shutdownIOThreads();
+});
+
+function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** The commands the child runs, over and over, until it is killed. */
+const LOOP = ['savevm s1', 'loadvm s1', 'savevm s2', 'loadvm s1', 'delvm s2', 'savevm s1', 'loadvm s1', 'savevm s3', 'delvm s3'];
+
+/** Runs the monitor on the images and kills it with SIGKILL `delayMs` after its first prompt. */
+async function runAndKill(drives: string[], delayMs: number): Promise<string> {
+  const args = [path.resolve('bin/snapstack.js'), 'monitor', ...drives.flatMap((d) => ['--drive', d]), '-m', RAM, '--guest'];
+  const child = spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  const closed = new Promise<void>((resolve) => child.on('close', () => resolve()));
+  for (let i = 0; i < 200 && !out.includes('(qemu)') && !out.includes('monitor'); i++) await sleep(25);
+  for (let round = 0; round < 20; round++) child.stdin.write(`${LOOP.join('\n')}\n`);
+  await sleep(delayMs);
+  child.kill('SIGKILL');
+  await closed;
+  return out;
+}
+
+async function lists(m: Machine): Promise<Map<string, SnapshotInfo[]>> {
+  return withBql(async (bql) => {
+    const r = new Map<string, SnapshotInfo[]>();
+    for (const d of m.disks) r.set(d.id, await bdrvSnapshotList(bql, d.node));
+    return r;
+  });
+}
+
+async function openMachine(drives: string[]): Promise<{ m: Machine; report: string[] }> {
+  const m = new Machine({ guest: false, vcpus: 2, ramBytes: 8 * MiB });
+  const report = await withBql(async (bql) => {
+    for (const d of drives) await m.addDrive(bql, d);
+    await m.start(bql);
+    await m.stop(bql);
+    return m.takeRecoveryReport(bql);
+  });
+  return { m, report };
+}
+
+describeInterop('savevm, loadvm and delvm killed with SIGKILL at random points', () => {
+  it('after every kill the next start finds each tag on all disks or none, finishes or rolls back an interrupted operation once, and qemu-img check passes', { timeout: LONG ? 3_600_000 : 240_000 }, async () => {
+    const r = rng(0xdead);
+    const recovered = new Map<string, number>();
+    let loadsChecked = 0;
+    for (let p = 0; p < POINTS; p++) {
+      const sub = fs.mkdtempSync(path.join(dir, `p${p}-`));
+      const qa = path.join(sub, 'a.qcow2');
+      const rb = path.join(sub, 'b.raw');
+      createQcow2File(qa, { sizeBytes: 16 * MiB });
+      fs.writeFileSync(rb, Buffer.alloc(8 * MiB));
+      const drives = [`file=${qa},format=qcow2,id=a`, `file=${rb},format=raw,id=b`];
+      const delay = 200 + Math.floor(r() * 2500);
+      const out = await runAndKill(drives, delay);
+      const label = `point ${p} (killed ${delay} ms after the first prompt)`;
+      const first = await openMachine(drives);
+      try {
+        for (const line of first.report) {
+          const kind = /^(savevm|loadvm|delvm) .* (was interrupted|had finished|had saved|was finished)/.exec(line);
+          const key = kind === null ? line : `${kind[1]} ${kind[2]}`;
+          recovered.set(key, (recovered.get(key) ?? 0) + 1);
+        }
+        expect(first.report.every((l) => !/failed/.test(l)), `${label}: ${first.report.join('; ')}`).toBe(true);
+        expect(fs.existsSync(`${qa}${INTENT_SUFFIX}`), `${label}: the intent record is gone after recovery`).toBe(false);
+        const l = await lists(first.m);
+        const tags = new Set<string>();
+        for (const s of l.values()) for (const x of s) tags.add(x.name);
+        for (const t of tags) {
+          expect(t.startsWith(UNDO_PREFIX), `${label}: undo snapshot ${t} left`).toBe(false);
+          const per = [...l].map(([d, s]) => [d, s.filter((x) => x.name === t)] as const);
+          for (const [d, s] of per) expect(s.length, `${label}: tag ${t} on ${d}: ${out.slice(-400)}`).toBe(1);
+          const a = per[0]?.[1][0];
+          if (a !== undefined) for (const [, s] of per) expect(sameSavevm(s[0] as SnapshotInfo, a), `${label}: tag ${t} mixes savevms`).toBe(true);
+        }
+        // a tag that survived loads, and its disks agree with the guest RAM it restores
+        const pick = [...tags][Math.floor(r() * tags.size)];
+        if (pick !== undefined) {
+          await withBql((bql) => loadVm(bql, first.m, pick));
+          const v = await first.m.verifyDisks();
+          expect(v.mismatches, `${label}: disks after loadvm ${pick} disagree with its RAM`).toEqual([]);
+          expect(v.checked, `${label}: the guest had written before ${pick}`).toBeGreaterThan(0);
+          loadsChecked++;
+        }
+      } finally {
+        await withBql((bql) => first.m.shutdown(bql));
+      }
+      const chk = qemuStatus('qemu-img', ['check', qa]);
+      expect(chk.status === 0 || chk.status === 3, `${label}: qemu-img check: ${chk.stdout}${chk.stderr}`).toBe(true);
+      // reported once: the next start has nothing to report
+      const second = await openMachine(drives);
+      await withBql((bql) => second.m.shutdown(bql));
+      expect(second.report, label).toEqual([]);
+    }
+    console.log(`savevm-kill: ${POINTS} kill points, recovery by kind ${JSON.stringify(Object.fromEntries(recovered))}, ${loadsChecked} loads checked against guest RAM, 0 violations`);
+  });
+});
