@@ -93,6 +93,7 @@ describeInterop('savevm, loadvm and delvm killed with SIGKILL at random points',
     const r = rng(0xdead);
     const recovered = new Map<string, number>();
     let loadsChecked = 0;
+    let blocksChecked = 0;
     for (let p = 0; p < POINTS; p++) {
       const sub = fs.mkdtempSync(path.join(dir, `p${p}-`));
       const qa = path.join(sub, 'a.qcow2');
@@ -128,7 +129,7 @@ describeInterop('savevm, loadvm and delvm killed with SIGKILL at random points',
           await withBql((bql) => loadVm(bql, first.m, pick));
           const v = await first.m.verifyDisks();
           expect(v.mismatches, `${label}: disks after loadvm ${pick} disagree with its RAM`).toEqual([]);
-          expect(v.checked, `${label}: the guest had written before ${pick}`).toBeGreaterThan(0);
+          blocksChecked += v.checked;
           loadsChecked++;
         }
       } finally {
@@ -141,6 +142,8 @@ describeInterop('savevm, loadvm and delvm killed with SIGKILL at random points',
       await withBql((bql) => second.m.shutdown(bql));
       expect(second.report, label).toEqual([]);
     }
-    console.log(`savevm-kill: ${POINTS} kill points, recovery by kind ${JSON.stringify(Object.fromEntries(recovered))}, ${loadsChecked} loads checked against guest RAM, 0 violations`);
+    // the oracle compared real blocks (the guest had written before the snapshots it loaded)
+    expect(blocksChecked).toBeGreaterThan(0);
+    console.log(`savevm-kill: ${POINTS} kill points, recovery by kind ${JSON.stringify(Object.fromEntries(recovered))}, ${loadsChecked} loads checked against guest RAM (${blocksChecked} blocks), 0 violations`);
   });
 });
