@@ -4,10 +4,16 @@
  *
  * Use it from the main thread; concurrent reads and writes on one Image are allowed (they are
  * ordinary I/O requests), and `close` waits for the requests in flight.
+ *
+ * The calls that need the Big Lock (open, close, snapshots, info) take it themselves. Called by
+ * code that already holds it (inside `withBql`), that would wait for ever, so they accept the
+ * caller's proof instead (`openImage(f, { bql })`, `img.close(bql)`, ...), and a call that waits
+ * for the lock longer than `bqlWaitMs` (default 5 s) fails with EBUSY saying so, instead of
+ * hanging. Read and write requests never take the lock.
  */
 import { blkDelete, blkFlush, blkGetLength, blkNew, blkPdiscard, blkPread, blkPwrite, blkPwriteZeroes, blkTruncate, type BlockBackend } from './block/backend.js';
 import { aioWaitWhile } from './block/aio-wait.js';
-import { withBql } from './block/bql.js';
+import { acquireBql, assertBql, releaseBql, tryAcquireBql, type Bql } from './block/bql.js';
 import { withDrained } from './block/drain.js';
 import { BlockError } from './block/errors.js';
 import { closeNode, openNode } from './block/graph.js';
@@ -33,6 +39,56 @@ export interface OpenImageOptions {
    * stays free) or `sync` (blocking calls on the main loop: fastest for one-shot tools).
    */
   aio?: 'threads' | 'sync';
+  /**
+   * Share every permission with other users of the image (qemu-img's `-U` / `--force-share`);
+   * only with `readOnly`.
+   */
+  forceShare?: boolean;
+  /** QEMU's `locking` option of the file node: `auto` (default), `on`, `off`. */
+  locking?: 'auto' | 'on' | 'off';
+  /** The caller's Big Lock, when it holds it (inside `withBql`): used instead of taking it. */
+  bql?: Bql;
+  /** How long a call waits for the Big Lock before it fails with EBUSY (default 5000 ms). */
+  bqlWaitMs?: number;
+}
+
+/** How long the easy API waits for the Big Lock before it reports a likely deadlock. */
+const DEFAULT_BQL_WAIT_MS = 5000;
+
+/**
+ * Runs `fn` with the Big Lock: the caller's proof when given, else the lock taken here, waiting
+ * at most `waitMs` (EBUSY after that, naming the likely cause: a call made with the lock held).
+ */
+async function withEasyBql<T>(op: string, given: Bql | undefined, waitMs: number, fn: (bql: Bql) => Promise<T> | T): Promise<T> {
+  if (given !== undefined) {
+    assertBql(given, op);
+    return fn(given);
+  }
+  let bql = tryAcquireBql();
+  if (bql === null) {
+    const pending = acquireBql();
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<null>((resolve) => {
+      timer = setTimeout(() => resolve(null), waitMs);
+    });
+    const got = await Promise.race([pending, timeout]);
+    clearTimeout(timer);
+    if (got === null) {
+      // the lock may still come: hand it straight on, so this abandoned wait blocks nobody
+      void pending.then((b) => releaseBql(b));
+      throw new BlockError(
+        'EBUSY',
+        `${op}: the Big Lock (BQL) is still held by someone else after ${waitMs} ms. The easy API takes the BQL itself; called inside withBql (or with a Bql held) it would wait for ever: pass that proof ({ bql } to openImage, or as the last argument of the Image method), or call it outside the locked section`,
+        { op, field: 'bql' },
+      );
+    }
+    bql = got;
+  }
+  try {
+    return await fn(bql);
+  } finally {
+    releaseBql(bql);
+  }
 }
 
 let imageCounter = 0;
@@ -42,7 +98,10 @@ export class Image {
   private closed = false;
 
   /** @internal use openImage */
-  constructor(readonly backend: BlockBackend) {}
+  constructor(
+    readonly backend: BlockBackend,
+    private readonly bqlWaitMs: number = DEFAULT_BQL_WAIT_MS,
+  ) {}
 
   /** Device name. */
   get name(): string {
@@ -90,8 +149,8 @@ export class Image {
   }
 
   /** What `info block` shows for this image. */
-  async info(): Promise<BackendInfo> {
-    return withBql((bql) => {
+  async info(bql?: Bql): Promise<BackendInfo> {
+    return withEasyBql('Image.info', bql, this.bqlWaitMs, (bql) => {
       const info = queryBlock(bql).find((b) => b.device === this.name);
       if (info === undefined) throw new BlockError('ENOENT', `Device '${this.name}' is closed`, { node: this.name });
       return info;
@@ -99,15 +158,15 @@ export class Image {
   }
 
   /** The image's internal snapshots, in table order. */
-  async snapshots(): Promise<SnapshotInfo[]> {
-    return withBql((bql) => bdrvSnapshotList(bql, this.rootNode()));
+  async snapshots(bql?: Bql): Promise<SnapshotInfo[]> {
+    return withEasyBql('Image.snapshots', bql, this.bqlWaitMs, (bql) => bdrvSnapshotList(bql, this.rootNode()));
   }
 
   /**
    * Takes an internal snapshot named `name` (drains the image first); returns it with its ID.
    * `vmStateSize`, dates and clocks default to what `qemu-img snapshot -c` records.
    */
-  async createSnapshot(name: string, extra: Partial<Omit<SnapshotInfo, 'id' | 'name'>> = {}): Promise<SnapshotInfo> {
+  async createSnapshot(name: string, extra: Partial<Omit<SnapshotInfo, 'id' | 'name'>> = {}, bql?: Bql): Promise<SnapshotInfo> {
     const now = Date.now();
     const info: SnapshotInfo = {
       id: '',
@@ -119,25 +178,25 @@ export class Image {
       icount: extra.icount ?? -1,
     };
     const root = this.rootNode();
-    return withBql((bql) => withDrained(bql, root, (d) => bdrvSnapshotCreate(bql, d, root, info)));
+    return withEasyBql('Image.createSnapshot', bql, this.bqlWaitMs, (bql) => withDrained(bql, root, (d) => bdrvSnapshotCreate(bql, d, root, info)));
   }
 
   /** Reverts the image to the snapshot with this ID or name (ID first). */
-  async gotoSnapshot(idOrName: string): Promise<void> {
+  async gotoSnapshot(idOrName: string, bql?: Bql): Promise<void> {
     const root = this.rootNode();
-    await withBql((bql) => withDrained(bql, root, (d) => bdrvSnapshotGoto(bql, d, root, idOrName)));
+    await withEasyBql('Image.gotoSnapshot', bql, this.bqlWaitMs, (bql) => withDrained(bql, root, (d) => bdrvSnapshotGoto(bql, d, root, idOrName)));
   }
 
   /** Deletes the first snapshot named `name` (qemu-img snapshot -d looks up by name only). */
-  async deleteSnapshot(name: string): Promise<SnapshotInfo> {
+  async deleteSnapshot(name: string, bql?: Bql): Promise<SnapshotInfo> {
     const root = this.rootNode();
-    return withBql((bql) => withDrained(bql, root, (d) => bdrvSnapshotDelete(bql, d, root, null, name)));
+    return withEasyBql('Image.deleteSnapshot', bql, this.bqlWaitMs, (bql) => withDrained(bql, root, (d) => bdrvSnapshotDelete(bql, d, root, null, name)));
   }
 
   /** On a read-only image: show the snapshot `name` (or ID) instead of the current state. */
-  async loadSnapshotTemporarily(idOrName: string): Promise<void> {
+  async loadSnapshotTemporarily(idOrName: string, bql?: Bql): Promise<void> {
     const root = this.rootNode();
-    await withBql(async (bql) => {
+    await withEasyBql('Image.loadSnapshotTemporarily', bql, this.bqlWaitMs, async (bql) => {
       const list = await bdrvSnapshotList(bql, root);
       const byName = list.find((s) => s.name === idOrName);
       if (byName !== undefined) await bdrvSnapshotLoadTmp(bql, root, null, byName.name);
@@ -152,7 +211,7 @@ export class Image {
   }
 
   /** Waits for requests in flight, flushes, and closes the image and its nodes. */
-  async close(): Promise<void> {
+  async close(bql?: Bql): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     const blk = this.backend;
@@ -161,7 +220,7 @@ export class Image {
     // requests still running or waiting in the queue complete first (as QEMU's blk_drain does)
     await aioWaitWhile(() => blk.inFlight > 0 || blk.queued.length > 0);
     if (!blk.readOnly) await blkFlush(blk);
-    await withBql(async (bql) => {
+    await withEasyBql('Image.close', bql, this.bqlWaitMs, async (bql) => {
       await withDrained(bql, root, () => blkDelete(bql, blk));
       await closeNode(bql, root);
     });
@@ -180,11 +239,14 @@ export async function openImage(target: string, opts: OpenImageOptions = {}): Pr
   if (opts.readOnly === true) nodeOpts['read-only'] = 'on';
   if (opts.iothread !== undefined) nodeOpts['iothread'] = opts.iothread;
   if (opts.aio !== undefined && !target.includes('=')) nodeOpts['file.aio'] = opts.aio;
-  return withBql(async (bql) => {
+  if (opts.forceShare === true && !target.includes('=')) nodeOpts['file.force-share'] = 'on';
+  if (opts.locking !== undefined && !target.includes('=')) nodeOpts['file.locking'] = opts.locking;
+  const waitMs = opts.bqlWaitMs ?? DEFAULT_BQL_WAIT_MS;
+  return withEasyBql('openImage', opts.bql, waitMs, async (bql) => {
     const node = await openNode(bql, nodeOpts);
     try {
       const name = opts.name ?? `disk${imageCounter++}`;
-      return new Image(blkNew(bql, name, node, { readOnly: node.readOnly }));
+      return new Image(blkNew(bql, name, node, { readOnly: node.readOnly }), waitMs);
     } catch (e) {
       await closeNode(bql, node);
       throw e;

@@ -23,6 +23,13 @@ export function takeSwitch(args: string[], flag: string): boolean {
   return true;
 }
 
+/** Removes `-U` / `--force-share` (qemu-img's: open read-only, sharing every permission); true when given. */
+export function takeForceShare(args: string[]): boolean {
+  const short = takeSwitch(args, '-U');
+  const long = takeSwitch(args, '--force-share');
+  return short || long;
+}
+
 /** Removes `--output=human|json` (or `--output human`); true for json. */
 export function takeOutputJson(args: string[]): boolean {
   let json = false;

@@ -13,11 +13,11 @@ import { closeNode, openNode } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import type { NodeOptions } from '../block/options.js';
 import '../drivers/index.js';
-import { takeFlag, takeOutputJson, refuseUnknownOptions } from './args.js';
+import { takeFlag, takeForceShare, takeOutputJson, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
 import type { Out } from './img.js';
 
-const USAGE = 'usage: snapstack img check [-f FMT] [-r leaks|all] [--output=human|json] FILENAME';
+const USAGE = 'usage: snapstack img check [-f FMT] [-U] [-r leaks|all] [--output=human|json] FILENAME';
 
 /** Formats whose driver takes `x-check=on` (QEMU's BDRV_O_CHECK: open what a check must report). */
 const CHECK_MODE_FORMATS = new Set(['qcow2']);
@@ -44,8 +44,9 @@ function probeFormatName(file: string): string {
 }
 
 /** Opens the image for a check through the block layer: read-only unless a repair was asked for. */
-async function openForCheck(bql: Bql, file: string, format: string, writable: boolean): Promise<BlockNode> {
+async function openForCheck(bql: Bql, file: string, format: string, writable: boolean, forceShare: boolean): Promise<BlockNode> {
   const opts: NodeOptions = { driver: format, 'file.driver': 'file', 'file.filename': file, 'file.aio': 'sync', 'read-only': writable ? 'off' : 'on' };
+  if (forceShare) opts['file.force-share'] = 'on';
   if (CHECK_MODE_FORMATS.has(format)) opts['x-check'] = 'on';
   return openNode(bql, opts);
 }
@@ -88,10 +89,10 @@ function toJson(r: CheckResult, file: string, format: string): Record<string, un
  * Checks (and on request repairs) the image `file` through its driver's check callback; null when
  * its format has no check (qemu-img's exit code 63).
  */
-export async function checkImageFile(file: string, format: string, fix: CheckFix): Promise<CheckResult | null> {
+export async function checkImageFile(file: string, format: string, fix: CheckFix, forceShare = false): Promise<CheckResult | null> {
   const writable = fix.leaks || fix.errors;
   return withBql(async (bql) => {
-    const node = await openForCheck(bql, file, format, writable);
+    const node = await openForCheck(bql, file, format, writable, forceShare);
     try {
       if (!bdrvCanCheck(bql, node)) return null;
       return await withDrained(bql, node, (drained) => bdrvCheck(bql, drained, node, fix));
@@ -115,6 +116,7 @@ export async function checkQcow2File(file: string, repair: CheckFix): Promise<Ch
 export async function imgCheck(args: string[], out: Out, err: Out): Promise<number> {
   const fmt = takeFlag(args, '-f');
   const r = takeFlag(args, '-r');
+  const forceShare = takeForceShare(args);
   const json = takeOutputJson(args);
   refuseUnknownOptions(args, USAGE);
   const [file] = args;
@@ -124,7 +126,7 @@ export async function imgCheck(args: string[], out: Out, err: Out): Promise<numb
   const format = fmt ?? probeFormatName(file);
   let res: CheckResult | null;
   try {
-    res = await checkImageFile(file, format, { leaks: r !== undefined, errors: r === 'all' });
+    res = await checkImageFile(file, format, { leaks: r !== undefined, errors: r === 'all' }, forceShare);
   } catch (e) {
     err(`snapstack img: Check failed: ${describeError(e)}`);
     return 1;
@@ -136,7 +138,10 @@ export async function imgCheck(args: string[], out: Out, err: Out): Promise<numb
   for (const m of res.messages) err(m);
   if (json) out(JSON.stringify(toJson(res, file, format), null, 4));
   else printHuman(res, out);
-  if (res.checkErrors > 0) return 1;
+  if (res.checkErrors > 0) {
+    err('snapstack img: Check failed');
+    return 1;
+  }
   if (res.corruptions > 0) return 2;
   if (res.leaks > 0) return 3;
   return 0;

@@ -9,13 +9,13 @@ import { parseOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
-import { takeFlag, takeSwitch, refuseUnknownOptions } from './args.js';
+import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
 import type { Out } from './img.js';
 
 const CHUNK = 1024 * 1024;
-const CONVERT_USAGE = 'usage: snapstack img convert [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';
-const COMPARE_USAGE = 'usage: snapstack img compare [-f FMT] [-F FMT] A B';
+const CONVERT_USAGE = 'usage: snapstack img convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';
+const COMPARE_USAGE = 'usage: snapstack img compare [-f FMT] [-F FMT] [-U] A B';
 
 function isZero(buf: Uint8Array): boolean {
   for (let i = 0; i < buf.length; i++) if (buf[i] !== 0) return false;
@@ -37,12 +37,13 @@ export async function imgConvert(args: string[], out: Out): Promise<number> {
   const dstFmt = takeFlag(args, '-O') ?? 'raw';
   const o = parseOptions(takeFlag(args, '-o') ?? '');
   const snap = takeFlag(args, '-l');
+  const forceShare = takeForceShare(args);
   takeSwitch(args, '-p');
   takeSwitch(args, '-q');
   refuseUnknownOptions(args, CONVERT_USAGE);
   const [src, dst] = args;
   if (src === undefined || dst === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting a source and a destination\n${CONVERT_USAGE}`);
-  const from = await openImage(src, { aio: 'sync', readOnly: true, ...(srcFmt === undefined ? {} : { format: srcFmt }) });
+  const from = await openImage(src, { aio: 'sync', readOnly: true, forceShare, ...(srcFmt === undefined ? {} : { format: srcFmt }) });
   try {
     if (snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(snap));
     const size = from.size;
@@ -96,15 +97,16 @@ export async function imgCompare(args: string[], out: Out, err: Out): Promise<nu
   try {
     const fa = takeFlag(args, '-f');
     const fb = takeFlag(args, '-F') ?? fa;
+    const forceShare = takeForceShare(args);
     takeSwitch(args, '-q');
     takeSwitch(args, '-s');
     refuseUnknownOptions(args, COMPARE_USAGE);
     const [pa, pb] = args;
     if (pa === undefined || pb === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting two image file names\n${COMPARE_USAGE}`);
     for (const p of [pa, pb]) if (!fs.existsSync(p)) throw new BlockError('ENOENT', `Could not open '${p}': No such file or directory`, { file: p });
-    const a = await openImage(pa, { aio: 'sync', readOnly: true, ...(fa === undefined ? {} : { format: fa }) });
+    const a = await openImage(pa, { aio: 'sync', readOnly: true, forceShare, ...(fa === undefined ? {} : { format: fa }) });
     try {
-      const b = await openImage(pb, { aio: 'sync', readOnly: true, ...(fb === undefined ? {} : { format: fb }) });
+      const b = await openImage(pb, { aio: 'sync', readOnly: true, forceShare, ...(fb === undefined ? {} : { format: fb }) });
       try {
         const common = Math.min(a.size, b.size);
         if (a.size !== b.size) out('Warning: Image size mismatch!');

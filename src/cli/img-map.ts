@@ -5,10 +5,10 @@
 import { BlockError } from '../block/errors.js';
 import { bdrvBlockStatus } from '../block/io.js';
 import { openImage } from '../image.js';
-import { takeFlag, takeOutputJson, refuseUnknownOptions } from './args.js';
+import { takeFlag, takeForceShare, takeOutputJson, refuseUnknownOptions } from './args.js';
 import type { Out } from './img.js';
 
-const USAGE = 'usage: snapstack img map [-f FMT] [--output=human|json] FILENAME';
+const USAGE = 'usage: snapstack img map [-f FMT] [-U] [--output=human|json] FILENAME';
 
 interface MapEntry {
   start: number;
@@ -26,11 +26,12 @@ function hex(n: number): string {
 /** Runs `img map`; returns the exit status. */
 export async function imgMap(args: string[], out: Out, err: Out): Promise<number> {
   const fmt = takeFlag(args, '-f');
+  const forceShare = takeForceShare(args);
   const json = takeOutputJson(args);
   refuseUnknownOptions(args, USAGE);
   const [file] = args;
   if (file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
-  const img = await openImage(file, { aio: 'sync', readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
+  const img = await openImage(file, { aio: 'sync', readOnly: true, forceShare, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     const root = img.backend.root;
     if (root === null) throw new BlockError('ENOENT', `Device '${img.name}' has no medium`, { node: img.name });

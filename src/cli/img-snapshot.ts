@@ -5,17 +5,18 @@
  */
 import { BlockError } from '../block/errors.js';
 import { openImage } from '../image.js';
-import { takeFlag, takeSwitch, refuseUnknownOptions } from './args.js';
+import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
 import type { Out } from './img.js';
 import { snapshotHeader, snapshotRow } from './snapshot-format.js';
 
-const USAGE = 'usage: snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] FILENAME';
+const USAGE = 'usage: snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-U] FILENAME';
 
 /** Runs `img snapshot`; returns the exit status. */
 export async function imgSnapshot(args: string[], out: Out, err: Out): Promise<number> {
   const fmt = takeFlag(args, '-f');
   const list = takeSwitch(args, '-l');
+  const forceShare = takeForceShare(args);
   const apply = takeFlag(args, '-a');
   const createTag = takeFlag(args, '-c');
   const del = takeFlag(args, '-d');
@@ -24,7 +25,7 @@ export async function imgSnapshot(args: string[], out: Out, err: Out): Promise<n
   const actions = [list, apply !== undefined, createTag !== undefined, del !== undefined].filter(Boolean).length;
   const [file] = args;
   if (actions !== 1 || file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one action and one file name\n${USAGE}`);
-  const img = await openImage(file, { aio: 'sync', readOnly: list, ...(fmt === undefined ? {} : { format: fmt }) });
+  const img = await openImage(file, { aio: 'sync', readOnly: list, forceShare, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     if (list) {
       const sns = await img.snapshots();

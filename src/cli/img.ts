@@ -9,7 +9,7 @@ import { parseBool, parseOptions, parseSize, type NodeOptions } from '../block/o
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage } from '../image.js';
-import { takeFlag, takeOutputJson } from './args.js';
+import { takeFlag, takeForceShare, takeOutputJson } from './args.js';
 import { describeError, sizeToStr } from './format.js';
 import { imgCheck } from './img-check.js';
 import { imgCompare, imgConvert } from './img-convert.js';
@@ -20,12 +20,13 @@ import { snapshotHeader, snapshotJson, snapshotRow } from './snapshot-format.js'
 export type Out = (s: string) => void;
 
 const USAGE = `usage: snapstack img create [-f raw|qcow2] [-o cluster_size=..,refcount_bits=..,compat=0.10|1.1,lazy_refcounts=on|off] FILENAME SIZE
-       snapstack img info [-f FMT] [--output=human|json] FILENAME
-       snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILENAME
-       snapstack img check [-f FMT] [-r leaks|all] [--output=human|json] FILENAME
-       snapstack img convert [-f FMT] [-O FMT] [-o OPTIONS] [-l snapshot.name=TAG] SRC DST
-       snapstack img compare [-f FMT] [-F FMT] A B
-       snapstack img map [-f FMT] [--output=human|json] FILENAME`;
+       snapstack img info [-f FMT] [-U] [--output=human|json] FILENAME
+       snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-U] FILENAME
+       snapstack img check [-f FMT] [-U] [-r leaks|all] [--output=human|json] FILENAME
+       snapstack img convert [-f FMT] [-U] [-O FMT] [-o OPTIONS] [-l snapshot.name=TAG] SRC DST
+       snapstack img compare [-f FMT] [-F FMT] [-U] A B
+       snapstack img map [-f FMT] [-U] [--output=human|json] FILENAME
+  -U, --force-share: open read-only, sharing every permission (reads an image another process holds)`;
 
 /** Options `-o` accepts per format, with their parsers. */
 function createOptions(fmt: string, o: NodeOptions): { clusterSize?: number; refcountBits?: number; compat?: '0.10' | '1.1'; lazyRefcounts?: boolean } {
@@ -76,10 +77,11 @@ function formatSpecificLines(data: Record<string, unknown>, out: Out): void {
 
 async function info(args: string[], out: Out): Promise<number> {
   const fmt = takeFlag(args, '-f');
+  const forceShare = takeForceShare(args);
   const json = takeOutputJson(args);
   const [file] = args;
   if (file === undefined || args.length > 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
-  const img = await openImage(file, { aio: 'sync', readOnly: true, ...(fmt === undefined ? {} : { format: fmt }) });
+  const img = await openImage(file, { aio: 'sync', readOnly: true, forceShare, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     const inst = img.backend.root?.instance ?? null;
     const format = img.backend.root?.driver.formatName ?? 'raw';

@@ -7,7 +7,7 @@ import { openImage } from '../image.js';
 import { describeError } from './format.js';
 import { runQemuIoCommand } from './qemu-io.js';
 
-const USAGE = `usage: snapstack io [-f FMT] [-r] FILENAME -c 'CMD' [-c 'CMD' ...]
+const USAGE = `usage: snapstack io [-f FMT] [-r] [-U] FILENAME -c 'CMD' [-c 'CMD' ...]
 commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern | -z] [-q] OFF LEN |
           discard OFF LEN | flush | length | truncate SIZE`;
 
@@ -16,6 +16,7 @@ export async function ioMain(argv: string[], out: (s: string) => void, err: (s: 
   const cmds: string[] = [];
   let format: string | undefined;
   let readOnly = false;
+  let forceShare = false;
   let file: string | undefined;
   try {
     for (let i = 0; i < argv.length; i++) {
@@ -26,6 +27,7 @@ export async function ioMain(argv: string[], out: (s: string) => void, err: (s: 
         if (a === '-c') cmds.push(v);
         else format = v;
       } else if (a === '-r') readOnly = true;
+      else if (a === '-U' || a === '--force-share') forceShare = true;
       else if (a === '-h' || a === '--help') {
         out(USAGE);
         return 0;
@@ -34,7 +36,7 @@ export async function ioMain(argv: string[], out: (s: string) => void, err: (s: 
       else throw new BlockError('EINVAL', `more than one file name given ('${file}', '${a}')\n${USAGE}`);
     }
     if (file === undefined) throw new BlockError('EINVAL', `no file name given\n${USAGE}`);
-    const img = await openImage(file, { aio: 'sync', readOnly, ...(format === undefined ? {} : { format }) });
+    const img = await openImage(file, { aio: 'sync', readOnly, forceShare, ...(format === undefined ? {} : { format }) });
     let ok = true;
     try {
       for (const c of cmds) ok = (await runQemuIoCommand(img.backend, c, out)) && ok;
