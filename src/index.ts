@@ -37,7 +37,7 @@ export { createRawFile } from './drivers/file/driver.js';
 export { createQcow2File, type Qcow2CreateOptions } from './drivers/qcow2/create.js';
 export { checkQcow2File } from './cli/img-check.js';
 export { Machine, type MachineOptions, type MachineDisk, type RunState, type GuestCounters } from './machine/machine.js';
-export { saveVm, loadVm, delVm, listVmSnapshots, defaultSnapshotTag, type SavevmResult, type SnapshotReport } from './machine/savevm.js';
+export { saveVm, loadVm, delVm, listVmSnapshots, defaultSnapshotTag, recoverVmSnapshots, VmSnapshotError, type SavevmResult, type LoadvmResult, type SnapshotReport } from './machine/savevm.js';
 export {
   bdrvAllCanSnapshot,
   bdrvAllCreateSnapshot,
@@ -45,6 +45,8 @@ export {
   bdrvAllFindSnapshots,
   bdrvAllFindVmstateDisk,
   bdrvAllGotoSnapshot,
+  bdrvAllResolveSnapshot,
+  GroupCreateError,
   type GroupDisk,
 } from './block/snapshot-group.js';
 export { bdrvSaveVmstate, bdrvLoadVmstate, bdrvBlockStatus } from './block/io.js';
