@@ -176,7 +176,7 @@ describe('a forged drained proof', () => {
   it('made as a look-alike object is refused with EPERM', async () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=raw,file.driver=memory,file.size=1M');
-      const forged = { live: true, node, revoke() {} } as unknown as Drained<BlockNode>;
+      const forged = { live: true, node, revoke() {} } as unknown as Drained;
       const err = await blockError(() => bdrvSnapshotGoto(bql, forged, node, 's1'));
       expect(err.code).toBe('EPERM');
       expect(err.message).toMatch(/forged/);
@@ -187,7 +187,7 @@ describe('a forged drained proof', () => {
   it('made as a Bql is refused with EPERM', async () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=memory,size=1M');
-      const forged = bql as unknown as Drained<BlockNode>;
+      const forged = bql as unknown as Drained;
       expect((await blockError(() => assertDrained(bql, forged, node, 'test'))).code).toBe('EPERM');
     });
   });
@@ -200,7 +200,7 @@ describe('a forged drained proof', () => {
   it('made with Object.create(Drained.prototype) is refused with EPERM', async () => {
     await withBql(async (bql) => {
       const node = await openNode(bql, 'driver=raw,file.driver=memory,file.size=1M');
-      const forged = Object.create(Drained.prototype) as Drained<BlockNode>;
+      const forged = Object.create(Drained.prototype) as Drained;
       const err = await blockError(() => bdrvSnapshotGoto(bql, forged, node, 's1'));
       expect(err.code).toBe('EPERM');
     });

@@ -12,45 +12,78 @@ import { assertBql, type Bql } from './bql.js';
 import type { WriteZeroesFlags } from './driver.js';
 import { BlockError } from './errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from './io.js';
-import type { BlockNode, DrainParent } from './node.js';
+import { nodeSetParent, type BlockNode, type DrainParent } from './node.js';
 import { allBackends } from './registry.js';
+
+let attachBackend: (bql: Bql, blk: BlockBackend, root: BlockNode) => void;
+let detachBackend: (bql: Bql, blk: BlockBackend) => void;
 
 /** The device-facing handle: named, bound to one root node. */
 export class BlockBackend implements DrainParent {
-  /** Requests past the drain queue and not yet completed. */
-  inFlight = 0;
-  /** Drained sections covering this backend's root. */
-  quiesceCounter = 0;
+  #inFlight = 0;
+  #quiesceCounter = 0;
   /** Requests held while drained, in arrival order. */
-  readonly queued: Array<() => void> = [];
+  readonly #queued: Array<() => void> = [];
   /** Requests released by drainedEnd that have not yet re-entered: later arrivals queue behind them. */
-  resuming = 0;
+  #resuming = 0;
+  #root: BlockNode | null;
   /** For internal users (jobs) whose requests must go on while drained (QEMU's disable_request_queuing). */
   disableRequestQueuing = false;
 
   constructor(
     readonly name: string,
-    public root: BlockNode | null,
+    root: BlockNode | null,
     readonly readOnly: boolean,
-  ) {}
+  ) {
+    this.#root = root;
+  }
+
+  /** Requests past the drain queue and not yet completed. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** Drained sections covering this backend's root. */
+  get quiesceCounter(): number {
+    return this.#quiesceCounter;
+  }
+
+  /** The requests held while drained, in arrival order (a read-only view). */
+  get queued(): readonly (() => void)[] {
+    return this.#queued;
+  }
+
+  /** Requests released by drainedEnd that have not yet re-entered. */
+  get resuming(): number {
+    return this.#resuming;
+  }
+
+  /** The root node, or null once the backend was deleted. */
+  get root(): BlockNode | null {
+    return this.#root;
+  }
 
   get parentName(): string {
     return this.name;
   }
 
-  parentDrainedBegin(): void {
-    this.quiesceCounter++;
+  parentDrainedBegin(_bql: Bql): void {
+    this.#quiesceCounter++;
   }
 
-  parentDrainedEnd(): void {
-    if (this.quiesceCounter <= 0) {
+  parentDrainedEnd(_bql: Bql): void {
+    if (this.#quiesceCounter <= 0) {
       throw new BlockError('EINVAL', `backend '${this.name}': drained end without a matching begin`, { node: this.name });
     }
-    if (--this.quiesceCounter === 0) this.restartQueued();
+    if (--this.#quiesceCounter === 0) this.restartQueued();
   }
 
   parentDrainedPoll(): boolean {
-    return this.inFlight > 0;
+    return this.#inFlight > 0;
+  }
+
+  parentHasRequestInFlight(): boolean {
+    return this.#inFlight > 0;
   }
 
   /**
@@ -58,9 +91,9 @@ export class BlockBackend implements DrainParent {
    * request's behalf, so that a drain beginning before it runs still waits for it.
    */
   private restartQueued(): void {
-    const waiting = this.queued.splice(0);
-    this.inFlight += waiting.length;
-    this.resuming += waiting.length;
+    const waiting = this.#queued.splice(0);
+    this.#inFlight += waiting.length;
+    this.#resuming += waiting.length;
     for (const wake of waiting) wake();
   }
 
@@ -70,25 +103,42 @@ export class BlockBackend implements DrainParent {
    * the backend is no longer drained, with the reference already taken.
    */
   enter(): Promise<void> | null {
-    if (this.disableRequestQueuing || (this.quiesceCounter === 0 && this.resuming === 0 && this.queued.length === 0)) {
-      this.inFlight++;
+    if (this.disableRequestQueuing || (this.#quiesceCounter === 0 && this.#resuming === 0 && this.#queued.length === 0)) {
+      this.#inFlight++;
       return null;
     }
-    return new Promise<void>((resolve) => this.queued.push(resolve)).then(this.resumed);
+    return new Promise<void>((resolve) => this.#queued.push(resolve)).then(this.resumed);
   }
 
   /** A restarted request runs again; the last one lets through those that queued behind it. */
   private readonly resumed = (): void => {
-    if (--this.resuming === 0 && this.quiesceCounter === 0 && this.queued.length > 0) this.restartQueued();
+    if (--this.#resuming === 0 && this.#quiesceCounter === 0 && this.#queued.length > 0) this.restartQueued();
   };
 
   /** Drops a request's in-flight reference and wakes drain waiters when none is left. */
   leave(): void {
-    if (--this.inFlight < 0) {
-      this.inFlight = 0;
+    if (--this.#inFlight < 0) {
+      this.#inFlight = 0;
       throw new BlockError('EIO', `backend '${this.name}': in-flight counter went negative`, { node: this.name });
     }
-    if (this.inFlight === 0) aioWaitKick();
+    if (this.#inFlight === 0) aioWaitKick();
+  }
+
+  /** Attaches to `root` as a parent, starting as drained as the root is (blkNew). */
+  private attach(bql: Bql, root: BlockNode): void {
+    nodeSetParent(bql, root, this, true);
+    this.#quiesceCounter = root.quiesceCounter;
+  }
+
+  /** Detaches from the root (blkDelete). */
+  private detach(bql: Bql): void {
+    if (this.#root !== null) nodeSetParent(bql, this.#root, this, false);
+    this.#root = null;
+  }
+
+  static {
+    attachBackend = (bql, blk, root) => blk.attach(bql, root);
+    detachBackend = (bql, blk) => blk.detach(bql);
   }
 }
 
@@ -110,9 +160,8 @@ export function blkNew(bql: Bql, name: string, root: BlockNode, opts: { readOnly
     throw new BlockError('EACCES', `Device '${name}' cannot be writable over read-only node '${root.nodeName}'`, { node: root.nodeName });
   }
   const blk = new BlockBackend(name, root, readOnly);
-  root.parents.add(blk);
   // a backend attached to a drained node starts drained, so its requests queue
-  blk.quiesceCounter = root.quiesceCounter;
+  attachBackend(bql, blk, root);
   allBackends.set(name, blk);
   return blk;
 }
@@ -149,8 +198,7 @@ export function blkDelete(bql: Bql, blk: BlockBackend): void {
       node: blk.name,
     });
   }
-  blk.root?.parents.delete(blk);
-  blk.root = null;
+  detachBackend(bql, blk);
   allBackends.delete(blk.name);
 }
 

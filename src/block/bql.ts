@@ -10,6 +10,8 @@
 import { BlockError } from './errors.js';
 
 let mintBql: (serial: number) => Bql;
+/** Revokes a proof; module-private, so only the lock itself (releaseBql) can end a proof's life. */
+let revokeBql: (bql: Bql) => void;
 
 /** Proof that the caller holds the Big Lock. Only `acquireBql` creates one; `releaseBql` revokes it. */
 export class Bql {
@@ -26,11 +28,6 @@ export class Bql {
     return this.#live;
   }
 
-  /** @internal Revokes the proof; only the lock calls it. */
-  revoke(): void {
-    this.#live = false;
-  }
-
   /** Brand check: true only for proofs the lock minted (not for Object.create(Bql.prototype) forgeries). */
   static isIssued(value: unknown): value is Bql {
     return typeof value === 'object' && value !== null && #live in value;
@@ -38,6 +35,9 @@ export class Bql {
 
   static {
     mintBql = (serial: number): Bql => new Bql(serial);
+    revokeBql = (bql: Bql): void => {
+      bql.#live = false;
+    };
   }
 }
 
@@ -95,7 +95,7 @@ export function releaseBql(bql: Bql): void {
       op: 'releaseBql',
     });
   }
-  bql.revoke();
+  revokeBql(bql);
   const next = lockState.waiters.shift();
   if (next === undefined) {
     lockState.holder = null;

@@ -6,22 +6,38 @@
  * functions needing a quiet node take as a parameter; ending the section revokes it, and any use
  * of a revoked or forged proof throws. Never drain from inside a request that holds an in-flight
  * reference on the same node: it would wait for itself.
+ *
+ * While a section is live, node-level requests to the nodes it covers enter only from its owner
+ * (the callback of withDrained / withDrainedAll / runInDrainedSection, and the driver callbacks
+ * the block layer calls with the proof) or on behalf of a parent's in-flight request; any other
+ * request waits for the section's end (request-gate.ts).
  */
 import { aioWaitWhile } from './aio-wait.js';
 import { assertBql, type Bql } from './bql.js';
 import { BlockError } from './errors.js';
-import { BdrvChild, type BlockNode } from './node.js';
+import { nodeQuiesce, nodeReachedOnlyThrough, nodeUnquiesce, type BlockNode } from './node.js';
 import { allNodes, drainAllState } from './registry.js';
+import { gateKick, gateRunAsOwner, gateSectionBegin, gateSectionEnd } from './request-gate.js';
 
-let mintDrained: <N extends BlockNode>(node: N) => Drained<N>;
+let mintDrained: (node: BlockNode) => Drained;
 let mintDrainedAll: () => DrainedAll;
+/** End a proof's life; module-private, so only drainedEnd / drainAllEnd can revoke a proof. */
+let revokeDrained: (proof: Drained) => void;
+let revokeDrainedAll: (proof: DrainedAll) => void;
 
-/** Proof that `node` is inside a drained section: quiesced, with nothing in flight. */
-export class Drained<N extends BlockNode = BlockNode> {
-  readonly node: N;
+/**
+ * Proof that `node` is inside a drained section: quiesced, with nothing in flight.
+ *
+ * The proof names its node at run time only: TypeScript gives every BlockNode the same type, so
+ * no type parameter could tell node A's proof from node B's (an earlier `Drained<N>` had one and
+ * never used it). Every function that takes a proof checks, with `assertDrained`, that it is live
+ * and covers the node it is given.
+ */
+export class Drained {
+  readonly node: BlockNode;
   #live = true;
 
-  private constructor(node: N) {
+  private constructor(node: BlockNode) {
     this.node = node;
   }
 
@@ -30,18 +46,16 @@ export class Drained<N extends BlockNode = BlockNode> {
     return this.#live;
   }
 
-  /** @internal Ends the proof's validity; only drainedEnd calls it. */
-  revoke(): void {
-    this.#live = false;
-  }
-
   /** Brand check: true only for proofs a drained section minted. */
-  static isIssued(value: unknown): value is Drained<BlockNode> {
+  static isIssued(value: unknown): value is Drained {
     return typeof value === 'object' && value !== null && #live in value;
   }
 
   static {
-    mintDrained = <N extends BlockNode>(node: N): Drained<N> => new Drained(node);
+    mintDrained = (node: BlockNode): Drained => new Drained(node);
+    revokeDrained = (proof: Drained): void => {
+      proof.#live = false;
+    };
   }
 }
 
@@ -56,11 +70,6 @@ export class DrainedAll {
     return this.#live;
   }
 
-  /** @internal Ends the proof's validity; only drainAllEnd calls it. */
-  revoke(): void {
-    this.#live = false;
-  }
-
   /** Brand check: true only for proofs a drain-all section minted. */
   static isIssued(value: unknown): value is DrainedAll {
     return typeof value === 'object' && value !== null && #live in value;
@@ -68,11 +77,14 @@ export class DrainedAll {
 
   static {
     mintDrainedAll = (): DrainedAll => new DrainedAll();
+    revokeDrainedAll = (proof: DrainedAll): void => {
+      proof.#live = false;
+    };
   }
 }
 
 /** Either proof: what snapshot operations and close accept. */
-export type DrainedProof = Drained<BlockNode> | DrainedAll;
+export type DrainedProof = Drained | DrainedAll;
 
 /** Test-only switch: when set, drain neither quiesces nor waits (proves the stress test can fail). */
 const testSwitch = { drainDisabled: false };
@@ -87,31 +99,39 @@ export function setDrainDisabledForTesting(disabled: boolean): void {
 
 /**
  * Begins a drained section on `node`: quiesces it and its parents (backends queue new requests),
- * then waits until neither it nor any parent has a request in flight. Sections nest.
+ * then waits until neither it nor any parent has a request in flight. Sections nest. From then
+ * on the node, and what is reached only through it, takes node-level requests only from the
+ * section's owner (request-gate.ts); others wait for drainedEnd.
  * @locking global-state
  */
-export async function drainedBegin<N extends BlockNode>(bql: Bql, node: N): Promise<Drained<N>> {
+export async function drainedBegin(bql: Bql, node: BlockNode): Promise<Drained> {
   assertBql(bql, 'drainedBegin');
   if (!allNodes.has(node.nodeName) || allNodes.get(node.nodeName) !== node) {
     throw new BlockError('ENOENT', `drainedBegin: node '${node.nodeName}' is not in the graph`, { node: node.nodeName, op: 'drainedBegin' });
   }
   if (!testSwitch.drainDisabled) {
-    node.quiesce();
+    nodeQuiesce(bql, node);
     while (node.isBusy()) await aioWaitWhile(() => node.isBusy());
   }
-  return mintDrained(node);
+  const proof = mintDrained(node);
+  if (!testSwitch.drainDisabled) gateSectionBegin(node);
+  return proof;
 }
 
 /**
  * Ends a drained section: revokes the proof, and on the node's last section restarts its parents
- * (queued backend requests resume in order). Never waits.
+ * (queued backend requests resume in order) and the node-level requests that waited. Never waits.
  * @locking global-state
  */
-export function drainedEnd(bql: Bql, drained: Drained<BlockNode>): void {
+export function drainedEnd(bql: Bql, drained: Drained): void {
   assertBql(bql, 'drainedEnd');
   assertLiveProof(drained, 'drainedEnd');
-  drained.revoke();
-  if (!testSwitch.drainDisabled) drained.node.unquiesce();
+  if (!(drained instanceof Drained)) throw new BlockError('EINVAL', 'drainedEnd: a drain-all proof ends with drainAllEnd', { op: 'drainedEnd' });
+  revokeDrained(drained);
+  if (!testSwitch.drainDisabled) {
+    nodeUnquiesce(bql, drained.node);
+    gateSectionEnd(drained.node);
+  }
 }
 
 /**
@@ -123,7 +143,7 @@ export async function drainAllBegin(bql: Bql): Promise<DrainedAll> {
   assertBql(bql, 'drainAllBegin');
   if (!testSwitch.drainDisabled) {
     drainAllState.count++;
-    for (const node of allNodes.values()) node.quiesce();
+    for (const node of allNodes.values()) nodeQuiesce(bql, node);
     const anyBusy = (): boolean => {
       for (const node of allNodes.values()) if (node.isBusy()) return true;
       return false;
@@ -141,40 +161,62 @@ export async function drainAllBegin(bql: Bql): Promise<DrainedAll> {
 }
 
 /**
- * Ends a drain-all section and revokes its proof.
+ * Ends a drain-all section, revokes its proof and lets the waiting node-level requests go.
  * @locking global-state
  */
 export function drainAllEnd(bql: Bql, drained: DrainedAll): void {
   assertBql(bql, 'drainAllEnd');
   assertLiveProof(drained, 'drainAllEnd');
-  drained.revoke();
+  if (!(drained instanceof DrainedAll)) throw new BlockError('EINVAL', 'drainAllEnd: a node section ends with drainedEnd', { op: 'drainAllEnd' });
+  revokeDrainedAll(drained);
   if (!testSwitch.drainDisabled) {
     drainAllState.count--;
-    for (const node of allNodes.values()) node.unquiesce();
+    for (const node of allNodes.values()) nodeUnquiesce(bql, node);
+    gateKick();
   }
 }
 
+/** What a proof lets its owner reach while it is live. */
+function proofAdmits(proof: DrainedProof): (node: BlockNode) => boolean {
+  if (proof instanceof Drained) return (node) => proof.live && nodeReachedOnlyThrough(proof.node, node);
+  return () => proof.live;
+}
+
 /**
- * Runs `fn` inside a drained section on `node` and ends the section afterwards, also on error.
+ * Runs `fn` as the owner of the live section `proof`: node-level requests that `fn` makes (and
+ * everything it awaits) enter the nodes the proof covers although they are drained; any other
+ * request to them waits for the section's end. `withDrained` / `withDrainedAll` run their
+ * callback this way; callers of `drainedBegin` who do node-level I/O inside wrap it in this.
  * @locking global-state
  */
-export async function withDrained<N extends BlockNode, T>(bql: Bql, node: N, fn: (d: Drained<N>) => Promise<T> | T): Promise<T> {
+export async function runInDrainedSection<T>(bql: Bql, proof: DrainedProof, fn: () => Promise<T> | T): Promise<T> {
+  assertBql(bql, 'runInDrainedSection');
+  assertLiveProof(proof, 'runInDrainedSection');
+  return gateRunAsOwner(proofAdmits(proof), fn);
+}
+
+/**
+ * Runs `fn` inside a drained section on `node`, as its owner, and ends the section afterwards,
+ * also on error.
+ * @locking global-state
+ */
+export async function withDrained<T>(bql: Bql, node: BlockNode, fn: (d: Drained) => Promise<T> | T): Promise<T> {
   const d = await drainedBegin(bql, node);
   try {
-    return await fn(d);
+    return await gateRunAsOwner(proofAdmits(d), () => fn(d));
   } finally {
     drainedEnd(bql, d);
   }
 }
 
 /**
- * Runs `fn` inside a drain-all section and ends it afterwards, also on error.
+ * Runs `fn` inside a drain-all section, as its owner, and ends it afterwards, also on error.
  * @locking global-state
  */
 export async function withDrainedAll<T>(bql: Bql, fn: (d: DrainedAll) => Promise<T> | T): Promise<T> {
   const d = await drainAllBegin(bql);
   try {
-    return await fn(d);
+    return await gateRunAsOwner(proofAdmits(d), () => fn(d));
   } finally {
     drainAllEnd(bql, d);
   }
@@ -190,17 +232,6 @@ function assertLiveProof(proof: DrainedProof, op: string): void {
   }
 }
 
-/** A drained proof for X also covers X's descendants whose parents are all covered. */
-function covers(proof: Drained<BlockNode>, node: BlockNode, depth: number): boolean {
-  if (node === proof.node) return true;
-  if (depth > 64 || node.parents.size === 0) return false;
-  for (const p of node.parents) {
-    // a backend parent is not covered by a node's section
-    if (!(p instanceof BdrvChild) || !covers(proof, p.parent, depth + 1)) return false;
-  }
-  return true;
-}
-
 /**
  * Throws EPERM unless `proof` is live and covers `node` (the node itself, or a child reached only
  * through it, or any node for drain-all), and asserts that the node has nothing in flight.
@@ -210,7 +241,7 @@ function covers(proof: Drained<BlockNode>, node: BlockNode, depth: number): bool
 export function assertDrained(bql: Bql, proof: DrainedProof, node: BlockNode, op: string): void {
   assertBql(bql, op);
   assertLiveProof(proof, op);
-  if (proof instanceof Drained && !covers(proof, node, 0)) {
+  if (proof instanceof Drained && !nodeReachedOnlyThrough(proof.node, node)) {
     throw new BlockError('EPERM', `${op}: node '${node.nodeName}' is not covered by the drained section of '${proof.node.nodeName}'`, {
       node: node.nodeName,
       op,
@@ -222,4 +253,15 @@ export function assertDrained(bql: Bql, proof: DrainedProof, node: BlockNode, op
       op,
     });
   }
+}
+
+/**
+ * Asserts `proof` (live, covering `node`, nothing in flight) and runs the driver callback `fn`
+ * as the section's owner, so its node-level I/O reaches the drained nodes. The block layer calls
+ * every proof-taking driver callback through this (graph.ts, snapshot.ts).
+ * @locking global-state
+ */
+export async function callDrainedCallback<T>(bql: Bql, proof: DrainedProof, node: BlockNode, op: string, fn: () => Promise<T>): Promise<T> {
+  assertDrained(bql, proof, node, op);
+  return gateRunAsOwner(proofAdmits(proof), fn);
 }

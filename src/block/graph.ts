@@ -6,14 +6,15 @@
  * a drained proof, because no request may be in flight across an edge that disappears.
  */
 import { assertBql, type Bql } from './bql.js';
-import { assertDrained, drainedBegin, drainedEnd, type DrainedProof } from './drain.js';
-import { findDriver, probingDrivers, type BlockDriver } from './driver.js';
+import { assertDrained, callDrainedCallback, drainedBegin, drainedEnd, type DrainedProof } from './drain.js';
+import { findDriver, probingDrivers, type BlockDriver, type BlockDriverInstance } from './driver.js';
 import { BlockError } from './errors.js';
 import { bdrvPread } from './io.js';
 import { findIOThread, type IOThread } from './iothread.js';
-import { BdrvChild, BlockNode, type ChildRole } from './node.js';
+import { BdrvChild, BlockNode, nodeLinkEdge, nodeQuiesce, nodeReachedOnlyThrough, nodeSetInstance, nodeUnlinkEdge, nodeUnquiesce, type ChildRole } from './node.js';
 import { parseBool, parseOptions, subOptions, type NodeOptions } from './options.js';
 import { allNodes, drainAllState } from './registry.js';
+import { gateKick, gateRunAsOwner } from './request-gate.js';
 
 let autoNameCounter = 0;
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
@@ -55,10 +56,9 @@ export function attachChild(bql: Bql, parent: BlockNode, role: ChildRole, child:
     throw new BlockError('EINVAL', `Node '${parent.nodeName}' already has a '${role}' child`, { node: parent.nodeName, field: role });
   }
   const edge = new BdrvChild(parent, role, child);
-  parent.children.push(edge);
-  child.parents.add(edge);
+  nodeLinkEdge(bql, edge);
   // a quiesced child quiesces its new parent, as if the parent had been there at drained_begin
-  if (child.quiesceCounter > 0) for (let i = 0; i < child.quiesceCounter; i++) parent.quiesce();
+  for (let i = 0; i < child.quiesceCounter; i++) nodeQuiesce(bql, parent);
   return edge;
 }
 
@@ -69,11 +69,13 @@ export function attachChild(bql: Bql, parent: BlockNode, role: ChildRole, child:
 export function detachChild(bql: Bql, drained: DrainedProof, edge: BdrvChild): void {
   assertBql(bql, 'detachChild');
   assertDrained(bql, drained, edge.parent, 'detachChild');
-  const i = edge.parent.children.indexOf(edge);
-  if (i < 0) throw new BlockError('ENOENT', `Node '${edge.parent.nodeName}' has no such '${edge.role}' child`, { node: edge.parent.nodeName });
-  edge.parent.children.splice(i, 1);
-  edge.child.parents.delete(edge);
-  for (let k = 0; k < edge.child.quiesceCounter; k++) edge.parent.unquiesce();
+  if (!edge.parent.children.includes(edge)) {
+    throw new BlockError('ENOENT', `Node '${edge.parent.nodeName}' has no such '${edge.role}' child`, { node: edge.parent.nodeName });
+  }
+  nodeUnlinkEdge(bql, edge);
+  for (let k = 0; k < edge.child.quiesceCounter; k++) nodeUnquiesce(bql, edge.parent);
+  // the child may no longer be covered by a section of the parent: stray requests may go
+  gateKick();
 }
 
 function isAncestor(candidate: BlockNode, node: BlockNode): boolean {
@@ -116,27 +118,37 @@ function driverOptions(opts: NodeOptions): NodeOptions {
 async function instantiate(bql: Bql, drv: BlockDriver, opts: NodeOptions, readOnly: boolean, ioThread: IOThread | null, filename: string, file: BlockNode | null): Promise<BlockNode> {
   const node = new BlockNode(nodeNameFor(opts), drv, opts, readOnly, ioThread, filename);
   if (file !== null) attachChild(bql, node, 'file', file);
-  node.quiesceCounter += drainAllState.count;
+  // nodes opened inside drain-all start quiesced (the new node has no parents to pass it on to)
+  for (let i = 0; i < drainAllState.count; i++) nodeQuiesce(bql, node);
   allNodes.set(node.nodeName, node);
   try {
-    node.instance = await drv.open(bql, node, driverOptions(opts));
+    // the open is the new node's owner: its own I/O (header reads, a repair) reaches it and
+    // its file child even inside drain-all, while nobody else can reach them yet
+    const opening = { done: false };
+    try {
+      assertBql(bql, `open (node '${node.nodeName}')`);
+      const inst = await gateRunAsOwner(
+        (n) => !opening.done && nodeReachedOnlyThrough(node, n),
+        () => drv.open(bql, node, driverOptions(opts)),
+      );
+      nodeSetInstance(bql, node, inst);
+      sealProofCallbacks(node, inst);
+    } finally {
+      opening.done = true;
+    }
   } catch (e) {
     allNodes.delete(node.nodeName);
-    if (file !== null) {
-      const edge = node.children[0];
-      if (edge !== undefined) {
-        node.children.length = 0;
-        file.parents.delete(edge);
-      }
-    }
+    for (const edge of [...node.children]) nodeUnlinkEdge(bql, edge);
     throw e;
   }
   return node;
 }
 
 async function probeFormat(bql: Bql, file: BlockNode): Promise<BlockDriver> {
+  assertBql(bql, 'probe');
   const header = new Uint8Array(Math.min(2048, Math.max(0, file.drv.getLength())));
-  if (header.length > 0) await bdrvPread(file, 0, header);
+  // the opener reads the header of a child nobody else holds yet (it may be drained by drain-all)
+  if (header.length > 0) await gateRunAsOwner((n) => n === file, () => bdrvPread(file, 0, header));
   let best: BlockDriver | null = null;
   let bestScore = 0;
   for (const drv of probingDrivers()) {
@@ -210,9 +222,10 @@ export async function closeNode(bql: Bql, node: BlockNode): Promise<void> {
   if (allNodes.get(node.nodeName) !== node) return;
   const drained = await drainedBegin(bql, node);
   try {
-    if (node.instance !== null) await node.instance.close(bql, drained);
+    const inst = node.instance;
+    if (inst !== null) await inst.close(bql, drained);
   } finally {
-    node.instance = null;
+    nodeSetInstance(bql, node, null);
     const orphans: BlockNode[] = [];
     for (const edge of [...node.children]) {
       detachChild(bql, drained, edge);
@@ -221,5 +234,56 @@ export async function closeNode(bql: Bql, node: BlockNode): Promise<void> {
     drainedEnd(bql, drained);
     allNodes.delete(node.nodeName);
     for (const child of orphans) await closeNode(bql, child);
+  }
+}
+
+/** Instance callbacks whose first parameters are the BQL and a drained proof. */
+type DrainedCallbackName = {
+  [K in keyof BlockDriverInstance]-?: NonNullable<BlockDriverInstance[K]> extends (...args: infer A) => Promise<unknown> ? (A extends [Bql, DrainedProof, ...unknown[]] ? K : never) : never;
+}[keyof BlockDriverInstance];
+/** Instance callbacks that take the BQL but no drained proof. */
+type BqlCallbackName = Exclude<
+  {
+    [K in keyof BlockDriverInstance]-?: NonNullable<BlockDriverInstance[K]> extends (...args: infer A) => Promise<unknown> ? (A extends [Bql, ...unknown[]] ? K : never) : never;
+  }[keyof BlockDriverInstance],
+  DrainedCallbackName
+>;
+
+const DRAINED_CALLBACKS = ['close', 'snapshotCreate', 'snapshotGoto', 'snapshotDelete', 'checkImage'] as const satisfies readonly DrainedCallbackName[];
+const BQL_CALLBACKS = ['snapshotList', 'snapshotLoadTmp'] as const satisfies readonly BqlCallbackName[];
+// a proof-taking callback added to BlockDriverInstance and not sealed below does not compile
+const sealedEveryDrainedCallback: [Exclude<DrainedCallbackName, (typeof DRAINED_CALLBACKS)[number]>] extends [never] ? true : never = true;
+const sealedEveryBqlCallback: [Exclude<BqlCallbackName, (typeof BQL_CALLBACKS)[number]>] extends [never] ? true : never = true;
+void sealedEveryDrainedCallback;
+void sealedEveryBqlCallback;
+
+type AnyProofCallback = (bql: Bql, ...rest: unknown[]) => Promise<unknown>;
+
+/**
+ * Seals the proof-taking callbacks of a freshly opened instance: each is replaced by a wrapper,
+ * bound to `node`, that asserts the proofs before the driver runs (the BQL live and owned; a
+ * drained proof live, covering this node, with nothing in flight) and runs a drained callback as
+ * the section's owner. Whoever calls the callback (the block layer, or code holding
+ * `node.instance`), a driver is never called with a stale proof or with another node's.
+ */
+function sealProofCallbacks(node: BlockNode, inst: BlockDriverInstance): void {
+  const slots = inst as unknown as Record<string, AnyProofCallback | undefined>;
+  for (const name of DRAINED_CALLBACKS) {
+    const cb = slots[name];
+    if (cb === undefined) continue;
+    const op = `${name} (node '${node.nodeName}')`;
+    slots[name] = (bql: Bql, ...rest: unknown[]) => {
+      const drained = rest[0] as DrainedProof;
+      return callDrainedCallback(bql, drained, node, op, () => cb.call(inst, bql, ...rest));
+    };
+  }
+  for (const name of BQL_CALLBACKS) {
+    const cb = slots[name];
+    if (cb === undefined) continue;
+    const op = `${name} (node '${node.nodeName}')`;
+    slots[name] = (bql: Bql, ...rest: unknown[]) => {
+      assertBql(bql, op);
+      return cb.call(inst, bql, ...rest);
+    };
   }
 }

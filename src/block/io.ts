@@ -6,11 +6,14 @@
  * overflow; inside the node for format nodes; not a write to a read-only node), counted in the
  * node's `inFlight` from entry to completion (success or error), and handed to the driver.
  * Protocol nodes may be written past their end (files grow) and read past it (zeros), as in QEMU.
+ * Before all that, the request gate (request-gate.ts) holds a request to a drained node that
+ * neither the section's owner nor a parent's in-flight request made, until the section ends.
  */
 import { aioWaitKick } from './aio-wait.js';
 import type { BlockStatus, WriteZeroesFlags } from './driver.js';
 import { BlockError } from './errors.js';
-import type { BlockNode } from './node.js';
+import { nodeRequestBegin, nodeRequestEnd, type BlockNode } from './node.js';
+import { gateRequest } from './request-gate.js';
 
 /** Largest request or offset accepted (QEMU's BDRV_MAX_LENGTH is about 2^63; ours is 2^53). */
 export const MAX_REQUEST_OFFSET = Number.MAX_SAFE_INTEGER;
@@ -49,11 +52,7 @@ export function checkRequest(node: BlockNode, op: string, offset: number, bytes:
 }
 
 function decInFlight(node: BlockNode): void {
-  if (--node.inFlight < 0) {
-    node.inFlight = 0;
-    throw new BlockError('EIO', `node '${node.nodeName}': in-flight counter went negative`, { node: node.nodeName });
-  }
-  if (node.inFlight === 0) aioWaitKick();
+  if (nodeRequestEnd(node) === 0) aioWaitKick();
 }
 
 /**
@@ -61,8 +60,10 @@ function decInFlight(node: BlockNode): void {
  * @locking io
  */
 export async function bdrvPread(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  const gate = gateRequest(node, 'read');
+  if (gate !== null) await gate;
   checkRequest(node, 'read', offset, buf.length, false);
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await node.drv.preadv(offset, buf);
   } finally {
@@ -75,8 +76,10 @@ export async function bdrvPread(node: BlockNode, offset: number, buf: Uint8Array
  * @locking io
  */
 export async function bdrvPwrite(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  const gate = gateRequest(node, 'write');
+  if (gate !== null) await gate;
   checkRequest(node, 'write', offset, buf.length, true);
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await node.drv.pwritev(offset, buf);
   } finally {
@@ -89,8 +92,10 @@ export async function bdrvPwrite(node: BlockNode, offset: number, buf: Uint8Arra
  * @locking io
  */
 export async function bdrvPwriteZeroes(node: BlockNode, offset: number, bytes: number, flags: WriteZeroesFlags = {}): Promise<void> {
+  const gate = gateRequest(node, 'write-zeroes');
+  if (gate !== null) await gate;
   checkRequest(node, 'write-zeroes', offset, bytes, true);
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await node.drv.pwriteZeroes(offset, bytes, flags);
   } finally {
@@ -103,8 +108,10 @@ export async function bdrvPwriteZeroes(node: BlockNode, offset: number, bytes: n
  * @locking io
  */
 export async function bdrvPdiscard(node: BlockNode, offset: number, bytes: number): Promise<void> {
+  const gate = gateRequest(node, 'discard');
+  if (gate !== null) await gate;
   checkRequest(node, 'discard', offset, bytes, true);
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await node.drv.pdiscard(offset, bytes);
   } finally {
@@ -117,7 +124,9 @@ export async function bdrvPdiscard(node: BlockNode, offset: number, bytes: numbe
  * @locking io
  */
 export async function bdrvFlush(node: BlockNode): Promise<void> {
-  node.inFlight++;
+  const gate = gateRequest(node, 'flush');
+  if (gate !== null) await gate;
+  nodeRequestBegin(node);
   try {
     if (!node.readOnly) await node.drv.flush();
   } finally {
@@ -131,10 +140,17 @@ export async function bdrvFlush(node: BlockNode): Promise<void> {
  * @locking io
  */
 export async function bdrvBlockStatus(node: BlockNode, offset: number, bytes: number): Promise<BlockStatus> {
+  const gate = gateRequest(node, 'block-status');
+  if (gate !== null) await gate;
   checkRequest(node, 'block-status', offset, bytes, false);
   const drv = node.drv;
   if (drv.blockStatus === undefined) return { bytes, data: true, zero: false, allocated: true, hostOffset: offset };
-  return drv.blockStatus(offset, bytes);
+  nodeRequestBegin(node);
+  try {
+    return await drv.blockStatus(offset, bytes);
+  } finally {
+    decInFlight(node);
+  }
 }
 
 /**
@@ -150,6 +166,8 @@ export function bdrvGetLength(node: BlockNode): number {
  * @locking io
  */
 export async function bdrvTruncate(node: BlockNode, sizeBytes: number): Promise<void> {
+  const gate = gateRequest(node, 'truncate');
+  if (gate !== null) await gate;
   if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) {
     throw new BlockError('EINVAL', `truncate on node '${node.nodeName}': invalid size ${sizeBytes}`, {
       node: node.nodeName,
@@ -161,7 +179,7 @@ export async function bdrvTruncate(node: BlockNode, sizeBytes: number): Promise<
   if (node.readOnly) {
     throw new BlockError('EPERM', `truncate on node '${node.nodeName}': the node is read-only`, { node: node.nodeName, op: 'truncate' });
   }
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await node.drv.truncate(sizeBytes);
   } finally {
@@ -197,12 +215,14 @@ export function bdrvCanStoreVmstate(node: BlockNode): boolean {
  * @locking io
  */
 export async function bdrvSaveVmstate(node: BlockNode, buf: Uint8Array, pos: number): Promise<void> {
+  const gate = gateRequest(node, 'save-vmstate');
+  if (gate !== null) await gate;
   const target = vmstateNode(node, 'save-vmstate');
   if (!Number.isSafeInteger(pos) || pos < 0) {
     throw new BlockError('EINVAL', `save-vmstate on node '${node.nodeName}': invalid position ${pos}`, { node: node.nodeName, field: 'pos', value: pos });
   }
   if (target.readOnly) throw new BlockError('EPERM', `save-vmstate on node '${target.nodeName}': the node is read-only`, { node: target.nodeName });
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await (target.drv.saveVmstate as (b: Uint8Array, p: number) => Promise<void>).call(target.drv, buf, pos);
   } finally {
@@ -215,11 +235,13 @@ export async function bdrvSaveVmstate(node: BlockNode, buf: Uint8Array, pos: num
  * @locking io
  */
 export async function bdrvLoadVmstate(node: BlockNode, buf: Uint8Array, pos: number): Promise<void> {
+  const gate = gateRequest(node, 'load-vmstate');
+  if (gate !== null) await gate;
   const target = vmstateNode(node, 'load-vmstate');
   if (!Number.isSafeInteger(pos) || pos < 0) {
     throw new BlockError('EINVAL', `load-vmstate on node '${node.nodeName}': invalid position ${pos}`, { node: node.nodeName, field: 'pos', value: pos });
   }
-  node.inFlight++;
+  nodeRequestBegin(node);
   try {
     await (target.drv.loadVmstate as (b: Uint8Array, p: number) => Promise<void>).call(target.drv, buf, pos);
   } finally {

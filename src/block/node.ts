@@ -5,7 +5,14 @@
  * The objects are global state: they are created, linked and unlinked under the BQL (graph.ts).
  * Their counters (`inFlight`, `quiesceCounter`) are touched by the request path and by drain;
  * both run on the main loop, so plain numbers are enough and assertions keep them honest.
+ *
+ * Everything that drain and the request path rely on (the counters, the parent set, the child
+ * list, the driver instance) is readonly to the rest of the program: private fields behind
+ * getters (and `ReadonlySet` / `ReadonlyArray` views). Only this module changes them, through the
+ * `node*` functions below, which the block layer's own modules call (io.ts counts requests,
+ * drain.ts quiesces, graph.ts and backend.ts link edges); src/index.ts exports none of them.
  */
+import type { Bql } from './bql.js';
 import type { BlockDriver, BlockDriverInstance } from './driver.js';
 import { BlockError } from './errors.js';
 import type { IOThread } from './iothread.js';
@@ -22,11 +29,16 @@ export interface DrainParent {
   /** Human-readable name for messages (node name or backend name). */
   readonly parentName: string;
   /** The node stopped accepting requests from this parent: quiesce. */
-  parentDrainedBegin(): void;
+  parentDrainedBegin(bql: Bql): void;
   /** The node is no longer drained: resume. */
-  parentDrainedEnd(): void;
-  /** True while this parent still has requests in flight that must finish first. */
+  parentDrainedEnd(bql: Bql): void;
+  /** True while this parent (or one above it) still has requests in flight that must finish first. */
   parentDrainedPoll(): boolean;
+  /**
+   * True while this parent itself has a request in flight: a request it makes on the node now
+   * may be made on behalf of one (a nested request), which the request gate lets through.
+   */
+  parentHasRequestInFlight(): boolean;
 }
 
 /** An edge from `parent` to `child` in the role `role`. */
@@ -41,29 +53,40 @@ export class BdrvChild implements DrainParent {
     return this.parent.nodeName;
   }
 
-  parentDrainedBegin(): void {
-    this.parent.quiesce();
+  parentDrainedBegin(bql: Bql): void {
+    nodeQuiesce(bql, this.parent);
   }
 
-  parentDrainedEnd(): void {
-    this.parent.unquiesce();
+  parentDrainedEnd(bql: Bql): void {
+    nodeUnquiesce(bql, this.parent);
   }
 
   parentDrainedPoll(): boolean {
     return this.parent.isBusy();
   }
+
+  parentHasRequestInFlight(): boolean {
+    return this.parent.inFlight > 0;
+  }
 }
+
+/** The module-private mutators of BlockNode's private state (set in the class's static block). */
+interface NodeMutators {
+  addInFlight(node: BlockNode, delta: number): number;
+  addQuiesce(node: BlockNode, delta: number): number;
+  setInstance(node: BlockNode, inst: BlockDriverInstance | null): void;
+  children(node: BlockNode): BdrvChild[];
+  parents(node: BlockNode): Set<DrainParent>;
+}
+let mut: NodeMutators;
 
 /** A node of the block graph. */
 export class BlockNode {
-  /** Requests that entered this node and have not completed. */
-  inFlight = 0;
-  /** How many drained sections cover this node (0 = requests flow). */
-  quiesceCounter = 0;
-  /** The driver's instance; null before open completes and after close. */
-  instance: BlockDriverInstance | null = null;
-  readonly children: BdrvChild[] = [];
-  readonly parents = new Set<DrainParent>();
+  #inFlight = 0;
+  #quiesceCounter = 0;
+  #instance: BlockDriverInstance | null = null;
+  readonly #children: BdrvChild[] = [];
+  readonly #parents = new Set<DrainParent>();
 
   constructor(
     readonly nodeName: string,
@@ -76,39 +99,162 @@ export class BlockNode {
     readonly filename: string,
   ) {}
 
-  /** The driver instance, or EIO naming the node when it is closed. */
+  /** Requests that entered this node and have not completed. */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
+  /** How many drained sections cover this node (0 = requests flow). */
+  get quiesceCounter(): number {
+    return this.#quiesceCounter;
+  }
+
+  /** The driver's instance; null before open completes and after close. */
+  get instance(): BlockDriverInstance | null {
+    return this.#instance;
+  }
+
+  /** The edges to this node's children (graph.ts links and unlinks them). */
+  get children(): readonly BdrvChild[] {
+    return this.#children;
+  }
+
+  /** Who submits requests to this node: parent edges and backends (drain quiesces them). */
+  get parents(): ReadonlySet<DrainParent> {
+    return this.#parents;
+  }
+
+  /** The driver instance, or ENOMEDIUM naming the node when it is closed. */
   get drv(): BlockDriverInstance {
-    const inst = this.instance;
+    const inst = this.#instance;
     if (inst === null) throw new BlockError('ENOMEDIUM', `node '${this.nodeName}' is closed`, { node: this.nodeName });
     return inst;
   }
 
   /** The child in role `file`, if any. */
   get file(): BlockNode | undefined {
-    return this.children.find((c) => c.role === 'file')?.child;
-  }
-
-  /** Quiesces this node and, on the first quiesce, all its parents (drain goes upward). */
-  quiesce(): void {
-    if (this.quiesceCounter++ === 0) {
-      for (const p of this.parents) p.parentDrainedBegin();
-    }
-  }
-
-  /** Ends one quiesce; on the last one, the parents end theirs in child-to-parent order. */
-  unquiesce(): void {
-    if (this.quiesceCounter <= 0) {
-      throw new BlockError('EINVAL', `node '${this.nodeName}': drained end without a matching begin`, { node: this.nodeName });
-    }
-    if (--this.quiesceCounter === 0) {
-      for (const p of this.parents) p.parentDrainedEnd();
-    }
+    return this.#children.find((c) => c.role === 'file')?.child;
   }
 
   /** True while this node or any of its parents has requests in flight. */
   isBusy(): boolean {
-    if (this.inFlight > 0) return true;
-    for (const p of this.parents) if (p.parentDrainedPoll()) return true;
+    if (this.#inFlight > 0) return true;
+    for (const p of this.#parents) if (p.parentDrainedPoll()) return true;
     return false;
   }
+
+  static {
+    mut = {
+      addInFlight: (node, delta) => (node.#inFlight += delta),
+      addQuiesce: (node, delta) => (node.#quiesceCounter += delta),
+      setInstance: (node, inst) => {
+        node.#instance = inst;
+      },
+      children: (node) => node.#children,
+      parents: (node) => node.#parents,
+    };
+  }
+}
+
+/**
+ * @internal A request enters `node`: one more in flight (io.ts).
+ * @locking io
+ */
+export function nodeRequestBegin(node: BlockNode): void {
+  mut.addInFlight(node, 1);
+}
+
+/**
+ * @internal A request on `node` completed; returns the requests still in flight. EIO (and the
+ * counter kept at 0) if it would go negative.
+ * @locking io
+ */
+export function nodeRequestEnd(node: BlockNode): number {
+  const left = mut.addInFlight(node, -1);
+  if (left < 0) {
+    mut.addInFlight(node, -left);
+    throw new BlockError('EIO', `node '${node.nodeName}': in-flight counter went negative`, { node: node.nodeName });
+  }
+  return left;
+}
+
+/**
+ * @internal Quiesces `node` and, on the first quiesce, all its parents (drain goes upward).
+ * @locking global-state
+ */
+export function nodeQuiesce(bql: Bql, node: BlockNode): void {
+  if (mut.addQuiesce(node, 1) === 1) {
+    for (const p of mut.parents(node)) p.parentDrainedBegin(bql);
+  }
+}
+
+/**
+ * @internal Ends one quiesce of `node`; on the last one its parents end theirs. EINVAL without a
+ * matching quiesce.
+ * @locking global-state
+ */
+export function nodeUnquiesce(bql: Bql, node: BlockNode): void {
+  if (node.quiesceCounter <= 0) {
+    throw new BlockError('EINVAL', `node '${node.nodeName}': drained end without a matching begin`, { node: node.nodeName });
+  }
+  if (mut.addQuiesce(node, -1) === 0) {
+    for (const p of mut.parents(node)) p.parentDrainedEnd(bql);
+  }
+}
+
+/**
+ * @internal Links `edge` into its parent's children and its child's parents (graph.ts).
+ * @locking global-state
+ */
+export function nodeLinkEdge(_bql: Bql, edge: BdrvChild): void {
+  mut.children(edge.parent).push(edge);
+  mut.parents(edge.child).add(edge);
+}
+
+/**
+ * @internal Unlinks `edge` from both ends; false when the parent did not have it (graph.ts).
+ * @locking global-state
+ */
+export function nodeUnlinkEdge(_bql: Bql, edge: BdrvChild): boolean {
+  const children = mut.children(edge.parent);
+  const i = children.indexOf(edge);
+  if (i >= 0) children.splice(i, 1);
+  mut.parents(edge.child).delete(edge);
+  return i >= 0;
+}
+
+/**
+ * @internal Adds (or removes) a non-node parent of `node`: a backend (backend.ts).
+ * @locking global-state
+ */
+export function nodeSetParent(_bql: Bql, node: BlockNode, parent: DrainParent, attached: boolean): void {
+  if (attached) mut.parents(node).add(parent);
+  else mut.parents(node).delete(parent);
+}
+
+/**
+ * @internal Sets the node's driver instance after open, or null once closed (graph.ts).
+ * @locking global-state
+ */
+export function nodeSetInstance(_bql: Bql, node: BlockNode, inst: BlockDriverInstance | null): void {
+  mut.setInstance(node, inst);
+}
+
+/**
+ * True when `node` is `root` or is reached only through it: every parent of `node` is an edge
+ * from a node reached only through `root` (a backend parent, or none at all, breaks the chain).
+ * This is what a drained section of `root` covers.
+ * @locking common
+ */
+export function nodeReachedOnlyThrough(root: BlockNode, node: BlockNode): boolean {
+  return reachedOnlyThrough(root, node, 0);
+}
+
+function reachedOnlyThrough(root: BlockNode, node: BlockNode, depth: number): boolean {
+  if (node === root) return true;
+  if (depth > 64 || node.parents.size === 0) return false;
+  for (const p of node.parents) {
+    if (!(p instanceof BdrvChild) || !reachedOnlyThrough(root, p.parent, depth + 1)) return false;
+  }
+  return true;
 }

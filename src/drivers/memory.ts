@@ -224,10 +224,11 @@ class MemoryInstance implements BlockDriverInstance {
   }
 
   /**
-   * Frees the chunks, the VM state and the snapshots.
+   * Frees the chunks, the VM state and the snapshots (the node must be quiet: its own proof).
    * @locking global-state
    */
-  async close(_bql: Bql, _drained: DrainedProof): Promise<void> {
+  async close(bql: Bql, drained: DrainedProof): Promise<void> {
+    assertDrained(bql, drained, this.node, 'memory close');
     this.chunks.clear();
     this.vmState.clear();
     this.snapshots.length = 0;
@@ -260,7 +261,8 @@ export const memoryDriver: BlockDriver = {
    * Opens a memory node of `size` bytes (required).
    * @locking global-state
    */
-  async open(_bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
+  async open(bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
+    assertBql(bql, `memory open (node '${node.nodeName}')`);
     const size = opts['size'];
     if (size === undefined) {
       throw new BlockError('EINVAL', `Parameter 'size' is required for driver 'memory' (node '${node.nodeName}')`, {

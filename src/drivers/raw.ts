@@ -5,8 +5,8 @@
  * generic layer forwards snapshot operations to the child (QEMU's fallback), so a raw node
  * snapshots when its protocol node can.
  */
-import type { Bql } from '../block/bql.js';
-import type { DrainedProof } from '../block/drain.js';
+import { assertBql, type Bql } from '../block/bql.js';
+import { assertDrained, type DrainedProof } from '../block/drain.js';
 import { registerDriver, type BlockDriver, type BlockDriverInstance, type WriteZeroesFlags } from '../block/driver.js';
 import { BlockError } from '../block/errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../block/io.js';
@@ -15,7 +15,10 @@ import type { NodeOptions } from '../block/options.js';
 
 /** An open raw node: a pass-through to its file child. */
 class RawInstance implements BlockDriverInstance {
-  constructor(private readonly file: BlockNode) {}
+  constructor(
+    private readonly node: BlockNode,
+    private readonly file: BlockNode,
+  ) {}
 
   /** Reads from the child at the same offset. */
   preadv(offset: number, buf: Uint8Array): Promise<void> {
@@ -52,8 +55,13 @@ class RawInstance implements BlockDriverInstance {
     return bdrvTruncate(this.file, sizeBytes);
   }
 
-  /** Nothing of its own to release; the generic layer closes the child. */
-  async close(_bql: Bql, _drained: DrainedProof): Promise<void> {}
+  /**
+   * Nothing of its own to release (the generic layer closes the child); checks that the node is quiet.
+   * @locking global-state
+   */
+  async close(bql: Bql, drained: DrainedProof): Promise<void> {
+    assertDrained(bql, drained, this.node, 'raw close');
+  }
 }
 
 /** The `raw` format driver. */
@@ -68,7 +76,8 @@ export const rawDriver: BlockDriver = {
    * Opens a raw node over its already attached `file` child.
    * @locking global-state
    */
-  async open(_bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
+  async open(bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
+    assertBql(bql, `raw open (node '${node.nodeName}')`);
     const file = node.file;
     if (file === undefined) {
       throw new BlockError('EINVAL', `Driver 'raw' needs a 'file' child (node '${node.nodeName}')`, { node: node.nodeName, field: 'file' });
@@ -80,7 +89,7 @@ export const rawDriver: BlockDriver = {
         field: unknown[0],
       });
     }
-    return new RawInstance(file);
+    return new RawInstance(node, file);
   },
 };
 
