@@ -15,6 +15,7 @@ import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { REFT_LO_RESERVED, TWO32 } from './constants.js';
 import { entryHi, entryLo, entryOffset, headerFields, setEntry } from './entries.js';
+import { overlappingMetadata } from './overlap.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
 
@@ -307,6 +308,17 @@ export async function allocClusters(s: Qcow2State, n: number): Promise<number> {
       await growReftable(s, last + 1); // the table moves (and may take free clusters): look again
       continue;
     }
+    // damaged refcounts (a zeroed block or table entry) make used clusters look free: never hand
+    // out a cluster that the header or any table occupies (QEMU's overlap check), whatever the
+    // refcounts say; the image is marked corrupt instead
+    const clash = overlappingMetadata(s, start * s.clusterSize, want * s.clusterSize);
+    if (clash !== null) {
+      throw await s.signalCorruption(
+        `the refcounts call clusters ${start}..${start + want - 1} free, but the ${clash.what} (host offset ${clash.start}) is there`,
+        'refcount',
+        start * s.clusterSize,
+      );
+    }
     if (missing.length > 0) await createRefblocksAt(s, missing, start);
     const dataStart = start + missing.length;
     await updateRefcount(s, dataStart * s.clusterSize, n * s.clusterSize, 1);
@@ -332,6 +344,10 @@ async function ensureRefblock(s: Qcow2State, b: number): Promise<void> {
   if (refblockOffset(s, b) !== 0) return;
   const ci = b * s.refblockEntries;
   const off = ci * s.clusterSize;
+  const clash = overlappingMetadata(s, off, s.clusterSize);
+  if (clash !== null) {
+    throw await s.signalCorruption(`no refcount block covers clusters from ${ci} on, yet the ${clash.what} (host offset ${clash.start}) lies there`, 'refcount_table', off);
+  }
   const bytes = new Uint8Array(s.clusterSize);
   const t = s.refblockCache.insert(off, bytes);
   writeSlot(t, 0, s.refcountBits, 1);

@@ -11,7 +11,7 @@
  */
 import { CoMutex } from '../../block/co-mutex.js';
 import { BlockError } from '../../block/errors.js';
-import { bdrvPread, bdrvPwrite } from '../../block/io.js';
+import { bdrvFlush, bdrvPread, bdrvPwrite } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { TableCache } from './table-cache.js';
 import type { Qcow2Header, SnapshotEntry } from './types.js';
@@ -247,12 +247,39 @@ export class Qcow2State {
   }
 
   /** A BlockError EIO saying the image is corrupt, naming the file and what is wrong. */
-  corrupt(message: string, field?: string): BlockError {
+  corrupt(message: string, field?: string, offset?: number): BlockError {
     return new BlockError('EIO', `qcow2 image '${this.filename}' is corrupt: ${message}`, {
       node: this.node.nodeName,
       file: this.filename,
+      corrupt: true,
       ...(field === undefined ? {} : { field }),
+      ...(offset === undefined ? {} : { offset }),
     });
+  }
+
+  /**
+   * QEMU's qcow2_signal_corruption: metadata found to contradict itself while writing. Every later
+   * metadata write is refused, and a v3 image gets its corrupt bit (incompatible bit 1) in one
+   * header write, flushed, so that neither snapstack nor QEMU opens it read/write again before a
+   * repair (`img check -r all`). Returns the error to throw.
+   */
+  async signalCorruption(message: string, field: string, offset: number): Promise<BlockError> {
+    const err = this.corrupt(`${message}; the image is marked corrupt and further writes are refused (repair it with 'check -r all')`, field, offset);
+    if (this.broken !== null) return err;
+    if (this.v3 && !this.node.readOnly) {
+      const features = this.header.incompatibleFeatures | 2n; // bit 1: corrupt
+      const b = new Uint8Array(8);
+      new DataView(b.buffer).setBigUint64(0, features);
+      try {
+        await bdrvPwrite(this.file, 72, b);
+        await bdrvFlush(this.file);
+        this.header.incompatibleFeatures = features;
+      } catch {
+        // the bit could not be written: the writes are refused all the same
+      }
+    }
+    this.broken = `the image is corrupt: ${message}`;
+    return err;
   }
 
   private wrap(e: unknown, doing: string): BlockError {
