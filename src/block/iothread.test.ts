@@ -380,8 +380,8 @@ describe('shutdownIOThreads', () => {
     expect(node.inFlight).toBe(0);
     // what was written before the shutdown is on disk
     expect(fs.readFileSync(p)[0]).toBe(5);
-    // a node opened on the new IOThread of the same name works
-    const fresh = await openFileNode(p, 'io-gone');
+    // a node opened on the new IOThread of the same name works (locking=off: the first node still holds the image's lock)
+    const fresh = await withBql((bql) => openNode(bql, `driver=file,filename=${p},iothread=io-gone,locking=off`));
     const back = new Uint8Array(512);
     await bdrvPread(fresh, 0, back);
     expect(back.every((b) => b === 5)).toBe(true);
