@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { createIOThread, createQcow2File, destroyIOThread, openImage, withBql } from '../../dist/index.js';
+import { createIOThread, createQcow2File, destroyIOThread, openImage, withBql, withBqlSync } from '../../dist/index.js';
 import { LatencyHistogram } from './histogram.js';
 
 /** @typedef {'read' | 'write' | 'randread' | 'randwrite' | 'randrw'} RwMode */
@@ -142,7 +142,7 @@ export async function prepareImage(driver, file, size) {
     }
     return;
   }
-  createQcow2File(file, { sizeBytes: size });
+  withBqlSync((bql) => createQcow2File(bql, file, { sizeBytes: size }));
   const img = await openImage(file, { format: 'qcow2', aio: 'sync' });
   try {
     for (let off = 0; off < size; off += chunk.length) await img.write(off, chunk.subarray(0, Math.min(chunk.length, size - off)));
@@ -233,6 +233,8 @@ async function runOnFile(o, file, fileCreated, hooks) {
           aio: o.aio,
           name: `bench-r${run}-${i}`,
           ...(t === undefined ? {} : { iothread: t.id }),
+          // the extra nodes on the same file share it on purpose: the image lock would refuse them
+          ...(i > 0 ? { locking: 'off' } : {}),
         }),
       );
     }
