@@ -191,6 +191,7 @@ function deferRelease(s: Qcow2State, old: Array<[number, number, ClusterType]>):
   for (const [hi, lo, type] of old) {
     if (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) {
       const off = entryOffset(hi, lo);
+      if (off % C !== 0) continue; // a damaged entry names no cluster: leak rather than free another
       if (runLen > 0 && off === runStart + runLen * C) {
         runLen++;
         continue;
@@ -242,6 +243,13 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       const l2 = entryLo(t.view, first + i + run);
       if (l2EntryType(h2, l2, s.v3) === ClusterType.Normal && isCopied(h2)) break;
       run++;
+    }
+    // the entries replaced here are freed later: a damaged (unaligned) one is refused, as QEMU does
+    for (let k = 0; k < run; k++) {
+      const h = entryHi(t.view, first + i + k);
+      const l = entryLo(t.view, first + i + k);
+      const ty = l2EntryType(h, l, s.v3);
+      if (ty === ClusterType.Normal || ty === ClusterType.ZeroAlloc) checkNormalEntry(s, h, l, pos - inFirst + (i + k) * C);
     }
     const newHost = await allocClusters(s, run);
     const runStartGuest = i * C; // relative to the first cluster's start
