@@ -20,7 +20,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { checkQcow2File, shutdownIOThreads } from '../dist/index.js';
+import { checkQcow2File, shutdownIOThreads, withBql } from '../dist/index.js';
 import { formatSize, readCommandLine, usageFail as failUsage } from './lib/args.js';
 import { barChartSvg } from './lib/chart.js';
 import { liveTempDirs, prepareImage, removeTempDirs, runBenchmark, warnIfDistStale } from './lib/engine.js';

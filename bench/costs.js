@@ -43,6 +43,7 @@ import {
   saveVm,
   shutdownIOThreads,
   withBql,
+  withBqlSync,
   withDrained,
 } from '../dist/index.js';
 import { formatSize, readCommandLine, usageFail as failUsage } from './lib/args.js';
@@ -231,7 +232,7 @@ function imageSpecs(m) {
  */
 async function prepareQcow2(spec, file) {
   const t0 = now();
-  createQcow2File(file, { sizeBytes: spec.size });
+  withBqlSync((bql) => createQcow2File(bql, file, { sizeBytes: spec.size }));
   const chunk = new Uint8Array(MiB);
   crypto.randomFillSync(chunk);
   const chunks = Math.floor(spec.written / MiB);

@@ -10,7 +10,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createRawFile, openImage, parseSize, shutdownIOThreads } from '../dist/index.js';
+import { createRawFile, openImage, parseSize, shutdownIOThreads, withBql, withBqlSync } from '../dist/index.js';
 import { createQcow2File } from '../dist/drivers/qcow2/create.js';
 
 /** @param {string} name @param {string} fallback */
@@ -80,7 +80,7 @@ function median(xs) {
 const rawFile = path.join(dir, 'disk.raw');
 const qcowFile = path.join(dir, 'disk.qcow2');
 createRawFile(rawFile, sizeBytes);
-createQcow2File(qcowFile, { sizeBytes });
+withBqlSync((bql) => createQcow2File(bql, qcowFile, { sizeBytes }));
 const raw = await openImage(rawFile, { format: 'raw', aio });
 const qcow = await openImage(qcowFile, { format: 'qcow2', aio });
 await fill(raw);

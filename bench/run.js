@@ -17,7 +17,7 @@
  * For qcow2 with writes every node keeps its own metadata, which is only safe because the bench
  * writes the whole image first (writes then never allocate); it is refused on a --file image.
  */
-import { shutdownIOThreads } from '../dist/index.js';
+import { shutdownIOThreads, withBql } from '../dist/index.js';
 import { formatSize, readCommandLine } from './lib/args.js';
 import { DRIVERS, RW_MODES, removeTempDirs, runBenchmark, warnIfDistStale } from './lib/engine.js';
 

@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { openImage, parseSize, shutdownIOThreads } from '../dist/index.js';
+import { openImage, parseSize, shutdownIOThreads, withBql, withBqlSync } from '../dist/index.js';
 import { createQcow2File } from '../dist/drivers/qcow2/create.js';
 
 /** @param {string} name @param {string} fallback */
@@ -56,7 +56,7 @@ async function timeAsync(fn) {
 /** @param {number} size @param {boolean} packed */
 async function prepare(size, packed) {
   const f = path.join(os.tmpdir(), `snapstack-snapbench-${size}.qcow2`);
-  createQcow2File(f, { sizeBytes: size });
+  withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: size }));
   const img = await openImage(f, { format: 'qcow2' });
   const chunk = new Uint8Array(1 << 20);
   for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 131) & 0xff;

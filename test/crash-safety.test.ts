@@ -27,6 +27,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { withBql } from '../src/block/bql.js';
+import { withDrained } from '../src/block/drain.js';
 import { closeNode, openNode } from '../src/block/graph.js';
 import { shutdownIOThreads } from '../src/block/iothread.js';
 import { createQcow2OnNode, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.js';
@@ -51,7 +52,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 // ---------------------------------------------------------------------------------------------

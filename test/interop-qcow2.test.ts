@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import fc from 'fast-check';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { openImage, shutdownIOThreads, type Image } from '../src/index.js';
+import { openImage, shutdownIOThreads, type Image, withBql, withBqlSync } from '../src/index.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 
@@ -20,7 +20,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 const MiB = 1024 * 1024;
@@ -96,7 +96,7 @@ describeInterop('qcow2 images snapstack writes, checked by qemu-img', () => {
     it(`${variant.label}: check clean, same snapshots, every snapshot converts to the model`, async () => {
       const size = 8 * MiB;
       const f = path.join(dir, `ours-${variant.clusterSize}-${variant.refcountBits}-${variant.compat}.qcow2`);
-      createQcow2File(f, { sizeBytes: size, clusterSize: variant.clusterSize, refcountBits: variant.refcountBits, compat: variant.compat });
+      withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: size, clusterSize: variant.clusterSize, refcountBits: variant.refcountBits, compat: variant.compat }));
       expectCheckClean(f);
       const ops = fc.sample(
         fc.record({ offset: fc.integer({ min: 0, max: size - 1 }), length: fc.integer({ min: 1, max: 200_000 }), seed: fc.integer({ min: 1, max: 1 << 30 }) }),
@@ -135,7 +135,7 @@ describeInterop('qcow2 images snapstack writes, checked by qemu-img', () => {
 
   it('1-bit refcounts cannot count a snapshot: create is refused with a clear error and the image stays clean', async () => {
     const f = path.join(dir, 'one-bit.qcow2');
-    createQcow2File(f, { sizeBytes: 2 * MiB, clusterSize: 512, refcountBits: 1 });
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 2 * MiB, clusterSize: 512, refcountBits: 1 }));
     const img = await openImage(f, { format: 'qcow2' });
     const data = pattern(3, 100_000);
     try {
@@ -153,7 +153,7 @@ describeInterop('qcow2 images snapstack writes, checked by qemu-img', () => {
   it('goto and delete: qemu-img sees the reverted state and the remaining snapshots; check stays clean', async () => {
     const size = 4 * MiB;
     const f = path.join(dir, 'goto-delete.qcow2');
-    createQcow2File(f, { sizeBytes: size });
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: size }));
     const img = await openImage(f, { format: 'qcow2' });
     const a = pattern(1, size);
     const b = pattern(2, size / 2);
@@ -180,7 +180,7 @@ describeInterop('qcow2 images snapstack writes, checked by qemu-img', () => {
 
   it('VM state saved into a snapshot is where qemu-img counts it (vm-state-size) and reads back', async () => {
     const f = path.join(dir, 'vmstate.qcow2');
-    createQcow2File(f, { sizeBytes: 4 * MiB });
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 4 * MiB }));
     const img = await openImage(f, { format: 'qcow2' });
     const state = pattern(7, 300_000);
     try {

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { openImage, shutdownIOThreads } from '../src/index.js';
+import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 
 let dir: string;

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createIOThread, shutdownIOThreads, withBql } from '../src/index.js';
+import { createIOThread, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { Machine } from '../src/machine/machine.js';
 import { delVm, listVmSnapshots, loadVm, saveVm } from '../src/machine/savevm.js';
@@ -27,7 +27,7 @@ beforeAll(async () => {
 });
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 const MiB = 1024 * 1024;

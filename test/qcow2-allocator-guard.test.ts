@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { isBlockError, openImage, shutdownIOThreads } from '../src/index.js';
+import { isBlockError, openImage, shutdownIOThreads, withBql } from '../src/index.js';
 import { describeInterop, qemu } from './helpers/qemu.js';
 
 let dir = '';

@@ -10,8 +10,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { isBlockError, openImage, shutdownIOThreads, type BlockError } from '../src/index.js';
+import { isBlockError, openImage, shutdownIOThreads, type BlockError, withBql, withBqlSync } from '../src/index.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
+import { imgCheck } from '../src/cli/img-check.js';
+import { ioMain } from '../src/cli/io.js';
 
 let dir: string;
 beforeAll(() => {
@@ -19,7 +21,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 const MiB = 1024 * 1024;
@@ -28,7 +30,7 @@ const C = 65536;
 /** A healthy image: 16 MiB, data in guest clusters 0 and 100, one snapshot, more data after it. */
 async function healthyImage(name: string): Promise<string> {
   const f = path.join(dir, `${name}.qcow2`);
-  createQcow2File(f, { sizeBytes: 16 * MiB });
+  withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 16 * MiB }));
   const img = await openImage(f, { format: 'qcow2' });
   try {
     await img.write(0, new Uint8Array(C).fill(1));
@@ -185,7 +187,7 @@ describe('damage found while running is refused without a write', () => {
 
   it('a refcount at its maximum: a snapshot that would overflow it is refused, nothing written', async () => {
     const f = path.join(dir, 'refcount-max.qcow2');
-    createQcow2File(f, { sizeBytes: 16 * MiB, refcountBits: 8 });
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 16 * MiB, refcountBits: 8 }));
     const img0 = await openImage(f, { format: 'qcow2' });
     try {
       await img0.write(0, new Uint8Array(C).fill(5));
@@ -208,5 +210,122 @@ describe('damage found while running is refused without a write', () => {
       await img.close();
     }
     expect(digest(f)).toBe(before);
+  });
+});
+
+describe('repairs and writes never touch what they must not', () => {
+  /** Guest cluster 100's L2 entry (the healthy image's only L2 table). */
+  function l2EntryAt(f: string, cluster: number): number {
+    const l2 = u64(f, u64(f, L1_OFFSET)) & 0x00fffffffffffe00;
+    return l2 + cluster * 8;
+  }
+
+  it('an unaligned preallocated zero cluster: the write over it is refused and nothing is written', async () => {
+    const f = await healthyImage('unaligned-zero-alloc');
+    // guest cluster 40: "preallocated zero" at host offset 0x2a00, inside the header's cluster
+    poke(f, l2EntryAt(f, 40), be64((1n << 63n) | 0x2a01n));
+    const before = digest(f);
+    const img = await openImage(f, { format: 'qcow2' });
+    try {
+      const err = await refusal(() => img.write(40 * C, new Uint8Array(C).fill(5)));
+      expect(err.code).toBe('EIO');
+      expect(err.message).toMatch(/unaligned/);
+    } finally {
+      await img.close();
+    }
+    expect(digest(f)).toBe(before);
+  });
+
+  it('check -r all turns the unaligned preallocated zero cluster into a plain zero cluster; the header keeps its refcount', async () => {
+    const f = await healthyImage('unaligned-zero-alloc-repair');
+    poke(f, l2EntryAt(f, 40), be64((1n << 63n) | 0x2a01n));
+    const lines: string[] = [];
+    expect(await imgCheck([f], () => undefined, (s) => lines.push(s))).toBe(2);
+    expect(lines.join('\n')).toMatch(/ERROR offset=2a00: Preallocated cluster is not properly aligned; L2 entry corrupted\./);
+    expect(await imgCheck(['-r', 'all', f], () => undefined, (s) => lines.push(s))).toBe(0);
+    expect(fs.readFileSync(f).readBigUInt64BE(l2EntryAt(f, 40))).toBe(1n);
+    expect(await imgCheck([f], () => undefined, () => undefined)).toBe(0);
+  });
+
+  it('check -r all over a zeroed refcount-table entry rebuilds elsewhere: cluster 0 changes only in the refcount-table pointer', async () => {
+    const f = await healthyImage('zeroed-reftable-entry');
+    poke(f, u64(f, REFTABLE_OFFSET), be64(0));
+    const header = Buffer.from(fs.readFileSync(f).subarray(0, C));
+    const oldTable = u64(f, REFTABLE_OFFSET);
+    const guest = await (async () => {
+      const ro = await openImage(f, { format: 'qcow2', readOnly: true });
+      try {
+        return Buffer.from(await ro.read(0, 2 * 1024 * 1024));
+      } finally {
+        await ro.close();
+      }
+    })();
+    const lines: string[] = [];
+    expect(await imgCheck(['-r', 'all', f], () => undefined, (s) => lines.push(s))).toBe(0);
+    expect(lines).toContain('Rebuilding refcount structure');
+    const after = Buffer.from(fs.readFileSync(f).subarray(0, C));
+    expect(u64(f, REFTABLE_OFFSET)).not.toBe(oldTable);
+    expect(u64(f, REFTABLE_OFFSET) % C).toBe(0);
+    // every byte of the header cluster but refcount_table_offset/clusters (48..59) is as it was
+    header.copy(after, 48, 48, 60);
+    expect(after.equals(header)).toBe(true);
+    const img = await openImage(f, { format: 'qcow2' });
+    try {
+      expect(Buffer.from(await img.read(0, 2 * 1024 * 1024)).equals(guest)).toBe(true);
+      await img.write(200 * C, new Uint8Array(C).fill(8)); // allocation works on the rebuilt structure
+    } finally {
+      await img.close();
+    }
+    expect(await imgCheck([f], () => undefined, () => undefined)).toBe(0);
+  });
+
+  it('check -r leaks refuses to rebuild (an error, nothing written): only -r all may', async () => {
+    const f = await healthyImage('zeroed-reftable-leaks');
+    poke(f, u64(f, REFTABLE_OFFSET), be64(0));
+    const before = digest(f);
+    const lines: string[] = [];
+    expect(await imgCheck(['-r', 'leaks', f], () => undefined, (s) => lines.push(s))).toBe(1);
+    expect(lines.join('\n')).toMatch(/Check failed: .*refcount structure must be rebuilt/);
+    expect(digest(f)).toBe(before);
+  });
+
+  it('check of L2 entries pointing far past the end of the file: errors counted, no V8 error, nothing allocated for them', async () => {
+    const f = await healthyImage('l2-far-past-end');
+    for (const [i, off] of [[60, 1n << 54n], [61, (1n << 55n) - 0x10000n], [62, 1n << 40n]] as const) poke(f, l2EntryAt(f, i), be64(off)); // COPIED clear: refcount 0 is then no COPIED error
+    const lines: string[] = [];
+    const out: string[] = [];
+    expect(await imgCheck(['--output=json', f], (s) => out.push(s), (s) => lines.push(s))).toBe(2);
+    expect(lines.filter((l) => /exceeding the end of the file/.test(l))).toHaveLength(3);
+    expect(lines.join('\n')).not.toMatch(/RangeError|TypeError|Invalid typed array/);
+    expect((JSON.parse(out.join('\n')) as { corruptions: number }).corruptions).toBe(3);
+  });
+
+  it('unknown autoclear bits are cleared by a read/write open (one flushed write of the field), kept by a read-only one', async () => {
+    const f = await healthyImage('autoclear');
+    poke(f, 88, be64((1n << 33n) | 1n));
+    const before = fs.readFileSync(f);
+    const ro = await openImage(f, { format: 'qcow2', readOnly: true });
+    await ro.close();
+    expect(fs.readFileSync(f).equals(before)).toBe(true);
+    const img = await openImage(f, { format: 'qcow2' });
+    try {
+      expect(fs.readFileSync(f).readBigUInt64BE(88)).toBe(0n);
+      await img.write(0, new Uint8Array(512).fill(4));
+    } finally {
+      await img.close();
+    }
+    const after = fs.readFileSync(f);
+    expect(after.readBigUInt64BE(88)).toBe(0n);
+    // the rest of the header is untouched
+    expect(after.subarray(0, 88).equals(before.subarray(0, 88))).toBe(true);
+    expect(after.subarray(96, 512).equals(before.subarray(96, 512))).toBe(true);
+  });
+
+  it("io -c 'read 0 999G' and a 3G write are refused with qemu-io's words, no V8 error", async () => {
+    const f = await healthyImage('io-huge');
+    const lines: string[] = [];
+    expect(await ioMain(['-c', 'read 0 999G', f], (s) => lines.push(s), (s) => lines.push(s))).toBe(1);
+    expect(await ioMain(['-c', 'write 0 3G', f], (s) => lines.push(s), (s) => lines.push(s))).toBe(1);
+    expect(lines).toEqual(['length cannot exceed 2147483136, given 999G', 'length cannot exceed 2147483136 without -n, given 3G']);
   });
 });

@@ -11,6 +11,7 @@ import fc from 'fast-check';
 import { isBlockError, openImage, shutdownIOThreads, type Image } from '../src/index.js';
 import { createQcow2OnNode } from '../src/drivers/qcow2/create.js';
 import { withBql } from '../src/block/bql.js';
+import { withDrained } from '../src/block/drain.js';
 import { closeNode, openNode } from '../src/block/graph.js';
 import { createCrashDisk, crashDisk, persistedBytes } from './helpers/crash-driver.js';
 
@@ -23,7 +24,7 @@ beforeAll(async () => {
   createCrashDisk('fuzz-src');
   await withBql(async (bql) => {
     const file = await openNode(bql, 'driver=crashsim,id=fuzz-src');
-    await createQcow2OnNode(file, { sizeBytes: 4 * 1024 * 1024, clusterSize: C });
+    await withDrained(bql, file, (d) => createQcow2OnNode(bql, d, file, { sizeBytes: 4 * 1024 * 1024, clusterSize: C }));
     await closeNode(bql, file);
   });
   const img = await openImage('driver=qcow2,file.driver=crashsim,file.id=fuzz-src');

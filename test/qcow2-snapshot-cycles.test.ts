@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, expect, it } from 'vitest';
-import { openImage, shutdownIOThreads } from '../src/index.js';
+import { openImage, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
 import { checkQcow2 } from '../src/drivers/qcow2/check.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { Qcow2Instance } from '../src/drivers/qcow2/instance.js';
@@ -18,7 +18,7 @@ import { Qcow2Instance } from '../src/drivers/qcow2/instance.js';
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-cycles-'));
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 it('keeps the image consistent and the data right through replace / undo / goto cycles with concurrent writes', async () => {

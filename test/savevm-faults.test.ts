@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { bdrvSnapshotList, blkPread, blkPwrite, shutdownIOThreads, withBql } from '../src/index.js';
+import { bdrvSnapshotList, blkPread, blkPwrite, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
 import type { SnapshotInfo } from '../src/block/driver.js';
 import { sameSavevm } from '../src/block/snapshot-group.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
@@ -55,7 +55,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 /** A small deterministic PRNG (mulberry32). */

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bdrvSnapshotCreate, bdrvSnapshotList, blkPread, blkPwrite, shutdownIOThreads, withBql, withDrainedAll } from '../src/index.js';
+import { bdrvSnapshotCreate, bdrvSnapshotList, blkPread, blkPwrite, shutdownIOThreads, withBql, withDrainedAll, withBqlSync } from '../src/index.js';
 import type { SnapshotInfo } from '../src/block/driver.js';
 import { isBlockError } from '../src/block/errors.js';
 import { bdrvAllCreateSnapshot, GroupCreateError } from '../src/block/snapshot-group.js';
@@ -26,7 +26,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 async function machine(drives: string[]): Promise<Machine> {

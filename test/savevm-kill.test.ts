@@ -15,7 +15,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { bdrvSnapshotList, shutdownIOThreads, withBql } from '../src/index.js';
+import { bdrvSnapshotList, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
 import type { SnapshotInfo } from '../src/block/driver.js';
 import { sameSavevm } from '../src/block/snapshot-group.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
@@ -36,7 +36,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 function rng(seed: number): () => number {

@@ -2,6 +2,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { shutdownIOThreads } from '../src/block/iothread.js';
 import { setDrainDisabledForTesting } from '../src/testing.js';
 import { runStress, type StressOptions } from './helpers/stress.js';
+import { withBql } from '../src/block/bql.js';
 
 const load: StressOptions = {
   disks: 2,

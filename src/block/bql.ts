@@ -120,6 +120,25 @@ export async function withBql<T>(fn: (bql: Bql) => Promise<T> | T): Promise<T> {
 }
 
 /**
+ * Runs the synchronous `fn` with the Big Lock, which must be free (a synchronous caller cannot
+ * wait for it): EBUSY naming the holder otherwise. For set-up code and command-line tools that
+ * call a synchronous global-state function (creating an image file) outside any async flow.
+ * @locking common
+ */
+export function withBqlSync<T>(fn: (bql: Bql) => T): T {
+  const bql = tryAcquireBql();
+  if (bql === null) {
+    const holder = lockState.holder === null ? 'somebody' : `acquisition #${lockState.holder.serial}`;
+    throw new BlockError('EBUSY', `withBqlSync: the BQL is held by ${holder}; pass its proof instead of taking the lock again`, { op: 'withBqlSync' });
+  }
+  try {
+    return fn(bql);
+  } finally {
+    releaseBql(bql);
+  }
+}
+
+/**
  * Throws EPERM unless `bql` is the live proof of the current owner. Every global-state function
  * calls it on entry: the types make a missing proof a compile error, this makes a stale one a
  * run-time error.

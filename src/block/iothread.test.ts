@@ -28,7 +28,7 @@ afterEach(async () => {
 });
 
 afterAll(async () => {
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
@@ -322,7 +322,7 @@ describe('shutdownIOThreads', () => {
     const node = await openFileNode(p, 'io-shut');
     const writes = Array.from({ length: 200 }, (_, k) => tracked(bdrvPwrite(node, k * 512, block(k, 9))));
     expect(writes.some((w) => w.settled())).toBe(false);
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     expect(writes.every((w) => w.settled())).toBe(true);
     const results = await Promise.allSettled(writes.map((w) => w.p));
     expect(results.every((r) => r.status === 'fulfilled')).toBe(true);
@@ -337,7 +337,7 @@ describe('shutdownIOThreads', () => {
     const node = await openFileNode(p);
     expect(node.ioThread).toBeNull();
     const writes = Array.from({ length: 200 }, (_, k) => tracked(bdrvPwrite(node, k * 512, block(k, 17))));
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     expect(writes.every((w) => w.settled())).toBe(true);
     await Promise.all(writes.map((w) => w.p));
     const onDisk = new Uint8Array(fs.readFileSync(p));
@@ -345,8 +345,8 @@ describe('shutdownIOThreads', () => {
   });
 
   it('is idempotent', async () => {
-    await shutdownIOThreads();
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
+    await withBql((bql) => shutdownIOThreads(bql));
     await withBql((bql) => expect(listIOThreads(bql)).toEqual([]));
   });
 
@@ -354,7 +354,7 @@ describe('shutdownIOThreads', () => {
     const p = tempFile(8192);
     const node = await openFileNode(p);
     await bdrvPwrite(node, 0, new Uint8Array(512).fill(1));
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     await bdrvPwrite(node, 512, new Uint8Array(512).fill(2));
     const back = new Uint8Array(1024);
     await bdrvPread(node, 0, back);

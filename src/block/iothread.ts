@@ -593,9 +593,11 @@ export async function destroyIOThread(bql: Bql, t: IOThread): Promise<void> {
 /**
  * Stops every IOThread and the default pool once their pending requests complete: no completion
  * is lost and no worker is left behind. Idempotent; new submissions afterwards restart the pool.
- * @locking common
+ * The IOThread table is global state: the caller holds the BQL.
+ * @locking global-state
  */
-export async function shutdownIOThreads(): Promise<void> {
+export async function shutdownIOThreads(bql: Bql): Promise<void> {
+  assertBql(bql, 'shutdownIOThreads');
   const workers = [...iothreads.values()].map((t) => t.worker);
   iothreads.clear();
   if (defaultPool !== null) workers.push(...defaultPool);

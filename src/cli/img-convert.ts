@@ -4,6 +4,7 @@
  * 2 error). Both move data in 1 MiB chunks through the library API.
  */
 import fs from 'node:fs';
+import { withBqlSync } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { parseOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';

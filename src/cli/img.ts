@@ -4,6 +4,7 @@
  */
 import fs from 'node:fs';
 import { blkGetLength } from '../block/backend.js';
+import { withBqlSync } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { parseBool, parseOptions, parseSize, type NodeOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';

@@ -4,6 +4,7 @@
 import { imgMain } from './img.js';
 import { ioMain } from './io.js';
 import { monitorMain } from './monitor.js';
+import { withBql } from '../block/bql.js';
 import { shutdownIOThreads } from '../block/iothread.js';
 
 const USAGE = `usage: snapstack <command> [args]

@@ -7,7 +7,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { withBql, type Bql } from '../block/bql.js';
+import { withBql, withBqlSync, type Bql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { createIOThread, shutdownIOThreads } from '../block/iothread.js';
 import { parseOptions, parseSize } from '../block/options.js';
@@ -43,7 +43,7 @@ function demoSetup(dir: string): { objects: string[]; drives: string[] } {
   fs.mkdirSync(dir, { recursive: true });
   const qcow = path.join(dir, 'disk0.qcow2');
   const raw = path.join(dir, 'disk1.raw');
-  if (!fs.existsSync(qcow)) createQcow2File(qcow, { sizeBytes: 256 * 1024 * 1024 });
+  if (!fs.existsSync(qcow)) withBqlSync((bql) => createQcow2File(bql, qcow, { sizeBytes: 256 * 1024 * 1024 }));
   if (!fs.existsSync(raw)) createRawFile(raw, 64 * 1024 * 1024);
   return {
     objects: ['iothread,id=io0'],
@@ -94,7 +94,7 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
     });
   } catch (e) {
     err(`snapstack monitor: ${describeError(e)}`);
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     return 1;
   }
   const interactive = process.stdin.isTTY === true && process.stdout.isTTY === true;

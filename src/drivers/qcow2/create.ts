@@ -2,9 +2,12 @@
  * Creating a qcow2 image as `qemu-img create -f qcow2` lays it out: the header cluster, the
  * refcount table, the refcount blocks that count the image's own metadata, then the active L1
  * table (so a default 64 KiB-cluster image is byte-for-byte the size qemu-img makes).
- * Common code: it computes a plan of writes; `createQcow2File` and `createQcow2OnNode` carry it out.
+ * Planning is common code; `createQcow2File` (BQL) and `createQcow2OnNode` (BQL and a drained
+ * proof covering the node) carry the plan out.
  */
 import fs from 'node:fs';
+import { assertBql, type Bql } from '../../block/bql.js';
+import { assertDrained, runInDrainedSection, type DrainedProof } from '../../block/drain.js';
 import { BlockError, fromSystemError } from '../../block/errors.js';
 import { bdrvPwrite, bdrvTruncate } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
@@ -103,10 +106,12 @@ function writeRefcountOne(blocks: Uint8Array, i: number, bits: number): void {
 }
 
 /**
- * Creates (or overwrites) the host file `filename` as a fresh qcow2 image.
- * @locking common
+ * Creates (or overwrites) the host file `filename` as a fresh qcow2 image. Creating image files
+ * is global state (it must not race an open of the same file in this process): the BQL is held.
+ * @locking global-state
  */
-export function createQcow2File(filename: string, o: Qcow2CreateOptions): void {
+export function createQcow2File(bql: Bql, filename: string, o: Qcow2CreateOptions): void {
+  assertBql(bql, 'createQcow2File');
   const plan = planQcow2Create(o);
   let fd = -1;
   try {
@@ -121,12 +126,17 @@ export function createQcow2File(filename: string, o: Qcow2CreateOptions): void {
 }
 
 /**
- * Formats the protocol node `file` (memory, file, or a test layer) as a fresh qcow2 image.
- * @locking io
+ * Formats the protocol node `file` (memory, file, or a test layer) as a fresh qcow2 image. It
+ * replaces everything on the node, so the node must be quiet: `drained` covers it (its own
+ * section, a parent's that reaches it only, or drain-all), and the writes go as the section's owner.
+ * @locking global-state
  */
-export async function createQcow2OnNode(file: BlockNode, o: Qcow2CreateOptions): Promise<void> {
+export async function createQcow2OnNode(bql: Bql, drained: DrainedProof, file: BlockNode, o: Qcow2CreateOptions): Promise<void> {
+  assertDrained(bql, drained, file, 'createQcow2OnNode');
   const plan = planQcow2Create(o);
-  await bdrvTruncate(file, 0);
-  for (const w of plan.writes) await bdrvPwrite(file, w.offset, w.data);
-  await bdrvTruncate(file, plan.fileLength);
+  await runInDrainedSection(bql, drained, async () => {
+    await bdrvTruncate(file, 0);
+    for (const w of plan.writes) await bdrvPwrite(file, w.offset, w.data);
+    await bdrvTruncate(file, plan.fileLength);
+  });
 }
