@@ -498,7 +498,7 @@ async function main() {
     if (a['json'] === true) process.stdout.write(`${JSON.stringify(doc, null, 2)}\n`);
     else process.stdout.write(`${renderText(doc, markdown)}\nwrote ${path.relative(process.cwd(), jsonPath)} and ${path.relative(process.cwd(), svgPath)} (${Math.round(wallSec)} s)\n`);
   } finally {
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     fs.rmSync(dir, { recursive: true, force: true });
     liveTempDirs.delete(dir);
   }

@@ -912,7 +912,7 @@ async function main() {
       }
     }
   } finally {
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     cleanup();
   }
   for (const r of doc.snapshot) if (r.check !== 'clean' && qemu) notes.push(`${imageLabel(r.spec)}: ${r.check}`);

@@ -100,7 +100,7 @@ for (let r = 0; r < rounds; r++) {
 }
 await raw.close();
 await qcow.close();
-await shutdownIOThreads();
+await withBql((bql) => shutdownIOThreads(bql));
 fs.rmSync(dir, { recursive: true, force: true });
 
 if (asJson) console.log(JSON.stringify({ sizeBytes, seconds, rounds, aio, results }, null, 2));

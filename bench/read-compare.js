@@ -166,7 +166,7 @@ async function main() {
   await viaThread.close();
   fs.closeSync(fd);
   await fh.close();
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 }
 
 await main();

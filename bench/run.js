@@ -106,7 +106,7 @@ async function main() {
     }
     throw e;
   } finally {
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
   }
   if (tty) {
     status('');

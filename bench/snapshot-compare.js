@@ -105,7 +105,7 @@ for (const { size, packed } of sizes) {
   if (!asJson) console.log(`${label} virtual, ${written / 2 ** 30} GiB written (${writeMBs.toFixed(0)} MB/s through snapstack qcow2):`);
   fs.rmSync(f, { force: true });
 }
-await shutdownIOThreads();
+await withBql((bql) => shutdownIOThreads(bql));
 
 if (asJson) console.log(JSON.stringify(results, null, 2));
 else {

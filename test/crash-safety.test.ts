@@ -75,7 +75,7 @@ async function buildImage(id: string, create: Qcow2CreateOptions, prep: (img: Im
   await withBql(async (bql) => {
     const node = await openNode(bql, `driver=crashsim,id=${id}`);
     try {
-      await createQcow2OnNode(node, create);
+      await withDrained(bql, node, (d) => createQcow2OnNode(bql, d, node, create));
     } finally {
       await closeNode(bql, node);
     }

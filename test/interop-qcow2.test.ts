@@ -335,7 +335,7 @@ describeInterop('check and repair against qemu-img check', () => {
 
   it('finds leaks (exit 3) and repairs them with -r leaks', async () => {
     const f = path.join(dir, 'leaky.qcow2');
-    createQcow2File(f, { sizeBytes: 4 * MiB });
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 4 * MiB }));
     // leak two clusters: raise their refcounts behind the image's back (refcount block at 2*64k)
     fs.truncateSync(f, 16 * 65536);
     const fd = fs.openSync(f, 'r+');

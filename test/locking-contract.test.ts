@@ -35,7 +35,7 @@ afterEach(async () => {
 });
 
 afterAll(async () => {
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 /** The BlockError that `fn` throws or rejects with; fails the test on anything else. */

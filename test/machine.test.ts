@@ -35,7 +35,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 function image(name: string, size = 32 * MiB): string {
   const f = path.join(dir, name);
-  createQcow2File(f, { sizeBytes: size });
+  withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: size }));
   return f;
 }
 

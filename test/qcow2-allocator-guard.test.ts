@@ -20,7 +20,7 @@ beforeAll(() => {
 });
 afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 const C = 65536;

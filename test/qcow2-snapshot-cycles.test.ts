@@ -24,7 +24,7 @@ afterAll(async () => {
 it('keeps the image consistent and the data right through replace / undo / goto cycles with concurrent writes', async () => {
   const size = 32 * 1024 * 1024;
   const f = path.join(dir, 'cycles.qcow2');
-  createQcow2File(f, { sizeBytes: size });
+  withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: size }));
   const img = await openImage(f, { format: 'qcow2' });
   const inst = img.backend.root?.instance;
   if (!(inst instanceof Qcow2Instance)) throw new Error('expected a qcow2 node');

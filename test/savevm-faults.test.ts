@@ -105,7 +105,7 @@ class Rig {
         const f = path.join(dir, `${prefix}-${id}.${id === 'r' ? 'raw' : 'qcow2'}`);
         rig.files[id] = f;
         if (id === 'r') fs.writeFileSync(f, Buffer.alloc(DISK_BYTES));
-        else createQcow2File(f, { sizeBytes: DISK_BYTES });
+        else withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: DISK_BYTES }));
         const tag = `${prefix}-${id}`;
         rig.sw.set(id, faultSwitch(tag));
         const fmt = id === 'r' ? 'raw' : 'qcow2';

@@ -183,7 +183,7 @@ describe('loadvm and the VM-state disk', () => {
 describeInterop('a vm-state-size taken from a qcow2 image', () => {
   it('a snapshot table entry patched to a 1 TiB VM state is refused by loadvm with a typed error; the image stays clean', async () => {
     const f = path.join(dir, 'huge-vmstate.qcow2');
-    createQcow2File(f, { sizeBytes: 4 * MiB });
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 4 * MiB }));
     const m = await machine([`file=${f},format=qcow2,id=a`]);
     await withBql((bql) => saveVm(bql, m, 'h'));
     await withBql((bql) => m.shutdown(bql));

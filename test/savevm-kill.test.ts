@@ -98,7 +98,7 @@ describeInterop('savevm, loadvm and delvm killed with SIGKILL at random points',
       const sub = fs.mkdtempSync(path.join(dir, `p${p}-`));
       const qa = path.join(sub, 'a.qcow2');
       const rb = path.join(sub, 'b.raw');
-      createQcow2File(qa, { sizeBytes: 16 * MiB });
+      withBqlSync((bql) => createQcow2File(bql, qa, { sizeBytes: 16 * MiB }));
       fs.writeFileSync(rb, Buffer.alloc(8 * MiB));
       const drives = [`file=${qa},format=qcow2,id=a`, `file=${rb},format=raw,id=b`];
       const delay = 200 + Math.floor(r() * 2500);

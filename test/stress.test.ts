@@ -15,7 +15,7 @@ const load: StressOptions = {
 
 afterAll(async () => {
   setDrainDisabledForTesting(false);
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 describe('stress: random I/O from several submitters on two IOThreads, with drained sections', () => {

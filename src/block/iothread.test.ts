@@ -367,7 +367,7 @@ describe('shutdownIOThreads', () => {
     await withBql((bql) => createIOThread(bql, 'io-gone'));
     const node = await openFileNode(p, 'io-gone');
     await bdrvPwrite(node, 0, new Uint8Array(512).fill(5));
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
     await withBql(async (bql) => {
       expect((await rejection(() => findIOThread(bql, 'io-gone'))).code).toBe('ENOENT');
       const again = createIOThread(bql, 'io-gone');

@@ -53,11 +53,13 @@ export async function imgConvert(args: string[], out: Out): Promise<number> {
       createRawFile(dst, size);
     } else if (dstFmt === 'qcow2') {
       const cs = o['cluster_size'];
-      createQcow2File(dst, {
-        sizeBytes: size,
-        ...(cs === undefined ? {} : { clusterSize: Number(cs) }),
-        ...(o['compat'] === '0.10' ? { compat: '0.10' as const } : {}),
-      });
+      withBqlSync((bql) =>
+        createQcow2File(bql, dst, {
+          sizeBytes: size,
+          ...(cs === undefined ? {} : { clusterSize: Number(cs) }),
+          ...(o['compat'] === '0.10' ? { compat: '0.10' as const } : {}),
+        }),
+      );
     } else throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
     const to = await openImage(dst, { aio: 'sync', format: dstFmt });
     try {

@@ -61,7 +61,7 @@ async function create(args: string[], out: Out): Promise<number> {
     createRawFile(file, size);
     out(`Formatting '${file}', fmt=raw size=${size}`);
   } else if (fmt === 'qcow2') {
-    createQcow2File(file, { sizeBytes: size, ...opts });
+    withBqlSync((bql) => createQcow2File(bql, file, { sizeBytes: size, ...opts }));
     const lazy = opts.lazyRefcounts === true ? 'on' : 'off';
     const compat = opts.compat === '0.10' ? ' compat=0.10' : '';
     out(`Formatting '${file}', fmt=qcow2 cluster_size=${opts.clusterSize ?? 65536} extended_l2=off compression_type=zlib size=${size}${compat} lazy_refcounts=${lazy} refcount_bits=${opts.refcountBits ?? 16}`);

@@ -41,6 +41,6 @@ export async function main(argv: string[]): Promise<number> {
         return 1;
     }
   } finally {
-    await shutdownIOThreads();
+    await withBql((bql) => shutdownIOThreads(bql));
   }
 }

@@ -111,6 +111,6 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
   await runRepl(monitor, process.stdin, process.stdout, banner);
   const m = machine;
   await withBql((bql) => m.shutdown(bql));
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
   return 0;
 }

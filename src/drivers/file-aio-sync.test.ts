@@ -17,7 +17,7 @@ import './index.js';
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-aio-sync-'));
 afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
 });
 
 describe('file aio=sync', () => {

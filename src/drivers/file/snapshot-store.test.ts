@@ -34,7 +34,7 @@ afterEach(async () => {
 });
 
 afterAll(async () => {
-  await shutdownIOThreads();
+  await withBql((bql) => shutdownIOThreads(bql));
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
