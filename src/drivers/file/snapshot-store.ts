@@ -217,6 +217,12 @@ export class FileSnapshotStore {
         diskSize,
         extra: {},
       };
+      // the names of the clone and the VM-state file must be durable before the index lists them
+      // (found by the power-loss simulator: without it a crash could keep the index's rename and
+      // lose the clone's name, leaving a listed snapshot without its disk)
+      step = 'sync the store directory';
+      stepFile = w.dir;
+      this.sfs.fsyncDir(w.dir);
       step = 'write the index';
       stepFile = w.index;
       this.writeIndexFile(w, { snapshots: [...index.snapshots, entry], extra: index.extra });
