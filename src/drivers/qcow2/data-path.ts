@@ -70,6 +70,19 @@ function contiguousBytes(s: Qcow2State, t: Table, l2Index: number, host: number,
   return n;
 }
 
+const ignore = (): void => undefined;
+
+/**
+ * Gives the transfers submitted so far (beyond the `guarded` first ones) a handler before the
+ * request waits for something else, so that one failing meanwhile is not an unhandled rejection
+ * (settle still reports it); returns the new count. Reads within one L2 table never get here.
+ */
+function guardTransfers(first: Promise<void>, more: Array<Promise<void>> | null, guarded: number): number {
+  const total = 1 + (more?.length ?? 0);
+  for (let k = guarded; k < total; k++) (k === 0 ? first : (more?.[k - 1] ?? first)).catch(ignore);
+  return total;
+}
+
 /** Waits for the transfers a request submitted: the first one, and any others (usually none). */
 async function settle(first: Promise<void> | null, more: Array<Promise<void>> | null): Promise<void> {
   if (more !== null) await Promise.all([first, ...more]);
@@ -85,39 +98,46 @@ export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array):
   let done = 0;
   let first: Promise<void> | null = null; // the usual case: one transfer, no array
   let more: Array<Promise<void>> | null = null;
-  while (done < buf.length) {
-    const pos = offset + done;
-    const inCluster = pos % C;
-    const cluster = (pos - inCluster) / C;
-    const l1Index = Math.floor(cluster / s.l2Entries);
-    const l2Index = cluster - l1Index * s.l2Entries;
-    const t = await l2ForRead(s, l1Index);
-    // everything from here to the submission is synchronous: the entries cannot change under us
-    let n = Math.min(C - inCluster, buf.length - done);
-    if (t === null) {
-      n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
-      buf.fill(0, done, done + n);
+  let guarded = 0; // transfers given a handler: one that fails while we wait must not go unhandled
+  // a damaged entry met after a transfer was submitted must not leave that transfer unawaited
+  try {
+    while (done < buf.length) {
+      const pos = offset + done;
+      const inCluster = pos % C;
+      const cluster = (pos - inCluster) / C;
+      const l1Index = Math.floor(cluster / s.l2Entries);
+      const l2Index = cluster - l1Index * s.l2Entries;
+      if (first !== null) guarded = guardTransfers(first, more, guarded);
+      const t = await l2ForRead(s, l1Index);
+      // everything from here to the submission is synchronous: the entries cannot change under us
+      let n = Math.min(C - inCluster, buf.length - done);
+      if (t === null) {
+        n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
+        buf.fill(0, done, done + n);
+        done += n;
+        continue;
+      }
+      const hi = entryHi(t.view, l2Index);
+      const lo = entryLo(t.view, l2Index);
+      const type = l2EntryType(hi, lo, s.v3);
+      if (type === ClusterType.Normal) {
+        const host = checkNormalEntry(s, hi, lo, pos);
+        n = contiguousBytes(s, t, l2Index, host, n, buf.length - done, false);
+        const p = bdrvPread(s.file, host + inCluster, buf.subarray(done, done + n));
+        if (first === null) first = p;
+        else (more ??= []).push(p);
+      } else if (type === ClusterType.Compressed) {
+        if (first !== null) guarded = guardTransfers(first, more, guarded);
+        const data = await decompressCluster(s, hi, lo);
+        buf.set(data.subarray(inCluster, inCluster + n), done);
+      } else {
+        buf.fill(0, done, done + n);
+      }
       done += n;
-      continue;
     }
-    const hi = entryHi(t.view, l2Index);
-    const lo = entryLo(t.view, l2Index);
-    const type = l2EntryType(hi, lo, s.v3);
-    if (type === ClusterType.Normal) {
-      const host = checkNormalEntry(s, hi, lo, pos);
-      n = contiguousBytes(s, t, l2Index, host, n, buf.length - done, false);
-      const p = bdrvPread(s.file, host + inCluster, buf.subarray(done, done + n));
-      if (first === null) first = p;
-      else (more ??= []).push(p);
-    } else if (type === ClusterType.Compressed) {
-      const data = await decompressCluster(s, hi, lo);
-      buf.set(data.subarray(inCluster, inCluster + n), done);
-    } else {
-      buf.fill(0, done, done + n);
-    }
-    done += n;
+  } finally {
+    await settle(first, more);
   }
-  await settle(first, more);
 }
 
 /** One contiguous piece of a write that maps onto clusters allocated in place. */
