@@ -70,12 +70,42 @@ export class BdrvChild implements DrainParent {
   }
 }
 
+/**
+ * A read-only view of a set: what `BlockNode.parents` hands out, so that even a cast cannot add
+ * or remove a parent behind drain's back (the view has no add, delete or clear).
+ */
+class ReadonlySetView<T> implements ReadonlySet<T> {
+  constructor(private readonly set: Set<T>) {}
+  get size(): number {
+    return this.set.size;
+  }
+  has(value: T): boolean {
+    return this.set.has(value);
+  }
+  forEach(fn: (value: T, key: T, set: ReadonlySet<T>) => void): void {
+    for (const v of this.set) fn(v, v, this);
+  }
+  entries(): SetIterator<[T, T]> {
+    return this.set.entries();
+  }
+  keys(): SetIterator<T> {
+    return this.set.keys();
+  }
+  values(): SetIterator<T> {
+    return this.set.values();
+  }
+  [Symbol.iterator](): SetIterator<T> {
+    return this.set[Symbol.iterator]();
+  }
+}
+
 /** The module-private mutators of BlockNode's private state (set in the class's static block). */
 interface NodeMutators {
   addInFlight(node: BlockNode, delta: number): number;
   addQuiesce(node: BlockNode, delta: number): number;
   setInstance(node: BlockNode, inst: BlockDriverInstance | null): void;
   children(node: BlockNode): BdrvChild[];
+  childrenChanged(node: BlockNode): void;
   parents(node: BlockNode): Set<DrainParent>;
 }
 let mut: NodeMutators;
@@ -86,7 +116,10 @@ export class BlockNode {
   #quiesceCounter = 0;
   #instance: BlockDriverInstance | null = null;
   readonly #children: BdrvChild[] = [];
+  /** A frozen copy of #children, renewed when an edge is linked or unlinked (rare, under the BQL). */
+  #childrenView: readonly BdrvChild[] = Object.freeze([]);
   readonly #parents = new Set<DrainParent>();
+  readonly #parentsView = new ReadonlySetView(this.#parents);
 
   constructor(
     readonly nodeName: string,
@@ -116,12 +149,12 @@ export class BlockNode {
 
   /** The edges to this node's children (graph.ts links and unlinks them). */
   get children(): readonly BdrvChild[] {
-    return this.#children;
+    return this.#childrenView;
   }
 
   /** Who submits requests to this node: parent edges and backends (drain quiesces them). */
   get parents(): ReadonlySet<DrainParent> {
-    return this.#parents;
+    return this.#parentsView;
   }
 
   /** The driver instance, or ENOMEDIUM naming the node when it is closed. */
@@ -151,6 +184,9 @@ export class BlockNode {
         node.#instance = inst;
       },
       children: (node) => node.#children,
+      childrenChanged: (node) => {
+        node.#childrenView = Object.freeze([...node.#children]);
+      },
       parents: (node) => node.#parents,
     };
   }
@@ -208,6 +244,7 @@ export function nodeUnquiesce(bql: Bql, node: BlockNode): void {
  */
 export function nodeLinkEdge(_bql: Bql, edge: BdrvChild): void {
   mut.children(edge.parent).push(edge);
+  mut.childrenChanged(edge.parent);
   mut.parents(edge.child).add(edge);
 }
 
@@ -219,6 +256,7 @@ export function nodeUnlinkEdge(_bql: Bql, edge: BdrvChild): boolean {
   const children = mut.children(edge.parent);
   const i = children.indexOf(edge);
   if (i >= 0) children.splice(i, 1);
+  mut.childrenChanged(edge.parent);
   mut.parents(edge.child).delete(edge);
   return i >= 0;
 }

@@ -12,7 +12,7 @@
  *   2. nested: a direct parent of the node (an edge's parent node, or a backend) has a request
  *      in flight, which this one is made on behalf of (qcow2 reading L2 tables for a guest read
  *      that entered before the drain, or a backend with request queuing disabled).
- * Any other request (a stray one) waits, per node in arrival order, until the node is no longer
+ * Any other request (a stray one) waits, in arrival order, until its node is no longer
  * quiet, and is checked again then. JavaScript cannot name a function's caller, so the owner
  * scope travels with the async context (AsyncLocalStorage, enabled only while a scope runs), and
  * rule 2 is a judgement on counters: a stray request that arrives while a parent of the node
@@ -35,9 +35,8 @@ let activeScopes = 0;
 
 /** Roots of the live node sections, with how many sections each has. */
 const sectionRoots = new Map<BlockNode, number>();
-/** Stray requests waiting, per node, in arrival order. */
-const waiting = new Map<BlockNode, Array<() => void>>();
-let waitingCount = 0;
+/** Stray requests waiting, in arrival order (across nodes: released in the order they came). */
+let waiting: Array<{ node: BlockNode; release: () => void }> = [];
 /** A bound on waiting stray requests: past it they are refused (EBUSY) instead of queued. */
 export const MAX_WAITING_REQUESTS = 65536;
 
@@ -89,16 +88,16 @@ function nested(node: BlockNode): boolean {
 export function gateRequest(node: BlockNode, op: string): Promise<void> | null {
   if (node.quiesceCounter === 0 && sectionRoots.size === 0) return null;
   if (!nodeIsQuiet(node) || ownerAdmits(node) || nested(node)) return null;
-  if (waitingCount >= MAX_WAITING_REQUESTS) {
+  if (waiting.length >= MAX_WAITING_REQUESTS) {
     return Promise.reject(
-      new BlockError('EBUSY', `${op} on node '${node.nodeName}': the node is drained and ${waitingCount} requests already wait for it`, { node: node.nodeName, op }),
+      new BlockError('EBUSY', `${op} on node '${node.nodeName}': the node is drained and ${waiting.length} requests already wait for drained nodes`, {
+        node: node.nodeName,
+        op,
+      }),
     );
   }
-  return new Promise<void>((resolve) => {
-    let queue = waiting.get(node);
-    if (queue === undefined) waiting.set(node, (queue = []));
-    queue.push(resolve);
-    waitingCount++;
+  return new Promise<void>((release) => {
+    waiting.push({ node, release });
   }).then(() => recheck(node, op));
 }
 
@@ -113,13 +112,15 @@ function recheck(node: BlockNode, op: string): Promise<void> | undefined {
  * @locking common
  */
 export function gateKick(): void {
-  if (waitingCount === 0) return;
-  for (const [node, queue] of waiting) {
-    if (nodeIsQuiet(node)) continue;
-    waiting.delete(node);
-    waitingCount -= queue.length;
-    for (const release of queue) release();
+  if (waiting.length === 0) return;
+  const still: typeof waiting = [];
+  const go: Array<() => void> = [];
+  for (const w of waiting) {
+    if (nodeIsQuiet(w.node)) still.push(w);
+    else go.push(w.release);
   }
+  waiting = still;
+  for (const release of go) release();
 }
 
 /**
@@ -127,7 +128,9 @@ export function gateKick(): void {
  * @locking common
  */
 export function gateWaiting(node: BlockNode): number {
-  return waiting.get(node)?.length ?? 0;
+  let n = 0;
+  for (const w of waiting) if (w.node === node) n++;
+  return n;
 }
 
 /**
