@@ -100,9 +100,12 @@ async function loadRefblock(s: Qcow2State, off: number, b: number): Promise<Tabl
  * @locking io
  */
 export async function writeDirtyRefcounts(s: Qcow2State): Promise<boolean> {
+  if (s.inMetadataTx) {
+    throw new BlockError('EIO', `qcow2 '${s.filename}': internal error: refcounts written in place inside a metadata transaction`, { node: s.node.nodeName, file: s.filename });
+  }
   let wrote = false;
   if (s.refblockCache.hasDirty) {
-    await s.writeMetaAll(s.refblockCache.dirtyWrites('refcount block'));
+    await s.writeMetaAll(s.refblockCache.dirtyWrites('refcount block'), true);
     s.refblockCache.markClean();
     wrote = true;
   }
@@ -113,7 +116,7 @@ export async function writeDirtyRefcounts(s: Qcow2State): Promise<boolean> {
       s.broken ??= `a flush of the refcount blocks failed: ${e instanceof Error ? e.message : String(e)}`;
       throw e;
     });
-    await s.writeMeta(s.header.refcountTableOffset + lo * 8, s.reftable.subarray(lo * 8, hi * 8), 'refcount table entries');
+    await s.writeMeta(s.header.refcountTableOffset + lo * 8, s.reftable.subarray(lo * 8, hi * 8), 'refcount table entries', true);
     s.reftableDirtyLo = Infinity;
     s.reftableDirtyHi = 0;
     wrote = true;
@@ -359,10 +362,23 @@ async function ensureRefblock(s: Qcow2State, b: number): Promise<void> {
 }
 
 /**
+ * Grows the refcount table (a crash-safe operation of its own) so that it covers clusters up to
+ * `endCluster`: for callers that must not let a later allocation grow it (metadata-tx.ts).
+ * @locking io
+ */
+export async function reserveRefcountTable(s: Qcow2State, endCluster: number): Promise<void> {
+  const blocks = Math.ceil(endCluster / s.refblockEntries) + 1;
+  if (blocks > reftableEntries(s)) await growReftable(s, blocks);
+}
+
+/**
  * Moves the refcount table to a bigger one at the end of the file, with the new refcount blocks
  * that the area itself needs placed in front of it (QEMU's refcount area).
  */
 async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
+  if (s.inMetadataTx) {
+    throw new BlockError('EIO', `qcow2 '${s.filename}': internal error: the refcount table would grow inside a metadata transaction`, { node: s.node.nodeName, file: s.filename });
+  }
   const C = s.clusterSize;
   const E = s.refblockEntries;
   const oldEntries = reftableEntries(s);

@@ -15,8 +15,9 @@ import { assertDrained, type DrainedProof } from '../../block/drain.js';
 import { bdrvFlush } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js';
-import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, headerFields, isCopied, l2EntryType, setEntryRaw } from './entries.js';
-import { growL1 } from './cluster-map.js';
+import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, headerFields, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
+import { growL1, l2Offset } from './cluster-map.js';
+import { abortMetadataTx, beginMetadataTx, commitMetadataTx, txRelease } from './metadata-tx.js';
 import { zeroClustersLocked } from './data-path.js';
 import { allocClusters, discardDirtyRefcounts, peekRefcount, freeClusters, getRefcount, updateRefcount, writeDirtyRefcounts } from './refcount.js';
 import { flushMetadata } from './writeback.js';
@@ -300,8 +301,56 @@ function failedWrites(s: Qcow2State): number {
 }
 
 /**
- * Creates a snapshot of the active state: copy of the L1, +1 on everything it reaches, the new
- * table, then the VM-state clusters leave the active image (the snapshot owns them).
+ * After a failed snapshot operation: one more try at writing the metadata still dirty (the
+ * failure may have been a flush of earlier changes at its start), so that the image on disk says
+ * what memory says; a second failure is left to the next flush.
+ */
+async function retryFlushAfterFailure(s: Qcow2State): Promise<void> {
+  if (!s.metadataDirty || s.broken !== null) return;
+  await s.lock.run(() => flushMetadata(s)).catch(() => undefined);
+}
+
+/** The L1 index from which the guest offsets lie in the VM-state area. */
+function vmStateL1Index(s: Qcow2State): number {
+  return Math.ceil(s.sizeBytes / (s.clusterSize * s.l2Entries));
+}
+
+/** True when some entry of the table has its COPIED bit set. */
+function hasCopiedEntry(s: Qcow2State, t: Table): boolean {
+  const words = tableWords(t);
+  for (let j = nextUsedEntry(words, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(words, j + 1, s.l2Entries)) {
+    if (isCopied(entryHi(t.view, j))) return true;
+  }
+  return false;
+}
+
+/** The number of L1 entries that point at an L2 table. */
+function usedL1Entries(s: Qcow2State): number {
+  let n = 0;
+  for (let i = 0; i < s.l1Size; i++) if (l2Offset(s, i) !== 0) n++;
+  return n;
+}
+
+/** Serializes a snapshot list, refusing one over QEMU's 64 MiB. */
+function snapshotTableBytes(s: Qcow2State, entries: SnapshotEntry[]): Uint8Array {
+  const bytes = serializeSnapshotTable(entries);
+  if (bytes.length > MAX_SNAPSHOTS_SIZE) {
+    throw new BlockError('EFBIG', `qcow2 '${s.filename}': the snapshot table would exceed 64 MiB`, { node: s.node.nodeName, field: 'snapshots' });
+  }
+  return bytes;
+}
+
+/**
+ * Creates a snapshot of the active state in one metadata transaction (metadata-tx.ts):
+ * - the active L1 table, where it lies, becomes the snapshot's L1 (nothing is copied for it);
+ * - the new active L1 goes to fresh clusters; each L2 table the active image owns alone and that
+ *   has COPIED entries is copied (COPIED cleared, as its clusters become shared) so that no table
+ *   reachable from the old state changes; the others are shared (+1);
+ * - every data cluster reachable gains a reference (+1); with VM state, the VM-state area is left
+ *   out of the new active L1 (the snapshot owns it, as QEMU's discard after create gives);
+ * - the new snapshot table in fresh clusters; one header write commits it all.
+ * A crash leaves the old image or the new one, never a window with a refcount and a COPIED flag
+ * that disagree.
  * @locking global-state
  */
 export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, info: Omit<SnapshotInfo, 'id'>): Promise<SnapshotEntry> {
@@ -312,56 +361,75 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
     }
     await flushMetadata(s, true);
     const C = s.clusterSize;
-    const l1Bytes = s.l1Size * 8;
-    const l1Clusters = Math.ceil(l1Bytes / C);
-    const failuresBefore = failedWrites(s);
-    // 1. everything the active state reaches gains a reference; the walk is computed in memory
-    //    and written in one go, so a refcount that would overflow refuses before any write
-    await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, 1);
-    let l1Off = 0;
-    let entry: SnapshotEntry;
+    const n = s.l1Size;
+    const l1Clusters = Math.ceil((n * 8) / C);
+    const entry: SnapshotEntry = {
+      l1TableOffset: n === 0 ? 0 : s.header.l1TableOffset,
+      l1Size: n,
+      id: nextSnapshotId(s.snapshots),
+      name: info.name,
+      dateSec: info.dateSec,
+      dateNsec: info.dateNsec,
+      vmClockNsec: info.vmClockNsec,
+      vmStateSize: info.vmStateSize,
+      diskSize: s.sizeBytes,
+      icount: info.icount,
+      extraDataSize: 24,
+      unknownExtraData: new Uint8Array(0),
+    };
+    const entries = [...s.snapshots, entry];
+    const table = snapshotTableBytes(s, entries);
+    const tableClusters = Math.ceil(table.length / C);
+    const tx = await beginMetadataTx(s, usedL1Entries(s) + l1Clusters + tableClusters);
     try {
-      // 2. the L1 copy in fresh clusters, 3. COPIED bits of the now shared tables cleared,
-      // 4. the new snapshot table (the commit point)
-      l1Off = l1Clusters === 0 ? 0 : await allocClusters(s, l1Clusters);
-      if (l1Clusters > 0) await s.writeMeta(l1Off, s.l1, 'snapshot L1 table');
-      entry = {
-        l1TableOffset: l1Off,
-        l1Size: s.l1Size,
-        id: nextSnapshotId(s.snapshots),
-        name: info.name,
-        dateSec: info.dateSec,
-        dateNsec: info.dateNsec,
-        vmClockNsec: info.vmClockNsec,
-        vmStateSize: info.vmStateSize,
-        diskSize: s.sizeBytes,
-        icount: info.icount,
-        extraDataSize: 24,
-        unknownExtraData: new Uint8Array(0),
-      };
-      await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 1);
-      await writeSnapshotTable(s, [...s.snapshots, entry]);
-    } catch (e) {
-      // not committed: give the references and the copy back so the image stays clean, but only
-      // when every write so far succeeded; after a failed write the file may hold any part of the
-      // +1 pass, and undoing all of it could drop a refcount below its references: then leak
-      if (failedWrites(s) === failuresBefore && s.broken === null) {
-        await addSnapshotRefs(s, s.header.l1TableOffset, s.l1Size, -1).catch(() => undefined);
-        await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 0).catch(() => undefined);
-        if (l1Off !== 0) await freeClusters(s, l1Off, l1Clusters * C).catch(() => undefined);
-        await flushMetadata(s, true).catch(() => undefined);
+      const l1 = new Uint8Array(n * 8);
+      const l1v = new DataView(l1.buffer);
+      const vmFrom = info.vmStateSize > 0 ? vmStateL1Index(s) : Infinity;
+      const ahead = Math.min(L2_READAHEAD, s.l2Cache.maxTables >> 2);
+      for (let i = 0; i < Math.min(n, vmFrom); i++) {
+        for (let k = i + 1; k <= i + ahead && k < n; k++) {
+          const o = l2Offset(s, k);
+          if (o !== 0) s.l2Cache.prefetch(o);
+        }
+        const off = l2Offset(s, i);
+        if (off === 0) continue;
+        const t = await s.l2Cache.get(off);
+        const { runs, compressed } = collectReferences(s, t, off);
+        for (const [start, len] of runs) await updateRefcount(s, start, len * C, 1);
+        for (const [start, bytes] of compressed) await updateRefcount(s, start, bytes, 1);
+        if ((await getRefcount(s, off / C)) === 1 && hasCopiedEntry(s, t)) {
+          const copy = new Uint8Array(t.bytes);
+          const cv = new DataView(copy.buffer);
+          for (let j = 0; j < s.l2Entries; j++) {
+            const hi = entryHi(cv, j);
+            if (isCopied(hi)) setEntryRaw(cv, j, withCopied(hi, false), entryLo(cv, j));
+          }
+          const at = await allocClusters(s, 1);
+          tx.tables.push({ offset: at, bytes: copy });
+          setEntry(l1v, i, at, true);
+        } else {
+          await updateRefcount(s, off, C, 1);
+          setEntry(l1v, i, off, false);
+        }
       }
+      const l1Off = n === 0 ? 0 : await allocClusters(s, l1Clusters);
+      const tableOff = tableClusters === 0 ? 0 : await allocClusters(s, tableClusters);
+      if (s.header.nbSnapshots > 0) txRelease(tx, s.header.snapshotsOffset, roundUpClusters(s, serializeSnapshotTable(s.snapshots).length));
+      await commitMetadataTx(tx, { l1Offset: l1Off, l1Size: n, l1Bytes: l1, snapshots: entries, snapshotsOffset: tableOff, snapshotBytes: table });
+    } catch (e) {
+      if (s.inMetadataTx) abortMetadataTx(tx);
       throw e;
     }
-    if (info.vmStateSize > 0) {
-      // the snapshot owns the VM-state clusters now; dropping them from the active state is
-      // housekeeping past the commit point: a failure leaves them allocated there, nothing worse
-      const clusters = Math.ceil(info.vmStateSize / C);
-      await zeroClustersLocked(s, s.vmStateOffset(), clusters, true, true).catch(() => undefined);
-    }
-    await flushMetadata(s, true).catch(() => undefined); // committed: a failure here only leaks
     return entry;
+  }).catch(async (e: unknown) => {
+    await retryFlushAfterFailure(s);
+    throw e;
   });
+}
+
+/** Bytes rounded up to whole clusters. */
+function roundUpClusters(s: Qcow2State, bytes: number): number {
+  return Math.ceil(bytes / s.clusterSize) * s.clusterSize;
 }
 
 /**
@@ -452,7 +520,11 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
 }
 
 /**
- * Deletes a snapshot: the table first; freeing its clusters afterwards can only leak.
+ * Deletes a snapshot in one metadata transaction (metadata-tx.ts): every reference the
+ * snapshot's L1 table held is dropped (deferred to the commit), the active tables whose COPIED
+ * bits must change (clusters back to one reference) are copied with the bits set, a new active L1
+ * points at them, and the new snapshot table; one header write commits it all, so the COPIED bits
+ * and the refcounts never disagree on disk.
  * @locking global-state
  */
 export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, id: string | null, name: string | null): Promise<SnapshotEntry> {
@@ -467,16 +539,77 @@ export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
     }
     checkSnapshotL1(s, sn);
     await flushMetadata(s, true);
-    await writeSnapshotTable(
-      s,
-      s.snapshots.filter((x) => x !== sn),
-    );
-    if (s.broken !== null) return sn; // the switch may not be durable: keep every cluster (leak)
-    await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, -1);
-    if (sn.l1Size > 0) await freeClusters(s, sn.l1TableOffset, Math.ceil((sn.l1Size * 8) / s.clusterSize) * s.clusterSize);
-    await updateSnapshotRefcount(s, s.header.l1TableOffset, s.l1Size, 0);
-    await flushMetadata(s, true);
+    const C = s.clusterSize;
+    const entries = s.snapshots.filter((x) => x !== sn);
+    const table = snapshotTableBytes(s, entries);
+    const tableClusters = Math.ceil(table.length / C);
+    const n = s.l1Size;
+    const l1Clusters = Math.ceil((n * 8) / C);
+    const tx = await beginMetadataTx(s, usedL1Entries(s) + l1Clusters + tableClusters);
+    try {
+      // 1. every reference of the snapshot goes (deferred), counted per cluster for the COPIED pass
+      const lost = new Map<number, number>();
+      const release = (off: number, bytes: number): void => {
+        txRelease(tx, off, bytes);
+        for (let c = Math.floor(off / C); c <= Math.floor((off + bytes - 1) / C); c++) lost.set(c, (lost.get(c) ?? 0) + 1);
+      };
+      const walk = await openL1Walk(s, sn.l1TableOffset, sn.l1Size);
+      for (let i = 0; i < walk.n; i++) {
+        const off = walk.l2At(i);
+        if (off === 0) continue;
+        const t = await s.l2Cache.get(off);
+        const { runs, compressed } = collectReferences(s, t, off);
+        for (const [start, len] of runs) release(start, len * C);
+        for (const [start, bytes] of compressed) release(start, bytes);
+        release(off, C);
+      }
+      if (sn.l1Size > 0) release(sn.l1TableOffset, roundUpClusters(s, sn.l1Size * 8));
+      const after = async (cluster: number): Promise<number> => (await getRefcount(s, cluster)) - (lost.get(cluster) ?? 0);
+      // 2. the active tables whose COPIED bits change are copied (never changed in place)
+      const l1 = new Uint8Array(s.l1);
+      const l1v = new DataView(l1.buffer);
+      for (let i = 0; i < n; i++) {
+        const off = l2Offset(s, i);
+        if (off === 0) continue;
+        const tableRefs = await after(off / C);
+        const t = await s.l2Cache.get(off);
+        let copy: Uint8Array | null = null;
+        if (tableRefs === 1) {
+          const words = tableWords(t);
+          for (let j = nextUsedEntry(words, 0, s.l2Entries); j < s.l2Entries; j = nextUsedEntry(words, j + 1, s.l2Entries)) {
+            const hi = entryHi(t.view, j);
+            const lo = entryLo(t.view, j);
+            const type = l2EntryType(hi, lo, s.v3);
+            const want = (type === ClusterType.Normal || type === ClusterType.ZeroAlloc) && (await after(entryOffset(hi, lo) / C)) === 1;
+            if (isCopied(hi) !== want) {
+              copy ??= new Uint8Array(t.bytes);
+              const cv = new DataView(copy.buffer);
+              setEntryRaw(cv, j, withCopied(hi, want), lo);
+            }
+          }
+        }
+        if (copy !== null) {
+          const at = await allocClusters(s, 1);
+          tx.tables.push({ offset: at, bytes: copy });
+          setEntry(l1v, i, at, true);
+          txRelease(tx, off, C); // the active image's reference moves to the copy
+        } else {
+          setEntryRaw(l1v, i, withCopied(entryHi(l1v, i), tableRefs === 1), entryLo(l1v, i));
+        }
+      }
+      const l1Off = n === 0 ? 0 : await allocClusters(s, l1Clusters);
+      if (n > 0) txRelease(tx, s.header.l1TableOffset, l1Clusters * C);
+      const tableOff = tableClusters === 0 ? 0 : await allocClusters(s, tableClusters);
+      txRelease(tx, s.header.snapshotsOffset, roundUpClusters(s, serializeSnapshotTable(s.snapshots).length));
+      await commitMetadataTx(tx, { l1Offset: l1Off, l1Size: n, l1Bytes: l1, snapshots: entries, snapshotsOffset: tableOff, snapshotBytes: table });
+    } catch (e) {
+      if (s.inMetadataTx) abortMetadataTx(tx);
+      throw e;
+    }
     return sn;
+  }).catch(async (e: unknown) => {
+    await retryFlushAfterFailure(s);
+    throw e;
   });
 }
 

@@ -188,8 +188,12 @@ export class Qcow2State {
     return buf;
   }
 
-  /** Writes metadata bytes to the file (write-through: the caller orders the writes). */
-  async writeMeta(offset: number, data: Uint8Array, what: string): Promise<void> {
+  /**
+   * Writes metadata bytes to the file (the caller orders the writes). On a failure the tables are
+   * read again from the file, unless `keepOnFailure` (the write-back flush: its dirty tables stay
+   * dirty and are written again by the next flush).
+   */
+  async writeMeta(offset: number, data: Uint8Array, what: string, keepOnFailure = false): Promise<void> {
     if (this.node.readOnly) {
       throw new BlockError('EPERM', `qcow2 node '${this.node.nodeName}': refusing to write the ${what} of read-only image '${this.filename}'`, {
         node: this.node.nodeName,
@@ -205,7 +209,9 @@ export class Qcow2State {
     try {
       await bdrvPwrite(this.file, offset, data);
     } catch (e) {
-      await this.resyncAfterFailedWrite(what);
+      // a write-back flush keeps its dirty tables (memory stays the truth and the next flush
+      // writes them again, in the same order); a write-through caller's memory is read again
+      if (!keepOnFailure) await this.resyncAfterFailedWrite(what);
       throw this.wrap(e, `writing the ${what} at offset ${offset}`);
     }
   }
@@ -215,8 +221,8 @@ export class Qcow2State {
    * them): the transfers overlap instead of each waiting for the one before. Waits for every
    * write to settle, then throws the first failure.
    */
-  async writeMetaAll(writes: ReadonlyArray<{ offset: number; data: Uint8Array; what: string }>): Promise<void> {
-    const results = await Promise.allSettled(writes.map((w) => this.writeMeta(w.offset, w.data, w.what)));
+  async writeMetaAll(writes: ReadonlyArray<{ offset: number; data: Uint8Array; what: string }>, keepOnFailure = false): Promise<void> {
+    const results = await Promise.allSettled(writes.map((w) => this.writeMeta(w.offset, w.data, w.what, keepOnFailure)));
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
@@ -224,6 +230,8 @@ export class Qcow2State {
   broken: string | null = null;
   /** How many metadata writes failed (each one read the tables again from the file). */
   resyncs = 0;
+  /** True while a metadata transaction (metadata-tx.ts) is open: nothing may be written in place. */
+  inMetadataTx = false;
 
   /**
    * After a failed metadata write the tables in memory may hold changes the file does not: drop

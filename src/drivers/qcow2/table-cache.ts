@@ -93,6 +93,11 @@ export class TableCache {
     }
   }
 
+  /** True when the table at `offset` holds changes not yet written. */
+  isDirty(offset: number): boolean {
+    return this.dirty.has(offset);
+  }
+
   /** True when some table holds changes not yet written. */
   get hasDirty(): boolean {
     return this.dirty.size > 0;

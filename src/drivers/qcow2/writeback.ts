@@ -15,11 +15,12 @@
  *   5. the changed L1 entries
  *   6. a flush: the caller's flush, and the point after which every pointer dropped before the
  *      flush began is gone from the disk
- *   7. the deferred frees (pendingFrees) lower their refcounts in memory; those changes go out
- *      with the next flush. A cluster is therefore never reused while a durable pointer to it may
- *      remain, and a crash in between only leaks it.
+ *   7. the deferred frees (pendingFrees) lower their refcounts; those refcount blocks are written
+ *      and flushed in a second round. A cluster is therefore never reused while a durable pointer
+ *      to it may remain, and a crash in between only leaks it.
  *
- * A guest flush with no metadata change costs one flush (step 6); after allocating writes, two.
+ * A guest flush with no metadata change costs one flush (step 6); after allocating writes, two;
+ * when clusters were freed (copy on write of shared clusters, discard), three.
  */
 import { bdrvFlush } from '../../block/io.js';
 import { freeClusters, writeDirtyRefcounts } from './refcount.js';
@@ -31,18 +32,26 @@ const DIRTY_TABLE_FRACTION = 2;
 const MAX_PENDING_FREES = 4096;
 
 /**
- * Writes every metadata change in dependency order and flushes the file (steps 1-7 above).
- * With `complete`, repeats until nothing is dirty (the frees' own refcount changes included), as
- * close and the snapshot operations need.
+ * Writes every metadata change in dependency order and flushes the file (steps 1-7 above), then,
+ * when frees were applied, writes their refcount changes and flushes once more, so that the image
+ * on disk says exactly what memory says (no transient leak for `qemu-img check -U` to see).
+ * `complete` is kept for callers that insist (close, snapshot operations): it repeats until
+ * nothing is dirty.
  * @locking io
  */
-export async function flushMetadata(s: Qcow2State, complete = false): Promise<void> {
+export async function flushMetadata(s: Qcow2State, complete = true): Promise<void> {
   for (let round = 0; round < 4; round++) {
     const frees = s.pendingFrees;
     s.pendingFrees = [];
-    // on a failure the frees are forgotten: the disk may still point at those clusters, so they
-    // may only leak (a failed write reads the tables again, a failed flush refuses later writes)
-    await writeOrdered(s);
+    try {
+      await writeOrdered(s);
+    } catch (e) {
+      // nothing changed in memory: the dirty tables stay dirty and the frees wait for the next
+      // flush, which writes everything again in the same order (a failed flush, though, refuses
+      // every later metadata write: see barrier)
+      s.pendingFrees = frees.concat(s.pendingFrees);
+      throw e;
+    }
     await applyFrees(s, frees);
     if (!complete || !s.metadataDirty) return;
   }
@@ -82,14 +91,14 @@ async function writeOrdered(s: Qcow2State): Promise<void> {
     if ((wroteRefcounts || s.l2NeedsDataBarrier) && !barriersDisabled) await barrier(s);
     s.l2NeedsDataBarrier = false;
     if (s.l2Cache.hasDirty) {
-      await s.writeMetaAll(s.l2Cache.dirtyWrites('L2 table'));
+      await s.writeMetaAll(s.l2Cache.dirtyWrites('L2 table'), true);
       s.l2Cache.markClean();
       if (l1Dirty && !barriersDisabled) await barrier(s);
     }
     if (l1Dirty) {
       const lo = s.l1DirtyLo;
       const hi = Math.min(s.l1DirtyHi, s.l1Size);
-      if (lo < hi) await s.writeMeta(s.header.l1TableOffset + lo * 8, s.l1.subarray(lo * 8, hi * 8), 'L1 table entries');
+      if (lo < hi) await s.writeMeta(s.header.l1TableOffset + lo * 8, s.l1.subarray(lo * 8, hi * 8), 'L1 table entries', true);
       s.l1DirtyLo = Infinity;
       s.l1DirtyHi = 0;
     }
