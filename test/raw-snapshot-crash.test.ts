@@ -68,13 +68,20 @@ function saveVm(fs: PowerLossFs, store: FileSnapshotStore, data: Uint8Array): vo
   fs.close(fd);
 }
 
-/** The starting point of every run: s1 (A, V1) and s2 (B) taken, the image holding C, flushed, all settled. */
-async function base(): Promise<{ fs: PowerLossFs; store: FileSnapshotStore; fd: number }> {
+/**
+ * The starting point of every run: s1 (A, V1) and s2 (B) taken, the image holding C, flushed, all
+ * settled; with `empty`, only the image holding A (no store yet).
+ */
+async function base(empty = false): Promise<{ fs: PowerLossFs; store: FileSnapshotStore; fd: number }> {
   const fs = new PowerLossFs(['/sim']);
   const store = new FileSnapshotStore(node, IMG, fs);
   const fd = fs.open(IMG, 'w');
   fs.fsyncDir('/sim');
   writeImage(fs, fd, A);
+  if (empty) {
+    fs.settle();
+    return { fs, store, fd };
+  }
   saveVm(fs, store, V1);
   await drained((bql, d) => store.create(bql, d, fd, info('s1', V1.length)));
   writeImage(fs, fd, B);
@@ -155,8 +162,8 @@ async function verify(st: PowerLossFs, ex: Expect, returned: boolean): Promise<s
 type Op = (w: { fs: PowerLossFs; store: FileSnapshotStore; fd: number }) => Promise<unknown>;
 
 /** Crashes `op` at every operation it makes; returns the number of crash points and states tried. */
-async function sweep(label: string, prepare: Op | null, op: Op, ex: Expect): Promise<{ points: number; states: number }> {
-  const dry = await base();
+async function sweep(label: string, prepare: Op | null, op: Op, ex: Expect, empty = false): Promise<{ points: number; states: number }> {
+  const dry = await base(empty);
   if (prepare !== null) await prepare(dry);
   const before = dry.fs.ops;
   await op(dry);
@@ -164,7 +171,7 @@ async function sweep(label: string, prepare: Op | null, op: Op, ex: Expect): Pro
   expect(total).toBeGreaterThan(3);
   let states = 0;
   for (let k = 0; k <= total; k++) {
-    const w = await base();
+    const w = await base(empty);
     if (prepare !== null) await prepare(w);
     w.fs.armCrash(k);
     let returned = true;
@@ -224,6 +231,55 @@ describe('raw-snapshot store under power loss', () => {
       lists: [['s1', 's2'], ['s2']],
     });
     console.log(`delete: ${r.points} crash points, ${r.states} crash states, 0 violations`);
+  });
+
+  it('survives a crash at every operation of the first snapshot of an image (the store directory is created)', async () => {
+    const r = await sweep(
+      'first create s1',
+      async (w) => saveVm(w.fs, w.store, V1),
+      async (w) => drained((bql, d) => w.store.create(bql, d, w.fd, info('s1', V1.length))),
+      { images: [A], imageAfter: A, snapshots: { s1: S1 }, lists: [[], ['s1']] },
+      true,
+    );
+    console.log(`first create: ${r.points} crash points, ${r.states} crash states, 0 violations`);
+  });
+
+  it('survives a crash at every operation of a goto to a snapshot of a larger disk without VM state', async () => {
+    const D = pattern(2, 0xd4);
+    const r = await sweep(
+      'goto s2',
+      async (w) => {
+        // the image shrunk to D and flushed, VM state saved since: the goto must drop that VM state
+        const fd = w.fs.open(IMG, 'w');
+        writeImage(w.fs, fd, D);
+        w.fs.close(fd);
+        saveVm(w.fs, w.store, V3);
+      },
+      async (w) => {
+        const res = await drained((bql, d) => w.store.goto(bql, d, w.fd, 's2'));
+        if (res.lateError !== null) throw res.lateError;
+      },
+      {
+        images: [D, B],
+        imageAfter: B,
+        snapshots: { s1: S1, s2: S2 },
+        lists: [['s1', 's2']],
+        afterReturn: (st) => {
+          if (st.contents(PENDING) !== undefined) throw new Error('after a returned goto to a snapshot without VM state a pending VM state is left');
+        },
+      },
+    );
+    console.log(`goto larger: ${r.points} crash points, ${r.states} crash states, 0 violations`);
+  });
+
+  it('survives a crash at every operation of a delete of the newest snapshot', async () => {
+    const r = await sweep('delete s2', null, async (w) => drained((bql, d) => w.store.delete(bql, d, null, 's2')), {
+      images: [C],
+      imageAfter: C,
+      snapshots: { s1: S1, s2: S2 },
+      lists: [['s1', 's2'], ['s1']],
+    });
+    console.log(`delete newest: ${r.points} crash points, ${r.states} crash states, 0 violations`);
   });
 
   it('finds a store whose operations never sync anything (the simulator can fail)', async () => {
