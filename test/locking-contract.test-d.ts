@@ -17,22 +17,27 @@ import {
   blkPwriteZeroes,
   type BlockBackend,
 } from '../src/block/backend.js';
-import { acquireBql, Bql, withBql } from '../src/block/bql.js';
+import { acquireBql, Bql, withBql, withBqlSync } from '../src/block/bql.js';
 import {
   drainAllBegin,
   drainedBegin,
   drainedEnd,
   Drained,
   DrainedAll,
+  runInDrainedSection,
+  withDrained,
   type DrainedProof,
 } from '../src/block/drain.js';
 import type { BlockDriver, BlockDriverInstance, SnapshotInfo, WriteZeroesFlags } from '../src/block/driver.js';
 import { attachChild, closeNode, detachChild, openNode } from '../src/block/graph.js';
 import { bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes } from '../src/block/io.js';
-import { createIOThread, type IOThreadOptions } from '../src/block/iothread.js';
+import { createIOThread, shutdownIOThreads, type IOThreadOptions } from '../src/block/iothread.js';
 import type { BdrvChild, BlockNode } from '../src/block/node.js';
 import type { NodeOptions } from '../src/block/options.js';
+import { gateRequest } from '../src/block/request-gate.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../src/block/snapshot.js';
+import { createQcow2File, createQcow2OnNode, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.js';
+import type * as PublicApi from '../src/index.js';
 
 declare const info: SnapshotInfo;
 
@@ -40,7 +45,7 @@ declare const info: SnapshotInfo;
 // snapshot operations need the BQL and a drained proof
 
 test('snapshot create, goto and delete do not compile without the Bql and a drained proof', () => {
-  async function compileOnlySnapshots(bql: Bql, node: BlockNode, drained: Drained<BlockNode>, all: DrainedAll): Promise<void> {
+  async function compileOnlySnapshots(bql: Bql, node: BlockNode, drained: Drained, all: DrainedAll): Promise<void> {
     // the well-formed calls compile, with a node's section or with drain-all
     await bdrvSnapshotCreate(bql, drained, node, info);
     await bdrvSnapshotGoto(bql, drained, node, 'snap1');
@@ -91,7 +96,7 @@ test('snapshot create, goto and delete do not compile without the Bql and a drai
 // graph changes, backends and IOThreads need the BQL
 
 test('graph changes, backends, IOThreads and drain do not compile without the Bql, and detachChild not without a drained proof', () => {
-  async function compileOnlyGraph(bql: Bql, node: BlockNode, child: BlockNode, edge: BdrvChild, drained: Drained<BlockNode>): Promise<void> {
+  async function compileOnlyGraph(bql: Bql, node: BlockNode, child: BlockNode, edge: BdrvChild, drained: Drained): Promise<void> {
     await openNode(bql, 'driver=memory,size=1M');
     await closeNode(bql, node);
     attachChild(bql, node, 'file', child);
@@ -136,9 +141,9 @@ test('graph changes, backends, IOThreads and drain do not compile without the Bq
 test('look-alike objects are not assignable to the proof types', () => {
   function compileOnlyForgery(node: BlockNode): void {
     // @ts-expect-error -- a look-alike object is not a Drained (private #live makes the class nominal)
-    const d1: Drained<BlockNode> = { live: true, node };
+    const d1: Drained = { live: true, node };
     // @ts-expect-error -- not even with every public member
-    const d2: Drained<BlockNode> = { live: true, node, revoke(): void {} };
+    const d2: Drained = { live: true, node, revoke(): void {} };
     // @ts-expect-error -- an empty object is not a drain-all proof
     const d3: DrainedAll = {};
     // @ts-expect-error -- an empty object is not a Bql
@@ -159,8 +164,8 @@ test('look-alike objects are not assignable to the proof types', () => {
 });
 
 test('proof types are nominal and distinct from one another', () => {
-  expectTypeOf<{ live: true; node: BlockNode }>().not.toExtend<Drained<BlockNode>>();
-  expectTypeOf<{ live: boolean; node: BlockNode; revoke(): void }>().not.toExtend<Drained<BlockNode>>();
+  expectTypeOf<{ live: true; node: BlockNode }>().not.toExtend<Drained>();
+  expectTypeOf<{ live: boolean; node: BlockNode; revoke(): void }>().not.toExtend<Drained>();
   expectTypeOf<{ live: boolean; revoke(): void }>().not.toExtend<DrainedAll>();
   expectTypeOf<{}>().not.toExtend<Bql>();
   expectTypeOf<{ serial: number; live: boolean }>().not.toExtend<Bql>();
@@ -169,14 +174,14 @@ test('proof types are nominal and distinct from one another', () => {
   expectTypeOf<Bql>().not.toExtend<DrainedAll>();
   expectTypeOf<Bql>().not.toExtend<DrainedProof>();
   expectTypeOf<DrainedAll>().not.toExtend<Bql>();
-  expectTypeOf<Drained<BlockNode>>().not.toExtend<Bql>();
+  expectTypeOf<Drained>().not.toExtend<Bql>();
   // both drained proofs are accepted where a DrainedProof is asked for
-  expectTypeOf<Drained<BlockNode>>().toExtend<DrainedProof>();
+  expectTypeOf<Drained>().toExtend<DrainedProof>();
   expectTypeOf<DrainedAll>().toExtend<DrainedProof>();
   // only acquiring the lock hands out a Bql, only draining hands out a Drained
   expectTypeOf(acquireBql).returns.toEqualTypeOf<Promise<Bql>>();
   expectTypeOf(withBql<number>).parameter(0).parameter(0).toEqualTypeOf<Bql>();
-  expectTypeOf(drainedBegin<BlockNode>).returns.toEqualTypeOf<Promise<Drained<BlockNode>>>();
+  expectTypeOf(drainedBegin).returns.toEqualTypeOf<Promise<Drained>>();
   expectTypeOf(drainAllBegin).returns.toEqualTypeOf<Promise<DrainedAll>>();
 });
 
@@ -218,7 +223,7 @@ test('I/O functions take no proof', () => {
 });
 
 test('I/O calls do not compile with a proof in front', () => {
-  function compileOnlyIo(blk: BlockBackend, node: BlockNode, bql: Bql, drained: Drained<BlockNode>): void {
+  function compileOnlyIo(blk: BlockBackend, node: BlockNode, bql: Bql, drained: Drained): void {
     void blkPread(blk, 0, new Uint8Array(512));
     void bdrvPread(node, 0, new Uint8Array(512));
     // @ts-expect-error -- I/O functions take no Bql
@@ -230,7 +235,7 @@ test('I/O calls do not compile with a proof in front', () => {
 });
 
 test('group snapshot operations need Bql and a drain-all proof; a one-node proof does not do', () => {
-  function compileOnlyGroup(bql: Bql, all: DrainedAll, one: Drained<BlockNode>, disks: GroupDisk[], info: SnapshotInfo): void {
+  function compileOnlyGroup(bql: Bql, all: DrainedAll, one: Drained, disks: GroupDisk[], info: SnapshotInfo): void {
     void bdrvAllCreateSnapshot(bql, all, disks, info, null);
     void bdrvAllGotoSnapshot(bql, all, disks, 's1');
     void bdrvAllDeleteSnapshot(bql, all, disks, 's1');
@@ -259,4 +264,166 @@ test('machine and VM snapshot calls need the Bql', () => {
     void m.stop();
   }
   expectTypeOf(compileOnlyMachine).toBeFunction();
+});
+
+// ---------------------------------------------------------------------------------------------
+// issue 11, item 2: the functions that change metadata or global state carry their proofs
+
+test('createQcow2OnNode needs the Bql and a drained proof, createQcow2File and shutdownIOThreads the Bql', () => {
+  async function compileOnlyCreate(bql: Bql, d: Drained, all: DrainedAll, node: BlockNode, o: Qcow2CreateOptions): Promise<void> {
+    await createQcow2OnNode(bql, d, node, o);
+    await createQcow2OnNode(bql, all, node, o);
+    createQcow2File(bql, '/tmp/x.qcow2', o);
+    await shutdownIOThreads(bql);
+    withBqlSync((b) => createQcow2File(b, '/tmp/x.qcow2', o));
+
+    // @ts-expect-error -- formatting a node needs the BQL and a drained proof
+    await createQcow2OnNode(node, o);
+    // @ts-expect-error -- the BQL alone is not enough: the node must be quiet
+    await createQcow2OnNode(bql, node, o);
+    // @ts-expect-error -- a Bql is not a drained proof
+    await createQcow2OnNode(bql, bql, node, o);
+    // @ts-expect-error -- creating an image file needs the BQL
+    createQcow2File('/tmp/x.qcow2', o);
+    // @ts-expect-error -- a drained proof is not the BQL
+    createQcow2File(d, '/tmp/x.qcow2', o);
+    // @ts-expect-error -- stopping the IOThreads needs the BQL
+    await shutdownIOThreads();
+  }
+  expectTypeOf(compileOnlyCreate).toBeFunction();
+  expectTypeOf(createQcow2OnNode).parameters.toEqualTypeOf<[Bql, DrainedProof, BlockNode, Qcow2CreateOptions]>();
+  expectTypeOf(createQcow2File).parameters.toEqualTypeOf<[Bql, string, Qcow2CreateOptions]>();
+  expectTypeOf(shutdownIOThreads).parameters.toEqualTypeOf<[Bql]>();
+  expectTypeOf(withBqlSync<number>).parameter(0).parameter(0).toEqualTypeOf<Bql>();
+});
+
+test('driver open and close take the proofs the block layer checks before calling them', () => {
+  expectTypeOf<BlockDriver['open']>().parameter(0).toEqualTypeOf<Bql>();
+  expectTypeOf<BlockDriverInstance['close']>().parameter(0).toEqualTypeOf<Bql>();
+  expectTypeOf<BlockDriverInstance['close']>().parameter(1).toEqualTypeOf<DrainedProof>();
+  function compileOnlyCallbacks(bql: Bql, d: Drained, inst: BlockDriverInstance, drv: BlockDriver, node: BlockNode): void {
+    void inst.close(bql, d);
+    void drv.open(bql, node, {});
+    // @ts-expect-error -- close needs a drained proof
+    void inst.close(bql);
+    // @ts-expect-error -- open needs the BQL
+    void drv.open(node, {});
+  }
+  expectTypeOf(compileOnlyCallbacks).toBeFunction();
+});
+
+test('only the lock and drain revoke proofs: revoke() is not public', () => {
+  function compileOnlyRevoke(bql: Bql, d: Drained, all: DrainedAll): void {
+    // @ts-expect-error -- a Bql cannot be revoked from outside bql.ts
+    bql.revoke();
+    // @ts-expect-error -- a drained proof cannot be revoked from outside drain.ts
+    d.revoke();
+    // @ts-expect-error -- nor a drain-all proof
+    all.revoke();
+    // @ts-expect-error -- liveness is read-only
+    bql.live = false;
+    // @ts-expect-error -- a proof's node is fixed
+    d.node = d.node;
+  }
+  expectTypeOf(compileOnlyRevoke).toBeFunction();
+  expectTypeOf<Bql>().not.toHaveProperty('revoke');
+  expectTypeOf<Drained>().not.toHaveProperty('revoke');
+  expectTypeOf<DrainedAll>().not.toHaveProperty('revoke');
+});
+
+test("nodes' and backends' counters, parents, children and instance are readonly outside the block layer's core", () => {
+  function compileOnlyCounters(node: BlockNode, blk: BlockBackend, edge: BdrvChild): void {
+    const seen: number = node.inFlight + node.quiesceCounter + node.parents.size + node.children.length + blk.inFlight + blk.quiesceCounter;
+    void seen;
+    // @ts-expect-error -- inFlight is counted by the request path only
+    node.inFlight = 0;
+    // @ts-expect-error -- nor incremented
+    node.inFlight++;
+    // @ts-expect-error -- quiesceCounter belongs to drain
+    node.quiesceCounter = 0;
+    // @ts-expect-error -- nor decremented
+    node.quiesceCounter--;
+    // @ts-expect-error -- parents are linked by graph.ts and backend.ts
+    node.parents.add(edge);
+    // @ts-expect-error -- nor removed
+    node.parents.delete(edge);
+    // @ts-expect-error -- nor cleared
+    node.parents.clear();
+    // @ts-expect-error -- children are linked by graph.ts
+    node.children.push(edge);
+    // @ts-expect-error -- nor cut
+    node.children.splice(0, 1);
+    // @ts-expect-error -- the instance is set by open and cleared by close
+    node.instance = null;
+    // @ts-expect-error -- quiescing is drain's (drainedBegin), not a public method
+    node.quiesce();
+    // @ts-expect-error -- a backend's in-flight count is its own
+    blk.inFlight = 0;
+    // @ts-expect-error -- so is its quiesce counter
+    blk.quiesceCounter = 0;
+    // @ts-expect-error -- its queue cannot be pushed to from outside
+    blk.queued.push(() => {});
+    // @ts-expect-error -- its root changes only through blkNew / blkDelete
+    blk.root = null;
+  }
+  expectTypeOf(compileOnlyCounters).toBeFunction();
+  expectTypeOf<BlockNode['parents']>().toEqualTypeOf<ReadonlySet<import('../src/block/node.js').DrainParent>>();
+  expectTypeOf<BlockNode['children']>().toEqualTypeOf<readonly BdrvChild[]>();
+});
+
+test('the public API exports none of the internal mutators', () => {
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeRequestBegin');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeRequestEnd');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeQuiesce');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeUnquiesce');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeLinkEdge');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeUnlinkEdge');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeSetParent');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('nodeSetInstance');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('gateRunAsOwner');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('gateSectionBegin');
+  expectTypeOf<typeof PublicApi>().not.toHaveProperty('gateSectionEnd');
+});
+
+// ---------------------------------------------------------------------------------------------
+// issue 11, item 3: owning a section is a proof too; the request path stays proof-free
+
+test("doing I/O as a section's owner needs the Bql and a live proof; requests still take no proof", () => {
+  async function compileOnlyOwner(bql: Bql, d: Drained, all: DrainedAll, node: BlockNode): Promise<void> {
+    await runInDrainedSection(bql, d, () => bdrvPwrite(node, 0, new Uint8Array(512)));
+    await runInDrainedSection(bql, all, () => bdrvPread(node, 0, new Uint8Array(512)));
+    await withDrained(bql, node, (proof) => runInDrainedSection(bql, proof, () => 1));
+    // @ts-expect-error -- owning a section needs the BQL
+    await runInDrainedSection(d, () => 1);
+    // @ts-expect-error -- and a drained proof, not just the BQL
+    await runInDrainedSection(bql, () => 1);
+    // @ts-expect-error -- a Bql is not a drained proof
+    await runInDrainedSection(bql, bql, () => 1);
+  }
+  expectTypeOf(compileOnlyOwner).toBeFunction();
+  expectTypeOf(runInDrainedSection<number>).parameters.toEqualTypeOf<[Bql, DrainedProof, () => Promise<number> | number]>();
+  // the gate is on the request path: it takes the node and the operation's name, no proof
+  expectTypeOf(gateRequest).parameters.toEqualTypeOf<[BlockNode, string]>();
+  expectTypeOf(withDrained<void>).parameter(2).parameter(0).toEqualTypeOf<Drained>();
+});
+
+// ---------------------------------------------------------------------------------------------
+// issue 11, item 4: node identity is a run-time check, said so in the types
+
+test('Drained has no node type parameter: which node a proof covers is checked at run time', () => {
+  // @ts-expect-error -- Drained is not generic: TypeScript gives every node the same type, so a
+  // parameter could not tell node A's proof from node B's (the old Drained<N> never did)
+  type Old = Drained<BlockNode>;
+  function compileOnlyIdentity(bql: Bql, a: BlockNode, b: BlockNode, dA: Drained): void {
+    // compiles, and throws EPERM at run time (test/locking-contract.test.ts, "a drained proof
+    // for another node"): the types cannot see that dA covers a, not b
+    void bdrvSnapshotGoto(bql, dA, b, 'snap1');
+    void createQcow2OnNode(bql, dA, b, { sizeBytes: 1 << 20 });
+    void a;
+  }
+  expectTypeOf(compileOnlyIdentity).toBeFunction();
+  expectTypeOf<Drained['node']>().toEqualTypeOf<BlockNode>();
+  expectTypeOf(drainedBegin).parameters.toEqualTypeOf<[Bql, BlockNode]>();
+  expectTypeOf(drainedBegin).returns.toEqualTypeOf<Promise<Drained>>();
+  void (0 as unknown as Old);
 });
