@@ -207,6 +207,15 @@ const cases: Case[] = [
     damage: (m) => m.put64(m.snapshotTable, m.u64(m.snapshotTable) + 0x200n),
   },
   {
+    what: 'an incomplete snapshot table entry (8 bytes of extra data in a v3 image)',
+    status: 2,
+    damage: (m) => {
+      const b = Buffer.alloc(4);
+      b.writeUInt32BE(8);
+      m.write(m.snapshotTable + 36, b);
+    },
+  },
+  {
     what: 'the corrupt bit on a consistent image',
     status: 0,
     damage: (m) => m.put64(72, m.u64(72) | 2n),

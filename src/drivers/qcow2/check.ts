@@ -30,6 +30,7 @@ import {
 import { ClusterType, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { metadataRanges } from './overlap.js';
 import { rebuildRefcountStructure } from './rebuild-refcounts.js';
+import { writeSnapshotTable } from './snapshots.js';
 import type { Qcow2State } from './state.js';
 import { flushMetadata } from './writeback.js';
 
@@ -77,6 +78,7 @@ async function checkOnce(s: Qcow2State, fix: RepairMode): Promise<Qcow2CheckResu
   if (nbClusters > MAX_CHECK_CLUSTERS) {
     throw new BlockError('EFBIG', `qcow2 '${s.filename}': File too large: ${nbClusters} clusters are more than a check can count`, { file: s.filename, field: 'nb_clusters' });
   }
+  const incomplete = checkSnapshotTable(s, res, fix);
   const imrt = new Imrt(nbClusters);
   let rebuild = await calculateRefcounts(s, res, fix, imrt);
   // the comparison is made once without repairs; a repair run repeats it from these counts
@@ -128,9 +130,50 @@ async function checkOnce(s: Qcow2State, fix: RepairMode): Promise<Qcow2CheckResu
     }
   }
   await checkOflagCopied(s, res, fix);
+  await fixSnapshotTable(s, res, fix, incomplete);
   res.imageEndOffset = (cmp.highest + 1) * C;
   if ((fix.leaks || fix.errors) && res.checkErrors === 0 && res.corruptions === 0) await markCleanAndConsistent(s);
   return res;
+}
+
+/**
+ * QEMU's qcow2_check_read_snapshot_table, for what the open lets through: a v3 entry with less
+ * than the 16 bytes of extra data the format requires is incomplete. Returns how many are.
+ */
+function checkSnapshotTable(s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode): number {
+  if (!s.v3) return 0;
+  let incomplete = 0;
+  for (const [i, sn] of s.snapshots.entries()) {
+    if (sn.extraDataSize >= 16) continue;
+    res.messages.push(`${fix.errors ? 'Repairing' : 'ERROR'} snapshot table entry ${i} is incomplete`);
+    incomplete++;
+  }
+  return incomplete;
+}
+
+/**
+ * QEMU's qcow2_check_fix_snapshot_table: with -r all, incomplete entries are repaired by writing
+ * the table again (complete entries, fresh clusters, one header switch). Only once the refcounts
+ * are right (the new table's clusters come from the ordinary allocator); otherwise they stay
+ * counted as corruptions.
+ */
+async function fixSnapshotTable(s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode, incomplete: number): Promise<void> {
+  if (incomplete === 0) return;
+  if (!fix.errors || res.corruptions > 0 || res.checkErrors > 0) {
+    res.corruptions += incomplete;
+    return;
+  }
+  try {
+    // the table is written with QEMU's 24 bytes of known extra data (plus what is kept unknown)
+    await writeSnapshotTable(s, s.snapshots.map((sn) => ({ ...sn, extraDataSize: 24 + sn.unknownExtraData.length })));
+    await flushMetadata(s, true);
+  } catch (e) {
+    res.messages.push(`ERROR failed to update snapshot table: ${e instanceof Error ? e.message : String(e)}`);
+    res.checkErrors++;
+    res.corruptions += incomplete;
+    return;
+  }
+  res.corruptionsFixed += incomplete;
 }
 
 /** QEMU's check_oflag_copied: COPIED must be set exactly where the refcount is 1 (active tables). */
