@@ -49,7 +49,7 @@ const STRIDE = 65536;
 const SIZE = Math.ceil((count * STRIDE) / (1 << 30)) * (1 << 30);
 const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-alloc-'));
 
-/** A fresh qcow2 image made by qemu-img. */
+/** A fresh qcow2 image made by qemu-img. @param {string} name @returns {string} */
 function freshImage(name) {
   const f = path.join(dir, `${name}.qcow2`);
   fs.rmSync(f, { force: true });
@@ -69,7 +69,12 @@ function qemuRun() {
   return count / Number(m[1]);
 }
 
-/** One build's IOPS on a fresh image: `count` allocating writes at `depth`, a drained flush every `flushEvery`. */
+/**
+ * One build's IOPS on a fresh image: `count` allocating writes at `depth`, a drained flush every `flushEvery`.
+ * @param {{ openImage: (f: string, o: { format: string }) => Promise<{ write: (o: number, b: Uint8Array) => Promise<void>, flush: () => Promise<void>, close: () => Promise<void> }> }} lib
+ * @param {string} label
+ * @returns {Promise<number>}
+ */
 async function libRun(lib, label) {
   const f = freshImage(label);
   const img = await lib.openImage(f, { format: 'qcow2' });
@@ -79,8 +84,10 @@ async function libRun(lib, label) {
     let next = 0;
     while (next < count) {
       const batchEnd = flushEvery > 0 ? Math.min(count, next + flushEvery) : count;
+      /** @type {Set<Promise<void>>} */
       const inflight = new Set();
       while (next < batchEnd) {
+        /** @type {Promise<void>} */
         const p = img.write(next * STRIDE, buf).finally(() => inflight.delete(p));
         inflight.add(p);
         next++;
@@ -96,12 +103,14 @@ async function libRun(lib, label) {
   return count / sec;
 }
 
+/** @param {number[]} xs @returns {number} */
 function median(xs) {
   const s = [...xs].sort((x, y) => x - y);
   const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
+  return s.length % 2 === 1 ? (s[m] ?? 0) : ((s[m - 1] ?? 0) + (s[m] ?? 0)) / 2;
 }
 
+/** @type {Array<{ label: string, mod: any }>} */
 const libs = [];
 for (const d of libDirs) {
   const mod = await import(pathToFileURL(path.join(d, 'index.js')).href);
@@ -116,22 +125,27 @@ try {
   for (let r = 0; r < reps; r++) {
     for (let k = 0; k < tools.length; k++) {
       const t = tools[(k + r) % tools.length];
-      iops[t.label].push(await t.run());
+      if (t === undefined) continue;
+      (iops[t.label] ??= []).push(await t.run());
     }
   }
 } finally {
-  for (const l of libs) await l.mod.shutdownIOThreads();
+  for (const l of libs) {
+    // newer builds take the BQL's proof, older ones nothing
+    if (l.mod.shutdownIOThreads.length >= 1) await l.mod.withBql((/** @type {unknown} */ bql) => l.mod.shutdownIOThreads(bql));
+    else await l.mod.shutdownIOThreads();
+  }
   fs.rmSync(dir, { recursive: true, force: true });
 }
 
-const load = os.loadavg()[0].toFixed(2);
+const load = (os.loadavg()[0] ?? 0).toFixed(2);
 console.log(`allocating 4 KiB writes into a fresh qcow2 (64 KiB clusters, stride 64 KiB): ${count} writes, QD${depth}, flush every ${flushEvery || 'end'}; ${reps} repetitions; load average ${load} on ${os.cpus().length} cores`);
-const peer = iops['qemu-img bench'];
+const peer = iops['qemu-img bench'] ?? [];
 for (const t of tools) {
-  const xs = iops[t.label];
+  const xs = iops[t.label] ?? [];
   let line = `  ${t.label.padEnd(34)} ${Math.round(median(xs)).toString().padStart(8)} IOPS  (min ${Math.round(Math.min(...xs))}, max ${Math.round(Math.max(...xs))})`;
   if (t.label !== 'qemu-img bench') {
-    const ratios = xs.map((x, i) => x / peer[i]);
+    const ratios = xs.map((x, i) => x / (peer[i] ?? NaN));
     line += `  ${median(ratios).toFixed(2)} x qemu-img (${Math.min(...ratios).toFixed(2)}-${Math.max(...ratios).toFixed(2)})`;
   }
   console.log(line);

@@ -15,6 +15,7 @@ import { qcow2BlockStatus, qcow2Read, qcow2Write, qcow2ZeroClusters } from './da
 import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily, setDiskSize } from './snapshots.js';
 import type { Qcow2State } from './state.js';
 import { flushMetadata } from './writeback.js';
+import { withMetadataLock } from './metadata-lock.js';
 import { toSnapshotInfo } from '../snapshot-lookup.js';
 
 /** Largest chunk of explicit zeros written at once when the zero flag cannot be used. */
@@ -97,7 +98,7 @@ export class Qcow2Instance implements BlockDriverInstance {
       const why = s.v3 ? "Can't shrink an image with internal snapshots" : "Can't resize a v2 image which has internal snapshots";
       throw new BlockError('ENOTSUP', `qcow2 node '${this.nodeName}': ${why}`, { node: this.nodeName, field: 'size', value: sizeBytes });
     }
-    await s.lock.run(() => setDiskSize(s, sizeBytes));
+    await withMetadataLock(s, (locked) => setDiskSize(locked, s, sizeBytes));
   }
 
   /** Writes VM-state bytes into the area past the guest disk (where QEMU puts it). */

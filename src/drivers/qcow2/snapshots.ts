@@ -18,6 +18,7 @@ import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js'
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, headerFields, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
 import { growL1, l2Offset } from './cluster-map.js';
 import { abortMetadataTx, beginMetadataTx, commitMetadataTx, txRelease } from './metadata-tx.js';
+import { assertMetadataLocked, withMetadataLock, type MetadataLocked } from './metadata-lock.js';
 import { zeroClustersLocked } from './data-path.js';
 import { allocClusters, discardDirtyRefcounts, peekRefcount, freeClusters, getRefcount, updateRefcount, writeDirtyRefcounts } from './refcount.js';
 import { flushMetadata } from './writeback.js';
@@ -146,13 +147,14 @@ async function openL1Walk(s: Qcow2State, l1Offset: number, l1Size: number): Prom
 }
 
 /**
- * QEMU's qcow2_update_snapshot_refcount: adds `addend` (-1, 0, +1) to the refcount of every L2
+ * QEMU's qcow2_update_snapshot_refcount (metadata lock held: `locked`): adds `addend` (-1, 0, +1) to the refcount of every L2
  * table and data cluster reachable from the L1 table at `l1Offset`, then recomputes the COPIED
  * bits. The active L1 is taken from memory. Refcounts are written (and flushed) before any L2 or
  * L1 table that relies on them.
  * @locking io
  */
-export async function updateSnapshotRefcount(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+export async function updateSnapshotRefcount(locked: MetadataLocked, s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+  assertMetadataLocked(locked, s, 'update snapshot refcount');
   await addSnapshotRefs(s, l1Offset, l1Size, addend);
   await recomputeCopied(s, l1Offset, l1Size, addend);
 }
@@ -449,7 +451,7 @@ function roundUpClusters(s: Qcow2State, bytes: number): number {
  */
 export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2State, idOrName: string): Promise<SnapshotEntry> {
   assertDrained(bql, drained, s.node, 'qcow2 snapshot goto');
-  return s.lock.run(async () => {
+  return withMetadataLock(s, async (locked) => {
     const sn = findByIdOrName(s.snapshots, idOrName);
     if (sn === undefined) {
       throw new BlockError('ENOENT', `Snapshot '${idOrName}' not found in '${s.filename}'`, { node: s.node.nodeName, value: idOrName });
@@ -464,7 +466,7 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     await flushMetadata(s, true);
     const failuresBefore = failedWrites(s);
     // 1.
-    await updateSnapshotRefcount(s, sn.l1TableOffset, sn.l1Size, 1);
+    await updateSnapshotRefcount(locked, s, sn.l1TableOffset, sn.l1Size, 1);
     const l1Clusters = Math.ceil((newL1Size * 8) / C);
     let newOff = 0;
     const buf = new Uint8Array(newL1Size * 8);
@@ -637,12 +639,13 @@ export async function loadSnapshotTemporarily(bql: Bql, s: Qcow2State, id: strin
 
 /**
  * Changes the virtual size in the header (growing the L1 table first when needed); the caller
- * holds the lock. A smaller size is made durable first, then the data past it is discarded (a
+ * holds the metadata lock (`locked`). A smaller size is made durable first, then the data past it is discarded (a
  * crash in between leaves allocated clusters past the end, which read as nothing); a larger one
  * is written only once the grown L1 table it needs is durable.
  * @locking io
  */
-export async function setDiskSize(s: Qcow2State, sizeBytes: number): Promise<void> {
+export async function setDiskSize(locked: MetadataLocked, s: Qcow2State, sizeBytes: number): Promise<void> {
+  assertMetadataLocked(locked, s, 'set disk size');
   const span = s.clusterSize * s.l2Entries;
   const needL1 = Math.ceil(sizeBytes / span);
   if (needL1 * 8 > MAX_L1_BYTES) {
