@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { bdrvSnapshotList, blkPread, blkPwrite, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
+import { bdrvSnapshotList, blkPread, blkPwrite, shutdownIOThreads, withBql } from '../src/index.js';
 import type { SnapshotInfo } from '../src/block/driver.js';
 import { sameSavevm } from '../src/block/snapshot-group.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
@@ -105,7 +105,7 @@ class Rig {
         const f = path.join(dir, `${prefix}-${id}.${id === 'r' ? 'raw' : 'qcow2'}`);
         rig.files[id] = f;
         if (id === 'r') fs.writeFileSync(f, Buffer.alloc(DISK_BYTES));
-        else withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: DISK_BYTES }));
+        else createQcow2File(bql, f, { sizeBytes: DISK_BYTES });
         const tag = `${prefix}-${id}`;
         rig.sw.set(id, faultSwitch(tag));
         const fmt = id === 'r' ? 'raw' : 'qcow2';
