@@ -9,9 +9,17 @@
  *
  * The sources are parsed one file at a time (no type checking): parameter types are judged by
  * their text, so a fixture may import types from modules that do not exist. Contract violations
- * (no tag, unknown tag, `io`/`common` taking a proof, `global-state` without `Bql`) are collected
- * and all reported; the file is still written for the functions without errors, and the exit code
- * is 1.
+ * are collected and all reported; the file is still written for the functions without errors, and
+ * the exit code is 1. They are:
+ * - no tag, an unknown tag, conflicting tags;
+ * - `io` / `common` code taking a proof, `global-state` code without a `Bql` parameter;
+ * - a metadata change the body shows without the proof: `io` / `common` code that changes host
+ *   files (fs rename/unlink/rm/mkdir/link/copy/writeFile/truncate, `open` with a creating flag,
+ *   the same names on the file driver's StoreFs), unless a `@host-files <reason>` tag explains it;
+ * - a body that calls `assertBql` / `assertDrained` without taking that proof as a parameter
+ *   (a proof smuggled in through a field or a closure);
+ * - a function of issue 11's list (METADATA_FUNCTIONS) that is not `global-state` with a Bql
+ *   (and a drained proof where marked), or that is missing from the sources.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -30,6 +38,34 @@ const CALLBACK_INTERFACES = new Set(['BlockDriver', 'BlockDriverInstance']);
 const CONTRACTS = new Set(['io', 'global-state', 'common']);
 const BQL_TYPES = new Set(['Bql']);
 const DRAINED_TYPES = new Set(['Drained', 'DrainedAll', 'DrainedProof']);
+/**
+ * Calls that change the host's files (create, rename, delete, link, truncate by name): image
+ * files and snapshot stores are global state, so code making them is global-state code. Both the
+ * `fs` names and the narrow StoreFs interface of the file driver's snapshot store are listed.
+ */
+const HOST_METADATA_CALLS = new Set([
+  'renameSync', 'unlinkSync', 'rmSync', 'rmdirSync', 'mkdirSync', 'linkSync', 'symlinkSync', 'copyFileSync',
+  'writeFileSync', 'truncateSync', 'rename', 'unlink', 'rm', 'rmdir', 'mkdir', 'mkdirp', 'link', 'symlink', 'copyFile', 'writeFile',
+]);
+/** `open` flags that create or truncate a file. */
+const CREATING_OPEN_FLAG = /^[wa]|x/;
+/**
+ * The functions issue 11 found changing metadata or global state without a proof. Each must be
+ * classified `global-state` with a Bql parameter and, where it works on an open node's metadata,
+ * a drained proof; a name missing from the sources is reported too (update this list when one is
+ * renamed), so the list cannot silently fall out of the table.
+ */
+export const METADATA_FUNCTIONS = new Map([
+  ['createQcow2OnNode', { drained: true }],
+  ['createQcow2File', { drained: false }],
+  ['writeSnapshotTable', { drained: true }],
+  ['setDiskSize', { drained: true }],
+  ['updateSnapshotRefcount', { drained: true }],
+  ['repairDirtyImage', { drained: false }],
+  ['discardSnapshotStore', { drained: false }],
+  ['shutdownIOThreads', { drained: false }],
+  ['createRawFile', { drained: false }],
+]);
 
 /**
  * One documented function or callback.
@@ -51,6 +87,7 @@ const DRAINED_TYPES = new Set(['Drained', 'DrainedAll', 'DrainedProof']);
  * @property {string} className
  * @property {ts.Node} docNode the node whose JSDoc holds the description and tags
  * @property {ReadonlyArray<ts.ParameterDeclaration>} params
+ * @property {ts.Node | undefined} body the function's body (undefined for signatures)
  * @property {number} pos position used for line numbers in messages
  */
 
@@ -213,6 +250,61 @@ export function firstSentence(text) {
 }
 
 /**
+ * The body of a class or object-literal member that is a function.
+ * @param {ts.Node} m
+ * @returns {ts.Node | undefined}
+ */
+function memberBody(m) {
+  if (ts.isMethodDeclaration(m) || ts.isGetAccessorDeclaration(m) || ts.isSetAccessorDeclaration(m)) return m.body;
+  if ((ts.isPropertyDeclaration(m) || ts.isPropertyAssignment(m)) && m.initializer !== undefined) {
+    const init = unwrapExpression(m.initializer);
+    if (ts.isArrowFunction(init) || ts.isFunctionExpression(init)) return init.body;
+  }
+  return undefined;
+}
+
+/**
+ * The name a call expression calls: `f(...)` gives `f`, `a.b.f(...)` gives `f`.
+ * @param {ts.CallExpression} call
+ */
+function calleeName(call) {
+  const e = unwrapExpression(call.expression);
+  if (ts.isIdentifier(e)) return e.text;
+  if (ts.isPropertyAccessExpression(e)) return e.name.text;
+  return '';
+}
+
+/**
+ * What a function body does that the contract cares about: the host-file changes it makes
+ * (`fs.renameSync`, a StoreFs `unlink`, `openSync(p, 'w')`, ...) and whether it checks a Bql or
+ * a drained proof itself. Nested functions count: they run on the function's behalf.
+ * @param {ts.Node | undefined} body
+ * @returns {{ hostChanges: string[], checksBql: boolean, checksDrained: boolean }}
+ */
+function scanBody(body) {
+  /** @type {Set<string>} */
+  const hostChanges = new Set();
+  let checksBql = false;
+  let checksDrained = false;
+  /** @param {ts.Node} n */
+  const visit = (n) => {
+    if (ts.isCallExpression(n)) {
+      const name = calleeName(n);
+      if (HOST_METADATA_CALLS.has(name)) hostChanges.add(name);
+      if (name === 'openSync' || name === 'open') {
+        const flag = n.arguments[1];
+        if (flag !== undefined && ts.isStringLiteralLike(flag) && CREATING_OPEN_FLAG.test(flag.text)) hostChanges.add(`${name}(..., '${flag.text}')`);
+      }
+      if (name === 'assertBql') checksBql = true;
+      if (name === 'assertDrained') checksDrained = true;
+    }
+    ts.forEachChild(n, visit);
+  };
+  if (body !== undefined) visit(body);
+  return { hostChanges: [...hostChanges].sort(compare), checksBql, checksDrained };
+}
+
+/**
  * The function-like declarations of one file that the contract covers.
  * @param {ts.SourceFile} sf
  * @returns {Candidate[]}
@@ -257,20 +349,20 @@ function candidates(sf) {
       if (!(isExported(st) || exportedLocals.has(name))) continue;
       if (seenFunctions.has(name)) continue;
       seenFunctions.add(name);
-      out.push({ name, className: '', docNode: st, params: st.parameters, pos: st.getStart(sf) });
+      out.push({ name, className: '', docNode: st, params: st.parameters, body: st.body, pos: st.getStart(sf) });
     } else if (ts.isVariableStatement(st)) {
       for (const decl of st.declarationList.declarations) {
         const name = nameText(decl.name, sf);
         if (!(isExported(st) || exportedLocals.has(name)) || decl.initializer === undefined) continue;
         const init = unwrapExpression(decl.initializer);
         if (ts.isArrowFunction(init) || ts.isFunctionExpression(init)) {
-          out.push({ name, className: '', docNode: decl, params: init.parameters, pos: decl.getStart(sf) });
+          out.push({ name, className: '', docNode: decl, params: init.parameters, body: init.body, pos: decl.getStart(sf) });
         } else if (ts.isObjectLiteralExpression(init)) {
           // an exported object of callbacks (a driver): its tagged methods
           for (const m of init.properties) {
             const params = memberParams(m);
             if (params === undefined || lockingTags(m).length === 0) continue;
-            out.push({ name: nameText(m.name, sf), className: name, docNode: m, params, pos: m.getStart(sf) });
+            out.push({ name: nameText(m.name, sf), className: name, docNode: m, params, body: memberBody(m), pos: m.getStart(sf) });
           }
         }
       }
@@ -280,7 +372,7 @@ function candidates(sf) {
       for (const m of st.members) {
         const params = memberParams(m);
         if (params === undefined || (!everyCallback && lockingTags(m).length === 0)) continue;
-        out.push({ name: nameText(m.name, sf), className: name, docNode: m, params, pos: m.getStart(sf) });
+        out.push({ name: nameText(m.name, sf), className: name, docNode: m, params, body: undefined, pos: m.getStart(sf) });
       }
     } else if (ts.isClassDeclaration(st)) {
       const className = nameText(st.name, sf);
@@ -291,7 +383,7 @@ function candidates(sf) {
         const name = nameText(m.name, sf);
         if (seenMembers.has(name)) continue;
         seenMembers.add(name);
-        out.push({ name, className, docNode: m, params, pos: m.getStart(sf) });
+        out.push({ name, className, docNode: m, params, body: memberBody(m), pos: m.getStart(sf) });
       }
     }
   }
@@ -309,14 +401,19 @@ function describeParam(p, sf) {
 /**
  * Scans `rootDir` and classifies every exported block-layer function and driver callback.
  * @param {string} [rootDir] the directory holding src/ (default: this repository)
+ * @param {ReadonlyMap<string, { drained: boolean }>} [metadataFunctions] functions that must be
+ *   global-state with a Bql (and a drained proof where marked); default: issue 11's list for this
+ *   repository, none for another root
  * @returns {{ rows: LockingRow[], errors: string[] }} rows sorted by module, class and name (those
  *   with an error are left out); errors as `module:line: Name: problem`, in file order
  */
-export function collectRows(rootDir = REPO_ROOT) {
+export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir === REPO_ROOT ? METADATA_FUNCTIONS : new Map()) {
   /** @type {LockingRow[]} */
   const rows = [];
   /** @type {string[]} */
   const errors = [];
+  /** @type {Set<string>} */
+  const foundListed = new Set();
   for (const file of sourceFiles(rootDir)) {
     const module = path.relative(rootDir, file).split(path.sep).join('/');
     const sf = ts.createSourceFile(file, fs.readFileSync(file, 'utf8'), ts.ScriptTarget.Latest, true, ts.ScriptKind.TS);
@@ -353,6 +450,28 @@ export function collectRows(rootDir = REPO_ROOT) {
         const hint = untyped.length > 0 ? ` (parameters without a type annotation: ${untyped.join(', ')})` : '';
         problems.push(`is @locking global-state but takes no parameter typed Bql${hint}`);
       }
+      const scan = scanBody(c.body);
+      const hostFilesWhy = ts.getJSDocTags(c.docNode).find((t) => t.tagName.text === 'host-files');
+      if (hostFilesWhy !== undefined && (ts.getTextOfJSDocComment(hostFilesWhy.comment) ?? '').trim() === '') {
+        problems.push('has a @host-files tag without a reason (say why this I/O code may change host files)');
+      }
+      if (contract !== 'global-state' && scan.hostChanges.length > 0 && hostFilesWhy === undefined) {
+        problems.push(
+          `is @locking ${contract} but changes host files (${scan.hostChanges.join(', ')}): making, renaming or removing image files is global state; take a Bql and tag it global-state`,
+        );
+      }
+      if (scan.checksBql && bqlParams.length === 0) problems.push('calls assertBql but takes no parameter typed Bql: the proof it checks must come in through its signature');
+      if (scan.checksDrained && drainedParams.length === 0) problems.push('calls assertDrained but takes no drained proof parameter: the proof it checks must come in through its signature');
+      const listed = c.className === '' ? metadataFunctions.get(c.name) : undefined;
+      if (listed !== undefined) {
+        foundListed.add(c.name);
+        if (contract !== 'global-state' || bqlParams.length === 0) {
+          problems.push('changes metadata or global state (issue 11) and must be @locking global-state with a Bql parameter');
+        }
+        if (listed.drained && drainedParams.length === 0) {
+          problems.push("changes an open node's metadata (issue 11) and must take a drained proof (Drained, DrainedAll or DrainedProof)");
+        }
+      }
       if (problems.length > 0) {
         for (const p of problems) fail(p);
         continue;
@@ -370,6 +489,9 @@ export function collectRows(rootDir = REPO_ROOT) {
         summary: firstSentence(docText(c.docNode)),
       });
     }
+  }
+  for (const name of metadataFunctions.keys()) {
+    if (!foundListed.has(name)) errors.push(`(list): ${name}: named by issue 11 as changing metadata but not found as an exported function in ${SCAN_DIRS.join(' or ')} (renamed? update METADATA_FUNCTIONS)`);
   }
   rows.sort((a, b) => compare(a.module, b.module) || compare(a.className, b.className) || compare(a.name, b.name));
   return { rows, errors };
