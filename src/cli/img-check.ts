@@ -76,12 +76,11 @@ function toJson(r: CheckResult, file: string, format: string): Record<string, un
   if (r.leaks > 0) o['leaks'] = r.leaks;
   if (r.corruptionsFixed > 0) o['corruptions-fixed'] = r.corruptionsFixed;
   if (r.leaksFixed > 0) o['leaks-fixed'] = r.leaksFixed;
-  if (r.totalClusters > 0) {
-    o['total-clusters'] = r.totalClusters;
-    o['allocated-clusters'] = r.allocatedClusters;
-    o['fragmented-clusters'] = r.fragmentedClusters;
-    o['compressed-clusters'] = r.compressedClusters;
-  }
+  // qemu-img leaves each allocation figure out when it is 0
+  if (r.totalClusters > 0) o['total-clusters'] = r.totalClusters;
+  if (r.allocatedClusters > 0) o['allocated-clusters'] = r.allocatedClusters;
+  if (r.fragmentedClusters > 0) o['fragmented-clusters'] = r.fragmentedClusters;
+  if (r.compressedClusters > 0) o['compressed-clusters'] = r.compressedClusters;
   return o;
 }
 
