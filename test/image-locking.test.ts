@@ -246,6 +246,31 @@ describeInterop('image locks against QEMU 7.2', () => {
     expect(qemuStatus('qemu-img', ['snapshot', '-c', 'after-close', p]).status).toBe(0);
   });
 
+  it('qemu-img snapshot refuses an image a running snapstack monitor holds, and succeeds once it quits', async () => {
+    const p = path.join(dir, 'monitor-held.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', p, '16M']);
+    const mon = spawn(process.execPath, [path.resolve('bin/snapstack.js'), 'monitor', '--drive', `file=${p},format=qcow2,id=disk0`], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let stderr = '';
+    mon.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const exited = new Promise((r) => mon.once('exit', r));
+    try {
+      const deadline = Date.now() + 20_000;
+      while (lockBytes(p).length === 0) {
+        if (mon.exitCode !== null || Date.now() > deadline) throw new Error(`the monitor did not open '${p}': ${stderr}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const snap = qemuStatus('qemu-img', ['snapshot', '-c', 'beside-the-monitor', p]);
+      expect(snap.status).not.toBe(0);
+      expect(snap.stderr).toContain('Failed to get "write" lock');
+      expect(snap.stderr).toContain(`Is another process using the image [${p}]?`);
+    } finally {
+      mon.stdin.end('quit\n');
+      await exited;
+    }
+    expect(qemuStatus('qemu-img', ['snapshot', '-c', 'after-the-monitor', p]).status).toBe(0);
+    expect(qemu('qemu-img', ['snapshot', '-l', p])).toContain('after-the-monitor');
+  });
+
   it('qemu-io refuses a raw image snapstack holds read/write', async () => {
     const p = rawImage('held.raw');
     await keep(openImage(p, { format: 'raw' }));
@@ -275,6 +300,10 @@ describeInterop('image locks against QEMU 7.2', () => {
       expect((await cli(imgMain, ['snapshot', '-c', 'x', p])).err).toContain('Failed to get "write" lock');
       expect((await cli(imgMain, ['snapshot', '-l', '--force-share', p])).status).toBe(0);
       expect((await cli(imgMain, ['map', '-U', p])).status).toBe(0);
+      expect((await cli(imgMain, ['check', p])).err).toContain('Failed to get shared "write" lock');
+      const check = await cli(imgMain, ['check', '-U', p]);
+      expect(check.status, check.err).toBe(0);
+      expect(check.out).toContain('No errors were found on the image.');
       const copy = path.join(dir, 'qemu-held-copy.raw');
       expect((await cli(imgMain, ['convert', '-U', '-O', 'raw', p, copy])).status).toBe(0);
       expect((await cli(imgMain, ['compare', '-U', p, copy])).status).toBe(0);
