@@ -79,7 +79,7 @@ function median(xs) {
 
 const rawFile = path.join(dir, 'disk.raw');
 const qcowFile = path.join(dir, 'disk.qcow2');
-createRawFile(rawFile, sizeBytes);
+withBqlSync((bql) => createRawFile(bql, rawFile, sizeBytes));
 withBqlSync((bql) => createQcow2File(bql, qcowFile, { sizeBytes }));
 const raw = await openImage(rawFile, { format: 'raw', aio });
 const qcow = await openImage(qcowFile, { format: 'qcow2', aio });

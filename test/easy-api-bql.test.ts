@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { bqlIsHeld, withBql } from '../src/block/bql.js';
+import { bqlIsHeld, withBql, withBqlSync } from '../src/block/bql.js';
 import { isBlockError } from '../src/block/errors.js';
 import { createRawFile } from '../src/drivers/index.js';
 import { openImage } from '../src/image.js';
@@ -21,7 +21,7 @@ afterAll(() => {
 
 function rawImage(name: string): string {
   const p = path.join(dir, name);
-  createRawFile(p, 1 << 20);
+  withBqlSync((bql) => createRawFile(bql, p, 1 << 20));
   return p;
 }
 

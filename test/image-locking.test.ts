@@ -9,6 +9,7 @@ import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { withBqlSync } from '../src/block/bql.js';
 import { isBlockError } from '../src/block/errors.js';
 import { imgMain } from '../src/cli/img.js';
 import { ioMain } from '../src/cli/io.js';
@@ -47,7 +48,7 @@ async function closeKept(img: Image): Promise<void> {
 
 function rawImage(name: string, size = 1 << 20): string {
   const p = path.join(dir, name);
-  createRawFile(p, size);
+  withBqlSync((bql) => createRawFile(bql, p, size));
   return p;
 }
 
@@ -127,6 +128,18 @@ describe('image locks inside one process', () => {
     expect(await refusal(openImage(p, { format: 'raw', readOnly: true }))).toContain('Failed to get shared "write" lock');
     const r = await keep(openImage(p, { format: 'raw', readOnly: true, forceShare: true }));
     expect((await r.read(0, 4096)).every((b) => b === 0x5a)).toBe(true);
+  });
+
+  it('refuses to create an image over one that is open, and leaves its data and snapshots alone', async () => {
+    const p = rawImage('recreate.img', 65536);
+    const img = await keep(openImage(p, { format: 'raw' }));
+    await img.write(0, new Uint8Array(4096).fill(0x42));
+    await img.createSnapshot('keep-me');
+    await img.flush();
+    expect(() => withBqlSync((bql) => createRawFile(bql, p, 4096))).toThrow(/Failed to get "write" lock/);
+    expect(fs.statSync(p).size).toBe(65536);
+    expect(fs.readFileSync(p).subarray(0, 4096).every((b) => b === 0x42)).toBe(true);
+    expect((await img.snapshots()).map((x) => x.name)).toEqual(['keep-me']);
   });
 
   it('refuses force-share on a read/write open', async () => {
@@ -309,6 +322,9 @@ describeInterop('image locks against QEMU 7.2', () => {
       expect((await cli(imgMain, ['compare', '-U', p, copy])).status).toBe(0);
       expect((await cli(ioMain, ['-r', '-U', '-c', 'read -P 0xab 0 65536', p])).out).toContain('read 65536/65536 bytes');
       expect((await cli(ioMain, ['-c', 'read 0 512', p])).err).toContain('Failed to get "write" lock');
+      const create = await cli(imgMain, ['create', '-f', 'raw', p, '1M']);
+      expect(create.status).not.toBe(0);
+      expect(create.err).toContain('Failed to get "write" lock');
     } finally {
       await stop(holder);
     }

@@ -6,7 +6,7 @@ import { gateOf, settle } from '../../test/helpers/gated-driver.js';
 import '../drivers/index.js';
 import { createRawFile } from '../drivers/index.js';
 import { blkDelete, blkList, blkNew } from './backend.js';
-import { withBql, type Bql } from './bql.js';
+import { withBql, withBqlSync, type Bql } from './bql.js';
 import { drainedBegin, drainedEnd, withDrained } from './drain.js';
 import { BlockError } from './errors.js';
 import { attachChild, closeNode, detachChild, findNode, listNodes, openNode } from './graph.js';
@@ -306,7 +306,7 @@ describe('closeNode', () => {
 describe('iothread binding', () => {
   it('binds a node and its file child to the IOThread named by iothread=', async () => {
     const p = path.join(dir, 'io.img');
-    createRawFile(p, 65536);
+    withBqlSync((bql) => createRawFile(bql, p, 65536));
     const node = await withBql(async (bql) => {
       const t = createIOThread(bql, 'io-graph');
       const n = await openNode(bql, `file=${p},format=raw,node-name=bound,iothread=io-graph`);
@@ -343,7 +343,7 @@ describe('iothread binding', () => {
 describe('queries', () => {
   it('reports every node with its name, driver, file, size, flags, IOThread, counters and children', async () => {
     const p = path.join(dir, 'query.img');
-    createRawFile(p, 3 * 65536);
+    withBqlSync((bql) => createRawFile(bql, p, 3 * 65536));
     await withBql(async (bql) => {
       createIOThread(bql, 'io-query');
       await openNode(bql, `file=${p},format=raw,node-name=qraw,file.node-name=qfile,read-only=on,iothread=io-query`);
@@ -419,7 +419,7 @@ describe('queries', () => {
 
   it('formats info block with the device name, node name, file, driver and size', async () => {
     const p = path.join(dir, 'info.img');
-    createRawFile(p, 8192);
+    withBqlSync((bql) => createRawFile(bql, p, 8192));
     await withBql(async (bql) => {
       const node = await openNode(bql, `file=${p},format=raw,node-name=inode`);
       blkNew(bql, 'ide0-hd0', node);

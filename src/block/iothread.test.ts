@@ -4,7 +4,7 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import '../drivers/index.js';
 import { createRawFile } from '../drivers/index.js';
-import { withBql } from './bql.js';
+import { withBql, withBqlSync } from './bql.js';
 import { BlockError } from './errors.js';
 import { closeNode, listNodes, openNode } from './graph.js';
 import { bdrvPread, bdrvPwrite, bdrvPwriteZeroes } from './io.js';
@@ -34,7 +34,7 @@ afterAll(async () => {
 
 function tempFile(size: number): string {
   const p = path.join(dir, `f${fileCounter++}.img`);
-  createRawFile(p, size);
+  withBqlSync((bql) => createRawFile(bql, p, size));
   return p;
 }
 

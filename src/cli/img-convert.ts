@@ -50,7 +50,7 @@ export async function imgConvert(args: string[], out: Out): Promise<number> {
     const size = from.size;
     if (dstFmt === 'raw') {
       if (Object.keys(o).length > 0) throw new BlockError('EINVAL', `Invalid options for file format 'raw': ${Object.keys(o).join(',')}`, { field: '-o' });
-      createRawFile(dst, size);
+      withBqlSync((bql) => createRawFile(bql, dst, size));
     } else if (dstFmt === 'qcow2') {
       const cs = o['cluster_size'];
       withBqlSync((bql) =>

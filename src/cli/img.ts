@@ -58,7 +58,7 @@ async function create(args: string[], out: Out): Promise<number> {
   const size = parseSize(sizeOpt);
   const opts = createOptions(fmt, o);
   if (fmt === 'raw') {
-    createRawFile(file, size);
+    withBqlSync((bql) => createRawFile(bql, file, size));
     out(`Formatting '${file}', fmt=raw size=${size}`);
   } else if (fmt === 'qcow2') {
     withBqlSync((bql) => createQcow2File(bql, file, { sizeBytes: size, ...opts }));

@@ -44,7 +44,7 @@ function demoSetup(dir: string): { objects: string[]; drives: string[] } {
   const qcow = path.join(dir, 'disk0.qcow2');
   const raw = path.join(dir, 'disk1.raw');
   if (!fs.existsSync(qcow)) withBqlSync((bql) => createQcow2File(bql, qcow, { sizeBytes: 256 * 1024 * 1024 }));
-  if (!fs.existsSync(raw)) createRawFile(raw, 64 * 1024 * 1024);
+  if (!fs.existsSync(raw)) withBqlSync((bql) => createRawFile(bql, raw, 64 * 1024 * 1024));
   return {
     objects: ['iothread,id=io0'],
     drives: [`file=${qcow},format=qcow2,id=disk0,iothread=io0`, `file=${raw},format=raw,id=disk1`],

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { withBql } from '../block/bql.js';
+import { withBql, withBqlSync } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { closeNode, listNodes, openNode } from '../block/graph.js';
 import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../block/io.js';
@@ -41,7 +41,7 @@ async function open(options: NodeOptions | string): Promise<BlockNode> {
 /** A new host file of `size` bytes holding `fill` (or sparse zeros). */
 function tempFile(size: number, fill?: (i: number) => number): string {
   const p = path.join(dir, `disk${fileCounter++}.img`);
-  if (fill === undefined) createRawFile(p, size);
+  if (fill === undefined) withBqlSync((bql) => createRawFile(bql, p, size));
   else fs.writeFileSync(p, Uint8Array.from({ length: size }, (_, i) => fill(i)));
   return p;
 }

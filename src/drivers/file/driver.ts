@@ -118,21 +118,31 @@ export const fileDriver: BlockDriver = {
 
 /**
  * Creates (or truncates) a host file of `sizeBytes` bytes, sparse, as `qemu-img create -f raw`.
- * The snapshots of an image it replaces (the `<file>.snapshots` store) are removed with it.
- * @locking common
+ * As qemu-img does, it takes the image's write lock before it truncates anything: an image that
+ * another user (a QEMU, a snapstack monitor) holds is refused with EBUSY and left untouched. The
+ * snapshots of an image it replaces (the `<file>.snapshots` store) are removed with it.
+ * @locking global-state
  */
-export function createRawFile(filename: string, sizeBytes: number): void {
+export function createRawFile(bql: Bql, filename: string, sizeBytes: number): void {
+  assertBql(bql, 'createRawFile');
+  let fd: number;
   try {
-    const fd = fs.openSync(filename, 'w');
-    try {
-      fs.ftruncateSync(fd, sizeBytes);
-    } finally {
-      fs.closeSync(fd);
-    }
+    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
   } catch (e) {
     throw fromSystemError(e, 'create', { file: filename });
   }
-  discardSnapshotStore(filename);
+  let lock: ImageLock | null = null;
+  try {
+    lock = ImageLock.acquire(bql, filename, 'create', filePerms(false, false), 'auto');
+    fs.ftruncateSync(fd, 0);
+    fs.ftruncateSync(fd, sizeBytes);
+  } catch (e) {
+    throw fromSystemError(e, 'create', { file: filename });
+  } finally {
+    fs.closeSync(fd);
+    lock?.release(bql);
+  }
+  discardSnapshotStore(bql, filename);
 }
 
 registerDriver(fileDriver);

@@ -8,7 +8,7 @@ import os from 'node:os';
 import path from 'node:path';
 import fc from 'fast-check';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { withBql } from '../../block/bql.js';
+import { withBql, withBqlSync } from '../../block/bql.js';
 import { withDrained } from '../../block/drain.js';
 import { BlockError } from '../../block/errors.js';
 import { bdrvLoadVmstate, bdrvSaveVmstate } from '../../block/io.js';
@@ -41,7 +41,7 @@ afterAll(async () => {
 /** A new host file of `size` bytes (sparse zeros). */
 function tempImage(size: number): string {
   const p = path.join(dir, `disk${fileCounter++}.img`);
-  createRawFile(p, size);
+  withBqlSync((bql) => createRawFile(bql, p, size));
   return p;
 }
 
@@ -474,7 +474,7 @@ describe.each([['sync' as const], ['threads' as const]])('raw snapshots on a fil
     const img = await openRaw(file);
     await img.createSnapshot('old');
     await closeTracked(img);
-    createRawFile(file, 64 * KiB);
+    withBqlSync((bql) => createRawFile(bql, file, 64 * KiB));
     expect(fs.existsSync(storeOf(file))).toBe(false);
     const fresh = await openRaw(file);
     expect(await fresh.snapshots()).toEqual([]);

@@ -111,9 +111,10 @@ function fsyncPath(sfs: StoreFs, p: string): void {
 /**
  * Removes a host file's snapshot store (the files of ours in it, then the directory when empty):
  * an image created anew over an old one must not inherit the old one's snapshots.
- * @locking common
+ * @locking global-state
  */
-export function discardSnapshotStore(filename: string, sfs: StoreFs = hostStoreFs): void {
+export function discardSnapshotStore(bql: Bql, filename: string, sfs: StoreFs = hostStoreFs): void {
+  assertBql(bql, 'discardSnapshotStore');
   let image: string;
   try {
     image = sfs.realpath(filename);
@@ -383,6 +384,7 @@ export class FileSnapshotStore {
   /**
    * Opens the pending VM-state file for writing, creating it (and the store directory) on demand.
    * @locking io
+   * @host-files the first saveVmstate (an I/O callback) creates the pending VM-state file; no index refers to it until a snapshot create, under the BQL, takes it
    */
   openPendingForWrite(): number {
     const w = this.where();
