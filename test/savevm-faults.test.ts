@@ -370,8 +370,9 @@ function combos(counts: Map<string, number>, r: () => number, samples: number): 
       if (p === undefined) continue;
       if (chosen.some((c) => c.disk === p[0] && c.index === p[1])) continue;
       const lost = r() < 0.3;
-      // a quarter of the cases lose one disk for good, early in the operation (before its commit point)
-      if (k % 4 === 3 && j === 0) chosen.push({ disk: p[0], index: Math.floor(r() * Math.min(3, p[1] + 1)), lostAck: false, persistent: true });
+      // a quarter of the cases lose one disk for good: half of them early in the operation (before
+      // its commit point), half anywhere (so that putting a disk back fails too)
+      if (k % 4 === 3 && j === 0) chosen.push({ disk: p[0], index: k % 8 === 3 ? Math.floor(r() * Math.min(3, p[1] + 1)) : p[1], lostAck: false, persistent: true });
       else chosen.push({ disk: p[0], index: p[1], lostAck: lost });
     }
     out.push(chosen);

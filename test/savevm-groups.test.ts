@@ -243,6 +243,43 @@ describe('failures of the group create and of the older snapshot of a tag', () =
     }
   });
 
+  it('loadvm puts back every disk it can even after one fails, keeps every undo snapshot, stays paused, and says where each disk is', async () => {
+    const m = await machine([raw('pb-a', 'a'), raw('pb-b', 'b'), raw('pb-c', 'c')]);
+    const a = faultSwitch('pb-a');
+    const b = faultSwitch('pb-b');
+    try {
+      for (const id of ['a', 'b', 'c']) await fill(m, id, 1);
+      await withBql((bql) => saveVm(bql, m, 'p'));
+      for (const id of ['a', 'b', 'c']) await fill(m, id, 2);
+      // a: undo (write 0) and goto (1) pass, then a dies, so it cannot be put back;
+      // b: undo passes, its goto fails once, putting it back works
+      planFaults(a, Array.from({ length: 50 }, (_, i) => i + 2));
+      planFaults(b, [1]);
+      const e = await caught(withBql((bql) => loadVm(bql, m, 'p')));
+      planFaults(a, null);
+      planFaults(b, null);
+      expect(e).toBeInstanceOf(VmSnapshotError);
+      const ve = e as VmSnapshotError;
+      expect(Object.fromEntries(ve.detail.disks)).toEqual({ a: 'unknown', b: 'put back', c: 'unchanged' });
+      expect(ve.detail.undoKept.map((u) => u.disk)).toEqual(['a', 'b', 'c']);
+      expect(ve.detail.pending).toBe(true);
+      expect(ve.message).toMatch(/Could not load snapshot 'p' on 'b': .*putting the disks back failed on 'a': .*Now 'a' may be at snapshot 'p' or partly reverted, 'b' is put back, 'c' is unchanged; the state from before loadvm is kept in the undo snapshots 'snapstack-loadvm-undo-\S+' \(ID 2\) on 'a', .* on 'b', .* on 'c'; the machine stays paused/);
+      expect(await firstByte(m, 'b')).toBe(2);
+      expect(await firstByte(m, 'c')).toBe(2);
+      expect(m.runState).toBe('paused');
+      expect(() => withBqlSync((bql) => m.cont(bql))).toThrow(/the machine stays paused: loadvm 'p' did not finish/);
+      // the next operation puts 'a' back first and deletes the undo snapshots
+      expect(await withBql((bql) => delVm(bql, m, 'nosuch'))).toEqual([]);
+      for (const id of ['a', 'b', 'c']) expect(await firstByte(m, id)).toBe(2);
+      const left = await withBql(async (bql) => Promise.all(m.disks.map(async (d) => (await bdrvSnapshotList(bql, d.node)).map((s) => s.name))));
+      expect(left).toEqual([['p'], ['p'], ['p']]);
+      withBqlSync((bql) => m.cont(bql));
+      expect(m.runState).toBe('running');
+    } finally {
+      await withBql((bql) => m.shutdown(bql));
+    }
+  });
+
   it('savevm whose leftover cannot be removed says so, and the next operation removes it', async () => {
     const m = await machine([raw('sl-a', 'a'), raw('sl-b', 'b')]);
     const a = faultSwitch('sl-a');
