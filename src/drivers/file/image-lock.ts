@@ -27,7 +27,8 @@
  * node that holds the image named, also where the native locks are not available.
  *
  * `locking=on|off|auto` (default auto): off takes and checks nothing; on fails when the native
- * locks cannot be loaded; auto then falls back to the in-process table alone.
+ * locks cannot be loaded (or the system is not Linux, where the package would take whole-file
+ * flock() locks instead); auto then falls back to the in-process table alone.
  *
  * Global-state code: opened and released by the driver's open, close and snapshot goto.
  */
@@ -87,6 +88,11 @@ function isNativeLocks(m: unknown): m is NativeLocks {
 function nativeLocks(): NativeLocks | null {
   if (!nativeLoaded) {
     nativeLoaded = true;
+    if (process.platform !== 'linux') {
+      // elsewhere the package locks whole files with flock(), which QEMU does not see
+      nativeError = `OFD byte-range locks are Linux-only (this is ${process.platform})`;
+      return null;
+    }
     try {
       const m: unknown = createRequire(import.meta.url)('fs-native-extensions');
       if (isNativeLocks(m)) native = m;
