@@ -15,12 +15,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { bdrvSnapshotList, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
+import { bdrvSnapshotList, shutdownIOThreads, withBql, withBqlSync, withDrainedAll } from '../src/index.js';
 import type { SnapshotInfo } from '../src/block/driver.js';
 import { sameSavevm } from '../src/block/snapshot-group.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { Machine } from '../src/machine/machine.js';
-import { loadVm, UNDO_PREFIX } from '../src/machine/savevm.js';
+import { loadVm, saveVm, UNDO_PREFIX } from '../src/machine/savevm.js';
 import { INTENT_SUFFIX } from '../src/machine/vm-intent.js';
 import { describeInterop, qemuStatus } from './helpers/qemu.js';
 
@@ -88,7 +88,55 @@ async function openMachine(drives: string[]): Promise<{ m: Machine; report: stri
   return { m, report };
 }
 
+/** Runs the monitor on the images with `lines` on stdin; returns what it printed. */
+async function monitorOnce(drives: string[], lines: string[]): Promise<string> {
+  const args = [path.resolve('bin/snapstack.js'), 'monitor', ...drives.flatMap((d) => ['--drive', d]), '-m', RAM];
+  const child = spawn(process.execPath, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  child.stdin.end(`${lines.join('\n')}\n`);
+  await new Promise<void>((resolve) => child.on('close', () => resolve()));
+  return out;
+}
+
 describeInterop('savevm, loadvm and delvm killed with SIGKILL at random points', () => {
+  it('the monitor reports a recovered savevm once: the partial snapshot is gone, the next start says nothing', async () => {
+    const sub = fs.mkdtempSync(path.join(dir, 'once-'));
+    const qa = path.join(sub, 'a.qcow2');
+    const qb = path.join(sub, 'b.qcow2');
+    withBqlSync((bql) => {
+      createQcow2File(bql, qa, { sizeBytes: 4 * MiB });
+      createQcow2File(bql, qb, { sizeBytes: 4 * MiB });
+    });
+    const drives = [`file=${qa},format=qcow2,id=a`, `file=${qb},format=qcow2,id=b`];
+    // a savevm that a crash cut short: the snapshot on 'a' only, and its intent record beside 'a'
+    const first = await openMachine(drives);
+    await withBql((bql) => saveVm(bql, first.m, 'cut'));
+    const sn = (await lists(first.m)).get('a')?.find((x) => x.name === 'cut');
+    await withBql(async (bql) => {
+      const b = first.m.disks[1];
+      if (b === undefined) throw new Error('b');
+      const { bdrvSnapshotDelete } = await import('../src/block/snapshot.js');
+      await withDrainedAll(bql, (drained) => bdrvSnapshotDelete(bql, drained, b.node, null, 'cut'));
+    });
+    await withBql((bql) => first.m.shutdown(bql));
+    if (sn === undefined) throw new Error('no snapshot');
+    const rec = { op: 'savevm', phase: 'started', tag: 'cut', identity: { dateSec: sn.dateSec, dateNsec: sn.dateNsec, vmClockNsec: sn.vmClockNsec }, disks: ['a', 'b'] };
+    fs.writeFileSync(`${qa}${INTENT_SUFFIX}`, JSON.stringify(rec));
+    const out = await monitorOnce(drives, ['info snapshots', 'quit']);
+    expect(out).toMatch(/savevm 'cut' was interrupted: its partial snapshot was removed \(1 disk\(s\)\); older snapshots of the tag are kept/);
+    expect(out).toMatch(/There is no snapshot available\./);
+    expect(fs.existsSync(`${qa}${INTENT_SUFFIX}`)).toBe(false);
+    const again = await monitorOnce(drives, ['quit']);
+    expect(again).not.toMatch(/interrupted|recovery/);
+    for (const f of [qa, qb]) {
+      expect(qemuStatus('qemu-img', ['snapshot', '-l', f]).stdout).toBe('');
+      expect(qemuStatus('qemu-img', ['check', f]).status).toBe(0);
+    }
+  });
+
+
   it('after every kill the next start finds each tag on all disks or none, finishes or rolls back an interrupted operation once, and qemu-img check passes', { timeout: LONG ? 3_600_000 : 240_000 }, async () => {
     const r = rng(0xdead);
     const recovered = new Map<string, number>();
