@@ -30,6 +30,8 @@ export interface CheckResult {
   compressedClusters: number;
   /** One line per problem found or repaired, in qemu-img's words. */
   messages: string[];
+  /** Why the check stopped early (qemu-img's "Check failed: ..."), or null when it ran through. */
+  failure: BlockError | null;
 }
 
 /**

@@ -108,6 +108,7 @@ export async function checkImageFile(file: string, format: string, fix: CheckFix
 export async function checkQcow2File(file: string, repair: CheckFix): Promise<CheckResult> {
   const res = await checkImageFile(file, 'qcow2', repair);
   if (res === null) throw new BlockError('ENOTSUP', `'${file}': this image format does not support checks`, { file, op: 'check' });
+  if (res.failure !== null) throw res.failure;
   return res;
 }
 
@@ -135,6 +136,10 @@ export async function imgCheck(args: string[], out: Out, err: Out): Promise<numb
     return 63;
   }
   for (const m of res.messages) err(m);
+  if (res.failure !== null) {
+    err(`snapstack img: Check failed: ${describeError(res.failure)}`);
+    return 1;
+  }
   if (json) out(JSON.stringify(toJson(res, file, format), null, 4));
   else printHuman(res, out);
   if (res.checkErrors > 0) {

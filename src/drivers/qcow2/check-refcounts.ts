@@ -36,6 +36,8 @@ export interface Qcow2CheckResult {
   compressedClusters: number;
   /** One line per problem, in the words qemu-img prints to stderr. */
   messages: string[];
+  /** Why the check stopped early, or null. */
+  failure: BlockError | null;
 }
 
 /** Which problems to repair: `-r leaks` or `-r all`. */
@@ -61,6 +63,7 @@ export function emptyResult(): Qcow2CheckResult {
     fragmentedClusters: 0,
     compressedClusters: 0,
     messages: [],
+    failure: null,
   };
 }
 

@@ -58,20 +58,33 @@ export async function checkQcow2(s: Qcow2State, repair: RepairMode = NO_FIX): Pr
   return s.lock.run(async () => {
     // what the check reads on disk must be all there is: write back what is still in memory
     if (!s.node.readOnly) await flushMetadata(s, true);
-    const first = await checkOnce(s, repair);
+    const first = emptyResult();
+    if (!(await checkStopping(s, repair, first))) return first;
     if (first.leaksFixed === 0 && first.corruptionsFixed === 0) return first;
     await bdrvFlush(s.file);
-    const second = await checkOnce(s, NO_FIX);
+    const second = emptyResult();
+    second.messages = first.messages;
+    await checkStopping(s, NO_FIX, second);
     second.leaksFixed = first.leaksFixed;
     second.corruptionsFixed = first.corruptionsFixed;
-    second.messages = [...first.messages, ...second.messages];
     return second;
   });
 }
 
+/** Runs one check into `res`; a BlockError that stops it is kept as `res.failure` (false then). */
+async function checkStopping(s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult): Promise<boolean> {
+  try {
+    await checkOnce(s, fix, res);
+    return true;
+  } catch (e) {
+    if (!(e instanceof BlockError)) throw e;
+    res.failure = e;
+    return false;
+  }
+}
+
 /** One bdrv_check: qcow2_check_refcounts, the COPIED check, then marking the image clean. */
-async function checkOnce(s: Qcow2State, fix: RepairMode): Promise<Qcow2CheckResult> {
-  const res = emptyResult();
+async function checkOnce(s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult): Promise<void> {
   const C = s.clusterSize;
   res.totalClusters = Math.ceil(s.sizeBytes / C);
   const nbClusters = Math.ceil(bdrvGetLength(s.file) / C);
@@ -133,7 +146,6 @@ async function checkOnce(s: Qcow2State, fix: RepairMode): Promise<Qcow2CheckResu
   await fixSnapshotTable(s, res, fix, incomplete);
   res.imageEndOffset = (cmp.highest + 1) * C;
   if ((fix.leaks || fix.errors) && res.checkErrors === 0 && res.corruptions === 0) await markCleanAndConsistent(s);
-  return res;
 }
 
 /**
@@ -269,6 +281,7 @@ async function clearIncompatibleBits(s: Qcow2State, bits: number): Promise<void>
  */
 export async function repairDirtyImage(s: Qcow2State): Promise<Qcow2CheckResult> {
   const res = await checkQcow2(s, { leaks: true, errors: true });
+  if (res.failure !== null) throw res.failure;
   if (res.corruptions > 0 || res.checkErrors > 0) {
     throw s.corrupt(`the dirty image still has ${res.corruptions + res.checkErrors} errors after its refcounts were rebuilt; run 'snapstack img check -r all'`, 'incompatible_features');
   }
