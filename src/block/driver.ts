@@ -7,6 +7,12 @@
  * callbacks into global-state and I/O ones:
  * - I/O callbacks take no proof: they run at any time, alongside other requests on the node.
  * - Global-state callbacks take `Bql`; those that need a quiet node also take a drained proof.
+ *
+ * The block layer checks the proofs before a driver sees them: at open it seals each instance's
+ * proof-taking callbacks (graph.ts), so that any call, from the block layer or from code holding
+ * `node.instance`, first asserts the BQL and a live drained proof covering that node, then runs
+ * the callback as the section's owner (its node-level I/O reaches the drained nodes; see
+ * request-gate.ts). `open` is called only with the BQL asserted. A driver may check again.
  */
 import type { Bql } from './bql.js';
 import type { CheckFix, CheckResult } from './check.js';
