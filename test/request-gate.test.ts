@@ -302,6 +302,13 @@ describe('proof-taking driver callbacks, sealed by the block layer', () => {
         expect(err.message).toMatch(/^close \(node 'ig'\): node 'ig' is not covered by the drained section of 'ig-other'/);
       });
       expect(twoStepCloses).toBe(before);
+      // its own live proof does not do either: only closeNode closes (and unlinks) a node
+      await withDrained(bql, top, async (dTop) => {
+        const err = await blockError(() => (top.instance as BlockDriverInstance).close(bql, dTop));
+        expect(err.code).toBe('EPERM');
+        expect(err.message).toContain('only closeNode');
+      });
+      expect(twoStepCloses).toBe(before);
       await closeNode(bql, top);
       expect(twoStepCloses).toBe(before + 1);
     });

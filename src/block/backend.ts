@@ -48,9 +48,14 @@ export class BlockBackend implements DrainParent {
     return this.#quiesceCounter;
   }
 
-  /** The requests held while drained, in arrival order (a read-only view). */
+  /** How many requests are held while drained. */
+  get queuedCount(): number {
+    return this.#queued.length;
+  }
+
+  /** A frozen copy of the requests held while drained, in arrival order (for tests and diagnostics). */
   get queued(): readonly (() => void)[] {
-    return this.#queued;
+    return Object.freeze([...this.#queued]);
   }
 
   /** Requests released by drainedEnd that have not yet re-entered. */

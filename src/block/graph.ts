@@ -17,6 +17,8 @@ import { allNodes, drainAllState } from './registry.js';
 import { gateKick, gateRunAsOwner } from './request-gate.js';
 
 let autoNameCounter = 0;
+/** Nodes whose driver closeNode is closing now: the only time a sealed `close` runs. */
+const closing = new WeakSet<BlockNode>();
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 /** Options the generic layer consumes; the rest go to the driver. */
 const GENERIC_OPTIONS = new Set(['driver', 'format', 'node-name', 'read-only', 'readonly', 'iothread', 'file']);
@@ -223,7 +225,12 @@ export async function closeNode(bql: Bql, node: BlockNode): Promise<void> {
   const drained = await drainedBegin(bql, node);
   try {
     const inst = node.instance;
-    if (inst !== null) await inst.close(bql, drained);
+    closing.add(node);
+    try {
+      if (inst !== null) await inst.close(bql, drained);
+    } finally {
+      closing.delete(node);
+    }
   } finally {
     nodeSetInstance(bql, node, null);
     const orphans: BlockNode[] = [];
@@ -274,7 +281,13 @@ function sealProofCallbacks(node: BlockNode, inst: BlockDriverInstance): void {
     const op = `${name} (node '${node.nodeName}')`;
     slots[name] = (bql: Bql, ...rest: unknown[]) => {
       const drained = rest[0] as DrainedProof;
-      return callDrainedCallback(bql, drained, node, op, () => cb.call(inst, bql, ...rest));
+      return callDrainedCallback(bql, drained, node, op, () => {
+        // closing a driver while its node stays in the graph would leave requests on a closed fd
+        if (name === 'close' && !closing.has(node)) {
+          throw new BlockError('EPERM', `${op}: only closeNode closes a node's driver (it drains, closes and unlinks the node)`, { node: node.nodeName, op: 'close' });
+        }
+        return cb.call(inst, bql, ...rest);
+      });
     };
   }
   for (const name of BQL_CALLBACKS) {

@@ -71,7 +71,7 @@ export function queryBlock(bql: Bql): BackendInfo[] {
     readOnly: blk.readOnly,
     inFlight: blk.inFlight,
     quiesceCounter: blk.quiesceCounter,
-    queued: blk.queued.length,
+    queued: blk.queuedCount,
   }));
 }
 
