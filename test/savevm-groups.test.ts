@@ -337,3 +337,21 @@ describe('failures of the group create and of the older snapshot of a tag', () =
     }
   });
 });
+
+describe('the intent record', () => {
+  it('a damaged record refuses the next operation with a typed error naming the file, and nothing is changed', async () => {
+    const { IntentStore, parseIntent } = await import('../src/machine/vm-intent.js');
+    const f = path.join(dir, 'bad.snapstack-vm.json');
+    for (const text of ['{', '[]', '{"op":"format","phase":"started","tag":"t","disks":[]}', '{"op":"savevm","phase":"started","tag":"t","disks":["a"]}', '{"op":"loadvm","phase":"cleanup","tag":"t","disks":["a"],"undoName":""}']) {
+      expect(() => parseIntent(text, f)).toThrow(/VM snapshot intent record '.*bad\.snapstack-vm\.json': .*remove the file/);
+    }
+    fs.writeFileSync(f, Buffer.alloc(100 * 1024, 0x20));
+    expect(() => new IntentStore(f).load()).toThrow(/102400 bytes, a record is at most 65536/);
+    const ok = { op: 'delvm' as const, phase: 'cleanup' as const, tag: 't', disks: ['a'] };
+    const store = new IntentStore(f);
+    store.write(ok);
+    expect(new IntentStore(f).load()).toEqual(ok);
+    store.clear();
+    expect(new IntentStore(f).load()).toBeNull();
+  });
+});

@@ -51,7 +51,11 @@ export const INTENT_SUFFIX = '.snapstack-vm.json';
 const MAX_INTENT_BYTES = 64 * 1024;
 
 function bad(file: string, why: string): never {
-  throw new BlockError('EINVAL', `VM snapshot intent record '${file}': ${why}`, { file, op: 'recover' });
+  throw new BlockError(
+    'EINVAL',
+    `VM snapshot intent record '${file}': ${why}; it is not one snapstack wrote: check the disks' snapshots (qemu-img snapshot -l) and remove the file`,
+    { file, op: 'recover' },
+  );
 }
 
 function isIdentity(v: unknown): v is SavevmIdentity {
