@@ -174,6 +174,13 @@ describe('image locks inside one process', () => {
     expect(lockBytes(p)).toEqual([100, 101, 103, 201, 203]);
   });
 
+  it('takes the same bytes with locking=on (OFD locks are there on Linux)', async () => {
+    const p = rawImage('on.img');
+    await keep(openImage(p, { format: 'raw', locking: 'on' }));
+    expect(lockBytes(p)).toEqual([100, 101, 103, 201, 203]);
+    expect(await refusal(openImage(p, { format: 'raw', locking: 'on' }))).toContain('Failed to get "write" lock');
+  });
+
   it('refuses an unknown locking value', async () => {
     const p = rawImage('bad-locking.img');
     await expect(openImage(`driver=raw,file.filename=${p},file.locking=maybe`)).rejects.toThrow(/Invalid value 'maybe' for option 'locking'/);
