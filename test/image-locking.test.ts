@@ -332,9 +332,17 @@ describeInterop('image locks against QEMU 7.2', () => {
       const create = await cli(imgMain, ['create', '-f', 'raw', p, '1M']);
       expect(create.status).not.toBe(0);
       expect(create.err).toContain('Failed to get "write" lock');
+      const createQcow2 = await cli(imgMain, ['create', '-f', 'qcow2', p, '1M']);
+      expect(createQcow2.status).not.toBe(0);
+      expect(createQcow2.err).toContain('Failed to get "write" lock');
     } finally {
       await stop(holder);
     }
+    // the refused creates left qemu-io's image as it was
+    expect(qemuStatus('qemu-img', ['check', p]).status).toBe(0);
+    const after = qemuStatus('qemu-io', ['-c', 'read -P 0xab 0 65536', p]);
+    expect(after.stdout + after.stderr).not.toContain('Pattern verification failed');
+    expect(after.stdout).toContain('read 65536/65536 bytes');
     await keep(openImage(p)); // qemu-io gone: its locks went with it
   });
 

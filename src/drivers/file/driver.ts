@@ -21,7 +21,7 @@ import { registerDriver, type BlockDriver, type BlockDriverInstance } from '../.
 import { BlockError, fromSystemError } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/options.js';
-import { filePerms, ImageLock, type LockingMode } from './image-lock.js';
+import { filePerms, ImageLock, openForCreate, type LockingMode } from './image-lock.js';
 import { FileInstance } from './instance.js';
 import { discardSnapshotStore } from './snapshot-store.js';
 import { SyncFileInstance } from './sync-instance.js';
@@ -125,22 +125,19 @@ export const fileDriver: BlockDriver = {
  */
 export function createRawFile(bql: Bql, filename: string, sizeBytes: number): void {
   assertBql(bql, 'createRawFile');
-  let fd: number;
+  let created: { fd: number; release: () => void };
   try {
-    fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+    created = openForCreate(bql, filename);
   } catch (e) {
     throw fromSystemError(e, 'create', { file: filename });
   }
-  let lock: ImageLock | null = null;
   try {
-    lock = ImageLock.acquire(bql, filename, 'create', filePerms(false, false), 'auto');
-    fs.ftruncateSync(fd, 0);
-    fs.ftruncateSync(fd, sizeBytes);
+    fs.ftruncateSync(created.fd, sizeBytes);
   } catch (e) {
     throw fromSystemError(e, 'create', { file: filename });
   } finally {
-    fs.closeSync(fd);
-    lock?.release(bql);
+    fs.closeSync(created.fd);
+    created.release();
   }
   discardSnapshotStore(bql, filename);
 }

@@ -138,6 +138,26 @@ function procLocksDevice(dev: number): string {
   return `${major.toString(16).padStart(2, '0')}:${minor.toString(16).padStart(2, '0')}`;
 }
 
+/**
+ * Opens (creating it if absent) `filename` for an image create, takes its read/write lock, and
+ * truncates it to 0 only once the lock is held, as qemu-img create does: an image another user
+ * holds is refused (EBUSY, QEMU's message) and left untouched. Close `fd`, then `release`.
+ * @locking global-state
+ */
+export function openForCreate(bql: Bql, filename: string): { fd: number; release: () => void } {
+  assertBql(bql, 'image create');
+  const fd = fs.openSync(filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+  let lock: ImageLock | null;
+  try {
+    lock = ImageLock.acquire(bql, filename, 'create', filePerms(false, false), 'auto');
+    fs.ftruncateSync(fd, 0);
+  } catch (e) {
+    fs.closeSync(fd);
+    throw e;
+  }
+  return { fd, release: () => lock?.release(bql) };
+}
+
 /** A lock being moved to a new file: exactly one of the two is called. */
 export interface LockMove {
   commit(): void;

@@ -6,6 +6,7 @@
  * proof covering the node) carry the plan out.
  */
 import fs from 'node:fs';
+import { openForCreate } from '../file/image-lock.js';
 import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, runInDrainedSection, type DrainedProof } from '../../block/drain.js';
 import { BlockError, fromSystemError } from '../../block/errors.js';
@@ -114,14 +115,16 @@ export function createQcow2File(bql: Bql, filename: string, o: Qcow2CreateOption
   assertBql(bql, 'createQcow2File');
   const plan = planQcow2Create(o);
   let fd = -1;
+  let release = (): void => {};
   try {
-    fd = fs.openSync(filename, 'w');
+    ({ fd, release } = openForCreate(bql, filename)); // the image lock first, as qemu-img create: a held image is refused, untouched
     for (const w of plan.writes) fs.writeSync(fd, w.data, 0, w.data.length, w.offset);
     fs.ftruncateSync(fd, plan.fileLength);
   } catch (e) {
     throw e instanceof BlockError ? e : fromSystemError(e, 'create', { file: filename });
   } finally {
     if (fd >= 0) fs.closeSync(fd);
+    release();
   }
 }
 
