@@ -151,6 +151,46 @@ describe('a stray node-level request to a drained node', () => {
   });
 });
 
+describe('a node opened inside an imperative drain-all section', () => {
+  it('reads its own header (the open owns the new nodes) while a stray request to it waits', async () => {
+    const f = path.join(dir, 'opened-in-drain-all.qcow2');
+    withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 1024 * 1024 }));
+    const bql = await acquireBql();
+    try {
+      const all = await drainAllBegin(bql);
+      let stray: { p: Promise<void>; done: () => boolean } | null = null;
+      try {
+        // probing and the qcow2 open read the file child, which starts quiesced: not stray
+        const q = await openNode(bql, `file=${f},node-name=oda`);
+        expect(q.driver.formatName).toBe('qcow2');
+        expect(q.quiesceCounter).toBeGreaterThan(0);
+        stray = tracked(bdrvPread(q, 0, new Uint8Array(512)));
+        await settle();
+        expect(stray.done()).toBe(false);
+      } finally {
+        drainAllEnd(bql, all);
+      }
+      await stray.p;
+    } finally {
+      releaseBql(bql);
+    }
+  });
+
+  it('a stray request waiting for a node that closes meanwhile fails with ENOMEDIUM instead of hanging', async () => {
+    await withBql(async (bql) => {
+      const m = await openNode(bql, 'driver=memory,size=1M,node-name=gone');
+      const d = await drainedBegin(bql, m);
+      const stray = tracked(bdrvPwrite(m, 0, new Uint8Array(512)));
+      await settle();
+      expect(stray.done()).toBe(false);
+      drainedEnd(bql, d);
+      await closeNode(bql, m);
+      const err = await blockError(() => stray.p);
+      expect(err.code).toBe('ENOMEDIUM');
+    });
+  });
+});
+
 describe("the section's owner", () => {
   it('does node-level I/O on the drained node and its file child inside withDrained', async () => {
     await withBql(async (bql) => {
