@@ -36,6 +36,8 @@ import type { BdrvChild, BlockNode } from '../src/block/node.js';
 import type { NodeOptions } from '../src/block/options.js';
 import { gateRequest } from '../src/block/request-gate.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../src/block/snapshot.js';
+import { createRawFile } from '../src/drivers/file/driver.js';
+import { discardSnapshotStore } from '../src/drivers/file/snapshot-store.js';
 import { createQcow2File, createQcow2OnNode, type Qcow2CreateOptions } from '../src/drivers/qcow2/create.js';
 import type * as PublicApi from '../src/index.js';
 
@@ -295,6 +297,22 @@ test('createQcow2OnNode needs the Bql and a drained proof, createQcow2File and s
   expectTypeOf(createQcow2File).parameters.toEqualTypeOf<[Bql, string, Qcow2CreateOptions]>();
   expectTypeOf(shutdownIOThreads).parameters.toEqualTypeOf<[Bql]>();
   expectTypeOf(withBqlSync<number>).parameter(0).parameter(0).toEqualTypeOf<Bql>();
+});
+
+test('createRawFile and discardSnapshotStore (the file driver) need the Bql', () => {
+  function compileOnlyFile(bql: Bql, d: Drained): void {
+    createRawFile(bql, '/tmp/x.raw', 1 << 20);
+    discardSnapshotStore(bql, '/tmp/x.raw');
+    // @ts-expect-error -- creating an image file needs the BQL
+    createRawFile('/tmp/x.raw', 1 << 20);
+    // @ts-expect-error -- a drained proof is not the BQL
+    createRawFile(d, '/tmp/x.raw', 1 << 20);
+    // @ts-expect-error -- removing a snapshot store needs the BQL
+    discardSnapshotStore('/tmp/x.raw');
+  }
+  expectTypeOf(compileOnlyFile).toBeFunction();
+  expectTypeOf(createRawFile).parameter(0).toEqualTypeOf<Bql>();
+  expectTypeOf(discardSnapshotStore).parameter(0).toEqualTypeOf<Bql>();
 });
 
 test('driver open and close take the proofs the block layer checks before calling them', () => {
