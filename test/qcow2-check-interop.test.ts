@@ -49,6 +49,18 @@ function makeCompressed(): string {
   return f;
 }
 
+/** A qemu-img image with two persistent dirty bitmaps (qemu-img bitmap --add), written around them. */
+function makeBitmaps(): string {
+  const f = path.join(dir, 'bitmaps.qcow2');
+  if (fs.existsSync(f)) return f;
+  qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f, '64M']);
+  qemu('qemu-io', ['-c', 'write -P 1 0 1M', f]);
+  qemu('qemu-img', ['bitmap', '--add', f, 'b0']);
+  qemu('qemu-io', ['-c', 'write -P 2 2M 1M', f]);
+  qemu('qemu-img', ['bitmap', '--add', f, 'b1']);
+  return f;
+}
+
 /** Read/write helpers on the image file (big-endian, as the format). */
 class Img {
   constructor(readonly f: string) {}
@@ -105,6 +117,18 @@ class Img {
   }
   get snapshotTable(): number {
     return Number(this.u64(64));
+  }
+  /** Host offset of the bitmap directory (from the bitmaps header extension). */
+  get bitmapDirectory(): number {
+    const b = fs.readFileSync(this.f).subarray(0, C);
+    for (let at = b.readUInt32BE(100); at + 8 <= b.length; ) {
+      const type = b.readUInt32BE(at);
+      const len = b.readUInt32BE(at + 4);
+      if (type === 0) break;
+      if (type === 0x23852875) return Number(b.readBigUInt64BE(at + 8 + 16));
+      at += 8 + Math.ceil(len / 8) * 8;
+    }
+    throw new Error('no bitmaps extension');
   }
 }
 
@@ -215,6 +239,8 @@ const cases: Case[] = [
       m.write(m.snapshotTable + 36, b);
     },
   },
+  { what: 'nothing: persistent bitmaps count as in use', status: 0, source: makeBitmaps, damage: () => undefined },
+  { what: "the bitmap directory's refcount dropped to 0", status: 2, source: makeBitmaps, damage: (m) => m.put16(m.rc(m.bitmapDirectory), 0) },
   {
     what: 'the corrupt bit on a consistent image',
     status: 0,

@@ -25,7 +25,7 @@ import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
 import { assertBql, type Bql } from './bql.js';
-import { BlockError, ERROR_CODES, type ErrorCode } from './errors.js';
+import { BlockError, codeForErrno } from './errors.js';
 import {
   CTL_BYTES,
   CTL_DONE,
@@ -141,7 +141,6 @@ const promiseExecutor = (resolve: (n: number) => void, reject: (e: BlockError) =
   newReject = reject;
 };
 
-const errnoToCode = new Map<number, ErrorCode>(Object.entries(ERROR_CODES).map(([k, v]) => [v, k as ErrorCode]));
 
 /** Options of a worker: how long each side polls before it sleeps (0: never polls). */
 export interface IOThreadOptions {
@@ -409,7 +408,7 @@ class IoWorker {
     this.pendingBytes -= c.length;
     if (c.slow) this.slowPending--;
     if (result < 0) {
-      const code = errnoToCode.get(-result) ?? 'EIO';
+      const code = codeForErrno(result); // the mapping aio=sync uses too (errors.ts)
       const why = failure instanceof Error ? failure.message : `errno ${-result}`;
       reject?.(new BlockError(code, `${what}: ${code} (${why})`, { op: what, cause: failure ?? undefined }));
     } else {

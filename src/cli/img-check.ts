@@ -51,6 +51,17 @@ async function openForCheck(bql: Bql, file: string, format: string, writable: bo
   return openNode(bql, opts);
 }
 
+/**
+ * `%0.2f` as C's printf writes it: like toFixed(2), except that an exact tie rounds to even
+ * (3.125 prints 3.12, where toFixed says 3.13).
+ */
+function printf2(v: number): string {
+  const x = v * 100;
+  const floor = Math.floor(x);
+  if (x - floor !== 0.5) return v.toFixed(2);
+  return ((floor % 2 === 0 ? floor : floor + 1) / 100).toFixed(2);
+}
+
 function printHuman(r: CheckResult, out: Out): void {
   if (r.corruptionsFixed > 0 || r.leaksFixed > 0) {
     out(`The following inconsistencies were found and repaired:\n\n    ${r.leaksFixed} leaked clusters\n    ${r.corruptionsFixed} corruptions\n`);
@@ -61,7 +72,7 @@ function printHuman(r: CheckResult, out: Out): void {
   if (r.leaks > 0) out(`\n${r.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.`);
   if (r.checkErrors > 0) out(`\n${r.checkErrors} internal errors have occurred during the check.`);
   if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
-    const pct = (a: number, b: number): string => ((a * 100) / b).toFixed(2);
+    const pct = (a: number, b: number): string => printf2((a * 100) / b);
     out(
       `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, ${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters`,
     );

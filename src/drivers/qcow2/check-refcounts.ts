@@ -12,7 +12,7 @@
  */
 import { BlockError } from '../../block/errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPread, bdrvTruncate } from '../../block/io.js';
-import { L1_HI_RESERVED, L1_LO_RESERVED, L2_HI_RESERVED, L2_LO_RESERVED, LO_ZERO, MAX_L1_BYTES, REFT_LO_RESERVED } from './constants.js';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, L1_HI_RESERVED, L1_LO_RESERVED, L2_HI_RESERVED, L2_LO_RESERVED, LO_ZERO, MAX_L1_BYTES, REFT_LO_RESERVED } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, l2EntryType } from './entries.js';
 import { overlappingMetadata } from './overlap.js';
 import { readSlot, updateRefcount } from './refcount.js';
@@ -366,6 +366,68 @@ async function checkRefblocks(w: Walk, fix: RepairMode): Promise<boolean> {
   return rebuild;
 }
 
+/** QEMU's limit on the bitmap directory (BME_MAX_PHYS_SIZE is 64 MiB; the directory is far smaller). */
+const MAX_BITMAP_DIRECTORY_BYTES = 64 * 1024 * 1024;
+/** QEMU's BME_MAX_TABLE_SIZE: entries of one bitmap table. */
+const MAX_BITMAP_TABLE_ENTRIES = 0x8000000;
+
+/**
+ * QEMU's qcow2_check_bitmaps_refcounts: the persistent dirty bitmaps' directory, tables and data
+ * clusters are in use too. Only while the autoclear bit says the bitmaps are consistent (otherwise
+ * QEMU ignores the extension, and so does the check).
+ */
+async function checkBitmaps(w: Walk): Promise<void> {
+  const { s, res } = w;
+  if ((s.header.autoclearFeatures & BigInt(AUTOCLEAR_BITMAPS)) === 0n) return;
+  const ext = s.header.extensions.find((e) => e.type === EXT_BITMAPS);
+  if (ext === undefined || ext.data.length < 24) return;
+  const ev = new DataView(ext.data.buffer, ext.data.byteOffset, ext.data.byteLength);
+  const nbBitmaps = ev.getUint32(0);
+  if (nbBitmaps === 0) return;
+  const dirSize = ev.getUint32(8) * 2 ** 32 + ev.getUint32(12);
+  const dirOffset = ev.getUint32(16) * 2 ** 32 + ev.getUint32(20);
+  incRefcounts(w, dirOffset, dirSize);
+  if (dirSize > MAX_BITMAP_DIRECTORY_BYTES || dirOffset % s.clusterSize !== 0 || dirOffset + dirSize > w.fileLength) {
+    res.messages.push(`ERROR bitmap directory (offset 0x${dirOffset.toString(16)}, ${dirSize} bytes) is invalid`);
+    res.corruptions++;
+    return;
+  }
+  const dir = await readZeroPadded(s, dirOffset, dirSize);
+  const dv = new DataView(dir.buffer);
+  let at = 0;
+  for (let i = 0; i < nbBitmaps; i++) {
+    if (at + 24 > dir.length) {
+      res.messages.push(`ERROR bitmap directory entry ${i} runs past the directory`);
+      res.corruptions++;
+      return;
+    }
+    const tableOffset = dv.getUint32(at) * 2 ** 32 + dv.getUint32(at + 4);
+    const tableSize = dv.getUint32(at + 8);
+    const nameSize = dv.getUint16(at + 18);
+    const extraSize = dv.getUint32(at + 20);
+    at += Math.ceil((24 + extraSize + nameSize) / 8) * 8;
+    incRefcounts(w, tableOffset, tableSize * 8);
+    if (tableSize > MAX_BITMAP_TABLE_ENTRIES || tableOffset % s.clusterSize !== 0 || tableOffset + tableSize * 8 > w.fileLength) {
+      res.messages.push(`ERROR bitmap ${i}: its table (offset 0x${tableOffset.toString(16)}, ${tableSize} entries) is invalid`);
+      res.corruptions++;
+      break;
+    }
+    const table = await readZeroPadded(s, tableOffset, tableSize * 8);
+    const tv = new DataView(table.buffer);
+    for (let j = 0; j < tableSize; j++) {
+      const hi = entryHi(tv, j);
+      const lo = entryLo(tv, j);
+      const off = entryOffset(hi, lo);
+      // reserved bits 1..8 and 56..63; bit 0 (all ones) only without an offset; offsets cluster aligned
+      if ((hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (off !== 0 && (lo & 1) !== 0) || off % s.clusterSize !== 0) {
+        res.corruptions++;
+        continue;
+      }
+      if (off !== 0) incRefcounts(w, off, s.clusterSize);
+    }
+  }
+}
+
 /**
  * QEMU's calculate_refcounts: fills `imrt` with the references the metadata makes (header, active
  * and snapshot L1/L2 tables and data, snapshot table, refcount table and blocks); returns whether
@@ -391,6 +453,7 @@ export async function calculateRefcounts(s: Qcow2State, res: Qcow2CheckResult, f
   }
   if (s.header.nbSnapshots > 0) incRefcounts(w, s.header.snapshotsOffset, snapshotTableSize(s.snapshots));
   incRefcounts(w, s.header.refcountTableOffset, s.reftable.length);
+  await checkBitmaps(w);
   return checkRefblocks(w, fix);
 }
 

@@ -10,6 +10,8 @@
  * On a read/write open the autoclear feature bits are cleared before anything else is written
  * (the specification requires it of a writer that does not know them; snapstack keeps neither
  * bitmaps nor a raw external data file, so it knows none): one 8-byte write of the field, flushed.
+ * A check-mode open keeps the bitmaps bit: a check writes no guest data, so they stay consistent
+ * (and the check counts their clusters as in use).
  */
 import type { Bql } from '../../block/bql.js';
 import { assertBql } from '../../block/bql.js';
@@ -21,7 +23,7 @@ import { bdrvFlush, bdrvPwrite } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { parseBool, parseSize, type NodeOptions } from '../../block/options.js';
 import { checkQcow2 } from './check.js';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
+import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
 import { Qcow2Instance } from './instance.js';
 import { loadQcow2State } from './open.js';
 import type { Qcow2State } from './state.js';
@@ -44,12 +46,13 @@ class CheckingQcow2Instance extends Qcow2Instance {
   }
 }
 
-/** Clears autoclear_features on disk and in memory: one write of the field, then a flush. */
-async function clearAutoclearBits(s: Qcow2State): Promise<void> {
+/** Sets autoclear_features to `keep` on disk and in memory: one write of the field, then a flush. */
+async function clearAutoclearBits(s: Qcow2State, keep: bigint): Promise<void> {
   const field = new Uint8Array(8);
+  new DataView(field.buffer).setBigUint64(0, keep);
   await bdrvPwrite(s.file, AUTOCLEAR_OFFSET, field);
   await bdrvFlush(s.file);
-  s.header.autoclearFeatures = 0n;
+  s.header.autoclearFeatures = keep;
 }
 
 /** The `qcow2` format driver. */
@@ -97,7 +100,9 @@ export const qcow2Driver: BlockDriver = {
         field: 'incompatible_features',
       });
     }
-    if (h.autoclearFeatures !== 0n && !node.readOnly) await clearAutoclearBits(state);
+    // a check writes no guest data, so the bitmaps it leaves stay consistent: it keeps their bit
+    const clear = checkMode ? h.autoclearFeatures & ~BigInt(AUTOCLEAR_BITMAPS) : h.autoclearFeatures;
+    if (clear !== 0n && !node.readOnly) await clearAutoclearBits(state, h.autoclearFeatures & ~clear);
     if ((h.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n && !node.readOnly && !checkMode) {
       // refcounts may be stale (lazy refcounts after a crash): QEMU repairs them on open
       const { repairDirtyImage } = await import('./check.js');
