@@ -10,7 +10,7 @@ import './drivers/index.js';
 export { Image, openImage, type OpenImageOptions } from './image.js';
 export { BlockError, ERROR_CODES, isBlockError, type ErrorCode } from './block/errors.js';
 export { Bql, acquireBql, releaseBql, tryAcquireBql, withBql, withBqlSync, assertBql } from './block/bql.js';
-export { Drained, DrainedAll, drainedBegin, drainedEnd, drainAllBegin, drainAllEnd, withDrained, withDrainedAll, assertDrained, type DrainedProof } from './block/drain.js';
+export { Drained, DrainedAll, drainedBegin, drainedEnd, drainAllBegin, drainAllEnd, withDrained, withDrainedAll, runInDrainedSection, assertDrained, type DrainedProof } from './block/drain.js';
 export { BlockNode, BdrvChild, type ChildRole } from './block/node.js';
 export {
   BlockBackend,
