@@ -12,6 +12,7 @@
  * in-place repairs change refcounts whose refcount block exists, and a rebuild allocates from the
  * computed refcounts, which cover the header and every table.
  */
+import { assertBql, type Bql } from '../../block/bql.js';
 import { BlockError } from '../../block/errors.js';
 import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from './constants.js';
@@ -276,10 +277,12 @@ async function clearIncompatibleBits(s: Qcow2State, bits: number): Promise<void>
 
 /**
  * Repairs the refcounts of an image left dirty (lazy refcounts, crash) and clears the dirty bit,
- * as QEMU does when it opens such an image read/write.
- * @locking io
+ * as QEMU does when it opens such an image read/write: global state, from the driver's open
+ * (the node is not yet in use, so nothing runs beside it).
+ * @locking global-state
  */
-export async function repairDirtyImage(s: Qcow2State): Promise<Qcow2CheckResult> {
+export async function repairDirtyImage(bql: Bql, s: Qcow2State): Promise<Qcow2CheckResult> {
+  assertBql(bql, 'qcow2 repairDirtyImage');
   const res = await checkQcow2(s, { leaks: true, errors: true });
   if (res.failure !== null) throw res.failure;
   if (res.corruptions > 0 || res.checkErrors > 0) {

@@ -22,7 +22,7 @@ import { BlockError } from '../../block/errors.js';
 import { bdrvFlush, bdrvPwrite } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { parseBool, parseSize, type NodeOptions } from '../../block/options.js';
-import { checkQcow2 } from './check.js';
+import { checkQcow2, repairDirtyImage } from './check.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
 import { Qcow2Instance } from './instance.js';
 import { loadQcow2State } from './open.js';
@@ -105,8 +105,7 @@ export const qcow2Driver: BlockDriver = {
     if (clear !== 0n && !node.readOnly) await clearAutoclearBits(state, h.autoclearFeatures & ~clear);
     if ((h.incompatibleFeatures & BigInt(INCOMPAT_DIRTY)) !== 0n && !node.readOnly && !checkMode) {
       // refcounts may be stale (lazy refcounts after a crash): QEMU repairs them on open
-      const { repairDirtyImage } = await import('./check.js');
-      await repairDirtyImage(state);
+      await repairDirtyImage(bql, state);
     }
     return new CheckingQcow2Instance(state);
   },
