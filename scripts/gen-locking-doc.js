@@ -38,6 +38,8 @@ const CALLBACK_INTERFACES = new Set(['BlockDriver', 'BlockDriverInstance']);
 const CONTRACTS = new Set(['io', 'global-state', 'common']);
 const BQL_TYPES = new Set(['Bql']);
 const DRAINED_TYPES = new Set(['Drained', 'DrainedAll', 'DrainedProof']);
+/** The proof of holding a qcow2 node's metadata lock (src/drivers/qcow2/metadata-lock.ts): I/O code may take it. */
+const METADATA_LOCK_TYPES = new Set(['MetadataLocked']);
 /**
  * Calls that change the host's files (create, rename, delete, link, truncate by name): image
  * files and snapshot stores are global state, so code making them is global-state code. Both the
@@ -52,14 +54,16 @@ const CREATING_OPEN_FLAG = /^[wa]|x/;
 /**
  * The functions issue 11 found changing metadata or global state without a proof. Each must be
  * classified `global-state` with a Bql parameter and, where it works on an open node's metadata,
- * a drained proof; a name missing from the sources is reported too (update this list when one is
- * renamed), so the list cannot silently fall out of the table.
+ * a drained proof; or, marked `lock`, be I/O code that takes the node's metadata-lock proof
+ * (`MetadataLocked`: QEMU resizes a qcow2 image from the request path under s->lock, not the BQL).
+ * A name missing from the sources is reported too (update this list when one is renamed), so the
+ * list cannot silently fall out of the table.
  */
 export const METADATA_FUNCTIONS = new Map([
   ['createQcow2OnNode', { drained: true }],
   ['createQcow2File', { drained: false }],
   ['writeSnapshotTable', { drained: true }],
-  ['setDiskSize', { drained: true }],
+  ['setDiskSize', { drained: false, lock: true }],
   ['updateSnapshotRefcount', { drained: true }],
   ['repairDirtyImage', { drained: false }],
   ['discardSnapshotStore', { drained: false }],
@@ -401,7 +405,7 @@ function describeParam(p, sf) {
 /**
  * Scans `rootDir` and classifies every exported block-layer function and driver callback.
  * @param {string} [rootDir] the directory holding src/ (default: this repository)
- * @param {ReadonlyMap<string, { drained: boolean }>} [metadataFunctions] functions that must be
+ * @param {ReadonlyMap<string, { drained: boolean, lock?: boolean }>} [metadataFunctions] functions that must be
  *   global-state with a Bql (and a drained proof where marked); default: issue 11's list for this
  *   repository, none for another root
  * @returns {{ rows: LockingRow[], errors: string[] }} rows sorted by module, class and name (those
@@ -441,6 +445,7 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
       const params = c.params.filter((p) => !(ts.isIdentifier(p.name) && p.name.text === 'this'));
       const bqlParams = params.filter((p) => paramHasType(p, BQL_TYPES));
       const drainedParams = params.filter((p) => paramHasType(p, DRAINED_TYPES));
+      const lockParams = params.filter((p) => paramHasType(p, METADATA_LOCK_TYPES));
       const problems = [];
       if (contract !== 'global-state') {
         if (bqlParams.length > 0) problems.push(`is @locking ${contract} but takes a Bql proof (${bqlParams.map((p) => describeParam(p, sf)).join(', ')}); tag it global-state or drop the proof`);
@@ -463,7 +468,10 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
       if (scan.checksBql && bqlParams.length === 0) problems.push('calls assertBql but takes no parameter typed Bql: the proof it checks must come in through its signature');
       if (scan.checksDrained && drainedParams.length === 0) problems.push('calls assertDrained but takes no drained proof parameter: the proof it checks must come in through its signature');
       const listed = c.className === '' ? metadataFunctions.get(c.name) : undefined;
-      if (listed !== undefined) {
+      if (listed !== undefined && 'lock' in listed && listed.lock === true) {
+        foundListed.add(c.name);
+        if (lockParams.length === 0) problems.push("changes an open node's metadata (issue 11) and must take the metadata lock's proof (MetadataLocked)");
+      } else if (listed !== undefined) {
         foundListed.add(c.name);
         if (contract !== 'global-state' || bqlParams.length === 0) {
           problems.push('changes metadata or global state (issue 11) and must be @locking global-state with a Bql parameter');
@@ -478,6 +486,7 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
       }
       const bql = bqlParams.length > 0;
       const drained = drainedParams.length > 0;
+      const locked = lockParams.length > 0;
       rows.push({
         name: c.name,
         module,
@@ -485,7 +494,7 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
         contract,
         bql,
         drained,
-        alongside: drained ? 'no (drained)' : contract === 'global-state' ? 'yes (BQL)' : 'yes',
+        alongside: drained ? 'no (drained)' : contract === 'global-state' ? 'yes (BQL)' : locked ? 'yes (holds the metadata lock)' : 'yes',
         summary: firstSentence(docText(c.docNode)),
       });
     }
@@ -523,7 +532,9 @@ export function renderMarkdown(rows) {
     'the class, and its signature carries the proofs: `global-state` code runs with the BQL held and',
     'takes the `Bql` proof; if it also takes a drained proof (`Drained<N>`, `DrainedAll` or',
     '`DrainedProof`) it needs a drained section, so no request is in flight on the node while it runs.',
-    '`io` code is the request path: no proof, safe alongside other in-flight requests. `common` code',
+    '`io` code is the request path: no BQL or drained proof, safe alongside other in-flight requests',
+    '(a qcow2 function that changes metadata from there takes the `MetadataLocked` proof of the',
+    "node's metadata lock: \"yes (holds the metadata lock)\"). `common` code",
     'takes no proof and may be called from anywhere. The generator checks the tags against the',
     'signatures (docs/architecture.md, "The contract in the types").',
     '',

@@ -11,9 +11,9 @@ declare const s: Qcow2State;
 declare const locked: MetadataLocked;
 
 describe('the metadata lock in the types', () => {
-  it('setDiskSize and updateSnapshotRefcount need the proof', () => {
+  it('setDiskSize and updateSnapshotRefcount need the proof (the latter the Bql and a drained proof too)', () => {
     expectTypeOf(setDiskSize).parameter(0).toEqualTypeOf<MetadataLocked>();
-    expectTypeOf(updateSnapshotRefcount).parameter(0).toEqualTypeOf<MetadataLocked>();
+    expectTypeOf(updateSnapshotRefcount).parameter(2).toEqualTypeOf<MetadataLocked>();
     void setDiskSize(locked, s, 512);
     // @ts-expect-error: no proof
     void setDiskSize(s, 512);

@@ -147,13 +147,15 @@ async function openL1Walk(s: Qcow2State, l1Offset: number, l1Size: number): Prom
 }
 
 /**
- * QEMU's qcow2_update_snapshot_refcount (metadata lock held: `locked`): adds `addend` (-1, 0, +1) to the refcount of every L2
- * table and data cluster reachable from the L1 table at `l1Offset`, then recomputes the COPIED
- * bits. The active L1 is taken from memory. Refcounts are written (and flushed) before any L2 or
- * L1 table that relies on them.
- * @locking io
+ * QEMU's qcow2_update_snapshot_refcount, for snapshot operations (the node drained, its metadata
+ * lock held: `locked`): adds `addend` (-1, 0, +1) to the refcount of every L2 table and data
+ * cluster reachable from the L1 table at `l1Offset`, then recomputes the COPIED bits. The active
+ * L1 is taken from memory. Refcounts are written (and flushed) before any L2 or L1 table that
+ * relies on them.
+ * @locking global-state
  */
-export async function updateSnapshotRefcount(locked: MetadataLocked, s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+export async function updateSnapshotRefcount(bql: Bql, drained: DrainedProof, locked: MetadataLocked, s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
+  assertDrained(bql, drained, s.node, 'qcow2 update snapshot refcount');
   assertMetadataLocked(locked, s, 'update snapshot refcount');
   await addSnapshotRefs(s, l1Offset, l1Size, addend);
   await recomputeCopied(s, l1Offset, l1Size, addend);
@@ -466,7 +468,7 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     await flushMetadata(s, true);
     const failuresBefore = failedWrites(s);
     // 1.
-    await updateSnapshotRefcount(locked, s, sn.l1TableOffset, sn.l1Size, 1);
+    await updateSnapshotRefcount(bql, drained, locked, s, sn.l1TableOffset, sn.l1Size, 1);
     const l1Clusters = Math.ceil((newL1Size * 8) / C);
     let newOff = 0;
     const buf = new Uint8Array(newL1Size * 8);
