@@ -203,7 +203,7 @@ describe('image locks inside one process', () => {
 });
 
 /** Starts `qemu-io ARGS FILE` reading commands from a pipe, once it holds its locks. */
-async function qemuIoHolding(file: string, args: string[], commands = ''): Promise<ChildProcess> {
+async function qemuIoHolding(file: string, args: string[], commands = '', ready: () => boolean = () => true): Promise<ChildProcess> {
   const child = spawn('qemu-io', [...args, file], { stdio: ['pipe', 'ignore', 'pipe'] });
   let stderr = '';
   child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -216,7 +216,14 @@ async function qemuIoHolding(file: string, args: string[], commands = ''): Promi
     }
     await new Promise((r) => setTimeout(r, 20));
   }
-  if (commands !== '') await new Promise((r) => setTimeout(r, 300)); // let it run the commands
+  // let it run the commands: poll what they should have done (bounded)
+  while (!ready()) {
+    if (child.exitCode !== null || Date.now() > deadline) {
+      child.kill();
+      throw new Error(`qemu-io did not run its commands on '${file}': ${stderr}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
   return child;
 }
 
@@ -303,7 +310,11 @@ describeInterop('image locks against QEMU 7.2', () => {
   it('snapstack refuses a qcow2 image qemu-io holds read/write, in the library and the CLI, and -U reads through', async () => {
     const p = path.join(dir, 'qemu-held.qcow2');
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', p, '16M']);
-    const holder = await qemuIoHolding(p, ['-f', 'qcow2'], 'write -P 0xab 0 64k\nflush\n');
+    const written = (): boolean => {
+      const r = qemuStatus('qemu-io', ['-r', '-U', '-c', 'read -P 0xab 0 65536', p]);
+      return r.stdout.includes('read 65536/65536 bytes') && !(r.stdout + r.stderr).includes('Pattern verification failed');
+    };
+    const holder = await qemuIoHolding(p, ['-f', 'qcow2'], 'write -P 0xab 0 64k\nflush\n', written);
     try {
       const rw = await refusal(openImage(p));
       expect(rw).toContain('Failed to get "write" lock');
