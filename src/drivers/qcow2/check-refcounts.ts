@@ -303,9 +303,15 @@ export async function storedRefcount(s: Qcow2State, ci: number): Promise<number 
 }
 
 /**
+ * How far past its end `-r all` grows the file to take in a refcount block that lies outside it
+ * (QEMU grows it by any amount); farther, the structure is rebuilt without that block.
+ */
+const MAX_REPAIR_GROWTH_BYTES = 256 * 1024 * 1024;
+
+/**
  * QEMU's check_refblocks: counts each refcount block and says whether the structure must be
  * rebuilt. A block outside the image is repaired (with -r all) by growing the file to hold it,
- * as QEMU does.
+ * as QEMU does, when that takes at most MAX_REPAIR_GROWTH_BYTES.
  */
 async function checkRefblocks(w: Walk, fix: RepairMode): Promise<boolean> {
   const { s, res } = w;
@@ -332,8 +338,8 @@ async function checkRefblocks(w: Walk, fix: RepairMode): Promise<boolean> {
       res.corruptions++;
       res.messages.push(`${fix.errors ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
       if (fix.errors) {
-        if (offset + C > w.fileLength + 1024 * C * C) {
-          // growing the file by more than a refcount table could ever describe: rebuild instead
+        if (offset + C - w.fileLength > MAX_REPAIR_GROWTH_BYTES) {
+          // a damaged entry must not make the file gigabytes long: the rebuild drops the entry instead
           res.messages.push('ERROR could not resize image: File too large');
           rebuild = true;
           continue;
