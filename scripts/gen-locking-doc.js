@@ -62,7 +62,7 @@ const CREATING_OPEN_FLAG = /^[wa]|x/;
 export const METADATA_FUNCTIONS = new Map([
   ['createQcow2OnNode', { drained: true }],
   ['createQcow2File', { drained: false }],
-  ['writeSnapshotTable', { drained: true }],
+  ['writeSnapshotTable', { drained: false, lock: true }],
   ['setDiskSize', { drained: false, lock: true }],
   ['updateSnapshotRefcount', { drained: true }],
   ['repairDirtyImage', { drained: false }],
@@ -80,6 +80,7 @@ export const METADATA_FUNCTIONS = new Map([
  * @property {'io' | 'global-state' | 'common'} contract the classification from the locking tag
  * @property {boolean} bql whether it takes a `Bql` proof (must run with the BQL held)
  * @property {boolean} drained whether it takes a drained proof (needs a drained section)
+ * @property {boolean} lock whether it takes the qcow2 metadata lock's proof (MetadataLocked)
  * @property {string} alongside whether it may run alongside in-flight I/O on the node
  * @property {string} summary first sentence of its doc comment
  */
@@ -494,6 +495,7 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
         contract,
         bql,
         drained,
+        lock: locked,
         alongside: drained ? 'no (drained)' : contract === 'global-state' ? 'yes (BQL)' : locked ? 'yes (holds the metadata lock)' : 'yes',
         summary: firstSentence(docText(c.docNode)),
       });

@@ -32,6 +32,7 @@ import { ClusterType, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setE
 import { metadataRanges } from './overlap.js';
 import { rebuildRefcountStructure } from './rebuild-refcounts.js';
 import { writeSnapshotTable } from './snapshots.js';
+import { withMetadataLock, type MetadataLocked } from './metadata-lock.js';
 import type { Qcow2State } from './state.js';
 import { flushMetadata } from './writeback.js';
 
@@ -56,16 +57,16 @@ function restoreCounts(into: Qcow2CheckResult, from: Qcow2CheckResult): void {
  * @locking io
  */
 export async function checkQcow2(s: Qcow2State, repair: RepairMode = NO_FIX): Promise<Qcow2CheckResult> {
-  return s.lock.run(async () => {
+  return withMetadataLock(s, async (locked) => {
     // what the check reads on disk must be all there is: write back what is still in memory
     if (!s.node.readOnly) await flushMetadata(s, true);
     const first = emptyResult();
-    if (!(await checkStopping(s, repair, first))) return first;
+    if (!(await checkStopping(locked, s, repair, first))) return first;
     if (first.leaksFixed === 0 && first.corruptionsFixed === 0) return first;
     await bdrvFlush(s.file);
     const second = emptyResult();
     second.messages = first.messages;
-    await checkStopping(s, NO_FIX, second);
+    await checkStopping(locked, s, NO_FIX, second);
     second.leaksFixed = first.leaksFixed;
     second.corruptionsFixed = first.corruptionsFixed;
     return second;
@@ -73,9 +74,9 @@ export async function checkQcow2(s: Qcow2State, repair: RepairMode = NO_FIX): Pr
 }
 
 /** Runs one check into `res`; a BlockError that stops it is kept as `res.failure` (false then). */
-async function checkStopping(s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult): Promise<boolean> {
+async function checkStopping(locked: MetadataLocked, s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult): Promise<boolean> {
   try {
-    await checkOnce(s, fix, res);
+    await checkOnce(locked, s, fix, res);
     return true;
   } catch (e) {
     if (!(e instanceof BlockError)) throw e;
@@ -85,7 +86,7 @@ async function checkStopping(s: Qcow2State, fix: RepairMode, res: Qcow2CheckResu
 }
 
 /** One bdrv_check: qcow2_check_refcounts, the COPIED check, then marking the image clean. */
-async function checkOnce(s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult): Promise<void> {
+async function checkOnce(locked: MetadataLocked, s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult): Promise<void> {
   const C = s.clusterSize;
   res.totalClusters = Math.ceil(s.sizeBytes / C);
   const nbClusters = Math.ceil(bdrvGetLength(s.file) / C);
@@ -144,7 +145,7 @@ async function checkOnce(s: Qcow2State, fix: RepairMode, res: Qcow2CheckResult):
     }
   }
   await checkOflagCopied(s, res, fix);
-  await fixSnapshotTable(s, res, fix, incomplete);
+  await fixSnapshotTable(locked, s, res, fix, incomplete);
   res.imageEndOffset = (cmp.highest + 1) * C;
   if ((fix.leaks || fix.errors) && res.checkErrors === 0 && res.corruptions === 0) await markCleanAndConsistent(s);
 }
@@ -170,7 +171,7 @@ function checkSnapshotTable(s: Qcow2State, res: Qcow2CheckResult, fix: RepairMod
  * are right (the new table's clusters come from the ordinary allocator); otherwise they stay
  * counted as corruptions.
  */
-async function fixSnapshotTable(s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode, incomplete: number): Promise<void> {
+async function fixSnapshotTable(locked: MetadataLocked, s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode, incomplete: number): Promise<void> {
   if (incomplete === 0) return;
   if (!fix.errors || res.corruptions > 0 || res.checkErrors > 0) {
     res.corruptions += incomplete;
@@ -178,7 +179,7 @@ async function fixSnapshotTable(s: Qcow2State, res: Qcow2CheckResult, fix: Repai
   }
   try {
     // the table is written with QEMU's 24 bytes of known extra data (plus what is kept unknown)
-    await writeSnapshotTable(s, s.snapshots.map((sn) => ({ ...sn, extraDataSize: 24 + sn.unknownExtraData.length })));
+    await writeSnapshotTable(locked, s, s.snapshots.map((sn) => ({ ...sn, extraDataSize: 24 + sn.unknownExtraData.length })));
     await flushMetadata(s, true);
   } catch (e) {
     res.messages.push(`ERROR failed to update snapshot table: ${e instanceof Error ? e.message : String(e)}`);

@@ -250,10 +250,13 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
 
 /**
  * Writes the snapshot list as a new table in fresh clusters, then switches the header to it in
- * one 12-byte write (nb_snapshots and snapshots_offset are adjacent), then frees the old table.
+ * one 12-byte write (nb_snapshots and snapshots_offset are adjacent), then frees the old table;
+ * the caller holds the metadata lock (`locked`). Used by check's repair of incomplete entries
+ * (snapshot create and delete commit their table with the rest of their metadata transaction).
  * @locking io
  */
-export async function writeSnapshotTable(s: Qcow2State, entries: SnapshotEntry[]): Promise<void> {
+export async function writeSnapshotTable(locked: MetadataLocked, s: Qcow2State, entries: SnapshotEntry[]): Promise<void> {
+  assertMetadataLocked(locked, s, 'write the snapshot table');
   const bytes = serializeSnapshotTable(entries);
   if (bytes.length > MAX_SNAPSHOTS_SIZE) {
     throw new BlockError('EFBIG', `qcow2 '${s.filename}': the snapshot table would exceed 64 MiB`, { node: s.node.nodeName, field: 'snapshots' });
