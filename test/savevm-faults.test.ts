@@ -26,6 +26,7 @@ import { Machine } from '../src/machine/machine.js';
 import { delVm, loadVm, recoverVmSnapshots, saveVm, UNDO_PREFIX, VmSnapshotError } from '../src/machine/savevm.js';
 import { faultSwitch, planFaults, type FaultSwitch } from './helpers/faulty-driver.js';
 import { describeInterop, qemuStatus } from './helpers/qemu.js';
+import { prng as rng } from './helpers/prng.js';
 
 const LONG = process.env['SNAPSTACK_LONG_SWEEPS'] === '1';
 const KiB = 1024;
@@ -43,18 +44,6 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-/** A small deterministic PRNG (mulberry32). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 type Op = 'savevm-replace' | 'savevm-new' | 'loadvm' | 'delvm';
 

@@ -23,6 +23,7 @@ import { Machine } from '../src/machine/machine.js';
 import { loadVm, saveVm, UNDO_PREFIX } from '../src/machine/savevm.js';
 import { INTENT_SUFFIX } from '../src/machine/vm-intent.js';
 import { describeInterop, qemuStatus } from './helpers/qemu.js';
+import { prng as rng } from './helpers/prng.js';
 
 const LONG = process.env['SNAPSTACK_LONG_SWEEPS'] === '1';
 const POINTS = LONG ? 40 : 5;
@@ -38,17 +39,6 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** The commands the child runs, over and over, until it is killed. */
 const LOOP = ['savevm s1', 'loadvm s1', 'savevm s2', 'loadvm s1', 'delvm s2', 'savevm s1', 'loadvm s1', 'savevm s3', 'delvm s3'];

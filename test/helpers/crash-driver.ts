@@ -35,6 +35,7 @@ import { registerDriver, type BlockDriver, type BlockDriverInstance, type WriteZ
 import { BlockError } from '../../src/block/errors.js';
 import type { BlockNode } from '../../src/block/node.js';
 import type { NodeOptions } from '../../src/block/options.js';
+import { prng } from './prng.js';
 
 const SECTOR = 512;
 
@@ -203,18 +204,6 @@ function applyWrite(img: { bytes: Uint8Array; length: number }, w: PendingWrite,
 function sectorsOf(w: PendingWrite): number {
   if (w.kind === 'truncate' || w.data.length === 0) return 1;
   return Math.floor((w.offset + w.data.length - 1) / SECTOR) - Math.floor(w.offset / SECTOR) + 1;
-}
-
-/** A small seeded PRNG (mulberry32), so that a failing crash image can be rebuilt. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** One image the disk may hold after the crash, and how it was made. */

@@ -25,6 +25,7 @@
  */
 import path from 'node:path';
 import type { StoreFs, StoreOpenMode, StoreStat } from '../../src/drivers/file/store-fs.js';
+import { prng as rng } from './prng.js';
 
 const SECTOR = 512;
 
@@ -110,18 +111,6 @@ function applyName(entries: Map<string, number>, op: NameOp): void {
     if (entries.get(op.from) === op.ino) entries.delete(op.from);
     entries.set(op.to, op.ino);
   }
-}
-
-/** A small deterministic PRNG (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Options of `crashStates`. */

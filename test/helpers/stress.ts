@@ -21,6 +21,7 @@ import { closeNode, openNode } from '../../src/block/graph.js';
 import { createIOThread, destroyIOThread, type IOThread } from '../../src/block/iothread.js';
 import type { BlockNode } from '../../src/block/node.js';
 import '../../src/drivers/index.js';
+import { prng } from './prng.js';
 
 export interface StressOptions {
   disks: number;
@@ -35,18 +36,6 @@ export interface StressResult {
   ops: number;
   sections: number;
   mismatches: string[];
-}
-
-/** A small deterministic PRNG (mulberry32) so a failing run can be replayed from its seed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 interface PendingWrite {
