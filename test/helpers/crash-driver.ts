@@ -82,6 +82,20 @@ export interface CrashDisk {
   log: string[];
   /** The disk's capacity: a write or truncate past it fails with ENOSPC (Infinity: none). */
   maxLength: number;
+  /** The power supply this disk shares with others (armCrashGroup), or null: its own counter. */
+  group: CrashGroup | null;
+}
+
+/** Disks on one power supply: one event counter over all of them, one cut for all. */
+export interface CrashGroup {
+  /** Events still performed (over every member) before the cut. */
+  eventsLeft: number;
+  /** Events seen since the arm, over every member. */
+  events: number;
+  members: string[];
+  /** Called at the instant of the cut (e.g. to keep what else was durable then). */
+  onCrash: (() => void) | null;
+  crashed: boolean;
 }
 
 /** Every simulated disk, by id. */
@@ -112,9 +126,34 @@ export function createCrashDisk(id: string, initial: Uint8Array = new Uint8Array
     dropped: 0,
     log: [],
     maxLength: Infinity,
+    group: null,
   };
   crashDisks.set(id, disk);
   return disk;
+}
+
+/** Cuts the power of one disk now: what is pending is kept for crashImages, later events are dropped. */
+function cut(disk: CrashDisk): void {
+  if (disk.crashed) return;
+  disk.crashed = true;
+  disk.eventsLeft = 0;
+  disk.pendingAtCrash = disk.pending.slice();
+  disk.durableAtCrash = disk.durable.slice(0, disk.durableLength);
+}
+
+/**
+ * Puts disks `ids` on one power supply: events 0..n-1, counted over all of them in the order they
+ * happen, are performed; at event n every disk loses power at once and `onCrash` runs. Each
+ * disk's own counters restart.
+ * @locking common
+ */
+export function armCrashGroup(ids: string[], n: number, onCrash: (() => void) | null = null): CrashGroup {
+  const group: CrashGroup = { eventsLeft: n, events: 0, members: [...ids], onCrash, crashed: false };
+  for (const id of ids) {
+    armCrash(id, Infinity);
+    crashDisk(id).group = group;
+  }
+  return group;
 }
 
 /**
@@ -152,6 +191,7 @@ export function durableBytes(id: string): Uint8Array {
  */
 export function armCrash(id: string, n: number): void {
   const disk = crashDisk(id);
+  disk.group = null;
   disk.eventsLeft = n;
   disk.crashed = false;
   disk.pendingAtCrash = [];
@@ -310,12 +350,21 @@ class CrashInstance implements BlockDriverInstance {
     if (isWrite) disk.writes++;
     else disk.flushes++;
     disk.log.push(what);
-    if (disk.crashed || disk.eventsLeft <= 0) {
-      if (!disk.crashed) {
-        disk.crashed = true;
-        disk.pendingAtCrash = disk.pending.slice();
-        disk.durableAtCrash = disk.durable.slice(0, disk.durableLength);
+    const group = disk.group;
+    if (group !== null) {
+      group.events++;
+      if (!group.crashed && group.eventsLeft <= 0) {
+        group.crashed = true;
+        for (const m of group.members) {
+          const d = crashDisks.get(m);
+          if (d !== undefined) cut(d);
+        }
+        group.onCrash?.();
       }
+      if (!group.crashed) group.eventsLeft--;
+    }
+    if (disk.crashed || disk.eventsLeft <= 0) {
+      cut(disk);
       disk.dropped++;
       return -1;
     }
