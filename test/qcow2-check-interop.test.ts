@@ -132,6 +132,67 @@ class Img {
   }
 }
 
+/** The entry layout of docs/interop/qcow2.txt, for the snapshot-table damage below. */
+function snapshotEntry(o: { l1: bigint; l1Size: number; id: string; name: string; extra: Buffer }): Buffer {
+  const id = Buffer.from(o.id);
+  const name = Buffer.from(o.name);
+  const e = Buffer.alloc(40 + o.extra.length + id.length + name.length);
+  e.writeBigUInt64BE(o.l1, 0);
+  e.writeUInt32BE(o.l1Size, 8);
+  e.writeUInt16BE(id.length, 12);
+  e.writeUInt16BE(name.length, 14);
+  e.writeUInt32BE(1_700_000_000, 16);
+  e.writeUInt32BE(o.extra.length, 36);
+  o.extra.copy(e, 40);
+  id.copy(e, 40 + o.extra.length);
+  name.copy(e, 40 + o.extra.length + id.length);
+  return e;
+}
+
+/** Known extra data (vm_state_size_large 0, disk_size 64 MiB, icount absent) followed by `unknown` bytes of a pattern. */
+function extraData(unknown: number): Buffer {
+  const b = Buffer.alloc(24 + unknown);
+  b.writeBigUInt64BE(64n << 20n, 8);
+  b.writeBigInt64BE(-1n, 16);
+  for (let i = 24; i < b.length; i++) b[i] = (i * 7) & 0xff;
+  return b;
+}
+
+/** Rewrites snapshot 0 of the base image in place with `unknown` bytes of extra data past the known 24. */
+function tooMuchExtraData(m: Img, unknown: number): void {
+  const at = m.snapshotTable;
+  m.write(at, snapshotEntry({ l1: m.u64(at), l1Size: Number(m.u64(at + 8) >> 32n), id: '1', name: 's1', extra: extraData(unknown) }));
+}
+
+/**
+ * Moves the snapshot table to the end of the file and appends `extra` snapshots with an empty L1
+ * table and 64 KiB long (zero) ids and names, so that the table passes 64 MiB; the new table's
+ * clusters get refcount 1, the old table's cluster leaks.
+ */
+function hugeSnapshotTable(m: Img, extra: number): void {
+  const old = fs.readFileSync(m.f).subarray(m.snapshotTable, m.snapshotTable + C);
+  const first = Buffer.from(old.subarray(0, 40 + old.readUInt32BE(36) + old.readUInt16BE(12) + old.readUInt16BE(14)));
+  const at = Math.ceil(fs.statSync(m.f).size / C) * C;
+  let off = Math.ceil(first.length / 8) * 8;
+  m.write(at, first);
+  const hdr = snapshotEntry({ l1: 0n, l1Size: 0, id: '', name: '', extra: extraData(0) });
+  for (let i = 0; i < extra; i++) {
+    hdr.writeUInt16BE(0xffff, 12);
+    hdr.writeUInt16BE(0xffff, 14);
+    m.write(at + off, hdr);
+    off = Math.ceil((off + hdr.length + 0x1fffe) / 8) * 8;
+  }
+  fs.truncateSync(m.f, Math.ceil((at + off) / C) * C);
+  const clusters = Math.floor((at + off - 1) / C) - at / C + 1;
+  const ones = Buffer.alloc(clusters * 2);
+  for (let i = 0; i < clusters; i++) ones.writeUInt16BE(1, i * 2);
+  m.write(m.rc(at), ones);
+  const ptr = Buffer.alloc(12);
+  ptr.writeUInt32BE(1 + extra, 0);
+  ptr.writeBigUInt64BE(BigInt(at), 4);
+  m.write(60, ptr);
+}
+
 interface Verdict {
   status: number;
   corruptions: number;
@@ -188,6 +249,8 @@ interface Case {
    * data of the undamaged image.
    */
   qemuRepairFails?: boolean;
+  /** After the repairs, `qemu-img snapshot -l` must list the same snapshots in both images. */
+  sameSnapshots?: boolean;
 }
 
 const cases: Case[] = [
@@ -258,6 +321,27 @@ const cases: Case[] = [
     source: makeCompressed,
     damage: (m) => m.put16(m.rc(Number(m.u64(m.l2) & ((1n << 54n) - 1n))), 0),
   },
+  {
+    what: 'more than 1024 bytes of extra data in a snapshot table entry',
+    status: 1,
+    sameSnapshots: true,
+    damage: (m) => tooMuchExtraData(m, 2000),
+  },
+  {
+    what: 'more than 1024 bytes of extra data in a snapshot table entry and a leaked cluster',
+    status: 1,
+    sameSnapshots: true,
+    damage: (m) => {
+      tooMuchExtraData(m, 1001);
+      m.put16(m.rc(m.data(1)), 3);
+    },
+  },
+  {
+    what: 'a snapshot table over 64 MiB (520 snapshots with 64 KiB ids and names) and the old table leaked',
+    status: 1,
+    sameSnapshots: true,
+    damage: (m) => hugeSnapshotTable(m, 520),
+  },
 ];
 
 describeInterop('img check agrees with qemu-img check 7.2 on damaged qemu-img images', () => {
@@ -296,6 +380,11 @@ describeInterop('img check agrees with qemu-img check 7.2 on damaged qemu-img im
       expect(oursByQemu).toEqual(qAfter);
       expect(qemu('qemu-img', ['info', ours])).toMatch(/file format: qcow2/);
       if (qAfter.status === 0) expect(guestBytes(ours).equals(guestBytes(theirs))).toBe(true);
+      if (c.sameSnapshots === true) {
+        const list = (f: string): string => qemu('qemu-img', ['snapshot', '-l', f]);
+        expect(list(ours)).toEqual(list(theirs));
+        expect(guestBytes(ours).equals(guestBytes(src))).toBe(true);
+      }
     }, 60_000);
   }
 });

@@ -31,6 +31,7 @@ import {
 import { ClusterType, entryHi, entryLo, entryOffset, isCopied, l2EntryType, setEntryRaw } from './entries.js';
 import { metadataRanges } from './overlap.js';
 import { rebuildRefcountStructure } from './rebuild-refcounts.js';
+import { readSnapshotTableForCheck } from './snapshot-table-check.js';
 import { writeSnapshotTable } from './snapshots.js';
 import { withMetadataLock, type MetadataLocked } from './metadata-lock.js';
 import type { Qcow2State } from './state.js';
@@ -93,6 +94,8 @@ async function checkOnce(locked: MetadataLocked, s: Qcow2State, fix: RepairMode,
   if (nbClusters > MAX_CHECK_CLUSTERS) {
     throw new BlockError('EFBIG', `qcow2 '${s.filename}': File too large: ${nbClusters} clusters are more than a check can count`, { file: s.filename, field: 'nb_clusters' });
   }
+  // the open may have refused the table (check mode keeps none then): read it as qemu-img check does
+  const table = await readSnapshotTableForCheck(s, res, fix);
   const incomplete = checkSnapshotTable(s, res, fix);
   const imrt = new Imrt(nbClusters);
   let rebuild = await calculateRefcounts(s, res, fix, imrt);
@@ -145,7 +148,7 @@ async function checkOnce(locked: MetadataLocked, s: Qcow2State, fix: RepairMode,
     }
   }
   await checkOflagCopied(s, res, fix);
-  await fixSnapshotTable(locked, s, res, fix, incomplete);
+  await fixSnapshotTable(locked, s, res, fix, incomplete, table.extraDataDropped);
   res.imageEndOffset = (cmp.highest + 1) * C;
   if ((fix.leaks || fix.errors) && res.checkErrors === 0 && res.corruptions === 0) await markCleanAndConsistent(s);
 }
@@ -166,15 +169,16 @@ function checkSnapshotTable(s: Qcow2State, res: Qcow2CheckResult, fix: RepairMod
 }
 
 /**
- * QEMU's qcow2_check_fix_snapshot_table: with -r all, incomplete entries are repaired by writing
- * the table again (complete entries, fresh clusters, one header switch). Only once the refcounts
- * are right (the new table's clusters come from the ordinary allocator); otherwise they stay
- * counted as corruptions.
+ * QEMU's qcow2_check_fix_snapshot_table: with -r all, incomplete entries and entries whose extra
+ * data was cut to 1024 bytes (`dropped`) are
+ * repaired by writing the table again (complete entries, fresh clusters, one header switch). Only
+ * once the refcounts are right (the new table's clusters come from the ordinary allocator);
+ * otherwise they stay counted as corruptions.
  */
-async function fixSnapshotTable(locked: MetadataLocked, s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode, incomplete: number): Promise<void> {
-  if (incomplete === 0) return;
+async function fixSnapshotTable(locked: MetadataLocked, s: Qcow2State, res: Qcow2CheckResult, fix: RepairMode, incomplete: number, dropped: number): Promise<void> {
+  if (incomplete === 0 && dropped === 0) return;
   if (!fix.errors || res.corruptions > 0 || res.checkErrors > 0) {
-    res.corruptions += incomplete;
+    res.corruptions += incomplete + dropped;
     return;
   }
   try {
@@ -184,10 +188,10 @@ async function fixSnapshotTable(locked: MetadataLocked, s: Qcow2State, res: Qcow
   } catch (e) {
     res.messages.push(`ERROR failed to update snapshot table: ${e instanceof Error ? e.message : String(e)}`);
     res.checkErrors++;
-    res.corruptions += incomplete;
+    res.corruptions += incomplete + dropped;
     return;
   }
-  res.corruptionsFixed += incomplete;
+  res.corruptionsFixed += incomplete + dropped;
 }
 
 /** QEMU's check_oflag_copied: COPIED must be set exactly where the refcount is 1 (active tables). */

@@ -112,7 +112,10 @@ export function defaultL2CacheBytes(h: Qcow2Header): number {
 /**
  * Reads and validates all the metadata an open image keeps in memory and returns its state.
  * `refuseOverlaps: false` and `checkSnapshots: false` let the checker open an image whose tables
- * overlap or whose snapshot L1 pointers are bad, to report them (as QEMU's open does not check those).
+ * overlap or whose snapshot L1 pointers are bad, to report them (as QEMU's open does not check those);
+ * with `checkSnapshots: false` a snapshot table the ordinary parser refuses is left empty in memory
+ * (QEMU's open in check mode discards it too): the check reads it again its own way
+ * (snapshot-table-check.ts).
  * @locking io
  */
 export async function loadQcow2State(
@@ -126,7 +129,10 @@ export async function loadQcow2State(
   const C = 2 ** header.clusterBits;
   const l1 = await readTable(file, header.l1TableOffset, header.l1Size * 8, fileLength, filename, 'l1_table');
   const reftable = await readTable(file, header.refcountTableOffset, header.refcountTableClusters * C, fileLength, filename, 'refcount_table');
-  const snapshots = await readSnapshotTable(file, header, fileLength, filename);
+  const snapshots = await readSnapshotTable(file, header, fileLength, filename).catch((e: unknown) => {
+    if (opts.checkSnapshots === false && e instanceof BlockError) return [];
+    throw e;
+  });
   if (opts.checkSnapshots !== false) checkSnapshotEntries(snapshots, C, fileLength, filename);
   const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes ?? defaultL2CacheBytes(header));
   s.allocatedEnd = Math.ceil(fileLength / C);
