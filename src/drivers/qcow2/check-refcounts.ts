@@ -17,7 +17,7 @@ import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, l2EntryTy
 import { overlappingMetadata } from './overlap.js';
 import { readSlot, updateRefcount } from './refcount.js';
 import { snapshotTableSize } from './snapshot-table.js';
-import { checkedSnapshotTableBytes } from './snapshot-table-check.js';
+import { snapshotTableBytesOnDisk } from './snapshot-extent.js';
 import type { Qcow2State } from './state.js';
 
 /** QEMU's limit on the clusters a check may count (nb_clusters > INT_MAX fails with EFBIG). */
@@ -458,7 +458,7 @@ export async function calculateRefcounts(s: Qcow2State, res: Qcow2CheckResult, f
     }
     await checkRefcountsL1(w, sn.l1TableOffset, sn.l1Size, false, fix);
   }
-  if (s.header.nbSnapshots > 0) incRefcounts(w, s.header.snapshotsOffset, checkedSnapshotTableBytes(s, () => snapshotTableSize(s.snapshots)));
+  if (s.header.nbSnapshots > 0) incRefcounts(w, s.header.snapshotsOffset, snapshotTableBytesOnDisk(s, () => snapshotTableSize(s.snapshots)));
   incRefcounts(w, s.header.refcountTableOffset, s.reftable.length);
   await checkBitmaps(w);
   return checkRefblocks(w, fix);

@@ -9,6 +9,7 @@ import type { BlockNode } from '../../block/node.js';
 import { MAX_CLUSTER_BITS, MAX_SNAPSHOTS_SIZE, MIN_CLUSTER_BITS } from './constants.js';
 import { parseHeader } from './header.js';
 import { checkNoMetadataOverlap } from './overlap.js';
+import { recordSnapshotTableExtent } from './snapshot-extent.js';
 import { parseSnapshotTable, snapshotTableExtent } from './snapshot-table.js';
 import { Qcow2State } from './state.js';
 import type { Qcow2Header, SnapshotEntry } from './types.js';
@@ -33,12 +34,18 @@ export async function readQcow2Header(file: BlockNode, filename: string): Promis
 
 /**
  * Reads the snapshot table: a window that doubles until it holds all `nbSnapshots` entries,
- * bounded by the end of the file and by QEMU's 64 MiB limit.
+ * bounded by the end of the file and by QEMU's 64 MiB limit. Returns the entries and the bytes
+ * they take on disk (QEMU's snapshots_size).
  * @locking io
  */
-export async function readSnapshotTable(file: BlockNode, header: Qcow2Header, fileLength: number, filename: string): Promise<SnapshotEntry[]> {
+export async function readSnapshotTable(
+  file: BlockNode,
+  header: Qcow2Header,
+  fileLength: number,
+  filename: string,
+): Promise<{ entries: SnapshotEntry[]; bytes: number }> {
   const nb = header.nbSnapshots;
-  if (nb === 0) return [];
+  if (nb === 0) return { entries: [], bytes: 0 };
   const start = header.snapshotsOffset;
   const limit = Math.min(fileLength - start, MAX_SNAPSHOTS_SIZE);
   let window = Math.min(limit, Math.max(4096, nb * 128));
@@ -47,7 +54,7 @@ export async function readSnapshotTable(file: BlockNode, header: Qcow2Header, fi
     await bdrvPread(file, start, buf);
     const extent = snapshotTableExtent(buf, nb);
     if (extent >= 0) {
-      return parseSnapshotTable(buf.subarray(0, extent), nb, { version: header.version, sizeBytes: header.size }, filename);
+      return { entries: parseSnapshotTable(buf.subarray(0, extent), nb, { version: header.version, sizeBytes: header.size }, filename), bytes: extent };
     }
     if (window >= limit) {
       const where = limit === MAX_SNAPSHOTS_SIZE ? 'exceeds the 64 MiB limit' : 'runs past the end of the file';
@@ -129,12 +136,15 @@ export async function loadQcow2State(
   const C = 2 ** header.clusterBits;
   const l1 = await readTable(file, header.l1TableOffset, header.l1Size * 8, fileLength, filename, 'l1_table');
   const reftable = await readTable(file, header.refcountTableOffset, header.refcountTableClusters * C, fileLength, filename, 'refcount_table');
-  const snapshots = await readSnapshotTable(file, header, fileLength, filename).catch((e: unknown) => {
-    if (opts.checkSnapshots === false && e instanceof BlockError) return [];
+  const table = await readSnapshotTable(file, header, fileLength, filename).catch((e: unknown) => {
+    if (opts.checkSnapshots === false && e instanceof BlockError) return { entries: [], bytes: 0 };
     throw e;
   });
+  const snapshots = table.entries;
   if (opts.checkSnapshots !== false) checkSnapshotEntries(snapshots, C, fileLength, filename);
   const s = new Qcow2State(node, file, filename, header, l1, reftable, snapshots, l2CacheBytes ?? defaultL2CacheBytes(header));
+  // what the table takes on disk, for freeing it when it is written again
+  recordSnapshotTableExtent(s, table.bytes);
   s.allocatedEnd = Math.ceil(fileLength / C);
   if (opts.refuseOverlaps !== false) checkNoMetadataOverlap(s);
   return s;

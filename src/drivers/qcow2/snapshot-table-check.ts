@@ -17,6 +17,7 @@ import { BlockError } from '../../block/errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPread } from '../../block/io.js';
 import type { Qcow2CheckResult, RepairMode } from './check-refcounts.js';
 import { MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, TWO32 } from './constants.js';
+import { recordSnapshotTableExtent } from './snapshot-extent.js';
 import type { Qcow2State } from './state.js';
 import type { SnapshotEntry } from './types.js';
 
@@ -32,20 +33,6 @@ const utf8 = new TextDecoder('utf-8');
 export interface CheckedSnapshotTable {
   /** Entries whose extra data was cut to 1024 bytes (each one corruption until the table is written again; check.ts counts them). */
   extraDataDropped: number;
-}
-
-/** The on-disk extent of the table the check read last, per state (the entries it belongs to). */
-const extents = new WeakMap<Qcow2State, { entries: SnapshotEntry[]; offset: number; bytes: number }>();
-
-/**
- * How many bytes of the file the snapshot table in `s` takes: what the check read on disk (a
- * truncated entry still takes all its extra data there), else the length the entries serialize to.
- * @locking io
- */
-export function checkedSnapshotTableBytes(s: Qcow2State, serialized: () => number): number {
-  const e = extents.get(s);
-  if (e !== undefined && e.entries === s.snapshots && e.offset === s.header.snapshotsOffset) return e.bytes;
-  return serialized();
 }
 
 /** Reads the file in windows, zeros past its end (as a qcow2 read of a short file does). */
@@ -170,7 +157,8 @@ export async function readSnapshotTableForCheck(s: Qcow2State, res: Qcow2CheckRe
     entries.push({ l1TableOffset, l1Size, id, name, dateSec, dateNsec, vmClockNsec, vmStateSize, diskSize, icount, extraDataSize, unknownExtraData });
   }
   s.snapshots = entries;
-  extents.set(s, { entries, offset: start, bytes: offset - start });
+  // freeing this table later must free what it takes on disk (the cut extra data included)
+  recordSnapshotTableExtent(s, offset - start);
   if (reduced > 0) {
     // QEMU counts them as corruptions and as fixed at once: the header no longer names them
     await writeSnapshotCount(s, nb);

@@ -23,6 +23,7 @@ import { zeroClustersLocked } from './data-path.js';
 import { allocClusters, discardDirtyRefcounts, peekRefcount, freeClusters, getRefcount, updateRefcount, writeDirtyRefcounts } from './refcount.js';
 import { flushMetadata } from './writeback.js';
 import { serializeSnapshotTable } from './snapshot-table.js';
+import { snapshotTableBytesOnDisk } from './snapshot-extent.js';
 import type { Qcow2State } from './state.js';
 import type { Table } from './table-cache.js';
 import type { SnapshotEntry } from './types.js';
@@ -277,7 +278,7 @@ export async function writeSnapshotTable(locked: MetadataLocked, s: Qcow2State, 
   }
   // committed: from here on nothing may undo it (a caller's rollback would corrupt the image)
   const oldOff = s.header.snapshotsOffset;
-  const oldBytes = serializeSnapshotTable(s.snapshots).length;
+  const oldBytes = snapshotTableBytesOnDisk(s, () => serializeSnapshotTable(s.snapshots).length);
   s.header.nbSnapshots = entries.length;
   s.header.snapshotsOffset = newOff;
   s.snapshots = entries;
