@@ -5,7 +5,9 @@
  * `-r all` keeps what QEMU's repair keeps (the first 1024 bytes of extra data, the snapshots below
  * 64 MiB), leaves an image the next check finds clean and the guest data as it was, and frees
  * exactly what the old table took. (test/qcow2-check-interop.test.ts compares the same damage
- * with qemu-img 7.2 itself.)
+ * with qemu-img 7.2 itself.) The same rule for the ordinary snapshot operations: a table an older
+ * QEMU wrote (16 bytes of extra data per entry) is shorter on disk than written again, and
+ * replacing it must free the clusters it took, not the next one.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -234,4 +236,103 @@ describe('img check reads a snapshot table the ordinary open refuses', () => {
     expect((await check(f)).status).toBe(0);
     expect((await guest(f)).equals(data)).toBe(true);
   }, 60_000);
+});
+
+/**
+ * Rewrites the table as QEMU before 5.0 did (16 bytes of extra data per entry) at a fresh cluster
+ * E, with `more` disk-only snapshots (empty L1 table, empty id and name) after s1 so that it ends
+ * near the end of E while the same entries written with 24 bytes would not fit it, and moves the
+ * data of guest cluster 0 (written after s1: only the active L2 table points at it) to E + 1, so
+ * that the cluster after the table is in use by what no snapshot operation moves. The old table's
+ * and old data cluster's clusters are freed: the image checks clean. Returns E + 1's offset.
+ */
+function oldQemuTable(f: string, more: number, follow: 'data' | 'l1' = 'data'): number {
+  const file = fs.readFileSync(f);
+  const { table, reftable } = header(f);
+  const entry = (l1: Buffer, id: string, name: string): Buffer => {
+    const e = Buffer.alloc(56 + id.length + name.length);
+    l1.copy(e, 0, 0, 12);
+    e.writeUInt16BE(id.length, 12);
+    e.writeUInt16BE(name.length, 14);
+    e.writeUInt32BE(1_700_000_000, 16);
+    e.writeUInt32BE(16, 36);
+    e.writeBigUInt64BE(16n * 1024n * 1024n, 48);
+    e.write(id + name, 56);
+    return e;
+  };
+  const parts: Buffer[] = [entry(file.subarray(table, table + 12), '1', 's1')];
+  for (let i = 0; i < more; i++) parts.push(entry(Buffer.alloc(12), '', ''));
+  const t = Buffer.alloc(C);
+  let off = 0;
+  for (const p of parts) {
+    off = Math.ceil(off / 8) * 8;
+    p.copy(t, off);
+    off += p.length;
+  }
+  if (off > C) throw new Error(`test setup: the table takes ${off} bytes`);
+  const E = Math.ceil(file.length / C) * C;
+  fs.truncateSync(f, E + 2 * C);
+  poke(f, E, t);
+  const l1 = Number(file.readBigUInt64BE(40));
+  const l2 = Number(file.readBigUInt64BE(l1) & 0x00fffffffffffe00n);
+  // what moves to E + 1: guest cluster 0's data, or the active L1 table
+  const data = follow === 'data' ? Number(file.readBigUInt64BE(l2) & 0x00fffffffffffe00n) : l1;
+  poke(f, E + C, file.subarray(data, data + (follow === 'data' ? C : file.readUInt32BE(36) * 8)));
+  const ptr = Buffer.alloc(8);
+  ptr.writeBigUInt64BE(follow === 'data' ? (1n << 63n) | BigInt(E + C) : BigInt(E + C));
+  poke(f, follow === 'data' ? l2 : 40, ptr);
+  const refblock = Number(file.readBigUInt64BE(reftable) & 0x00fffffffffffe00n);
+  const rc = (off: number, v: number): void => {
+    const b = Buffer.alloc(2);
+    b.writeUInt16BE(v);
+    poke(f, refblock + (off / C) * 2, b);
+  };
+  rc(E, 1);
+  rc(E + C, 1);
+  rc(table, 0);
+  rc(data, 0);
+  const sn = Buffer.alloc(12);
+  sn.writeUInt32BE(parts.length, 0);
+  sn.writeBigUInt64BE(BigInt(E), 4);
+  poke(f, 60, sn);
+  return E + C;
+}
+
+describe('replacing a snapshot table frees what it took on disk', () => {
+  it('an image whose table an older QEMU wrote is followed by the active L1 table opens and checks clean', async () => {
+    const f = await image('old16-l1');
+    const data = await guest(f);
+    oldQemuTable(f, 1100, 'l1');
+    const img = await openImage(f, { format: 'qcow2' });
+    await img.close();
+    expect(await check(f)).toMatchObject({ status: 0, err: '' });
+    expect((await guest(f)).equals(data)).toBe(true);
+  });
+
+  // 1 + 1100 entries: 61664 bytes with 16 bytes of extra data each, 70472 with 24
+  for (const op of ['create', 'delete'] as const) {
+    it(`a snapshot ${op} over a table an older QEMU wrote leaves the cluster after it in use`, async () => {
+      const f = await image(`old16-${op}`);
+      const data = await guest(f);
+      const moved = oldQemuTable(f, 1100);
+      expect((await check(f)).status).toBe(0);
+      const img = await openImage(f, { format: 'qcow2' });
+      try {
+        if (op === 'create') await img.createSnapshot('s2');
+        else await img.deleteSnapshot('s1');
+        await img.write(5 * C, new Uint8Array(C).fill(7));
+      } finally {
+        await img.close();
+      }
+      const r = await check(f);
+      expect(r.err).toBe('');
+      expect(r.status).toBe(0);
+      // guest cluster 0 is still where the setup put it, right after the old table
+      const file = fs.readFileSync(f);
+      const l2 = Number(file.readBigUInt64BE(Number(file.readBigUInt64BE(40))) & 0x00fffffffffffe00n);
+      expect(Number(file.readBigUInt64BE(l2) & 0x00fffffffffffe00n)).toBe(moved);
+      data.fill(7, 5 * C, 6 * C);
+      expect((await guest(f)).equals(data)).toBe(true);
+    });
+  }
 });

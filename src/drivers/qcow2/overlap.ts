@@ -7,6 +7,7 @@
  * I/O code: the ranges are rebuilt lazily after any change that moves a table.
  */
 import { entryHi, entryLo, entryOffset } from './entries.js';
+import { snapshotTableBytesOnDisk } from './snapshot-extent.js';
 import { snapshotTableSize } from './snapshot-table.js';
 import type { Qcow2State } from './state.js';
 
@@ -62,7 +63,7 @@ export function metadataRanges(s: Qcow2State): MetaRange[] {
     const off = entryOffset(entryHi(s.reftableView, b), entryLo(s.reftableView, b));
     if (off !== 0) ranges.push({ start: off, end: off + C, what: `refcount block ${b}` });
   }
-  if (h.nbSnapshots > 0) ranges.push({ start: h.snapshotsOffset, end: h.snapshotsOffset + roundUp(snapshotTableSize(s.snapshots), C), what: 'snapshot table' });
+  if (h.nbSnapshots > 0) ranges.push({ start: h.snapshotsOffset, end: h.snapshotsOffset + roundUp(snapshotTableBytesOnDisk(s, () => snapshotTableSize(s.snapshots)), C), what: 'snapshot table' });
   for (const sn of s.snapshots) {
     if (sn.l1Size > 0) ranges.push({ start: sn.l1TableOffset, end: sn.l1TableOffset + roundUp(sn.l1Size * 8, C), what: `L1 table of snapshot '${sn.name}'` });
   }

@@ -422,7 +422,7 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       }
       const l1Off = n === 0 ? 0 : await allocClusters(s, l1Clusters);
       const tableOff = tableClusters === 0 ? 0 : await allocClusters(s, tableClusters);
-      if (s.header.nbSnapshots > 0) txRelease(tx, s.header.snapshotsOffset, roundUpClusters(s, serializeSnapshotTable(s.snapshots).length));
+      if (s.header.nbSnapshots > 0) txRelease(tx, s.header.snapshotsOffset, roundUpClusters(s, snapshotTableBytesOnDisk(s, () => serializeSnapshotTable(s.snapshots).length)));
       await commitMetadataTx(tx, { l1Offset: l1Off, l1Size: n, l1Bytes: l1, snapshots: entries, snapshotsOffset: tableOff, snapshotBytes: table });
     } catch (e) {
       if (s.inMetadataTx) abortMetadataTx(tx);
@@ -608,7 +608,7 @@ export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       const l1Off = n === 0 ? 0 : await allocClusters(s, l1Clusters);
       if (n > 0) txRelease(tx, s.header.l1TableOffset, l1Clusters * C);
       const tableOff = tableClusters === 0 ? 0 : await allocClusters(s, tableClusters);
-      txRelease(tx, s.header.snapshotsOffset, roundUpClusters(s, serializeSnapshotTable(s.snapshots).length));
+      txRelease(tx, s.header.snapshotsOffset, roundUpClusters(s, snapshotTableBytesOnDisk(s, () => serializeSnapshotTable(s.snapshots).length)));
       await commitMetadataTx(tx, { l1Offset: l1Off, l1Size: n, l1Bytes: l1, snapshots: entries, snapshotsOffset: tableOff, snapshotBytes: table });
     } catch (e) {
       if (s.inMetadataTx) abortMetadataTx(tx);
