@@ -219,11 +219,15 @@ export class Image {
     if (root === null) return;
     // requests still running or waiting in the queue complete first (as QEMU's blk_drain does)
     await aioWaitWhile(() => blk.inFlight > 0 || blk.queued.length > 0);
-    if (!blk.readOnly) await blkFlush(blk);
+    // a failed flush is reported, but only once the image is closed: its nodes, descriptors and
+    // image locks must not outlive the Image
+    let flushError: unknown = null;
+    if (!blk.readOnly) await blkFlush(blk).catch((e: unknown) => (flushError = e));
     await withEasyBql('Image.close', bql, this.bqlWaitMs, async (bql) => {
       await withDrained(bql, root, () => blkDelete(bql, blk));
       await closeNode(bql, root);
     });
+    if (flushError !== null) throw flushError;
   }
 }
 

@@ -8,7 +8,6 @@
  * barrier; a shared L2 table loses the active image's reference only once the L1 entry that moved
  * to the copy is on disk (pendingFrees).
  */
-import { bdrvFlush } from '../../block/io.js';
 import { L1_HI_RESERVED, L1_LO_RESERVED } from './constants.js';
 import { entryHi, entryLo, entryOffset, headerFields, isCopied, setEntry } from './entries.js';
 import { allocClusters, freeClusters } from './refcount.js';
@@ -93,8 +92,8 @@ export async function growL1(s: Qcow2State, minEntries: number): Promise<void> {
     const bytes = new Uint8Array(minEntries * 8);
     bytes.set(s.l1);
     await s.writeMeta(newOff, bytes, 'L1 table');
-    await bdrvFlush(s.file);
-    await s.writeMeta(36, headerFields([[4, minEntries], [8, newOff]]), 'header (L1 table pointer)');
+    await s.flushFile('new L1 table');
+    await s.commitHeader(36, headerFields([[4, minEntries], [8, newOff]]), 'header (L1 table pointer)');
     const oldOff = s.header.l1TableOffset;
     const oldClusters = Math.ceil((s.l1Size * 8) / s.clusterSize);
     s.header.l1TableOffset = newOff;
@@ -104,8 +103,7 @@ export async function growL1(s: Qcow2State, minEntries: number): Promise<void> {
     s.l1DirtyHi = 0;
     if (oldOff !== 0 && oldClusters > 0) s.pendingFrees.push([oldOff, oldClusters * s.clusterSize]);
   } catch (e) {
-    // nothing points at the new clusters: give them back (after a failed write the tables were
-    // read again from the file, where the allocation may not exist: then they may only leak)
+    // the header does not point at the new clusters (commitHeader read it back): give them back
     if (s.header.l1TableOffset !== newOff && s.broken === null) await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined);
     throw e;
   }

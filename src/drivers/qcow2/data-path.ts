@@ -240,6 +240,9 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
   const first = l2Index;
   const inFirst = pos % C;
   const count = Math.ceil((inFirst + data.length) / C);
+  // pinned before the first wait: a clean table may be evicted by lock-free reads meanwhile, and
+  // the entries set below must land in the cached table that the flush writes
+  s.l2Cache.markDirty(t.offset, first * 8, (first + count) * 8);
   // which clusters need a new host cluster
   let i = 0;
   while (i < count) {

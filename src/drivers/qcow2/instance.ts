@@ -9,7 +9,6 @@ import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, type DrainedProof } from '../../block/drain.js';
 import type { BlockDriverInstance, BlockStatus, SnapshotInfo, WriteZeroesFlags } from '../../block/driver.js';
 import { BlockError } from '../../block/errors.js';
-import { bdrvFlush } from '../../block/io.js';
 import { INCOMPAT_CORRUPT, COMPAT_LAZY_REFCOUNTS } from './constants.js';
 import { qcow2BlockStatus, qcow2Read, qcow2Write, qcow2ZeroClusters } from './data-path.js';
 import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily, setDiskSize } from './snapshots.js';
@@ -74,7 +73,7 @@ export class Qcow2Instance implements BlockDriverInstance {
    */
   flush(): Promise<void> {
     const s = this.state;
-    if (!s.metadataDirty) return bdrvFlush(s.file);
+    if (!s.metadataDirty) return s.flushFile('guest flush');
     return s.lock.run(() => flushMetadata(s));
   }
 
@@ -117,9 +116,15 @@ export class Qcow2Instance implements BlockDriverInstance {
     assertBql(bql, 'qcow2 close');
     assertDrained(bql, drained, this.state.node, 'qcow2 close');
     const s = this.state;
-    if (!s.node.readOnly) {
-      if (s.metadataDirty) await s.lock.run(() => flushMetadata(s, true));
-      else await bdrvFlush(s.file);
+    // a corrupt or broken image takes no more writes: closing it only drops the caches
+    if (!s.node.readOnly && s.broken === null) {
+      try {
+        if (s.metadataDirty) await s.lock.run(() => flushMetadata(s, true));
+        else await s.flushFile('close');
+      } finally {
+        s.l2Cache.clear();
+        s.refblockCache.clear();
+      }
     }
     this.state.l2Cache.clear();
     this.state.refblockCache.clear();

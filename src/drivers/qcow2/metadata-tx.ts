@@ -18,7 +18,7 @@
  * it: not even a leak); after it, the new state, complete. A failure before the commit reads the
  * tables back from the file, which still holds the old state.
  */
-import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
+import { bdrvGetLength } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { entryHi, entryLo, entryOffset, headerFields, setEntry } from './entries.js';
 import { allocClusters, refblockOffset, reserveRefcountTable, updateRefcount } from './refcount.js';
@@ -102,6 +102,7 @@ async function moveChangedRefblocks(tx: MetadataTx): Promise<void> {
     for (const b of needed) {
       const old = oldBlockOffset(tx, b);
       const t = await s.refblockCache.get(old);
+      s.refblockCache.markDirty(old, 0, C); // pinned: it must not be evicted while the allocation below waits
       const fresh = await allocClusters(s, 1); // may change this very block: it is still cached at `old`
       setEntry(s.reftableView, b, fresh, false);
       s.refblockGeneration++;
@@ -146,7 +147,7 @@ export async function commitMetadataTx(tx: MetadataTx, c: TxCommit): Promise<voi
   if (c.l1Size > 0) writes.push({ offset: c.l1Offset, data: c.l1Bytes, what: 'L1 table (new)' });
   if (c.snapshotBytes.length > 0) writes.push({ offset: c.snapshotsOffset, data: c.snapshotBytes, what: 'snapshot table (new)' });
   await s.writeMetaAll(writes);
-  await bdrvFlush(s.file);
+  await s.flushFile('a snapshot transaction before its commit');
   // the commit point: one write inside one sector
   const header = headerFields([
     [4, c.l1Size],
@@ -156,22 +157,9 @@ export async function commitMetadataTx(tx: MetadataTx, c: TxCommit): Promise<voi
     [4, c.snapshots.length],
     [8, c.snapshotsOffset],
   ]);
-  try {
-    await s.writeMeta(36, header, 'header (L1, refcount and snapshot table pointers)', true);
-  } catch (e) {
-    // one sector: the file now holds the old header or the new one; what it shows decides
-    let shown: Uint8Array | null = null;
-    try {
-      shown = await s.readMeta(36, header.length, 'header');
-    } catch {
-      shown = null;
-    }
-    if (shown === null) {
-      s.broken ??= `the header write that commits a snapshot operation failed and the header cannot be read back: ${e instanceof Error ? e.message : String(e)}`;
-      throw e;
-    }
-    if (Buffer.compare(shown, header) !== 0) throw e; // not committed: the caller aborts, the old state stands
-  }
+  // one sector: after a reported failure the file holds the old header or the new one, and what
+  // it shows decides (not committed: the caller aborts, the old state stands)
+  await s.commitHeader(36, header, 'header (L1, refcount and snapshot table pointers)');
   s.header.l1Size = c.l1Size;
   s.header.l1TableOffset = c.l1Offset;
   s.header.refcountTableOffset = reftableOff;
@@ -184,10 +172,7 @@ export async function commitMetadataTx(tx: MetadataTx, c: TxCommit): Promise<voi
   s.forgetDirtyMetadata();
   s.refblockGeneration++;
   s.inMetadataTx = false;
-  await bdrvFlush(s.file).catch((e: unknown) => {
-    s.broken ??= `the flush after committing a snapshot operation failed: ${e instanceof Error ? e.message : String(e)}`;
-    throw e;
-  });
+  await s.flushFile('after committing a snapshot operation');
 }
 
 /**

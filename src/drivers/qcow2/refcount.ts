@@ -11,7 +11,7 @@
  * the counts it relies on are written and flushed before the header switches to it, and the old
  * one is freed after that switch is on disk.
  */
-import { bdrvFlush, bdrvGetLength } from '../../block/io.js';
+import { bdrvGetLength } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { REFT_LO_RESERVED, TWO32 } from './constants.js';
 import { entryHi, entryLo, entryOffset, headerFields, setEntry } from './entries.js';
@@ -105,18 +105,15 @@ export async function writeDirtyRefcounts(s: Qcow2State): Promise<boolean> {
   }
   let wrote = false;
   if (s.refblockCache.hasDirty) {
-    await s.writeMetaAll(s.refblockCache.dirtyWrites('refcount block'), true);
+    await s.writeMetaAll(s.refblockCache.dirtyWrites('refcount block'));
     s.refblockCache.markClean();
     wrote = true;
   }
   if (s.reftableDirtyLo < s.reftableDirtyHi) {
     const lo = s.reftableDirtyLo;
     const hi = Math.min(s.reftableDirtyHi, s.reftable.length / 8);
-    await bdrvFlush(s.file).catch((e: unknown) => {
-      s.broken ??= `a flush of the refcount blocks failed: ${e instanceof Error ? e.message : String(e)}`;
-      throw e;
-    });
-    await s.writeMeta(s.header.refcountTableOffset + lo * 8, s.reftable.subarray(lo * 8, hi * 8), 'refcount table entries', true);
+    await s.flushFile('refcount blocks before their table entries');
+    await s.writeMeta(s.header.refcountTableOffset + lo * 8, s.reftable.subarray(lo * 8, hi * 8), 'refcount table entries');
     s.reftableDirtyLo = Infinity;
     s.reftableDirtyHi = 0;
     wrote = true;
@@ -427,8 +424,8 @@ async function growReftable(s: Qcow2State, minEntries: number): Promise<void> {
   //    blocks that its entries point at), flushed before the header points at it
   await s.writeMeta(tableOff, table, 'new refcount table');
   await writeDirtyRefcounts(s);
-  await bdrvFlush(s.file);
-  await s.writeMeta(48, headerFields([[8, tableOff], [4, tableClusters]]), 'header (refcount table pointer)');
+  await s.flushFile('new refcount table');
+  await s.commitHeader(48, headerFields([[8, tableOff], [4, tableClusters]]), 'header (refcount table pointer)');
   s.reftableDirtyLo = Infinity; // the new table holds every entry
   s.reftableDirtyHi = 0;
   const oldOff = s.header.refcountTableOffset;

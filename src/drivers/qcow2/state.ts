@@ -189,11 +189,12 @@ export class Qcow2State {
   }
 
   /**
-   * Writes metadata bytes to the file (the caller orders the writes). On a failure the tables are
-   * read again from the file, unless `keepOnFailure` (the write-back flush: its dirty tables stay
-   * dirty and are written again by the next flush).
+   * Writes metadata bytes to the file (the caller orders the writes). A failed write changes
+   * nothing in memory: the metadata is write-back, so what memory holds is what the image must
+   * become (dirty tables stay dirty and the next flush writes them again, in the same order), and
+   * a structure written aside is switched to in memory only after its write succeeded.
    */
-  async writeMeta(offset: number, data: Uint8Array, what: string, keepOnFailure = false): Promise<void> {
+  async writeMeta(offset: number, data: Uint8Array, what: string): Promise<void> {
     if (this.node.readOnly) {
       throw new BlockError('EPERM', `qcow2 node '${this.node.nodeName}': refusing to write the ${what} of read-only image '${this.filename}'`, {
         node: this.node.nodeName,
@@ -209,9 +210,6 @@ export class Qcow2State {
     try {
       await bdrvPwrite(this.file, offset, data);
     } catch (e) {
-      // a write-back flush keeps its dirty tables (memory stays the truth and the next flush
-      // writes them again, in the same order); a write-through caller's memory is read again
-      if (!keepOnFailure) await this.resyncAfterFailedWrite(what);
       throw this.wrap(e, `writing the ${what} at offset ${offset}`);
     }
   }
@@ -221,38 +219,55 @@ export class Qcow2State {
    * them): the transfers overlap instead of each waiting for the one before. Waits for every
    * write to settle, then throws the first failure.
    */
-  async writeMetaAll(writes: ReadonlyArray<{ offset: number; data: Uint8Array; what: string }>, keepOnFailure = false): Promise<void> {
-    const results = await Promise.allSettled(writes.map((w) => this.writeMeta(w.offset, w.data, w.what, keepOnFailure)));
+  async writeMetaAll(writes: ReadonlyArray<{ offset: number; data: Uint8Array; what: string }>): Promise<void> {
+    const results = await Promise.allSettled(writes.map((w) => this.writeMeta(w.offset, w.data, w.what)));
     for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
-  /** Set when the in-memory metadata could not be brought back in line with the file. */
-  broken: string | null = null;
-  /** How many metadata writes failed (each one read the tables again from the file). */
-  resyncs = 0;
-  /** True while a metadata transaction (metadata-tx.ts) is open: nothing may be written in place. */
-  inMetadataTx = false;
-
   /**
-   * After a failed metadata write the tables in memory may hold changes the file does not: drop
-   * the caches and every unwritten change, and read the L1 and refcount tables again, so that memory
-   * says what the file says (an operation that failed half-way then leaves at most leaks). If
-   * even that fails, every later metadata write is refused.
+   * Flushes the file. When the flush fails, which writes before it reached the disk is unknown (a
+   * failed fsync may have dropped any of them, and retrying does not bring them back): every later
+   * metadata write is refused until the image is reopened.
    */
-  private async resyncAfterFailedWrite(what: string): Promise<void> {
-    this.resyncs++;
-    this.l2Cache.clear();
-    this.refblockCache.clear();
-    this.forgetDirtyMetadata();
+  async flushFile(what: string): Promise<void> {
     try {
-      const h = this.header;
-      this.setL1(h.l1Size === 0 ? new Uint8Array(0) : await this.readMeta(h.l1TableOffset, h.l1Size * 8, 'L1 table'));
-      this.setReftable(await this.readMeta(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table'));
-      this.refblockGeneration++;
+      await bdrvFlush(this.file);
     } catch (e) {
-      this.broken = `writing the ${what} failed and re-reading the tables failed too: ${e instanceof Error ? e.message : String(e)}`;
+      this.broken ??= `a flush (${what}) failed: ${e instanceof Error ? e.message : String(e)}`;
+      throw this.wrap(e, `flushing (${what})`);
     }
   }
+
+  /**
+   * Writes header bytes that switch the image to a new state (a commit point, inside one sector).
+   * When the write reports a failure, the file holds the old bytes or the new ones: they are read
+   * back, and the write counts as done when the new ones are there (the caller must then switch
+   * its memory too, and must not free what the new header points at). Returns normally when the
+   * new header is in the file; throws when it is not, or when it cannot be read back (then every
+   * later metadata write is refused).
+   */
+  async commitHeader(offset: number, bytes: Uint8Array, what: string): Promise<void> {
+    try {
+      await this.writeMeta(offset, bytes, what);
+    } catch (e) {
+      let shown: Uint8Array | null = null;
+      try {
+        shown = await this.readMeta(offset, bytes.length, 'header');
+      } catch {
+        shown = null;
+      }
+      if (shown === null) {
+        this.broken ??= `the header write (${what}) failed and the header cannot be read back: ${e instanceof Error ? e.message : String(e)}`;
+        throw e;
+      }
+      if (Buffer.compare(shown, bytes) !== 0) throw e; // not written: the old state stands
+    }
+  }
+
+  /** Set when the image on disk may no longer match memory (a failed flush or header read-back): later metadata writes are refused. */
+  broken: string | null = null;
+  /** True while a metadata transaction (metadata-tx.ts) is open: nothing may be written in place. */
+  inMetadataTx = false;
 
   /** A BlockError EIO saying the image is corrupt, naming the file and what is wrong. */
   corrupt(message: string, field?: string, offset?: number): BlockError {

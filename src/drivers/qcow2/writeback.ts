@@ -22,7 +22,6 @@
  * A guest flush with no metadata change costs one flush (step 6); after allocating writes, two;
  * when clusters were freed (copy on write of shared clusters, discard), three.
  */
-import { bdrvFlush } from '../../block/io.js';
 import { freeClusters, writeDirtyRefcounts } from './refcount.js';
 import type { Qcow2State } from './state.js';
 
@@ -74,13 +73,8 @@ export function setWritebackBarriersDisabledForTesting(disabled: boolean): void 
  * fsync may have dropped any of them, and retrying does not bring them back): every later metadata
  * write is refused until the image is reopened.
  */
-async function barrier(s: Qcow2State): Promise<void> {
-  try {
-    await bdrvFlush(s.file);
-  } catch (e) {
-    s.broken ??= `a flush of the metadata failed: ${e instanceof Error ? e.message : String(e)}`;
-    throw e;
-  }
+function barrier(s: Qcow2State): Promise<void> {
+  return s.flushFile('metadata write-back');
 }
 
 /** Steps 1-6: the writes, each group behind the flush that makes what it relies on durable. */
@@ -91,14 +85,14 @@ async function writeOrdered(s: Qcow2State): Promise<void> {
     if ((wroteRefcounts || s.l2NeedsDataBarrier) && !barriersDisabled) await barrier(s);
     s.l2NeedsDataBarrier = false;
     if (s.l2Cache.hasDirty) {
-      await s.writeMetaAll(s.l2Cache.dirtyWrites('L2 table'), true);
+      await s.writeMetaAll(s.l2Cache.dirtyWrites('L2 table'));
       s.l2Cache.markClean();
       if (l1Dirty && !barriersDisabled) await barrier(s);
     }
     if (l1Dirty) {
       const lo = s.l1DirtyLo;
       const hi = Math.min(s.l1DirtyHi, s.l1Size);
-      if (lo < hi) await s.writeMeta(s.header.l1TableOffset + lo * 8, s.l1.subarray(lo * 8, hi * 8), 'L1 table entries', true);
+      if (lo < hi) await s.writeMeta(s.header.l1TableOffset + lo * 8, s.l1.subarray(lo * 8, hi * 8), 'L1 table entries');
       s.l1DirtyLo = Infinity;
       s.l1DirtyHi = 0;
     }
