@@ -12,7 +12,6 @@
  */
 import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, type DrainedProof } from '../../block/drain.js';
-import { bdrvFlush } from '../../block/io.js';
 import { BlockError } from '../../block/errors.js';
 import { MAX_L1_BYTES, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE } from './constants.js';
 import { ClusterType, compressedExtent, entryHi, entryLo, entryOffset, headerFields, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
@@ -199,14 +198,15 @@ export async function addSnapshotRefs(s: Qcow2State, l1Offset: number, l1Size: n
 
 /**
  * The second half of updateSnapshotRefcount: sets the COPIED bits of the L1 table's entries and
- * of its L2 tables' entries from the refcounts (written and flushed after them).
+ * of its L2 tables' entries from the refcounts. The changed L2 tables (and active L1 entries) are
+ * marked dirty and written by the metadata flush, behind the barrier that makes the refcounts
+ * durable first; a snapshot's L1 is written after them.
  * @locking io
  */
 export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: number, addend: number): Promise<void> {
   const C = s.clusterSize;
   const { active, l1, l1v, n, l2At } = await openL1Walk(s, l1Offset, l1Size);
   let l1Changed = false;
-  const l2Writes: Array<{ offset: number; data: Uint8Array; what: string }> = [];
   for (let i = 0; i < n; i++) {
     const off = l2At(i);
     if (off === 0) continue;
@@ -229,23 +229,21 @@ export async function recomputeCopied(s: Qcow2State, l1Offset: number, l1Size: n
         }
       }
     }
-    if (changed) l2Writes.push({ offset: off, data: t.bytes, what: 'L2 table' });
+    // the walk only reads refcount blocks (no L2 table is loaded while `t` changes), so `t` is
+    // still the cached table here
+    if (changed) s.l2Cache.markDirty(off, 0, C);
     const l1hi = entryHi(l1v, i);
     const want = l2rc === 1;
-    if (isCopied(l1hi) !== want) {
+    if (isCopied(l1hi) !== want && (addend >= 0 || !active)) {
       setEntryRaw(l1v, i, withCopied(l1hi, want), entryLo(l1v, i));
+      if (active) s.markL1Dirty(i);
       l1Changed = true;
     }
   }
-  await s.writeMetaAll(l2Writes);
-  await bdrvFlush(s.file);
-  if (addend >= 0 && l1Changed) {
-    await s.writeMeta(l1Offset, l1.subarray(0, n * 8), active ? 'L1 table' : 'snapshot L1 table');
-    await bdrvFlush(s.file);
-    if (active && n === s.l1Size) {
-      s.l1DirtyLo = Infinity; // written whole
-      s.l1DirtyHi = 0;
-    }
+  await flushMetadata(s);
+  if (!active && addend >= 0 && l1Changed) {
+    await s.writeMeta(l1Offset, l1.subarray(0, n * 8), 'snapshot L1 table');
+    await s.flushFile('snapshot L1 table');
   }
 }
 
@@ -268,10 +266,10 @@ export async function writeSnapshotTable(locked: MetadataLocked, s: Qcow2State, 
     // the new table's refcount (and every other refcount change so far) is durable before the
     // header can point at it
     await writeDirtyRefcounts(s);
-    await bdrvFlush(s.file);
+    await s.flushFile('refcounts of a new snapshot table');
     if (clusters > 0) await s.writeMeta(newOff, bytes, 'snapshot table');
-    await bdrvFlush(s.file);
-    await s.writeMeta(60, headerFields([[4, entries.length], [8, newOff]]), 'header (snapshot table pointer)'); // the commit point
+    await s.flushFile('new snapshot table');
+    await s.commitHeader(60, headerFields([[4, entries.length], [8, newOff]]), 'header (snapshot table pointer)'); // the commit point
   } catch (e) {
     if (clusters > 0) await freeClusters(s, newOff, clusters * s.clusterSize).catch(() => undefined);
     throw e;
@@ -283,11 +281,10 @@ export async function writeSnapshotTable(locked: MetadataLocked, s: Qcow2State, 
   s.header.snapshotsOffset = newOff;
   s.snapshots = entries;
   let durable = true;
-  await bdrvFlush(s.file).catch((e: unknown) => {
+  await s.flushFile('after switching the snapshot table').catch(() => {
     // the switch may not be on disk: the old table must stay allocated (it only leaks), and no
-    // later metadata write may rely on either state
+    // later metadata write may rely on either state (flushFile refuses them from now on)
     durable = false;
-    s.broken ??= `the flush after switching the snapshot table failed: ${e instanceof Error ? e.message : String(e)}`;
   });
   // past the commit point a failure may only leak: the new table is in place whatever happens
   if (durable && oldOff !== 0 && oldBytes > 0) await freeClusters(s, oldOff, Math.ceil(oldBytes / s.clusterSize) * s.clusterSize).catch(() => undefined);
@@ -301,11 +298,6 @@ function checkSnapshotL1(s: Qcow2State, sn: SnapshotEntry): void {
   if (sn.l1TableOffset % s.clusterSize !== 0 || (sn.l1Size > 0 && sn.l1TableOffset === 0)) {
     throw new BlockError('EINVAL', `Snapshot L1 table offset invalid (snapshot '${sn.name}' in '${s.filename}')`, { node: s.node.nodeName, field: 'l1_table_offset' });
   }
-}
-
-/** Counts the metadata writes that failed (each one reads the tables again), to tell whether a rollback is safe. */
-function failedWrites(s: Qcow2State): number {
-  return s.resyncs;
 }
 
 /**
@@ -470,7 +462,6 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
       throw new BlockError('EFBIG', `qcow2 '${s.filename}': snapshot '${sn.name}' needs an L1 table over 32 MiB`, { node: s.node.nodeName, field: 'l1_size' });
     }
     await flushMetadata(s, true);
-    const failuresBefore = failedWrites(s);
     // 1.
     await updateSnapshotRefcount(bql, drained, locked, s, sn.l1TableOffset, sn.l1Size, 1);
     const l1Clusters = Math.ceil((newL1Size * 8) / C);
@@ -482,12 +473,13 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
       newOff = await allocClusters(s, l1Clusters);
       await s.writeMeta(newOff, buf, 'L1 table');
       await writeDirtyRefcounts(s);
-      await bdrvFlush(s.file);
-      // 3. the commit point
-      await s.writeMeta(24, headerFields([[8, sn.diskSize], [4, s.header.cryptMethod], [4, newL1Size], [8, newOff]]), 'header (size and L1 table pointer)');
+      await s.flushFile('new L1 table of a goto');
+      // 3. the commit point (read back after a reported failure: commitHeader)
+      await s.commitHeader(24, headerFields([[8, sn.diskSize], [4, s.header.cryptMethod], [4, newL1Size], [8, newOff]]), 'header (size and L1 table pointer)');
     } catch (e) {
-      // not committed: the +1 and the new clusters only leak unless every write succeeded
-      if (failedWrites(s) === failuresBefore && s.broken === null) {
+      // not committed: give the +1 and the new clusters back in memory (memory is what the
+      // image must become; a failed write changed nothing there), unless a flush failed
+      if (s.broken === null) {
         await addSnapshotRefs(s, sn.l1TableOffset, sn.l1Size, -1).catch(() => undefined);
         if (newOff !== 0) await freeClusters(s, newOff, l1Clusters * C).catch(() => undefined);
         await flushMetadata(s, true).catch(() => undefined);
@@ -502,9 +494,8 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     s.setL1(buf);
     s.l2Cache.clear();
     let durable = true;
-    await bdrvFlush(s.file).catch((e: unknown) => {
-      durable = false;
-      s.broken ??= `the flush after switching the L1 table failed: ${e instanceof Error ? e.message : String(e)}`;
+    await s.flushFile('after switching the L1 table').catch(() => {
+      durable = false; // broken now: every later metadata write is refused
     });
     if (!durable) return sn; // switched in memory; the old state's clusters stay allocated (leak)
     // 4. past the commit point a failure only leaks
@@ -659,9 +650,9 @@ export async function setDiskSize(locked: MetadataLocked, s: Qcow2State, sizeByt
   }
   if (sizeBytes < s.sizeBytes) {
     const oldSize = s.sizeBytes;
-    await s.writeMeta(24, headerFields([[8, sizeBytes]]), 'header (size)');
-    await bdrvFlush(s.file);
-    s.header.size = sizeBytes;
+    await s.commitHeader(24, headerFields([[8, sizeBytes]]), 'header (size)');
+    s.header.size = sizeBytes; // the file holds the smaller size now (commitHeader read it back)
+    await s.flushFile('the smaller size before the data past it goes');
     const firstCluster = Math.ceil(sizeBytes / s.clusterSize);
     const lastCluster = Math.ceil(oldSize / s.clusterSize);
     if (lastCluster > firstCluster) await zeroClustersLocked(s, firstCluster * s.clusterSize, lastCluster - firstCluster, true, true);
@@ -669,8 +660,8 @@ export async function setDiskSize(locked: MetadataLocked, s: Qcow2State, sizeByt
   }
   if (needL1 > s.l1Size) {
     await growL1(s, needL1);
-    await bdrvFlush(s.file);
+    await s.flushFile('the grown L1 table before the larger size');
   }
-  await s.writeMeta(24, headerFields([[8, sizeBytes]]), 'header (size)');
+  await s.commitHeader(24, headerFields([[8, sizeBytes]]), 'header (size)');
   s.header.size = sizeBytes;
 }
