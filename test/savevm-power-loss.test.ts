@@ -29,6 +29,8 @@ import { prng } from './helpers/prng.js';
 import { describeInterop, qemuStatus } from './helpers/qemu.js';
 
 const LONG = process.env['SNAPSTACK_LONG_SWEEPS'] === '1';
+/** A long sweep cuts at every event: minutes, not seconds. */
+const SWEEP_TIMEOUT_MS = LONG ? 1_800_000 : 120_000;
 const KiB = 1024;
 const DISK_BYTES = 1024 * KiB;
 const DISKS = ['a', 'b'] as const;
@@ -229,12 +231,12 @@ describeInterop('savevm, loadvm and delvm across two qcow2 disks under a power c
       const { cuts, images, failures } = await sweep(op, seed);
       console.log(`${op}: ${cuts} power cuts, ${images} pairs of crash images, ${failures.length} failing`);
       expect(failures, failures.slice(0, 8).join('\n')).toEqual([]);
-    });
+    }, SWEEP_TIMEOUT_MS);
   }
 
   it('notices a lost intent record (negative control: the sweep can fail)', async () => {
     const { images, failures } = await sweep('savevm', 11, true);
     console.log(`savevm with the record lost at the cut: ${failures.length} of ${images} pairs failing, e.g. ${failures[0] ?? 'none'}`);
     expect(failures.length).toBeGreaterThan(0);
-  });
+  }, SWEEP_TIMEOUT_MS);
 });
