@@ -298,6 +298,67 @@ function oldQemuTable(f: string, more: number, follow: 'data' | 'l1' = 'data'): 
   return E + C;
 }
 
+/** Moves the table to the end of the file with `total - 1` disk-only snapshots (64-byte entries) after s1. */
+function manySnapshots(f: string, total: number): void {
+  const { table, reftable } = header(f);
+  const file = fs.readFileSync(f);
+  const firstLen = 40 + file.readUInt32BE(table + 36) + file.readUInt16BE(table + 12) + file.readUInt16BE(table + 14);
+  const firstBytes = Math.ceil(firstLen / 8) * 8;
+  const t = Buffer.alloc(firstBytes + (total - 1) * 64);
+  file.copy(t, 0, table, table + firstLen);
+  for (let i = 0; i < total - 1; i++) {
+    const at = firstBytes + i * 64;
+    t.writeUInt32BE(24, at + 36);
+    t.writeBigUInt64BE(16n * 1024n * 1024n, at + 48);
+    t.writeBigInt64BE(-1n, at + 56);
+  }
+  const at = Math.ceil(file.length / C) * C;
+  poke(f, at, t);
+  fs.truncateSync(f, Math.ceil((at + t.length) / C) * C);
+  const refblock = Number(file.readBigUInt64BE(reftable) & 0x00fffffffffffe00n);
+  const clusters = Math.ceil(t.length / C);
+  const ones = Buffer.alloc(clusters * 2);
+  for (let i = 0; i < clusters; i++) ones.writeUInt16BE(1, i * 2);
+  poke(f, refblock + (at / C) * 2, ones);
+  poke(f, refblock + (table / C) * 2, Buffer.alloc(2));
+  const ptr = Buffer.alloc(12);
+  ptr.writeUInt32BE(total, 0);
+  ptr.writeBigUInt64BE(BigInt(at), 4);
+  poke(f, 60, ptr);
+}
+
+describe('more snapshots than QEMU allows', () => {
+  it('the ordinary open refuses 65540 snapshots, img check fails with the hint, -r all keeps the first 65536', async () => {
+    const f = await image('many');
+    const data = await guest(f);
+    manySnapshots(f, 65540);
+    const before = digest(f);
+    const e = await openRefusal(f, true);
+    expect(isBlockError(e) && e.field).toBe('nb_snapshots');
+    for (const args of [[], ['-r', 'leaks']]) {
+      const r = await check(f, ...args);
+      expect(r.status).toBe(1);
+      expect(r.err).toContain('ERROR snapshot table too large\nYou can force-remove all 4 overhanging snapshots with qemu-img check -r all');
+    }
+    expect(digest(f)).toBe(before);
+    const r = await check(f, '-r', 'all', '--output=json');
+    expect(r.err).toContain('Discarding 4 overhanging snapshots');
+    expect(r.status).toBe(0);
+    expect((JSON.parse(r.out) as Record<string, number>)['corruptions-fixed']).toBe(4);
+    expect(header(f).nb).toBe(65536);
+    expect((await check(f)).status).toBe(0);
+    const img = await openImage(f, { format: 'qcow2', readOnly: true });
+    try {
+      const list = await img.snapshots();
+      expect(list.length).toBe(65536);
+      expect(list[0]?.name).toBe('s1');
+    } finally {
+      await img.close();
+    }
+    expect((await guest(f)).equals(data)).toBe(true);
+  }, 60_000);
+});
+
 describe('replacing a snapshot table frees what it took on disk', () => {
   it('an image whose table an older QEMU wrote is followed by the active L1 table opens and checks clean', async () => {
     const f = await image('old16-l1');

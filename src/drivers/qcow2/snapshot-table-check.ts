@@ -4,8 +4,9 @@
  * names the damage, and with `-r all` keeps what can be kept:
  * - an entry with more than 1024 bytes of extra data keeps its first 1024 (counted as one
  *   corruption; the table is written again once the refcounts are right);
- * - a table past 64 MiB (or 2 GiB on disk) loses the entry that crosses the limit and all after
- *   it; the header's count is rewritten at once (one flushed 12-byte update of nb_snapshots and
+ * - more than 65536 snapshots: those past the 65536th are dropped; and a table past 64 MiB (or
+ *   2 GiB on disk) loses the entry that crosses the limit and all after it; the header's count is
+ *   rewritten at once (one flushed 12-byte update of nb_snapshots and
  *   snapshots_offset), before the refcount check, which then frees the clusters they leaked.
  * Without `-r all` either damage fails the check (qemu-img's "Check failed: File too large").
  *
@@ -16,7 +17,7 @@
 import { BlockError } from '../../block/errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPread } from '../../block/io.js';
 import type { Qcow2CheckResult, RepairMode } from './check-refcounts.js';
-import { MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS_SIZE, TWO32 } from './constants.js';
+import { MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOTS, MAX_SNAPSHOTS_SIZE, TWO32 } from './constants.js';
 import { recordSnapshotTableExtent } from './snapshot-extent.js';
 import type { Qcow2State } from './state.js';
 import type { SnapshotEntry } from './types.js';
@@ -97,6 +98,18 @@ export async function readSnapshotTableForCheck(s: Qcow2State, res: Qcow2CheckRe
   let offset = start;
   let tableLength = 0;
   let reduced = 0;
+  if (nb > MAX_SNAPSHOTS) {
+    // QEMU's limit on the count (the check-mode open let it through)
+    if (!repair) {
+      res.messages.push('ERROR snapshot table too large');
+      res.messages.push(`You can force-remove all ${nb - MAX_SNAPSHOTS} overhanging snapshots with qemu-img check -r all`);
+      res.checkErrors++;
+      throw new BlockError('EFBIG', `qcow2 '${s.filename}': snapshot table too large (nb_snapshots: ${nb})`, { file: s.filename, field: 'nb_snapshots', value: nb });
+    }
+    res.messages.push(`Discarding ${nb - MAX_SNAPSHOTS} overhanging snapshots`);
+    reduced += nb - MAX_SNAPSHOTS;
+    nb = MAX_SNAPSHOTS;
+  }
   for (let i = 0; i < nb; i++) {
     const before = offset;
     tableLength = Math.ceil(tableLength / 8) * 8;
