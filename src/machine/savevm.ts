@@ -22,7 +22,7 @@ import { withDrainedAll, type DrainedAll } from '../block/drain.js';
 import type { SnapshotInfo } from '../block/driver.js';
 import { BlockError, isBlockError, type ErrorCode } from '../block/errors.js';
 import { bdrvLoadVmstate, bdrvSaveVmstate } from '../block/io.js';
-import { bdrvCanSnapshot, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../block/snapshot.js';
+import { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../block/snapshot.js';
 import {
   bdrvAllCanSnapshot,
   bdrvAllCreateSnapshot,
@@ -41,6 +41,11 @@ import { MIN_VMSTATE_BYTES } from './vmstate.js';
 const ATTEMPTS = 3;
 /** Prefix of loadvm's undo snapshots. */
 export const UNDO_PREFIX = 'snapstack-loadvm-undo-';
+/**
+ * The name prefix of the disk-only snapshot that keeps the state a recovery found after a crash
+ * before it puts the disks back (another program may have written to them meanwhile).
+ */
+export const FOUND_PREFIX = 'snapstack-found-';
 
 /** What savevm did. */
 export interface SavevmResult {
@@ -202,25 +207,51 @@ function clearIntent(bql: Bql, m: Machine): string {
 }
 
 /** Rolls back or finishes one intent record on the drained disks; returns what it did. */
-async function recoverIntent(bql: Bql, drained: DrainedAll, m: Machine, rec: VmIntent): Promise<string> {
+async function recoverIntent(bql: Bql, drained: DrainedAll, m: Machine, rec: VmIntent, afterCrash: boolean): Promise<string> {
   // only the disks the operation ran on: a machine opened with other disks keeps theirs
   const disks = writable(m).filter((d) => rec.disks.includes(d.name) && bdrvCanSnapshot(bql, d.node));
   const tag = rec.tag;
   if (rec.op === 'loadvm') {
     const undo = rec.undoName ?? '';
     if (rec.phase === 'started') {
-      const back: string[] = [];
+      // The disks go back to the undo snapshots. Another program may have written to them since
+      // the crash (the image locks died with the process), and going back would throw that away:
+      // the state found now is kept first, as a snapshot on every disk of the operation (one tag,
+      // whole), when any disk goes back.
+      const reverting: Array<{ d: GroupDisk; id: string }> = [];
       for (const d of disks) {
         const sn = (await bdrvSnapshotList(bql, d.node)).find((s) => s.name === undo);
-        if (sn === undefined) continue;
-        const err = await gotoConfirmed(bql, drained, d, sn.id);
-        if (err !== null) throw new BlockError(err.code, `could not put '${d.name}' back to '${undo}' (ID ${sn.id}) after loadvm '${tag}': ${err.message}; nothing was deleted`, { node: d.name, cause: err });
+        if (sn !== undefined) reverting.push({ d, id: sn.id });
+      }
+      const keptName = `${FOUND_PREFIX}${undo.slice(UNDO_PREFIX.length)}`;
+      const now = Date.now();
+      for (const d of reverting.length > 0 && afterCrash ? disks : []) {
+        if ((await bdrvSnapshotList(bql, d.node)).some((s) => s.name === keptName)) continue; // kept by an earlier try
+        try {
+          await bdrvSnapshotCreate(bql, drained, d.node, {
+            id: '',
+            name: keptName,
+            dateSec: Math.floor(now / 1000),
+            dateNsec: (now % 1000) * 1e6,
+            vmClockNsec: 0,
+            vmStateSize: 0,
+            icount: -1,
+          });
+        } catch (e) {
+          throw new BlockError(codeOf(e), `could not keep the state of '${d.name}' (snapshot '${keptName}') before putting it back after loadvm '${tag}': ${message(e)}; nothing was changed`, { node: d.name, cause: e });
+        }
+      }
+      const back: string[] = [];
+      for (const { d, id } of reverting) {
+        const err = await gotoConfirmed(bql, drained, d, id);
+        if (err !== null) throw new BlockError(err.code, `could not put '${d.name}' back to '${undo}' (ID ${id}) after loadvm '${tag}': ${err.message}; nothing was deleted`, { node: d.name, cause: err });
         back.push(d.name);
       }
       m.intents(bql).write({ ...rec, phase: 'cleanup' });
       const r = await deleteWhere(bql, drained, disks, (s) => s.name === undo);
       if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `loadvm '${tag}' was rolled back on ${back.join(', ') || 'no disk'}, but undo snapshots remain: ${listText(r.left)}`);
-      return `loadvm '${tag}' was interrupted: every disk is back at its state from before it (${back.join(', ') || 'none had changed'})${clearIntent(bql, m)}`;
+      const kept = reverting.length > 0 && afterCrash ? `; the state found at start-up is kept as snapshot '${keptName}' (delete it with delvm when it is not needed)` : '';
+      return `loadvm '${tag}' was interrupted: every disk is back at its state from before it (${back.join(', ') || 'none had changed'})${kept}${clearIntent(bql, m)}`;
     }
     const r = await deleteWhere(bql, drained, disks, (s) => s.name === undo);
     if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `the undo snapshots of loadvm '${tag}' remain: ${listText(r.left)}`);
@@ -238,7 +269,13 @@ async function recoverIntent(bql: Bql, drained: DrainedAll, m: Machine, rec: VmI
     if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `older snapshots of tag '${tag}' remain beside the new one: ${listText(r.left)}`);
     return `savevm '${tag}' had saved every disk; the ${r.deleted} older snapshot(s) of the tag were deleted${clearIntent(bql, m)}`;
   }
-  const r = await deleteWhere(bql, drained, disks, (s) => s.name === tag);
+  // only the snapshots the interrupted delvm meant: a snapshot of the same name made after the
+  // crash (by qemu-img, say) has another identity and stays (an old record without identities
+  // falls back to the name)
+  const ids = rec.identities;
+  const meant = (s: SnapshotInfo): boolean =>
+    s.name === tag && (ids === undefined || ids.some((id) => sameSavevm(s, { ...id, id: '', name: tag, vmStateSize: 0, icount: -1 })));
+  const r = await deleteWhere(bql, drained, disks, meant);
   if (r.left.length > 0) throw new BlockError(r.errors[0]?.code ?? 'EIO', `delvm '${tag}' is still unfinished: ${listText(r.left)}`);
   return `delvm '${tag}' was finished: ${r.deleted} snapshot(s) deleted${clearIntent(bql, m)}`;
 }
@@ -251,9 +288,12 @@ async function recoverIntent(bql: Bql, drained: DrainedAll, m: Machine, rec: VmI
  */
 export async function recoverVmSnapshots(bql: Bql, m: Machine): Promise<string[]> {
   const store = m.intents(bql);
-  const rec = store.pending ?? store.load();
+  // a record this process wrote: the images stayed locked by it since; one left by an earlier
+  // process: other programs may have written to the images after the crash
+  const ours = store.pending;
+  const rec = ours ?? store.load();
   if (rec === null) return [];
-  return withDrainedAll(bql, async (drained) => [await recoverIntent(bql, drained, m, rec)]);
+  return withDrainedAll(bql, async (drained) => [await recoverIntent(bql, drained, m, rec, ours === null)]);
 }
 
 /** Runs the recovery before an operation; an unfinished one refuses the operation. */
@@ -546,7 +586,8 @@ export async function delVm(bql: Bql, m: Machine, tag: string): Promise<string[]
     const before = [...found.values()].reduce((n, l) => n + l.length, 0);
     if (before === 0) return [];
     const store = m.intents(bql);
-    store.write({ op: 'delvm', phase: 'cleanup', tag, disks: writable(m).map((d) => d.name) });
+    const identities = [...found.values()].flat().map((s) => ({ dateSec: s.dateSec, dateNsec: s.dateNsec, vmClockNsec: s.vmClockNsec }));
+    store.write({ op: 'delvm', phase: 'cleanup', tag, disks: writable(m).map((d) => d.name), identities });
     const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === tag);
     if (r.left.length === 0) {
       const tail = clearIntent(bql, m);

@@ -16,7 +16,10 @@
  * - loadvm `started`: undo snapshots exist or are being made and disks may be reverted; roll back:
  *   goto the undo snapshot on every disk that has it, then delete it.
  * - loadvm `cleanup`: every disk is where it must stay; finish: delete the undo snapshots.
- * - delvm `cleanup`: finish: delete every snapshot of the tag.
+ * - delvm `cleanup`: finish: delete the snapshots of the tag with the recorded identities (one
+ *   made under the same name after the crash stays).
+ * A loadvm rolled back at recovery first keeps the disks' state as it found them (a snapshot on
+ * every disk, reported): after the crash another program may have written to them.
  *
  * Common code (plain file system calls, synchronous so that a record is on disk before the next
  * step starts).
@@ -41,6 +44,11 @@ export interface VmIntent {
   identity?: SavevmIdentity;
   /** loadvm: the name of the undo snapshots. */
   undoName?: string;
+  /**
+   * delvm: the identities of the snapshots of the tag it deletes, so that a recovery deletes
+   * those and never a snapshot of the same name made after the crash.
+   */
+  identities?: SavevmIdentity[];
   /** The disks taking part, by device name. */
   disks: string[];
 }
@@ -89,6 +97,11 @@ export function parseIntent(text: string, file: string): VmIntent {
   if (o['undoName'] !== undefined) {
     if (typeof o['undoName'] !== 'string' || o['undoName'] === '') bad(file, 'the undo snapshot name is not valid');
     intent.undoName = o['undoName'];
+  }
+  if (o['identities'] !== undefined) {
+    const ids = o['identities'];
+    if (!Array.isArray(ids) || ids.length > 4096 || !ids.every(isIdentity)) bad(file, 'the identities are not valid');
+    intent.identities = ids;
   }
   if (intent.op === 'savevm' && intent.identity === undefined) bad(file, 'a savevm record needs the identity');
   if (intent.op === 'loadvm' && intent.undoName === undefined) bad(file, 'a loadvm record needs the undo snapshot name');
