@@ -10,6 +10,7 @@ import { parseOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
+import { createOptions } from './create-options.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
 import type { Out } from './img.js';
@@ -48,19 +49,10 @@ export async function imgConvert(args: string[], out: Out): Promise<number> {
   try {
     if (snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(snap));
     const size = from.size;
-    if (dstFmt === 'raw') {
-      if (Object.keys(o).length > 0) throw new BlockError('EINVAL', `Invalid options for file format 'raw': ${Object.keys(o).join(',')}`, { field: '-o' });
-      withBqlSync((bql) => createRawFile(bql, dst, size));
-    } else if (dstFmt === 'qcow2') {
-      const cs = o['cluster_size'];
-      withBqlSync((bql) =>
-        createQcow2File(bql, dst, {
-          sizeBytes: size,
-          ...(cs === undefined ? {} : { clusterSize: Number(cs) }),
-          ...(o['compat'] === '0.10' ? { compat: '0.10' as const } : {}),
-        }),
-      );
-    } else throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
+    if (dstFmt !== 'raw' && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
+    const co = createOptions(dstFmt, o); // qemu-img's options, refused by name when unknown
+    if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
+    else withBqlSync((bql) => createQcow2File(bql, dst, { sizeBytes: size, ...co }));
     const to = await openImage(dst, { aio: 'sync', format: dstFmt });
     try {
       const buf = new Uint8Array(CHUNK);

@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import { blkGetLength } from '../block/backend.js';
 import { withBqlSync } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
-import { parseBool, parseOptions, parseSize, type NodeOptions } from '../block/options.js';
+import { parseOptions, parseSize } from '../block/options.js';
+import { createOptions } from './create-options.js';
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage } from '../image.js';
@@ -28,25 +29,6 @@ const USAGE = `usage: snapstack img create [-f raw|qcow2] [-o cluster_size=..,re
        snapstack img compare [-f FMT] [-F FMT] [-U] A B
        snapstack img map [-f FMT] [-U] [--output=human|json] FILENAME
   -U, --force-share: open read-only, sharing every permission (reads an image another process holds)`;
-
-/** Options `-o` accepts per format, with their parsers. */
-function createOptions(fmt: string, o: NodeOptions): { clusterSize?: number; refcountBits?: number; compat?: '0.10' | '1.1'; lazyRefcounts?: boolean } {
-  const known = fmt === 'qcow2' ? ['cluster_size', 'refcount_bits', 'compat', 'lazy_refcounts', 'size'] : ['size'];
-  for (const k of Object.keys(o)) {
-    if (!known.includes(k)) throw new BlockError('EINVAL', `Invalid parameter '${k}' for file format '${fmt}'`, { field: k, value: o[k] ?? '' });
-  }
-  const res: { clusterSize?: number; refcountBits?: number; compat?: '0.10' | '1.1'; lazyRefcounts?: boolean } = {};
-  if (o['cluster_size'] !== undefined) res.clusterSize = parseSize(o['cluster_size'], 'cluster_size');
-  if (o['refcount_bits'] !== undefined) res.refcountBits = parseSize(o['refcount_bits'], 'refcount_bits');
-  const compat = o['compat'];
-  if (compat !== undefined) {
-    if (compat === '0.10' || compat === 'v2') res.compat = '0.10';
-    else if (compat === '1.1' || compat === 'v3') res.compat = '1.1';
-    else throw new BlockError('EINVAL', `Invalid compatibility level: '${compat}'`, { field: 'compat', value: compat });
-  }
-  if (o['lazy_refcounts'] !== undefined) res.lazyRefcounts = parseBool(o, 'lazy_refcounts', false);
-  return res;
-}
 
 async function create(args: string[], out: Out): Promise<number> {
   const fmt = takeFlag(args, '-f') ?? 'raw';

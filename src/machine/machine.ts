@@ -104,7 +104,15 @@ export class Machine {
     if (!Number.isInteger(this.ramBytes) || this.ramBytes < 1024 * 1024 || this.ramBytes % BLOCK !== 0) {
       throw new BlockError('EINVAL', `guest RAM must be at least 1 MiB and a multiple of 4 KiB (-m ${this.ramBytes})`, { field: 'ram', value: this.ramBytes });
     }
-    this.ram = new SharedArrayBuffer(this.ramBytes);
+    try {
+      this.ram = new SharedArrayBuffer(this.ramBytes);
+    } catch {
+      // V8's RangeError ("Array buffer allocation failed") is no message for a user
+      throw new BlockError('EINVAL', `cannot allocate ${this.ramBytes} bytes of guest RAM (-m ${this.ramBytes}): the host has not that much memory to give`, {
+        field: 'ram',
+        value: this.ramBytes,
+      });
+    }
     this.control = new Int32Array(new SharedArrayBuffer((CTL_PAUSED + this.vcpus) * 4));
     this.slots = new Int32Array(new SharedArrayBuffer(this.vcpus * SLOT_STRIDE * 4));
     this.slotOffsets = new Float64Array(new SharedArrayBuffer(this.vcpus * 8));

@@ -1,0 +1,36 @@
+/**
+ * The `-o` options of `img create` and `img convert -O`, as qemu-img 7.2 takes them: an unknown
+ * option is refused by name, sizes take suffixes (`cluster_size=4k`), booleans on/off.
+ */
+import { BlockError } from '../block/errors.js';
+import { parseBool, parseSize, type NodeOptions } from '../block/options.js';
+
+/** What `-o` asks of a new image. */
+export interface CreateOptions {
+  clusterSize?: number;
+  refcountBits?: number;
+  compat?: '0.10' | '1.1';
+  lazyRefcounts?: boolean;
+}
+
+/**
+ * Parses the `-o` options for format `fmt` (`raw` takes none but `size`).
+ * @locking common
+ */
+export function createOptions(fmt: string, o: NodeOptions): CreateOptions {
+  const known = fmt === 'qcow2' ? ['cluster_size', 'refcount_bits', 'compat', 'lazy_refcounts', 'size'] : ['size'];
+  for (const k of Object.keys(o)) {
+    if (!known.includes(k)) throw new BlockError('EINVAL', `Invalid parameter '${k}' for file format '${fmt}'`, { field: k, value: o[k] ?? '' });
+  }
+  const res: CreateOptions = {};
+  if (o['cluster_size'] !== undefined) res.clusterSize = parseSize(o['cluster_size'], 'cluster_size');
+  if (o['refcount_bits'] !== undefined) res.refcountBits = parseSize(o['refcount_bits'], 'refcount_bits');
+  const compat = o['compat'];
+  if (compat !== undefined) {
+    if (compat === '0.10' || compat === 'v2') res.compat = '0.10';
+    else if (compat === '1.1' || compat === 'v3') res.compat = '1.1';
+    else throw new BlockError('EINVAL', `Invalid compatibility level: '${compat}'`, { field: 'compat', value: compat });
+  }
+  if (o['lazy_refcounts'] !== undefined) res.lazyRefcounts = parseBool(o, 'lazy_refcounts', false);
+  return res;
+}
