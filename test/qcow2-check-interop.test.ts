@@ -293,6 +293,11 @@ interface Case {
 
 const cases: Case[] = [
   { what: 'a zeroed refcount-table entry (clusters in use with refcount 0)', status: 2, damage: (m) => m.put64(m.reftable, 0n) },
+  // the header's refcount-table fields: QEMU opens such an image for the check (an aligned offset
+  // anywhere, an empty table) and -r all rebuilds the refcount structure
+  { what: 'refcount_table_offset 0 (the table read from the header cluster)', status: 2, damage: (m) => m.put64(48, 0n) },
+  { what: 'refcount_table_offset far past the end of the file', status: 2, damage: (m) => m.put64(48, 1n << 50n) },
+  { what: 'refcount_table_clusters 0', status: 2, damage: (m) => m.write(56, Buffer.alloc(4)) },
   { what: 'a zeroed refcount block', status: 2, damage: (m) => m.write(m.refblock, Buffer.alloc(C)) },
   { what: 'the refcount of a data cluster dropped to 0', status: 2, damage: (m) => m.put16(m.rc(m.data(1)), 0) },
   { what: 'the refcount of the header dropped to 0', status: 2, damage: (m) => m.put16(m.rc(0), 0) },

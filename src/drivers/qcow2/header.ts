@@ -153,7 +153,7 @@ function readExtensions(
  * if shorter) of a file `fileLength` bytes long; throws a BlockError naming the field otherwise.
  * @locking common
  */
-export function parseHeader(buf: Uint8Array, fileLength: number, filename: string): Qcow2Header {
+export function parseHeader(buf: Uint8Array, fileLength: number, filename: string, opts: { lenientRefcountTable?: boolean } = {}): Qcow2Header {
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   if (buf.length < V2_HEADER_LENGTH) {
     if (buf.length >= 4 && view.getUint32(0) !== QCOW_MAGIC) {
@@ -253,13 +253,17 @@ export function parseHeader(buf: Uint8Array, fileLength: number, filename: strin
   if (refcountTableOffset > MAX_HOST_OFFSET) {
     refuse('EFBIG', filename, 'refcount_table_offset', view.getBigUint64(48), 'Reference count table offset invalid: too large');
   }
-  if (refcountTableOffset === 0 || refcountTableOffset % clusterSize !== 0) {
+  // QEMU's open accepts an aligned offset anywhere (0 and past the end included) and an empty
+  // table; its check then reports every cluster's refcount and -r all rebuilds the structure. The
+  // check-mode open does the same (`lenientRefcountTable`); an ordinary open refuses them.
+  const lenient = opts.lenientRefcountTable === true;
+  if (refcountTableOffset % clusterSize !== 0 || (refcountTableOffset === 0 && !lenient)) {
     refuse('EINVAL', filename, 'refcount_table_offset', refcountTableOffset, 'Reference count table offset invalid');
   }
-  if (refcountTableClusters === 0) {
+  if (refcountTableClusters === 0 && !lenient) {
     refuse('EINVAL', filename, 'refcount_table_clusters', 0, 'Image does not contain a reference count table');
   }
-  if (refcountTableOffset >= fileLength) {
+  if (refcountTableOffset >= fileLength && !lenient) {
     refuse('EINVAL', filename, 'refcount_table_offset', refcountTableOffset, 'Reference count table offset invalid: past the end of the file');
   }
 

@@ -35,11 +35,11 @@ export async function readQcow2Header(file: BlockNode, filename: string, checkMo
   if (checkMode && nb > MAX_SNAPSHOTS) {
     // every other field is validated as usual; the count is the check's (snapshot-table-check.ts)
     new DataView(first.buffer).setUint32(60, MAX_SNAPSHOTS);
-    const header = parseHeader(first, fileLength, filename);
+    const header = parseHeader(first, fileLength, filename, { lenientRefcountTable: true });
     header.nbSnapshots = nb;
     return { header, fileLength };
   }
-  return { header: parseHeader(first, fileLength, filename), fileLength };
+  return { header: parseHeader(first, fileLength, filename, { lenientRefcountTable: checkMode }), fileLength };
 }
 
 /**
@@ -95,6 +95,14 @@ export async function readTable(file: BlockNode, offset: number, bytes: number, 
   return buf;
 }
 
+/** Reads `bytes` at `offset`, the part past the end of the file as zeros (for the check-mode open). */
+async function readTableWithin(file: BlockNode, offset: number, bytes: number, fileLength: number): Promise<Uint8Array> {
+  const buf = new Uint8Array(bytes);
+  const within = Math.max(0, Math.min(bytes, fileLength - offset));
+  if (within > 0) await bdrvPread(file, offset, buf.subarray(0, within));
+  return buf;
+}
+
 /** Refuses snapshot entries whose L1 table cannot lie in the file (checked at open, like QEMU). */
 function checkSnapshotEntries(entries: SnapshotEntry[], clusterSize: number, fileLength: number, filename: string): void {
   for (const [i, sn] of entries.entries()) {
@@ -145,7 +153,12 @@ export async function loadQcow2State(
   const { header, fileLength } = await readQcow2Header(file, filename, opts.checkSnapshots === false);
   const C = 2 ** header.clusterBits;
   const l1 = await readTable(file, header.l1TableOffset, header.l1Size * 8, fileLength, filename, 'l1_table');
-  const reftable = await readTable(file, header.refcountTableOffset, header.refcountTableClusters * C, fileLength, filename, 'refcount_table');
+  const reftableBytes = header.refcountTableClusters * C;
+  // check mode: a table that runs past the end of the file reads as zeros there, as QEMU reads it
+  const reftable =
+    opts.checkSnapshots === false
+      ? await readTableWithin(file, header.refcountTableOffset, reftableBytes, fileLength)
+      : await readTable(file, header.refcountTableOffset, reftableBytes, fileLength, filename, 'refcount_table');
   const table = await readSnapshotTable(file, header, fileLength, filename).catch((e: unknown) => {
     if (opts.checkSnapshots === false && e instanceof BlockError) return { entries: [], bytes: 0 };
     throw e;
