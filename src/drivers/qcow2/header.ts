@@ -153,7 +153,7 @@ function readExtensions(
  * if shorter) of a file `fileLength` bytes long; throws a BlockError naming the field otherwise.
  * @locking common
  */
-export function parseHeader(buf: Uint8Array, fileLength: number, filename: string, opts: { lenientRefcountTable?: boolean } = {}): Qcow2Header {
+export function parseHeader(buf: Uint8Array, fileLength: number, filename: string, opts: { checkMode?: boolean } = {}): Qcow2Header {
   const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   if (buf.length < V2_HEADER_LENGTH) {
     if (buf.length >= 4 && view.getUint32(0) !== QCOW_MAGIC) {
@@ -255,8 +255,8 @@ export function parseHeader(buf: Uint8Array, fileLength: number, filename: strin
   }
   // QEMU's open accepts an aligned offset anywhere (0 and past the end included) and an empty
   // table; its check then reports every cluster's refcount and -r all rebuilds the structure. The
-  // check-mode open does the same (`lenientRefcountTable`); an ordinary open refuses them.
-  const lenient = opts.lenientRefcountTable === true;
+  // check-mode open does the same (`checkMode`); an ordinary open refuses them.
+  const lenient = opts.checkMode === true;
   if (refcountTableOffset % clusterSize !== 0 || (refcountTableOffset === 0 && !lenient)) {
     refuse('EINVAL', filename, 'refcount_table_offset', refcountTableOffset, 'Reference count table offset invalid');
   }
@@ -276,7 +276,8 @@ export function parseHeader(buf: Uint8Array, fileLength: number, filename: strin
   }
   if (nbSnapshots > 0) {
     if (snapshotsOffset % clusterSize !== 0) refuse('EINVAL', filename, 'snapshots_offset', snapshotsOffset, 'Snapshot table offset invalid');
-    if (snapshotsOffset >= fileLength) {
+    // a truncated file: QEMU's check reads the table there as zeros and reports its entries
+    if (snapshotsOffset >= fileLength && !lenient) {
       refuse('EINVAL', filename, 'snapshots_offset', snapshotsOffset, 'Snapshot table offset invalid: past the end of the file');
     }
   }

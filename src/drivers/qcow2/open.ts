@@ -35,11 +35,11 @@ export async function readQcow2Header(file: BlockNode, filename: string, checkMo
   if (checkMode && nb > MAX_SNAPSHOTS) {
     // every other field is validated as usual; the count is the check's (snapshot-table-check.ts)
     new DataView(first.buffer).setUint32(60, MAX_SNAPSHOTS);
-    const header = parseHeader(first, fileLength, filename, { lenientRefcountTable: true });
+    const header = parseHeader(first, fileLength, filename, { checkMode: true });
     header.nbSnapshots = nb;
     return { header, fileLength };
   }
-  return { header: parseHeader(first, fileLength, filename, { lenientRefcountTable: checkMode }), fileLength };
+  return { header: parseHeader(first, fileLength, filename, { checkMode }), fileLength };
 }
 
 /**
@@ -57,6 +57,14 @@ export async function readSnapshotTable(
   const nb = header.nbSnapshots;
   if (nb === 0) return { entries: [], bytes: 0 };
   const start = header.snapshotsOffset;
+  if (start >= fileLength) {
+    throw new BlockError('EINVAL', `qcow2 '${filename}': the snapshot table (offset ${start}) lies past the end of the file (${fileLength} bytes)`, {
+      file: filename,
+      field: 'snapshots_offset',
+      value: start,
+      offset: start,
+    });
+  }
   const limit = Math.min(fileLength - start, MAX_SNAPSHOTS_SIZE);
   let window = Math.min(limit, Math.max(4096, nb * 128));
   for (;;) {
