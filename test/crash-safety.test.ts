@@ -22,8 +22,6 @@
  *   but leaks and benign COPIED mismatches; see classifyCheck). A harmful COPIED flag is also
  *   demonstrated: a qemu-io write on a copy of the crashed image changes a snapshot.
  * - the issue's wording: `qemu-img check` exits 0 (clean) or 3 (leaks only) at every crash point.
- *
- * Tests expected to fail are listed in knownFailures with the reason (it.fails).
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -849,30 +847,19 @@ function where(r: CrashReport, p: CrashPoint): string {
 
 // ---------------------------------------------------------------------------------------------
 
-/**
- * Which scenario's tests are expected to fail (it.fails), and why; reported to the owners of
- * src/drivers/qcow2/. Remove an entry when its test starts passing (it.fails then fails).
- */
-interface KnownFailure {
-  /** The data-safety test fails: a real bug. */
-  unsafe?: string;
-  /** The strict qemu-img check test fails (exit 2 where only leaks are allowed). */
-  strict?: string;
-}
-
 /*
  * The issue asks for "at most leaked clusters" from qemu-img check after every crash. qemu-img
  * check counts a COPIED flag that disagrees with the stored refcount as a corruption in both
  * directions, and snapshot create and delete change both, in different clusters (refcount blocks,
  * L1/L2 tables). With in-place updates there is always a write between the two (the four strict
  * tests failed until snapshot create and delete became one metadata transaction committed by a
- * single header write: src/drivers/qcow2/metadata-tx.ts); they pass now, with no leak either.
+ * single header write: src/drivers/qcow2/metadata-tx.ts); every scenario passes both tests now,
+ * and none is expected to fail.
  *
  * Fixed bug, kept as a regression scenario: gotoSnapshot used to read the snapshot's L1 table
  * before the +1 pass, so the active L1 was written with stale COPIED bits; a crash before the final
  * COPIED pass let the next guest write change the snapshots. Both goto scenarios pass now.
  */
-const knownFailures = new Map<string, KnownFailure>();
 
 const scenarios: Scenario[] = [
   ...snapshotScenarios(65536),
@@ -917,10 +904,7 @@ describeInterop('qcow2 crash safety: a crash after any write of an operation lea
   };
 
   scenarios.forEach((sc, i) => {
-    const known = knownFailures.get(sc.name) ?? {};
-    const unsafeTest = known.unsafe === undefined ? it : it.fails;
-    const unsafeTitle = `${sc.name}: every crash point keeps the old or new contents and whole snapshots, with no harmful check error`;
-    unsafeTest(`${unsafeTitle}${known.unsafe === undefined ? '' : ` [known bug: ${known.unsafe}]`}`, async () => {
+    it(`${sc.name}: every crash point keeps the old or new contents and whole snapshots, with no harmful check error`, async () => {
       const r = await reportFor(sc, i);
       const counts = { clean: 0, leaks: 0, benignOnly: 0, harmful: 0 };
       for (const p of r.points) {
@@ -936,9 +920,7 @@ describeInterop('qcow2 crash safety: a crash after any write of an operation lea
       const failures = r.points.filter((p) => p.unsafe.length > 0).map((p) => `${where(r, p)}:\n  ${p.unsafe.join('\n  ')}`);
       expect(failures, `${failures.length} failing crash images; the first:\n${failures.slice(0, 12).join('\n\n')}`).toEqual([]);
     });
-    const strictTest = known.strict === undefined ? it : it.fails;
-    const strictTitle = `${sc.name}: qemu-img check finds at most leaked clusters after every crash (issue requirement)`;
-    strictTest(`${strictTitle}${known.strict === undefined ? '' : ` [known: ${known.strict}]`}`, async () => {
+    it(`${sc.name}: qemu-img check finds at most leaked clusters after every crash (issue requirement)`, async () => {
       const r = await reportFor(sc, i);
       const failures = r.points
         .filter((p) => p.verdict.status !== 0 && p.verdict.status !== 3)

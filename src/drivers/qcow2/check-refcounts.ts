@@ -19,27 +19,13 @@ import { readSlot, updateRefcount } from './refcount.js';
 import { snapshotTableSize } from './snapshot-table.js';
 import { snapshotTableBytesOnDisk } from './snapshot-extent.js';
 import type { Qcow2State } from './state.js';
+import type { CheckResult } from '../../block/check.js';
 
 /** QEMU's limit on the clusters a check may count (nb_clusters > INT_MAX fails with EFBIG). */
 export const MAX_CHECK_CLUSTERS = 0x7fffffff;
 
-/** What a check found (QEMU's BdrvCheckResult plus the fragmentation figures). */
-export interface Qcow2CheckResult {
-  corruptions: number;
-  leaks: number;
-  checkErrors: number;
-  corruptionsFixed: number;
-  leaksFixed: number;
-  imageEndOffset: number;
-  totalClusters: number;
-  allocatedClusters: number;
-  fragmentedClusters: number;
-  compressedClusters: number;
-  /** One line per problem, in the words qemu-img prints to stderr. */
-  messages: string[];
-  /** Why the check stopped early, or null. */
-  failure: BlockError | null;
-}
+/** What a check found: the block layer's CheckResult (QEMU's BdrvCheckResult plus the fragmentation figures). */
+export type Qcow2CheckResult = CheckResult;
 
 /** Which problems to repair: `-r leaks` or `-r all`. */
 export interface RepairMode {
