@@ -12,12 +12,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { withBql } from '../src/block/bql.js';
-import { bdrvCheck } from '../src/block/check.js';
-import { withDrained } from '../src/block/drain.js';
-import { closeNode, openNode } from '../src/block/graph.js';
-import { isBlockError, shutdownIOThreads } from '../src/index.js';
+import { shutdownIOThreads } from '../src/index.js';
 import { armCrash, crashDisk, crashImages, createCrashDisk } from './helpers/crash-driver.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
+import { repairCrashDisk } from './helpers/crash-repair.js';
 
 let dir: string;
 beforeAll(() => {
@@ -27,22 +25,6 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-/** Runs `check -r all` on crashsim disk `id` (BlockErrors after a crash are expected and ignored). */
-async function repair(id: string): Promise<void> {
-  try {
-    await withBql(async (bql) => {
-      const node = await openNode(bql, { driver: 'qcow2', 'x-check': 'on', 'file.driver': 'crashsim', 'file.id': id });
-      try {
-        await withDrained(bql, node, (d) => bdrvCheck(bql, d, node, { leaks: true, errors: true }));
-      } finally {
-        await closeNode(bql, node);
-      }
-    });
-  } catch (e) {
-    if (!isBlockError(e)) throw e;
-  }
-}
 
 /** qemu-img check's exit status and corruption count of `f`. */
 function verdict(f: string): { status: number; corruptions: number } {
@@ -82,7 +64,7 @@ describeInterop('check -r all is crash-safe', () => {
 
       // how many events (writes and flushes) the whole repair makes
       createCrashDisk('chk-count', damaged);
-      await repair('chk-count');
+      await repairCrashDisk('chk-count');
       const events = crashDisk('chk-count').events;
       expect(events).toBeGreaterThan(3);
 
@@ -91,7 +73,7 @@ describeInterop('check -r all is crash-safe', () => {
         const id = `chk-${n}`;
         createCrashDisk(id, damaged);
         armCrash(id, n);
-        await repair(id);
+        await repairCrashDisk(id);
         for (const img of crashImages(id, { seed: 1000 + n })) {
           const f = path.join(dir, `crash-${n}.qcow2`);
           fs.writeFileSync(f, img.bytes);

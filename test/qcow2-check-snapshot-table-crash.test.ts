@@ -13,12 +13,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { withBql } from '../src/block/bql.js';
-import { bdrvCheck } from '../src/block/check.js';
-import { withDrained } from '../src/block/drain.js';
-import { closeNode, openNode } from '../src/block/graph.js';
-import { isBlockError, shutdownIOThreads } from '../src/index.js';
+import { shutdownIOThreads } from '../src/index.js';
 import { armCrash, crashDisk, crashImages, createCrashDisk } from './helpers/crash-driver.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
+import { repairCrashDisk } from './helpers/crash-repair.js';
 
 const C = 65536;
 let dir: string;
@@ -29,22 +27,6 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-/** Runs `check -r all` on crashsim disk `id` (BlockErrors after a crash are expected and ignored). */
-async function repair(id: string): Promise<void> {
-  try {
-    await withBql(async (bql) => {
-      const node = await openNode(bql, { driver: 'qcow2', 'x-check': 'on', 'file.driver': 'crashsim', 'file.id': id });
-      try {
-        await withDrained(bql, node, (d) => bdrvCheck(bql, d, node, { leaks: true, errors: true }));
-      } finally {
-        await closeNode(bql, node);
-      }
-    });
-  } catch (e) {
-    if (!isBlockError(e)) throw e;
-  }
-}
 
 /** Snapshot 0 rewritten in place with 2000 bytes of extra data; the refcount of guest cluster 1's data raised by one. */
 function damage(b: Buffer): void {
@@ -84,7 +66,7 @@ describeInterop('check -r all of snapshot-table damage is crash-safe', () => {
     expect(before.stderr).toMatch(/Too much extra metadata in snapshot table entry 0/);
 
     createCrashDisk('sn-count', damaged);
-    await repair('sn-count');
+    await repairCrashDisk('sn-count');
     const events = crashDisk('sn-count').events;
     expect(events).toBeGreaterThan(3);
 
@@ -94,7 +76,7 @@ describeInterop('check -r all of snapshot-table damage is crash-safe', () => {
       const id = `sn-${n}`;
       createCrashDisk(id, damaged);
       armCrash(id, n);
-      await repair(id);
+      await repairCrashDisk(id);
       for (const img of crashImages(id, { seed: 2000 + n })) {
         const f = path.join(dir, `crash-${n}.qcow2`);
         fs.writeFileSync(f, img.bytes);
