@@ -60,7 +60,7 @@ function restoreCounts(into: Qcow2CheckResult, from: Qcow2CheckResult): void {
 export async function checkQcow2(s: Qcow2State, repair: RepairMode = NO_FIX): Promise<Qcow2CheckResult> {
   return withMetadataLock(s, async (locked) => {
     // what the check reads on disk must be all there is: write back what is still in memory
-    if (!s.node.readOnly) await flushMetadata(s, true);
+    if (!s.node.readOnly) await flushMetadata(s);
     const first = emptyResult();
     if (!(await checkStopping(locked, s, repair, first))) return first;
     if (first.leaksFixed === 0 && first.corruptionsFixed === 0) return first;
@@ -123,7 +123,7 @@ async function checkOnce(locked: MetadataLocked, s: Qcow2State, fix: RepairMode,
       const r3 = emptyResult();
       r3.messages = res.messages;
       cmp = await compareRefcounts(s, r3, { leaks: true, errors: false }, imrt);
-      await flushMetadata(s, true);
+      await flushMetadata(s);
       if (cmp.rebuild) res.messages.push('ERROR rebuilt refcount structure is still broken');
       freshLeaks = r3.leaks;
       res.checkErrors += r3.checkErrors;
@@ -144,7 +144,7 @@ async function checkOnce(locked: MetadataLocked, s: Qcow2State, fix: RepairMode,
     if (res.leaks > 0 || res.corruptions > 0) {
       restoreCounts(res, pre);
       cmp = await compareRefcounts(s, res, fix, imrt);
-      await flushMetadata(s, true);
+      await flushMetadata(s);
     }
   }
   await checkOflagCopied(s, res, fix);
@@ -184,7 +184,7 @@ async function fixSnapshotTable(locked: MetadataLocked, s: Qcow2State, res: Qcow
   try {
     // the table is written with QEMU's 24 bytes of known extra data (plus what is kept unknown)
     await writeSnapshotTable(locked, s, s.snapshots.map((sn) => ({ ...sn, extraDataSize: 24 + sn.unknownExtraData.length })));
-    await flushMetadata(s, true);
+    await flushMetadata(s);
   } catch (e) {
     res.messages.push(`ERROR failed to update snapshot table: ${e instanceof Error ? e.message : String(e)}`);
     res.checkErrors++;

@@ -117,17 +117,15 @@ export class Qcow2Instance implements BlockDriverInstance {
     assertDrained(bql, drained, this.state.node, 'qcow2 close');
     const s = this.state;
     // a corrupt or broken image takes no more writes: closing it only drops the caches
-    if (!s.node.readOnly && s.broken === null) {
-      try {
-        if (s.metadataDirty) await s.lock.run(() => flushMetadata(s, true));
+    try {
+      if (!s.node.readOnly && s.broken === null) {
+        if (s.metadataDirty) await s.lock.run(() => flushMetadata(s));
         else await s.flushFile('close');
-      } finally {
-        s.l2Cache.clear();
-        s.refblockCache.clear();
       }
+    } finally {
+      s.l2Cache.clear();
+      s.refblockCache.clear();
     }
-    this.state.l2Cache.clear();
-    this.state.refblockCache.clear();
   }
 
   /** Creates an internal snapshot of the active state; the ID is one more than the largest. */

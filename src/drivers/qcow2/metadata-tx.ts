@@ -69,7 +69,7 @@ export async function beginMetadataTx(s: Qcow2State, extraClusters: number): Pro
   const blocks = s.reftable.length / 8;
   const end = Math.max(Math.ceil(bdrvGetLength(s.file) / s.clusterSize), s.allocatedEnd);
   await reserveRefcountTable(s, end + extraClusters + blocks + s.header.refcountTableClusters + 16);
-  if (s.metadataDirty) await flushMetadata(s, true);
+  if (s.metadataDirty) await flushMetadata(s);
   s.inMetadataTx = true;
   return { s, oldReftable: s.reftable.slice(), tables: [], released: [], moved: new Map() };
 }

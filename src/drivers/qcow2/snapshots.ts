@@ -359,7 +359,7 @@ export async function createSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
     if (s.snapshots.length >= MAX_SNAPSHOTS) {
       throw new BlockError('EFBIG', `qcow2 '${s.filename}': too many snapshots (${s.snapshots.length})`, { node: s.node.nodeName, field: 'nb_snapshots' });
     }
-    await flushMetadata(s, true);
+    await flushMetadata(s);
     const C = s.clusterSize;
     const n = s.l1Size;
     const l1Clusters = Math.ceil((n * 8) / C);
@@ -461,7 +461,7 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     if (newL1Size * 8 > MAX_L1_BYTES) {
       throw new BlockError('EFBIG', `qcow2 '${s.filename}': snapshot '${sn.name}' needs an L1 table over 32 MiB`, { node: s.node.nodeName, field: 'l1_size' });
     }
-    await flushMetadata(s, true);
+    await flushMetadata(s);
     // 1.
     await updateSnapshotRefcount(bql, drained, locked, s, sn.l1TableOffset, sn.l1Size, 1);
     const l1Clusters = Math.ceil((newL1Size * 8) / C);
@@ -482,7 +482,7 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
       if (s.broken === null) {
         await addSnapshotRefs(s, sn.l1TableOffset, sn.l1Size, -1).catch(() => undefined);
         if (newOff !== 0) await freeClusters(s, newOff, l1Clusters * C).catch(() => undefined);
-        await flushMetadata(s, true).catch(() => undefined);
+        await flushMetadata(s).catch(() => undefined);
       }
       throw e;
     }
@@ -492,7 +492,8 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     s.header.l1TableOffset = newOff;
     s.header.l1Size = newL1Size;
     s.setL1(buf);
-    s.l2Cache.clear();
+    // the cache stays: it is keyed by host offset and holds what the file holds (the old state's
+    // tables leave it as their refcounts reach 0)
     let durable = true;
     await s.flushFile('after switching the L1 table').catch(() => {
       durable = false; // broken now: every later metadata write is refused
@@ -510,7 +511,7 @@ export async function gotoSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2Stat
     await recomputeCopied(s, s.header.l1TableOffset, s.l1Size, 0).catch((e: unknown) => {
       dropError ??= e;
     });
-    await flushMetadata(s, true).catch((e: unknown) => {
+    await flushMetadata(s).catch((e: unknown) => {
       dropError ??= e;
     });
     if (dropError !== null) throw dropError;
@@ -537,7 +538,7 @@ export async function deleteSnapshot(bql: Bql, drained: DrainedProof, s: Qcow2St
       });
     }
     checkSnapshotL1(s, sn);
-    await flushMetadata(s, true);
+    await flushMetadata(s);
     const C = s.clusterSize;
     const entries = s.snapshots.filter((x) => x !== sn);
     const table = snapshotTableBytes(s, entries);

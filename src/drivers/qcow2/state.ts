@@ -155,7 +155,7 @@ export class Qcow2State {
     );
   }
 
-  /** Forgets every unwritten metadata change (after the tables were read again from the file). */
+  /** Forgets the dirty marks and deferred frees (after a transaction committed them, or abandoned them and took the tables back from the file). */
   forgetDirtyMetadata(): void {
     this.l1DirtyLo = Infinity;
     this.l1DirtyHi = 0;

@@ -33,12 +33,11 @@ const MAX_PENDING_FREES = 4096;
 /**
  * Writes every metadata change in dependency order and flushes the file (steps 1-7 above), then,
  * when frees were applied, writes their refcount changes and flushes once more, so that the image
- * on disk says exactly what memory says (no transient leak for `qemu-img check -U` to see).
- * `complete` is kept for callers that insist (close, snapshot operations): it repeats until
- * nothing is dirty.
+ * on disk says exactly what memory says (no transient leak for `qemu-img check -U` to see): it
+ * repeats until nothing is dirty (frees make no frees, so two rounds are the most it needs).
  * @locking io
  */
-export async function flushMetadata(s: Qcow2State, complete = true): Promise<void> {
+export async function flushMetadata(s: Qcow2State): Promise<void> {
   for (let round = 0; round < 4; round++) {
     const frees = s.pendingFrees;
     s.pendingFrees = [];
@@ -52,7 +51,7 @@ export async function flushMetadata(s: Qcow2State, complete = true): Promise<voi
       throw e;
     }
     await applyFrees(s, frees);
-    if (!complete || !s.metadataDirty) return;
+    if (!s.metadataDirty) return;
   }
 }
 
