@@ -13,6 +13,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { isBlockError, openImage, shutdownIOThreads, withBql } from '../src/index.js';
 import { describeInterop, qemu } from './helpers/qemu.js';
+import { poke } from './helpers/image-file.js';
 
 let dir = '';
 beforeAll(() => {
@@ -31,15 +32,6 @@ function qemuImage(name: string): string {
   qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f, '64M']);
   qemu('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x5a 0 128k', f]);
   return f;
-}
-
-function poke(f: string, at: number, bytes: Uint8Array): void {
-  const fd = fs.openSync(f, 'r+');
-  try {
-    fs.writeSync(fd, bytes, 0, bytes.length, at);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 /** The bytes of a file with the incompatible-features field (header bytes 72..79) blanked. */

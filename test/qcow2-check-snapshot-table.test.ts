@@ -9,14 +9,13 @@
  * QEMU wrote (16 bytes of extra data per entry) is shorter on disk than written again, and
  * replacing it must free the clusters it took, not the next one.
  */
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { imgCheck } from '../src/cli/img-check.js';
-import { createQcow2File } from '../src/drivers/qcow2/create.js';
-import { isBlockError, openImage, shutdownIOThreads, withBql, withBqlSync } from '../src/index.js';
+import { isBlockError, openImage, shutdownIOThreads, withBql } from '../src/index.js';
+import { digest, healthyImage, poke } from './helpers/image-file.js';
 
 const MiB = 1024 * 1024;
 const C = 65536;
@@ -29,35 +28,6 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-/** 16 MiB image: guest clusters 0 and 100 written, snapshot s1, then cluster 0 written again. */
-async function image(name: string): Promise<string> {
-  const f = path.join(dir, `${name}.qcow2`);
-  withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 16 * MiB }));
-  const img = await openImage(f, { format: 'qcow2' });
-  try {
-    await img.write(0, new Uint8Array(C).fill(1));
-    await img.write(100 * C, new Uint8Array(C).fill(2));
-    await img.createSnapshot('s1');
-    await img.write(0, new Uint8Array(4096).fill(3));
-  } finally {
-    await img.close();
-  }
-  return f;
-}
-
-function digest(f: string): string {
-  return crypto.createHash('sha256').update(fs.readFileSync(f)).digest('hex');
-}
-
-function poke(f: string, at: number, b: Buffer): void {
-  const fd = fs.openSync(f, 'r+');
-  try {
-    fs.writeSync(fd, b, 0, b.length, at);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
 
 function header(f: string): { nb: number; table: number; reftable: number } {
   const b = fs.readFileSync(f).subarray(0, 72);
@@ -149,7 +119,7 @@ async function openRefusal(f: string, readOnly: boolean): Promise<unknown> {
 
 describe('img check reads a snapshot table the ordinary open refuses', () => {
   it('an ordinary open still refuses more than 1024 bytes of extra data, read-only or not, without a write', async () => {
-    const f = await image('strict');
+    const f = await healthyImage(dir, 'strict');
     tooMuchExtraData(f, 2000);
     const before = digest(f);
     for (const readOnly of [true, false]) {
@@ -161,7 +131,7 @@ describe('img check reads a snapshot table the ordinary open refuses', () => {
   });
 
   it('img check and -r leaks fail on too much extra data with the hint and write nothing, -r all keeps its first 1024 bytes', async () => {
-    const f = await image('extra');
+    const f = await healthyImage(dir, 'extra');
     const data = await guest(f);
     tooMuchExtraData(f, 2000);
     const before = digest(f);
@@ -195,7 +165,7 @@ describe('img check reads a snapshot table the ordinary open refuses', () => {
   });
 
   it('-r all drops the snapshots past 64 MiB, frees the table the extra-data rewrite replaces, and loses no guest data', async () => {
-    const f = await image('huge');
+    const f = await healthyImage(dir, 'huge');
     const data = await guest(f);
     tooMuchExtraData(f, 2000);
     const kept = hugeTable(f, 520);
@@ -222,7 +192,7 @@ describe('img check reads a snapshot table the ordinary open refuses', () => {
   }, 60_000);
 
   it('-r all on a table over 64 MiB alone rewrites only the count and the next check is clean', async () => {
-    const f = await image('count');
+    const f = await healthyImage(dir, 'count');
     const data = await guest(f);
     const kept = hugeTable(f, 520);
     const r0 = await check(f);
@@ -329,7 +299,7 @@ function manySnapshots(f: string, total: number): void {
 
 describe('more snapshots than QEMU allows', () => {
   it('the ordinary open refuses 65540 snapshots, img check fails with the hint, -r all keeps the first 65536', async () => {
-    const f = await image('many');
+    const f = await healthyImage(dir, 'many');
     const data = await guest(f);
     manySnapshots(f, 65540);
     const before = digest(f);
@@ -361,7 +331,7 @@ describe('more snapshots than QEMU allows', () => {
 
 describe('replacing a snapshot table frees what it took on disk', () => {
   it('an image whose table an older QEMU wrote is followed by the active L1 table opens and checks clean', async () => {
-    const f = await image('old16-l1');
+    const f = await healthyImage(dir, 'old16-l1');
     const data = await guest(f);
     oldQemuTable(f, 1100, 'l1');
     const img = await openImage(f, { format: 'qcow2' });
@@ -373,7 +343,7 @@ describe('replacing a snapshot table frees what it took on disk', () => {
   // 1 + 1100 entries: 61664 bytes with 16 bytes of extra data each, 70472 with 24
   for (const op of ['create', 'delete'] as const) {
     it(`a snapshot ${op} over a table an older QEMU wrote leaves the cluster after it in use`, async () => {
-      const f = await image(`old16-${op}`);
+      const f = await healthyImage(dir, `old16-${op}`);
       const data = await guest(f);
       const moved = oldQemuTable(f, 1100);
       expect((await check(f)).status).toBe(0);

@@ -5,7 +5,6 @@
  * absurd snapshot counts and L1 sizes, snapshot entries overrunning the table, an L2 entry that
  * points into metadata, and a refcount that would overflow.
  */
-import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -14,6 +13,7 @@ import { isBlockError, openImage, shutdownIOThreads, type BlockError, withBql, w
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { imgCheck } from '../src/cli/img-check.js';
 import { ioMain } from '../src/cli/io.js';
+import { digest, healthyImage, poke } from './helpers/image-file.js';
 
 let dir: string;
 beforeAll(() => {
@@ -27,41 +27,12 @@ afterAll(async () => {
 const MiB = 1024 * 1024;
 const C = 65536;
 
-/** A healthy image: 16 MiB, data in guest clusters 0 and 100, one snapshot, more data after it. */
-async function healthyImage(name: string): Promise<string> {
-  const f = path.join(dir, `${name}.qcow2`);
-  withBqlSync((bql) => createQcow2File(bql, f, { sizeBytes: 16 * MiB }));
-  const img = await openImage(f, { format: 'qcow2' });
-  try {
-    await img.write(0, new Uint8Array(C).fill(1));
-    await img.write(100 * C, new Uint8Array(C).fill(2));
-    await img.createSnapshot('s1');
-    await img.write(0, new Uint8Array(4096).fill(3));
-  } finally {
-    await img.close();
-  }
-  return f;
-}
-
-function digest(f: string): string {
-  return crypto.createHash('sha256').update(fs.readFileSync(f)).digest('hex');
-}
-
 function u32(f: string, at: number): number {
   return fs.readFileSync(f).readUInt32BE(at);
 }
 
 function u64(f: string, at: number): number {
   return Number(fs.readFileSync(f).readBigUInt64BE(at));
-}
-
-function poke(f: string, at: number, bytes: Buffer): void {
-  const fd = fs.openSync(f, 'r+');
-  try {
-    fs.writeSync(fd, bytes, 0, bytes.length, at);
-  } finally {
-    fs.closeSync(fd);
-  }
 }
 
 function be32(v: number): Buffer {
@@ -144,14 +115,14 @@ describe('damaged qcow2 headers and tables are refused without a write', () => {
   ];
   for (const c of cases) {
     it(`refuses ${c.what}`, async () => {
-      const f = await healthyImage(`bad-${c.what.replace(/[^a-z]/gi, '-')}`);
+      const f = await healthyImage(dir, `bad-${c.what.replace(/[^a-z]/gi, '-')}`);
       c.damage(f);
       await expectRefusedOpen(f, c.field);
     });
   }
 
   it('refuses a corrupt-marked image read/write (EACCES) and reads it read-only', async () => {
-    const f = await healthyImage('corrupt-bit');
+    const f = await healthyImage(dir, 'corrupt-bit');
     poke(f, 72, be64(2));
     const err = await expectRefusedOpen(f, 'incompatible_features');
     expect(err.code).toBe('EACCES');
@@ -166,7 +137,7 @@ describe('damaged qcow2 headers and tables are refused without a write', () => {
 
 describe('damage found while running is refused without a write', () => {
   it('an L2 entry pointing into the refcount table: the write is refused, the file unchanged', async () => {
-    const f = await healthyImage('l2-into-reftable');
+    const f = await healthyImage(dir, 'l2-into-reftable');
     const l1 = u64(f, L1_OFFSET);
     const l2 = u64(f, l1) & 0x00fffffffffffe00;
     const reftable = u64(f, REFTABLE_OFFSET);
@@ -221,7 +192,7 @@ describe('repairs and writes never touch what they must not', () => {
   }
 
   it('an unaligned preallocated zero cluster: the write over it is refused and nothing is written', async () => {
-    const f = await healthyImage('unaligned-zero-alloc');
+    const f = await healthyImage(dir, 'unaligned-zero-alloc');
     // guest cluster 40: "preallocated zero" at host offset 0x2a00, inside the header's cluster
     poke(f, l2EntryAt(f, 40), be64((1n << 63n) | 0x2a01n));
     const before = digest(f);
@@ -237,7 +208,7 @@ describe('repairs and writes never touch what they must not', () => {
   });
 
   it('check -r all turns the unaligned preallocated zero cluster into a plain zero cluster; the header keeps its refcount', async () => {
-    const f = await healthyImage('unaligned-zero-alloc-repair');
+    const f = await healthyImage(dir, 'unaligned-zero-alloc-repair');
     poke(f, l2EntryAt(f, 40), be64((1n << 63n) | 0x2a01n));
     const lines: string[] = [];
     expect(await imgCheck([f], () => undefined, (s) => lines.push(s))).toBe(2);
@@ -248,7 +219,7 @@ describe('repairs and writes never touch what they must not', () => {
   });
 
   it('check -r all over a zeroed refcount-table entry rebuilds elsewhere: cluster 0 changes only in the refcount-table pointer', async () => {
-    const f = await healthyImage('zeroed-reftable-entry');
+    const f = await healthyImage(dir, 'zeroed-reftable-entry');
     poke(f, u64(f, REFTABLE_OFFSET), be64(0));
     const header = Buffer.from(fs.readFileSync(f).subarray(0, C));
     const oldTable = u64(f, REFTABLE_OFFSET);
@@ -280,7 +251,7 @@ describe('repairs and writes never touch what they must not', () => {
   });
 
   it('check -r leaks refuses to rebuild (an error, nothing written): only -r all may', async () => {
-    const f = await healthyImage('zeroed-reftable-leaks');
+    const f = await healthyImage(dir, 'zeroed-reftable-leaks');
     poke(f, u64(f, REFTABLE_OFFSET), be64(0));
     const before = digest(f);
     const lines: string[] = [];
@@ -291,7 +262,7 @@ describe('repairs and writes never touch what they must not', () => {
   });
 
   it('check of L2 entries pointing far past the end of the file: errors counted, no V8 error, nothing allocated for them', async () => {
-    const f = await healthyImage('l2-far-past-end');
+    const f = await healthyImage(dir, 'l2-far-past-end');
     for (const [i, off] of [[60, 1n << 54n], [61, (1n << 55n) - 0x10000n], [62, 1n << 40n]] as const) poke(f, l2EntryAt(f, i), be64(off)); // COPIED clear: refcount 0 is then no COPIED error
     const lines: string[] = [];
     const out: string[] = [];
@@ -302,7 +273,7 @@ describe('repairs and writes never touch what they must not', () => {
   });
 
   it('unknown autoclear bits are cleared by a read/write open (one flushed write of the field), kept by a read-only one', async () => {
-    const f = await healthyImage('autoclear');
+    const f = await healthyImage(dir, 'autoclear');
     poke(f, 88, be64((1n << 33n) | 1n));
     const before = fs.readFileSync(f);
     const ro = await openImage(f, { format: 'qcow2', readOnly: true });
@@ -323,7 +294,7 @@ describe('repairs and writes never touch what they must not', () => {
   });
 
   it("io -c 'read 0 999G' and a 3G write are refused with qemu-io's words, no V8 error", async () => {
-    const f = await healthyImage('io-huge');
+    const f = await healthyImage(dir, 'io-huge');
     const lines: string[] = [];
     expect(await ioMain(['-c', 'read 0 999G', f], (s) => lines.push(s), (s) => lines.push(s))).toBe(1);
     expect(await ioMain(['-c', 'write 0 3G', f], (s) => lines.push(s), (s) => lines.push(s))).toBe(1);
