@@ -66,6 +66,12 @@ export interface BlockDriverInstance {
    */
   pwritev(offset: number, buf: Uint8Array): Promise<void>;
   /**
+   * Writes whole clusters compressed (qemu-img convert -c): `offset` and `buf.length` are
+   * cluster-aligned, except that the last cluster of the disk may be short.
+   * @locking io
+   */
+  pwriteCompressed?(offset: number, buf: Uint8Array): Promise<void>;
+  /**
    * Makes `bytes` bytes at `offset` read as zeros.
    * @locking io
    */
@@ -141,6 +147,13 @@ export interface BlockDriverInstance {
    * @locking io
    */
   formatSpecific?(): Record<string, unknown>;
+  /**
+   * The backing file the image's own metadata names (qcow2's header), and its format when the
+   * image records it; null when the image names none. The block layer opens it as the node's
+   * `backing` child unless the node's options say otherwise.
+   * @locking io
+   */
+  backingFile?(): { filename: string; format: string | null } | null;
   /**
    * The format's cluster size in bytes, when it has one (`img info` prints it).
    * @locking io

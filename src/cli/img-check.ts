@@ -15,7 +15,7 @@ import type { NodeOptions } from '../block/options.js';
 import '../drivers/index.js';
 import { takeFlag, takeForceShare, takeOutputJson, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
-import type { Out } from './img.js';
+import type { Out } from './img-usage.js';
 
 const USAGE = 'usage: snapstack img check [-f FMT] [-U] [-r leaks|all] [--output=human|json] FILENAME';
 

@@ -13,7 +13,7 @@ import { openImage, type Image } from '../image.js';
 import { createOptions } from './create-options.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
 import { describeError } from './format.js';
-import type { Out } from './img.js';
+import type { Out } from './img-usage.js';
 
 const CHUNK = 1024 * 1024;
 const CONVERT_USAGE = 'usage: snapstack img convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';

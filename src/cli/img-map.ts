@@ -6,7 +6,7 @@ import { BlockError } from '../block/errors.js';
 import { bdrvBlockStatus } from '../block/io.js';
 import { openImage } from '../image.js';
 import { takeFlag, takeForceShare, takeOutputJson, refuseUnknownOptions } from './args.js';
-import type { Out } from './img.js';
+import type { Out } from './img-usage.js';
 
 const USAGE = 'usage: snapstack img map [-f FMT] [-U] [--output=human|json] FILENAME';
 

@@ -11,10 +11,11 @@ import type { BlockDriverInstance, BlockStatus, SnapshotInfo, WriteZeroesFlags }
 import { BlockError } from '../../block/errors.js';
 import { INCOMPAT_CORRUPT, COMPAT_LAZY_REFCOUNTS } from './constants.js';
 import { qcow2BlockStatus, qcow2Read, qcow2Write, qcow2ZeroClusters } from './data-path.js';
-import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily, setDiskSize } from './snapshots.js';
+import { createSnapshot, deleteSnapshot, gotoSnapshot, loadSnapshotTemporarily } from './snapshots.js';
 import type { Qcow2State } from './state.js';
 import { flushMetadata } from './writeback.js';
-import { withMetadataLock } from './metadata-lock.js';
+import { qcow2WriteCompressed } from './compressed-write.js';
+import { qcow2Truncate } from './resize.js';
 import { toSnapshotInfo } from '../snapshot-lookup.js';
 
 /** Largest chunk of explicit zeros written at once when the zero flag cannot be used. */
@@ -39,6 +40,12 @@ export class Qcow2Instance implements BlockDriverInstance {
   pwritev(offset: number, buf: Uint8Array): Promise<void> {
     this.refuseInTmpSnapshot('write');
     return qcow2Write(this.state, offset, buf);
+  }
+
+  /** Writes whole clusters compressed with zlib (convert -c). */
+  pwriteCompressed(offset: number, buf: Uint8Array): Promise<void> {
+    this.refuseInTmpSnapshot('write-compressed');
+    return qcow2WriteCompressed(this.state, offset, buf);
   }
 
   /** Whole clusters get the zero flag (v3); partial clusters at either end are written with zeros. */
@@ -85,19 +92,7 @@ export class Qcow2Instance implements BlockDriverInstance {
   /** Changes the virtual size (QEMU's rules: no shrinking or v2 resizing with snapshots). */
   async truncate(sizeBytes: number): Promise<void> {
     this.refuseInTmpSnapshot('truncate');
-    const s = this.state;
-    if (sizeBytes % 512 !== 0) {
-      throw new BlockError('EINVAL', `qcow2 node '${this.nodeName}': the size must be a multiple of 512 (size: ${sizeBytes})`, {
-        node: this.nodeName,
-        field: 'size',
-        value: sizeBytes,
-      });
-    }
-    if (s.snapshots.length > 0 && (!s.v3 || sizeBytes < s.sizeBytes)) {
-      const why = s.v3 ? "Can't shrink an image with internal snapshots" : "Can't resize a v2 image which has internal snapshots";
-      throw new BlockError('ENOTSUP', `qcow2 node '${this.nodeName}': ${why}`, { node: this.nodeName, field: 'size', value: sizeBytes });
-    }
-    await withMetadataLock(s, (locked) => setDiskSize(locked, s, sizeBytes));
+    await qcow2Truncate(this.state, sizeBytes);
   }
 
   /** Writes VM-state bytes into the area past the guest disk (where QEMU puts it). */

@@ -1,0 +1,11 @@
+/**
+ * `snapstack img bench`: qemu-img bench's syntax, options, output and exit codes.
+ * UNFINISHED: a placeholder until its implementation lands (refuses with ENOTSUP).
+ */
+import { BlockError } from '../block/errors.js';
+import type { Out } from './img-usage.js';
+
+/** Runs `img bench ARGS`; returns the exit status. */
+export async function imgBench(_args: string[], _out: Out, _err: Out): Promise<number> {
+  throw new BlockError('ENOTSUP', "'img bench' is not implemented yet", { op: 'bench' });
+}
