@@ -5,6 +5,7 @@
  * Global-state code: every function takes the `Bql` proof; removing a node or an edge also takes
  * a drained proof, because no request may be in flight across an edge that disappears.
  */
+import { backingChoice } from './backing.js';
 import { assertBql, type Bql } from './bql.js';
 import { assertDrained, callDrainedCallback, drainedBegin, drainedEnd, type DrainedProof } from './drain.js';
 import { findDriver, probingDrivers, type BlockDriver, type BlockDriverInstance } from './driver.js';
@@ -21,7 +22,9 @@ let autoNameCounter = 0;
 const closing = new WeakSet<BlockNode>();
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 /** Options the generic layer consumes; the rest go to the driver. */
-const GENERIC_OPTIONS = new Set(['driver', 'format', 'node-name', 'read-only', 'readonly', 'iothread', 'file']);
+const GENERIC_OPTIONS = new Set(['driver', 'format', 'node-name', 'read-only', 'readonly', 'iothread', 'file', 'backing']);
+/** How many backing files deep a chain may go (a loop of names would otherwise never end). */
+const MAX_BACKING_DEPTH = 64;
 
 /**
  * Finds the node `name`; ENOENT if there is none.
@@ -113,7 +116,7 @@ function nodeNameFor(opts: NodeOptions): string {
 
 function driverOptions(opts: NodeOptions): NodeOptions {
   const out: NodeOptions = {};
-  for (const [k, v] of Object.entries(opts)) if (!GENERIC_OPTIONS.has(k) && !k.startsWith('file.')) out[k] = v;
+  for (const [k, v] of Object.entries(opts)) if (!GENERIC_OPTIONS.has(k) && !k.startsWith('file.') && !k.startsWith('backing.')) out[k] = v;
   return out;
 }
 
@@ -167,11 +170,52 @@ async function probeFormat(bql: Bql, file: BlockNode): Promise<BlockDriver> {
  * Opens a node (and its protocol child) from QEMU-style options, as `blockdev-add` and `-drive`
  * do: `driver=memory,size=64M`; `file=disk.img,format=raw`; `driver=raw,file.driver=memory,
  * file.size=1M`; with `node-name=`, `read-only=on`, `iothread=ID`. Without a format the image is
- * probed (raw when nothing matches).
+ * probed (raw when nothing matches). A format node whose image names a backing file gets it
+ * opened (read-only) and linked as its `backing` child, down the whole chain; `backing=null`
+ * opens none, `backing=NODE` links an open node, `backing.*` options open it differently.
  * @locking global-state
  */
 export async function openNode(bql: Bql, options: NodeOptions | string): Promise<BlockNode> {
   assertBql(bql, 'openNode');
+  return openNodeAt(bql, options, 0);
+}
+
+/** Links (or opens and links) the backing child that the options and the image name. */
+async function openBacking(bql: Bql, node: BlockNode, opts: NodeOptions, depth: number): Promise<void> {
+  const named = node.drv.backingFile?.() ?? null;
+  const choice = backingChoice(opts, named, { filename: node.filename, nodeName: node.nodeName });
+  if (choice.kind === 'none') return;
+  if (node.drv.backingFile === undefined) {
+    throw new BlockError('EINVAL', `Driver '${node.driver.formatName}' does not support backing files (node '${node.nodeName}')`, { node: node.nodeName, field: 'backing' });
+  }
+  if (choice.kind === 'node') {
+    attachChild(bql, node, 'backing', findNode(bql, choice.nodeName));
+    return;
+  }
+  if (depth >= MAX_BACKING_DEPTH) {
+    throw new BlockError('EINVAL', `Backing file chain of node '${node.nodeName}' is more than ${MAX_BACKING_DEPTH} images deep`, { node: node.nodeName, field: 'backing' });
+  }
+  let backing: BlockNode;
+  try {
+    backing = await openNodeAt(bql, choice.options, depth + 1);
+  } catch (e) {
+    const inner = e instanceof BlockError ? e : null;
+    throw new BlockError(inner?.code ?? 'EIO', `Could not open backing file: ${e instanceof Error ? e.message : String(e)}`, {
+      node: node.nodeName,
+      file: choice.options['file'] ?? node.filename,
+      field: 'backing',
+      cause: e,
+    });
+  }
+  try {
+    attachChild(bql, node, 'backing', backing);
+  } catch (e) {
+    await closeNode(bql, backing);
+    throw e;
+  }
+}
+
+async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number): Promise<BlockNode> {
   const opts = typeof options === 'string' ? parseOptions(options, 'driver') : { ...options };
   const readOnly = parseBool(opts, 'read-only', parseBool(opts, 'readonly', false));
   const ioThreadId = opts['iothread'];
@@ -197,17 +241,25 @@ export async function openNode(bql: Bql, options: NodeOptions | string): Promise
   const childOpts: NodeOptions = { ...fileOpts, 'read-only': readOnly ? 'on' : 'off' };
   if (ioThreadId !== undefined) childOpts['iothread'] = ioThreadId;
   const file = await openNode(bql, childOpts);
+  let node: BlockNode;
   try {
     const formatDrv = drv ?? (await probeFormat(bql, file));
     if (formatDrv.kind === 'protocol') {
       throw new BlockError('EINVAL', `Driver '${formatDrv.formatName}' is a protocol driver, not a format`, { field: 'format', value: formatDrv.formatName });
     }
     const nodeOpts = { ...opts, driver: formatDrv.formatName };
-    return await instantiate(bql, formatDrv, nodeOpts, readOnly, ioThread, file.filename, file);
+    node = await instantiate(bql, formatDrv, nodeOpts, readOnly, ioThread, file.filename, file);
   } catch (e) {
     await closeNode(bql, file);
     throw e;
   }
+  try {
+    await openBacking(bql, node, opts, depth);
+  } catch (e) {
+    await closeNode(bql, node);
+    throw e;
+  }
+  return node;
 }
 
 /**

@@ -169,6 +169,11 @@ export class BlockNode {
     return this.#children.find((c) => c.role === 'file')?.child;
   }
 
+  /** The child in role `backing` (the image this one is an overlay of), if any. */
+  get backing(): BlockNode | undefined {
+    return this.#children.find((c) => c.role === 'backing')?.child;
+  }
+
   /** True while this node or any of its parents has requests in flight. */
   isBusy(): boolean {
     if (this.#inFlight > 0) return true;

@@ -12,9 +12,27 @@ import { assertBql, type Bql } from './bql.js';
 import { assertDrained, type DrainedProof } from './drain.js';
 import type { BlockDriverInstance, SnapshotInfo } from './driver.js';
 import { BlockError } from './errors.js';
-import type { BlockNode } from './node.js';
+import { BdrvChild, type BlockNode } from './node.js';
 
 type SnapshotCallback = 'snapshotCreate' | 'snapshotGoto' | 'snapshotDelete' | 'snapshotList' | 'snapshotLoadTmp';
+
+/**
+ * Refuses a snapshot operation that would change what `node` holds (create, goto, delete) on a
+ * read-only node or one an overlay uses as its backing file: the overlay's unallocated clusters
+ * read through to it, so reverting it (or deleting what it holds) would change the overlay's disk
+ * under it (how virt-manager users lost their overlays).
+ */
+function refuseUnchangeable(node: BlockNode, op: string): void {
+  if (node.readOnly) throw new BlockError('EACCES', `Node '${node.nodeName}' is read only`, { node: node.nodeName, op });
+  for (const p of node.parents) {
+    if (p instanceof BdrvChild && p.role === 'backing') {
+      throw new BlockError('EBUSY', `Node '${node.nodeName}' is the backing file of '${p.parent.nodeName}': its snapshots cannot change while an overlay uses it`, {
+        node: node.nodeName,
+        op,
+      });
+    }
+  }
+}
 
 /** The node whose driver implements `cb`: the node itself or, following the fallback, a child. */
 function snapshotTarget(node: BlockNode, cb: SnapshotCallback, what: string): { node: BlockNode; drv: BlockDriverInstance } {
@@ -38,8 +56,9 @@ function snapshotTarget(node: BlockNode, cb: SnapshotCallback, what: string): { 
  */
 export function bdrvCanSnapshot(bql: Bql, node: BlockNode): boolean {
   assertBql(bql, 'bdrvCanSnapshot');
-  if (node.instance === null || node.readOnly) return false;
+  if (node.instance === null) return false;
   try {
+    refuseUnchangeable(node, 'snapshot-create');
     snapshotTarget(node, 'snapshotCreate', 'internal snapshots');
     return true;
   } catch {
@@ -54,8 +73,9 @@ export function bdrvCanSnapshot(bql: Bql, node: BlockNode): boolean {
 export async function bdrvSnapshotCreate(bql: Bql, drained: DrainedProof, node: BlockNode, info: SnapshotInfo): Promise<SnapshotInfo> {
   assertBql(bql, 'bdrvSnapshotCreate');
   assertDrained(bql, drained, node, 'bdrvSnapshotCreate');
-  if (node.readOnly) throw new BlockError('EACCES', `Node '${node.nodeName}' is read only`, { node: node.nodeName, op: 'snapshot-create' });
+  refuseUnchangeable(node, 'snapshot-create');
   const t = snapshotTarget(node, 'snapshotCreate', 'internal snapshots');
+  if (t.node !== node) refuseUnchangeable(t.node, 'snapshot-create');
   assertDrained(bql, drained, t.node, 'bdrvSnapshotCreate');
   const create = t.drv.snapshotCreate;
   if (create === undefined) throw new BlockError('ENOTSUP', `node '${t.node.nodeName}' lost its snapshot support`, { node: t.node.nodeName });
@@ -69,7 +89,9 @@ export async function bdrvSnapshotCreate(bql: Bql, drained: DrainedProof, node: 
 export async function bdrvSnapshotGoto(bql: Bql, drained: DrainedProof, node: BlockNode, idOrName: string): Promise<void> {
   assertBql(bql, 'bdrvSnapshotGoto');
   assertDrained(bql, drained, node, 'bdrvSnapshotGoto');
+  refuseUnchangeable(node, 'snapshot-goto');
   const t = snapshotTarget(node, 'snapshotGoto', 'internal snapshots');
+  if (t.node !== node) refuseUnchangeable(t.node, 'snapshot-goto');
   assertDrained(bql, drained, t.node, 'bdrvSnapshotGoto');
   const go = t.drv.snapshotGoto;
   if (go === undefined) throw new BlockError('ENOTSUP', `node '${t.node.nodeName}' lost its snapshot support`, { node: t.node.nodeName });
@@ -86,7 +108,9 @@ export async function bdrvSnapshotDelete(bql: Bql, drained: DrainedProof, node: 
   if (id === null && name === null) {
     throw new BlockError('EINVAL', `snapshot_id and name are both NULL (node '${node.nodeName}')`, { node: node.nodeName, op: 'snapshot-delete' });
   }
+  refuseUnchangeable(node, 'snapshot-delete');
   const t = snapshotTarget(node, 'snapshotDelete', 'internal snapshot deletion');
+  if (t.node !== node) refuseUnchangeable(t.node, 'snapshot-delete');
   assertDrained(bql, drained, t.node, 'bdrvSnapshotDelete');
   const del = t.drv.snapshotDelete;
   if (del === undefined) throw new BlockError('ENOTSUP', `node '${t.node.nodeName}' lost its snapshot support`, { node: t.node.nodeName });

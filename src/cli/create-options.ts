@@ -11,6 +11,10 @@ export interface CreateOptions {
   refcountBits?: number;
   compat?: '0.10' | '1.1';
   lazyRefcounts?: boolean;
+  /** qcow2: the backing file name to record. */
+  backingFile?: string;
+  /** qcow2: the backing file's format to record. */
+  backingFormat?: string;
 }
 
 /**
@@ -18,7 +22,7 @@ export interface CreateOptions {
  * @locking common
  */
 export function createOptions(fmt: string, o: NodeOptions): CreateOptions {
-  const known = fmt === 'qcow2' ? ['cluster_size', 'refcount_bits', 'compat', 'lazy_refcounts', 'size'] : ['size'];
+  const known = fmt === 'qcow2' ? ['cluster_size', 'refcount_bits', 'compat', 'lazy_refcounts', 'size', 'backing_file', 'backing_fmt'] : ['size'];
   for (const k of Object.keys(o)) {
     if (!known.includes(k)) throw new BlockError('EINVAL', `Invalid parameter '${k}' for file format '${fmt}'`, { field: k, value: o[k] ?? '' });
   }
@@ -31,6 +35,8 @@ export function createOptions(fmt: string, o: NodeOptions): CreateOptions {
     else if (compat === '1.1' || compat === 'v3') res.compat = '1.1';
     else throw new BlockError('EINVAL', `Invalid compatibility level: '${compat}'`, { field: 'compat', value: compat });
   }
+  if (o['backing_file'] !== undefined) res.backingFile = o['backing_file'];
+  if (o['backing_fmt'] !== undefined) res.backingFormat = o['backing_fmt'];
   if (o['lazy_refcounts'] !== undefined) res.lazyRefcounts = parseBool(o, 'lazy_refcounts', false);
   return res;
 }

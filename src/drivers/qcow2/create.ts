@@ -13,7 +13,7 @@ import { BlockError, fromSystemError } from '../../block/errors.js';
 import { bdrvPwrite, bdrvTruncate } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { setEntry } from './entries.js';
-import { newHeader, serializeHeader } from './header.js';
+import { newHeader, serializeHeader, setHeaderBacking } from './header.js';
 
 /** What `img create -f qcow2 -o ...` accepts. */
 export interface Qcow2CreateOptions {
@@ -25,6 +25,10 @@ export interface Qcow2CreateOptions {
   /** '0.10' (version 2) or '1.1' (version 3, the default). */
   compat?: '0.10' | '1.1';
   lazyRefcounts?: boolean;
+  /** The backing file name written into the header (not opened here). */
+  backingFile?: string;
+  /** The backing file's format, recorded in the backing-format extension. */
+  backingFormat?: string;
 }
 
 /** The bytes to write for a new image, and the file's final length. */
@@ -61,6 +65,10 @@ export function planQcow2Create(o: Qcow2CreateOptions): Qcow2CreatePlan {
   }
   const version = o.compat === '0.10' ? 2 : 3;
   const h = newHeader({ sizeBytes: o.sizeBytes, clusterBits, refcountOrder, version, lazyRefcounts: o.lazyRefcounts ?? false });
+  if (o.backingFile !== undefined) setHeaderBacking(h, o.backingFile, o.backingFormat ?? null);
+  else if (o.backingFormat !== undefined) {
+    throw new BlockError('EINVAL', 'Backing format cannot be used without backing file', { field: 'backing_fmt', value: o.backingFormat });
+  }
   const C = clusterSize;
   const E = (C * 8) / refcountBits;
   const l1Bytes = h.l1Size * 8;

@@ -34,6 +34,36 @@ function checkNormalEntry(s: Qcow2State, hi: number, lo: number, guest: number):
   return off;
 }
 
+/**
+ * Reads guest bytes at `pos` that this image does not allocate into `dst`: from the backing node
+ * as far as it reaches (and within the disk: the VM-state area never falls through), zeros past
+ * it. Returns the backing read's promise, or null when nothing had to be read.
+ */
+function readUnallocated(s: Qcow2State, pos: number, dst: Uint8Array): Promise<void> | null {
+  const backing = s.node.backing;
+  const reach = backing === undefined ? 0 : Math.min(backing.drv.getLength(), s.sizeBytes) - pos;
+  const n = Math.max(0, Math.min(dst.length, reach));
+  if (n < dst.length) dst.fill(0, n);
+  if (n === 0 || backing === undefined) return null;
+  return bdrvPread(backing, pos, dst.subarray(0, n));
+}
+
+/** True when guest bytes from `pos` that this image does not allocate would come from a backing node. */
+function fallsThrough(s: Qcow2State, pos: number): boolean {
+  const backing = s.node.backing;
+  return backing !== undefined && pos < Math.min(backing.drv.getLength(), s.sizeBytes);
+}
+
+/** How many bytes from `n` a run of unallocated entries after `l2Index` extends to, up to `limit`. */
+function unallocatedBytes(s: Qcow2State, t: Table, l2Index: number, n: number, limit: number): number {
+  const C = s.clusterSize;
+  for (let k = l2Index + 1; n < limit && k < s.l2Entries; k++) {
+    if (l2EntryType(entryHi(t.view, k), entryLo(t.view, k), s.v3) !== ClusterType.Unallocated) break;
+    n = Math.min(n + C, limit);
+  }
+  return n;
+}
+
 async function decompressCluster(s: Qcow2State, hi: number, lo: number): Promise<Uint8Array> {
   const cached = lastDecompressed.get(s);
   if (cached !== undefined && cached.hi === hi && cached.lo === lo) return cached.data;
@@ -113,7 +143,11 @@ export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array):
       let n = Math.min(C - inCluster, buf.length - done);
       if (t === null) {
         n = Math.min((s.l2Entries - l2Index) * C - inCluster, buf.length - done);
-        buf.fill(0, done, done + n);
+        const p = readUnallocated(s, pos, buf.subarray(done, done + n));
+        if (p !== null) {
+          if (first === null) first = p;
+          else (more ??= []).push(p);
+        }
         done += n;
         continue;
       }
@@ -130,8 +164,15 @@ export async function qcow2Read(s: Qcow2State, offset: number, buf: Uint8Array):
         if (first !== null) guarded = guardTransfers(first, more, guarded);
         const data = await decompressCluster(s, hi, lo);
         buf.set(data.subarray(inCluster, inCluster + n), done);
+      } else if (type === ClusterType.Unallocated) {
+        n = unallocatedBytes(s, t, l2Index, n, buf.length - done);
+        const p = readUnallocated(s, pos, buf.subarray(done, done + n));
+        if (p !== null) {
+          if (first === null) first = p;
+          else (more ??= []).push(p);
+        }
       } else {
-        buf.fill(0, done, done + n);
+        buf.fill(0, done, done + n); // a zero cluster: zeros, masking the backing file
       }
       done += n;
     }
@@ -192,10 +233,14 @@ export async function qcow2Write(s: Qcow2State, offset: number, buf: Uint8Array)
   }
 }
 
-/** Reads the current contents of the guest cluster described by an L2 entry into `into`. */
-async function readOldCluster(s: Qcow2State, hi: number, lo: number, type: ClusterType, into: Uint8Array): Promise<void> {
+/**
+ * Reads the current contents of the guest cluster at `guest` described by an L2 entry into
+ * `into`: its data, or for an unallocated one what the backing node holds there.
+ */
+async function readOldCluster(s: Qcow2State, hi: number, lo: number, type: ClusterType, into: Uint8Array, guest: number): Promise<void> {
   if (type === ClusterType.Normal) await bdrvPread(s.file, entryOffset(hi, lo), into);
   else if (type === ClusterType.Compressed) into.set(await decompressCluster(s, hi, lo));
+  else if (type === ClusterType.Unallocated) await readUnallocated(s, guest, into);
   else into.fill(0);
 }
 
@@ -287,13 +332,13 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
       if (headGap > 0) {
         const h = entryHi(t.view, first + i);
         const l = entryLo(t.view, first + i);
-        await readOldCluster(s, h, l, l2EntryType(h, l, s.v3), payload.subarray(0, C));
+        await readOldCluster(s, h, l, l2EntryType(h, l, s.v3), payload.subarray(0, C), pos - inFirst + i * C);
       }
       if (tailGap > 0) {
         const last = i + run - 1;
         const h = entryHi(t.view, first + last);
         const l = entryLo(t.view, first + last);
-        if (!(run === 1 && headGap > 0)) await readOldCluster(s, h, l, l2EntryType(h, l, s.v3), payload.subarray((run - 1) * C, run * C));
+        if (!(run === 1 && headGap > 0)) await readOldCluster(s, h, l, l2EntryType(h, l, s.v3), payload.subarray((run - 1) * C, run * C), pos - inFirst + last * C);
       }
       payload.set(data.subarray(dataFrom, dataTo), headGap);
     }
@@ -327,13 +372,15 @@ async function allocatingWrite(s: Qcow2State, pos: number, data: Uint8Array): Pr
 
 /**
  * Makes whole clusters read as zeros by their L2 entries (the v3 zero flag), or with `discard`
- * makes them unallocated. Returns false when the image cannot (a v2 image has no zero flag), so
- * that the caller writes zeros instead.
+ * releases them: a guest discard (QEMU's, not `full`) leaves zero-flagged entries on a v3 image
+ * with a backing file, so that the backing file's data does not show through, and unallocated
+ * ones elsewhere; a `full` discard (shrinking) always leaves them unallocated. Returns false when
+ * the image cannot (a v2 image has no zero flag), so that the caller writes zeros instead.
  * @locking io
  */
-export async function qcow2ZeroClusters(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean): Promise<boolean> {
+export async function qcow2ZeroClusters(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean, full = false): Promise<boolean> {
   if (!s.v3 && !discard) return false;
-  await s.lock.run(() => zeroClustersLocked(s, offset, clusters, mayUnmap, discard));
+  await s.lock.run(() => zeroClustersLocked(s, offset, clusters, mayUnmap, discard, full));
   return true;
 }
 
@@ -341,16 +388,20 @@ export async function qcow2ZeroClusters(s: Qcow2State, offset: number, clusters:
  * qcow2ZeroClusters for callers that already hold the qcow2 lock.
  * @locking io
  */
-export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean): Promise<void> {
+export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters: number, mayUnmap: boolean, discard: boolean, full = false): Promise<void> {
   const C = s.clusterSize;
+  // a guest discard over a backing file must not let the backing file's data show through
+  const zeroFlag = !discard || (!full && s.v3 && s.node.backing !== undefined);
+  if (discard && zeroFlag) mayUnmap = true;
   let c = 0;
   while (c < clusters) {
     const pos = offset + c * C;
     const { l1Index, l2Index } = splitGuestOffset(s, pos);
     const n = Math.min(clusters - c, s.l2Entries - l2Index);
     const existing = await l2ForRead(s, l1Index);
-    if (existing === null) {
-      c += n; // nothing allocated there: reads as zeros already
+    // nothing allocated there: reads as zeros already, unless a backing file shows through
+    if (existing === null && !(zeroFlag && fallsThrough(s, pos))) {
+      c += n;
       continue;
     }
     const t = await l2ForWrite(s, l1Index);
@@ -360,12 +411,14 @@ export async function zeroClustersLocked(s: Qcow2State, offset: number, clusters
       const h = entryHi(t.view, idx);
       const l = entryLo(t.view, idx);
       const type = l2EntryType(h, l, s.v3);
-      if (discard) {
+      if (!zeroFlag) {
         if (type === ClusterType.Unallocated) continue;
         old.push([h, l, type]);
         setEntryRaw(t.view, idx, 0, 0);
-      } else if (type === ClusterType.Unallocated || type === ClusterType.ZeroPlain) {
+      } else if (type === ClusterType.ZeroPlain || (type === ClusterType.Unallocated && !fallsThrough(s, pos + k * C))) {
         continue;
+      } else if (type === ClusterType.Unallocated) {
+        setEntry(t.view, idx, 0, false, true); // masks the backing file
       } else if (!mayUnmap && type === ClusterType.Normal && isCopied(h)) {
         setEntry(t.view, idx, entryOffset(h, l), true, true); // keep the allocation, read zeros
       } else {
@@ -391,7 +444,8 @@ export async function qcow2BlockStatus(s: Qcow2State, offset: number, bytes: num
   const { l1Index, l2Index } = splitGuestOffset(s, offset);
   const t = await l2ForRead(s, l1Index);
   const maxRun = Math.min(bytes, (s.l2Entries - l2Index) * C - inCluster);
-  if (t === null) return { bytes: maxRun, data: false, zero: true, allocated: false, hostOffset: null };
+  // unallocated ranges read from the backing file where it reaches: not known to be zero
+  if (t === null) return { bytes: maxRun, data: false, zero: !fallsThrough(s, offset), allocated: false, hostOffset: null };
   const kind = (j: number): { type: ClusterType; host: number } => {
     const hi = entryHi(t.view, j);
     const lo = entryLo(t.view, j);
@@ -416,6 +470,6 @@ export async function qcow2BlockStatus(s: Qcow2State, offset: number, bytes: num
     case ClusterType.ZeroAlloc:
       return { bytes: n, data: false, zero: true, allocated: true, hostOffset: null };
     default:
-      return { bytes: n, data: false, zero: true, allocated: false, hostOffset: null };
+      return { bytes: n, data: false, zero: !fallsThrough(s, offset), allocated: false, hostOffset: null };
   }
 }

@@ -24,6 +24,7 @@ import type { BlockNode } from '../../block/node.js';
 import { parseBool, parseSize, type NodeOptions } from '../../block/options.js';
 import { checkQcow2, repairDirtyImage } from './check.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
+import { headerBackingFormat } from './header.js';
 import { Qcow2Instance } from './instance.js';
 import { loadQcow2State } from './open.js';
 import type { Qcow2State } from './state.js';
@@ -33,8 +34,14 @@ const KNOWN_OPTIONS = new Set(['l2-cache-size', 'x-check']);
 /** Header offset of autoclear_features (v3). */
 const AUTOCLEAR_OFFSET = 88;
 
-/** A qcow2 instance with the check callback (check.ts does the work). */
+/** A qcow2 instance with the check callback (check.ts does the work) and its backing file's name. */
 class CheckingQcow2Instance extends Qcow2Instance {
+  /** The backing file the header names, with the format its backing-format extension records. */
+  backingFile(): { filename: string; format: string | null } | null {
+    const h = this.state.header;
+    return h.backingFile === null ? null : { filename: h.backingFile, format: headerBackingFormat(h) };
+  }
+
   /**
    * Checks the image as qemu-img check does and repairs what `fix` asks for; the node is quiet.
    * @locking global-state
@@ -86,13 +93,6 @@ export const qcow2Driver: BlockDriver = {
     const checkMode = parseBool(opts, 'x-check', false);
     const state = await loadQcow2State(node, file, l2CacheBytes, checkMode ? { refuseOverlaps: false, checkSnapshots: false } : {});
     const h = state.header;
-    if (h.backingFile !== null) {
-      throw new BlockError('ENOTSUP', `qcow2 '${state.filename}': backing files are not supported yet (backing file: '${h.backingFile}')`, {
-        node: node.nodeName,
-        file: state.filename,
-        field: 'backing_file_offset',
-      });
-    }
     if ((h.incompatibleFeatures & BigInt(INCOMPAT_CORRUPT)) !== 0n && !node.readOnly && !checkMode) {
       throw new BlockError('EACCES', `qcow2 '${state.filename}': Image is corrupt; cannot be opened read/write (run 'snapstack img check -r all')`, {
         node: node.nodeName,

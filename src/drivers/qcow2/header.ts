@@ -14,6 +14,7 @@ import { BlockError, type ErrorCode } from '../../block/errors.js';
 import {
   COMPAT_LAZY_REFCOUNTS,
   EXT_END,
+  EXT_BACKING_FORMAT,
   EXT_FEATURE_TABLE,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
@@ -509,4 +510,43 @@ export function newHeader(o: { sizeBytes: number; clusterBits: number; refcountO
     extensions: o.version === 3 ? [qemuFeatureTable()] : [],
     backingFile: null,
   };
+}
+
+/** QEMU's limit on a format name (it keeps it in a 16-byte buffer with the NUL). */
+const MAX_FORMAT_NAME = 15;
+
+/**
+ * The backing file's format as the header records it (the backing-format extension), or null.
+ * @locking common
+ */
+export function headerBackingFormat(h: Qcow2Header): string | null {
+  const ext = h.extensions.find((e) => e.type === EXT_BACKING_FORMAT);
+  if (ext === undefined) return null;
+  const end = ext.data.indexOf(0);
+  return new TextDecoder().decode(end < 0 ? ext.data : ext.data.subarray(0, end));
+}
+
+/**
+ * Sets (or, with null, removes) the backing file name and its format in `h`, as QEMU's
+ * qcow2_update_header lays them out: the backing-format extension first, the name after the end
+ * marker. EINVAL for a name or format the header cannot hold.
+ * @locking common
+ */
+export function setHeaderBacking(h: Qcow2Header, filename: string | null, format: string | null): void {
+  const others = h.extensions.filter((e) => e.type !== EXT_BACKING_FORMAT);
+  if (filename === null) {
+    h.backingFile = null;
+    h.extensions = others;
+    return;
+  }
+  if (filename === '') badValue('backing_file', filename, 'The backing file name must not be empty');
+  if (utf8Encoder.encode(filename).length > MAX_BACKING_FILE_SIZE) badValue('backing_file_size', filename.length, 'Backing file name too long');
+  h.backingFile = filename;
+  if (format === null) {
+    h.extensions = others;
+    return;
+  }
+  const data = utf8Encoder.encode(format);
+  if (data.length === 0 || data.length > MAX_FORMAT_NAME) badValue('backing_fmt', format, 'Invalid backing file format name');
+  h.extensions = [{ type: EXT_BACKING_FORMAT, data }, ...others];
 }

@@ -35,7 +35,7 @@ export interface Qcow2Header {
   compressionType: number;
   /** Extensions in file order, the end marker excluded; the feature table included. */
   extensions: HeaderExtension[];
-  /** The backing file name, if any (snapstack does not open backing files yet). */
+  /** The backing file name, if any (its format lives in the backing-format extension). */
   backingFile: string | null;
 }
 
