@@ -46,6 +46,13 @@ export interface OpenImageOptions {
   forceShare?: boolean;
   /** QEMU's `locking` option of the file node: `auto` (default), `on`, `off`. */
   locking?: 'auto' | 'on' | 'off';
+  /** Open the image without its backing file (qemu-img info's way: unallocated clusters read as zeros). */
+  noBacking?: boolean;
+  /**
+   * More node options, QEMU-style (`{ 'backing.read-only': 'off' }`, `{ 'l2-cache-size': '4M' }`),
+   * merged over the ones the other fields give.
+   */
+  nodeOptions?: NodeOptions;
   /** The caller's Big Lock, when it holds it (inside `withBql`): used instead of taking it. */
   bql?: Bql;
   /** How long a call waits for the Big Lock before it fails with EBUSY (default 5000 ms). */
@@ -245,6 +252,8 @@ export async function openImage(target: string, opts: OpenImageOptions = {}): Pr
   if (opts.aio !== undefined && !target.includes('=')) nodeOpts['file.aio'] = opts.aio;
   if (opts.forceShare === true && !target.includes('=')) nodeOpts['file.force-share'] = 'on';
   if (opts.locking !== undefined && !target.includes('=')) nodeOpts['file.locking'] = opts.locking;
+  if (opts.noBacking === true) nodeOpts['backing'] = 'null';
+  if (opts.nodeOptions !== undefined) Object.assign(nodeOpts, opts.nodeOptions);
   const waitMs = opts.bqlWaitMs ?? DEFAULT_BQL_WAIT_MS;
   return withEasyBql('openImage', opts.bql, waitMs, async (bql) => {
     const node = await openNode(bql, nodeOpts);

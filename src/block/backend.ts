@@ -10,12 +10,14 @@
 import { aioWaitKick } from './aio-wait.js';
 import { assertBql, type Bql } from './bql.js';
 import type { WriteZeroesFlags } from './driver.js';
+import { assertDrained, type DrainedAll } from './drain.js';
 import { BlockError } from './errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from './io.js';
 import { nodeSetParent, type BlockNode, type DrainParent } from './node.js';
 import { allBackends } from './registry.js';
 
 let attachBackend: (bql: Bql, blk: BlockBackend, root: BlockNode) => void;
+let reattachBackend: (bql: Bql, blk: BlockBackend, root: BlockNode) => void;
 let detachBackend: (bql: Bql, blk: BlockBackend) => void;
 
 /** The device-facing handle: named, bound to one root node. */
@@ -135,6 +137,18 @@ export class BlockBackend implements DrainParent {
     this.#quiesceCounter = root.quiesceCounter;
   }
 
+  /**
+   * Moves to `root` (blkReplaceRoot): the old root loses this parent, the new one gains it, and
+   * the backend takes the new root's quiesce count (both are inside drain-all, so it stays >= 1
+   * and the section's end brings it back to 0 through the new root).
+   */
+  private reattach(bql: Bql, root: BlockNode): void {
+    if (this.#root !== null) nodeSetParent(bql, this.#root, this, false);
+    nodeSetParent(bql, root, this, true);
+    this.#root = root;
+    this.#quiesceCounter = root.quiesceCounter;
+  }
+
   /** Detaches from the root (blkDelete). */
   private detach(bql: Bql): void {
     if (this.#root !== null) nodeSetParent(bql, this.#root, this, false);
@@ -144,6 +158,7 @@ export class BlockBackend implements DrainParent {
   static {
     attachBackend = (bql, blk, root) => blk.attach(bql, root);
     detachBackend = (bql, blk) => blk.detach(bql);
+    reattachBackend = (bql, blk, root) => blk.reattach(bql, root);
   }
 }
 
@@ -189,6 +204,29 @@ export function blkFind(bql: Bql, name: string): BlockBackend {
 export function blkList(bql: Bql): BlockBackend[] {
   assertBql(bql, 'blkList');
   return [...allBackends.values()];
+}
+
+/**
+ * Points the backend at another root node (QEMU's bdrv_replace_node for a device: an external
+ * snapshot puts the new overlay there, an active commit the base). Everything is drained, so no
+ * request crosses the switch: those queued while drained go to the new root. EINVAL when the
+ * sizes differ or a writable device would sit on a read-only node.
+ * @locking global-state
+ */
+export function blkReplaceRoot(bql: Bql, drained: DrainedAll, blk: BlockBackend, root: BlockNode): void {
+  assertBql(bql, 'blkReplaceRoot');
+  const old = rootOf(blk, 'replace-root');
+  assertDrained(bql, drained, old, 'blkReplaceRoot');
+  assertDrained(bql, drained, root, 'blkReplaceRoot');
+  if (!blk.readOnly && root.readOnly) {
+    throw new BlockError('EACCES', `Device '${blk.name}' cannot be writable over read-only node '${root.nodeName}'`, { node: root.nodeName });
+  }
+  if (bdrvGetLength(root) !== bdrvGetLength(old)) {
+    throw new BlockError('EINVAL', `Device '${blk.name}': node '${root.nodeName}' (${bdrvGetLength(root)} bytes) cannot replace '${old.nodeName}' (${bdrvGetLength(old)} bytes)`, {
+      node: root.nodeName,
+    });
+  }
+  reattachBackend(bql, blk, root);
 }
 
 /**

@@ -19,6 +19,10 @@ export interface NodeInfo {
   inFlight: number;
   quiesceCounter: number;
   children: Array<{ role: string; nodeName: string }>;
+  /** The backing node's file, when the node has a backing child (QEMU's backing_file). */
+  backingFile?: string;
+  /** How many backing nodes lie below this one (QEMU's backing_file_depth). */
+  backingFileDepth: number;
   formatSpecific?: Record<string, unknown>;
 }
 
@@ -44,7 +48,10 @@ function describeNode(node: BlockNode): NodeInfo {
     inFlight: node.inFlight,
     quiesceCounter: node.quiesceCounter,
     children: node.children.map((c) => ({ role: c.role, nodeName: c.child.nodeName })),
+    backingFileDepth: 0,
   };
+  for (let b = node.backing; b !== undefined && info.backingFileDepth < 256; b = b.backing) info.backingFileDepth++;
+  if (node.backing !== undefined) info.backingFile = node.backing.filename;
   const fs = inst?.formatSpecific?.();
   if (fs !== undefined) info.formatSpecific = fs;
   return info;
@@ -90,6 +97,7 @@ export function formatInfoBlock(bql: Bql): string {
     const ro = b.readOnly ? ', read-only' : '';
     lines.push(`${b.device} (${n.nodeName}): ${n.file === '' ? '(none)' : n.file} (${n.driver}${ro})`);
     lines.push(`    Virtual size:     ${n.virtualSize} bytes`);
+    if (n.backingFile !== undefined) lines.push(`    Backing file:     ${n.backingFile} (chain depth: ${n.backingFileDepth})`);
     lines.push(`    IOThread:         ${n.iothread ?? 'main loop'}`);
     lines.push(`    In flight:        ${b.inFlight} (queued ${b.queued}, quiesce ${b.quiesceCounter})`);
   }

@@ -4,7 +4,7 @@
  * ordinary requests. A bad command prints one `Error: ...` line and the monitor goes on.
  *
  * Commands: help, info (block, iothreads, snapshots, status), qemu-io, savevm, loadvm, delvm,
- * stop, cont, quit. Each is a thin layer over a library call (src/machine, src/block).
+ * snapshot_blkdev, stop, cont, quit. Each is a thin layer over a library call (src/machine, src/block).
  */
 import { blkFind } from '../block/backend.js';
 import { withBql } from '../block/bql.js';
@@ -12,6 +12,7 @@ import { BlockError } from '../block/errors.js';
 import { listIOThreads } from '../block/iothread.js';
 import { formatInfoBlock, queryNamedBlockNodes } from '../block/query.js';
 import { describeError } from '../cli/format.js';
+import { snapshotBlkdev } from '../commands/snapshot-blkdev.js';
 import { runQemuIoCommand, splitArgs } from '../cli/qemu-io.js';
 import { snapshotHeader, snapshotRow } from '../cli/snapshot-format.js';
 import type { Machine } from '../machine/machine.js';
@@ -59,6 +60,14 @@ export class Monitor {
       ['savevm', { args: '[tag]', help: 'save a VM snapshot. If no tag is provided, a new snapshot is created', run: (a) => this.savevm(a) }],
       ['loadvm', { args: 'tag', help: 'restore a VM snapshot from its tag', run: (a) => this.loadvm(a) }],
       ['delvm', { args: 'tag', help: 'delete a VM snapshot from its tag', run: (a) => this.delvm(a) }],
+      [
+        'snapshot_blkdev',
+        {
+          args: 'device new-image-file [format]',
+          help: 'take an external snapshot of a device: a new qcow2 overlay on top of it, the old image becomes its backing file',
+          run: (a) => this.snapshotBlkdev(a),
+        },
+      ],
       ['stop', { args: '', help: 'stop emulation', run: () => this.stop() }],
       ['cont', { args: '', help: 'resume emulation', run: () => this.cont() }],
       ['quit', { args: '', help: 'quit the monitor', run: async () => void (this.quitRequested = true) }],
@@ -108,6 +117,14 @@ export class Monitor {
     const failures = await withBql((bql) => delVm(bql, m, tag));
     for (const f of failures) this.out(`Error: ${f}`);
     await this.refreshNames();
+  }
+
+  private async snapshotBlkdev(args: string[]): Promise<void> {
+    const [device, snapshotFile, format, ...extra] = args;
+    if (device === undefined || snapshotFile === undefined || extra.length > 0) {
+      throw new BlockError('EINVAL', 'snapshot_blkdev: usage: snapshot_blkdev device new-image-file [format]', { op: 'snapshot_blkdev' });
+    }
+    await withBql((bql) => snapshotBlkdev(bql, { device, snapshotFile, ...(format === undefined ? {} : { format }) }));
   }
 
   private async stop(): Promise<void> {
