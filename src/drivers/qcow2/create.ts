@@ -13,7 +13,8 @@ import { BlockError, fromSystemError } from '../../block/errors.js';
 import { bdrvPwrite, bdrvTruncate } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
 import { setEntry } from './entries.js';
-import { newHeader, serializeHeader, setHeaderBacking } from './header.js';
+import { EXT_FEATURE_TABLE } from './constants.js';
+import { headerAreaBytes, newHeader, serializeHeader, setHeaderBacking } from './header.js';
 
 /** What `img create -f qcow2 -o ...` accepts. */
 export interface Qcow2CreateOptions {
@@ -66,7 +67,9 @@ export function planQcow2Create(o: Qcow2CreateOptions): Qcow2CreatePlan {
   const version = o.compat === '0.10' ? 2 : 3;
   const h = newHeader({ sizeBytes: o.sizeBytes, clusterBits, refcountOrder, version, lazyRefcounts: o.lazyRefcounts ?? false });
   if (o.backingFile !== undefined) setHeaderBacking(h, o.backingFile, o.backingFormat ?? null);
-  else if (o.backingFormat !== undefined) {
+  // as qemu-img, the optional feature-name table is left out when it would fill the first cluster
+  if (headerAreaBytes(h) >= clusterSize) h.extensions = h.extensions.filter((e) => e.type !== EXT_FEATURE_TABLE);
+  if (o.backingFile === undefined && o.backingFormat !== undefined) {
     throw new BlockError('EINVAL', 'Backing format cannot be used without backing file', { field: 'backing_fmt', value: o.backingFormat });
   }
   const C = clusterSize;

@@ -434,6 +434,17 @@ export function headerBackingFileOffset(h: Qcow2Header): number {
   return off + 8;
 }
 
+/**
+ * How many bytes of the first cluster the header of `h` uses: the fixed part, the extensions,
+ * the end marker and the backing file name.
+ * @locking common
+ */
+export function headerAreaBytes(h: Qcow2Header): number {
+  let off = h.version === 2 ? V2_HEADER_LENGTH : h.headerLength;
+  for (const ext of h.extensions) off += 8 + align8(ext.data.length);
+  return off + 8 + (h.backingFile === null ? 0 : utf8Encoder.encode(h.backingFile).length);
+}
+
 const QEMU_FEATURES: ReadonlyArray<readonly [type: number, bit: number, name: string]> = [
   [0, 0, 'dirty bit'],
   [0, 1, 'corrupt bit'],
