@@ -25,10 +25,14 @@ export {
   blkFlush,
   blkGetLength,
   blkTruncate,
+  blkReplaceRoot,
 } from './block/backend.js';
 export { bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvPdiscard, bdrvFlush, bdrvGetLength, bdrvTruncate } from './block/io.js';
 export { openNode, closeNode, findNode, listNodes, attachChild, detachChild } from './block/graph.js';
 export { IOThread, type IOThreadOptions, createIOThread, findIOThread, listIOThreads, destroyIOThread, shutdownIOThreads } from './block/iothread.js';
+export { blockdevSnapshot } from './block/external-snapshot.js';
+export { resolveBackingFilename } from './block/backing.js';
+export { snapshotBlkdev, type SnapshotBlkdevOptions } from './commands/snapshot-blkdev.js';
 export { queryBlock, queryNamedBlockNodes, formatInfoBlock, type NodeInfo, type BackendInfo } from './block/query.js';
 export { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotGoto, bdrvSnapshotDelete, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
 export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from './block/driver.js';

@@ -134,19 +134,20 @@ export class BlockBackend implements DrainParent {
   /** Attaches to `root` as a parent, starting as drained as the root is (blkNew). */
   private attach(bql: Bql, root: BlockNode): void {
     nodeSetParent(bql, root, this, true);
-    this.#quiesceCounter = root.quiesceCounter;
+    // a quiesced root quiesced its parents once (on its 0 -> 1), and will end that once
+    this.#quiesceCounter = root.quiesceCounter > 0 ? 1 : 0;
   }
 
   /**
    * Moves to `root` (blkReplaceRoot): the old root loses this parent, the new one gains it, and
-   * the backend takes the new root's quiesce count (both are inside drain-all, so it stays >= 1
-   * and the section's end brings it back to 0 through the new root).
+   * the backend is quiesced once, as the new root's parents are (both are inside drain-all, so it
+   * stays quiesced, and the section's end brings it back to 0 through the new root).
    */
   private reattach(bql: Bql, root: BlockNode): void {
     if (this.#root !== null) nodeSetParent(bql, this.#root, this, false);
     nodeSetParent(bql, root, this, true);
     this.#root = root;
-    this.#quiesceCounter = root.quiesceCounter;
+    this.#quiesceCounter = root.quiesceCounter > 0 ? 1 : 0;
   }
 
   /** Detaches from the root (blkDelete). */

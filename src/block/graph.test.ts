@@ -360,6 +360,7 @@ describe('queries', () => {
         inFlight: 0,
         quiesceCounter: 0,
         children: [{ role: 'file', nodeName: 'qfile' }],
+        backingFileDepth: 0,
       });
       expect(infos[0]).toMatchObject({ nodeName: 'qfile', driver: 'file', file: p, readOnly: true, iothread: 'io-query', children: [] });
       expect(infos[2]).toMatchObject({

@@ -18,6 +18,11 @@ import { allNodes, drainAllState } from './registry.js';
 import { gateKick, gateRunAsOwner } from './request-gate.js';
 
 let autoNameCounter = 0;
+/**
+ * Nodes a parent linked by name (`backing=NODE`): their owner opened them and closes them, so
+ * they stay open when that parent goes away (closeNode closes other children left parentless).
+ */
+const referencedNodes = new WeakSet<BlockNode>();
 /** Nodes whose driver closeNode is closing now: the only time a sealed `close` runs. */
 const closing = new WeakSet<BlockNode>();
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
@@ -62,8 +67,9 @@ export function attachChild(bql: Bql, parent: BlockNode, role: ChildRole, child:
   }
   const edge = new BdrvChild(parent, role, child);
   nodeLinkEdge(bql, edge);
-  // a quiesced child quiesces its new parent, as if the parent had been there at drained_begin
-  for (let i = 0; i < child.quiesceCounter; i++) nodeQuiesce(bql, parent);
+  // a quiesced child quiesces its new parent once, as its 0 -> 1 transition did for the parents it
+  // had then (and its 1 -> 0 transition will end that one quiesce)
+  if (child.quiesceCounter > 0) nodeQuiesce(bql, parent);
   return edge;
 }
 
@@ -78,7 +84,7 @@ export function detachChild(bql: Bql, drained: DrainedProof, edge: BdrvChild): v
     throw new BlockError('ENOENT', `Node '${edge.parent.nodeName}' has no such '${edge.role}' child`, { node: edge.parent.nodeName });
   }
   nodeUnlinkEdge(bql, edge);
-  for (let k = 0; k < edge.child.quiesceCounter; k++) nodeUnquiesce(bql, edge.parent);
+  if (edge.child.quiesceCounter > 0) nodeUnquiesce(bql, edge.parent);
   // the child may no longer be covered by a section of the parent: stray requests may go
   gateKick();
 }
@@ -189,7 +195,9 @@ async function openBacking(bql: Bql, node: BlockNode, opts: NodeOptions, depth: 
     throw new BlockError('EINVAL', `Driver '${node.driver.formatName}' does not support backing files (node '${node.nodeName}')`, { node: node.nodeName, field: 'backing' });
   }
   if (choice.kind === 'node') {
-    attachChild(bql, node, 'backing', findNode(bql, choice.nodeName));
+    const named = findNode(bql, choice.nodeName);
+    attachChild(bql, node, 'backing', named);
+    referencedNodes.add(named);
     return;
   }
   if (depth >= MAX_BACKING_DEPTH) {
@@ -264,7 +272,8 @@ async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number
 
 /**
  * Closes `node`: drains it, closes its driver, unlinks its children and closes those left without
- * a parent. EBUSY while a backend or another node still uses it.
+ * a parent (except nodes linked by name, `backing=NODE`, which their owner closes). EBUSY while
+ * a backend or another node still uses it.
  * @locking global-state
  */
 export async function closeNode(bql: Bql, node: BlockNode): Promise<void> {
@@ -288,7 +297,7 @@ export async function closeNode(bql: Bql, node: BlockNode): Promise<void> {
     const orphans: BlockNode[] = [];
     for (const edge of [...node.children]) {
       detachChild(bql, drained, edge);
-      if (edge.child.parents.size === 0) orphans.push(edge.child);
+      if (edge.child.parents.size === 0 && !referencedNodes.has(edge.child)) orphans.push(edge.child);
     }
     drainedEnd(bql, drained);
     allNodes.delete(node.nodeName);

@@ -14,6 +14,21 @@ import { closeNode, openNode } from '../block/graph.js';
 import { bdrvGetLength } from '../block/io.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 
+/** Makes a new file's contents and its directory entry durable. */
+function syncNewFile(file: string): void {
+  for (const [target, flags] of [
+    [file, 'r+'],
+    [path.dirname(path.resolve(file)), 'r'],
+  ] as const) {
+    const fd = fs.openSync(target, flags);
+    try {
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+}
+
 /** What an external snapshot needs. */
 export interface SnapshotBlkdevOptions {
   /** The device (BlockBackend name). */
@@ -48,6 +63,8 @@ export async function snapshotBlkdev(bql: Bql, o: SnapshotBlkdevOptions): Promis
   createQcow2File(bql, o.snapshotFile, { sizeBytes: bdrvGetLength(root), backingFile: path.resolve(root.filename), backingFormat: root.driver.formatName });
   let overlay;
   try {
+    // the guest's flushed writes will live in this file: it and its name must survive a power cut
+    syncNewFile(o.snapshotFile);
     const opts: Record<string, string> = { driver: 'qcow2', file: o.snapshotFile, backing: 'null' };
     if (o.nodeName !== undefined) opts['node-name'] = o.nodeName;
     if (root.ioThread !== null) opts['iothread'] = root.ioThread.id;
