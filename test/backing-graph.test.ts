@@ -11,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { withBql, withBqlSync } from '../src/block/bql.js';
 import { withDrained } from '../src/block/drain.js';
 import { BlockError } from '../src/block/errors.js';
-import { closeNode, listNodes, openNode } from '../src/block/graph.js';
+import { attachChild, closeNode, listNodes, openNode } from '../src/block/graph.js';
 import { bdrvPread, bdrvPwrite } from '../src/block/io.js';
 import { shutdownIOThreads } from '../src/block/iothread.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto } from '../src/block/snapshot.js';
@@ -121,6 +121,23 @@ describe('the backing child of a format node', () => {
     // -U style: the overlay still opens without its backing file
     const alone = await openImage(missing, { aio: 'sync', readOnly: true, noBacking: true });
     await alone.close();
+  });
+
+  it('a child drained twice over quiesces a parent linked meanwhile once, and lets it go at the end', async () => {
+    await withBql(async (bql) => {
+      const child = await openNode(bql, { driver: 'memory', size: String(MiB), 'node-name': 'nested-child' });
+      const parent = await openNode(bql, { driver: 'raw', 'file.driver': 'memory', 'file.size': String(MiB), 'node-name': 'nested-parent' });
+      await withDrained(bql, child, () =>
+        withDrained(bql, child, () => {
+          expect(child.quiesceCounter).toBe(2);
+          attachChild(bql, parent, 'data', child);
+          expect(parent.quiesceCounter).toBe(1);
+        }),
+      );
+      expect(child.quiesceCounter).toBe(0);
+      expect(parent.quiesceCounter).toBe(0); // was left at 1 (the parent drained for ever) before the fix
+      await closeNode(bql, parent);
+    });
   });
 
   it('internal snapshots of an overlay keep the backing file read-through', async () => {
