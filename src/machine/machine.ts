@@ -49,7 +49,8 @@ export interface MachineOptions {
 export interface MachineDisk {
   id: string;
   blk: BlockBackend;
-  node: BlockNode;
+  /** The backend's root now (an external snapshot or an active commit changes it). */
+  readonly node: BlockNode;
   readOnly: boolean;
 }
 
@@ -140,7 +141,16 @@ export class Machine {
     const node = await openNode(bql, opts);
     try {
       const blk = blkNew(bql, id, node, { readOnly: node.readOnly });
-      const disk: MachineDisk = { id, blk, node, readOnly: node.readOnly };
+      const disk: MachineDisk = {
+        id,
+        blk,
+        get node(): BlockNode {
+          const root = blk.root;
+          if (root === null) throw new BlockError('ENOMEDIUM', `Device '${id}' has no medium`, { node: id });
+          return root;
+        },
+        readOnly: node.readOnly,
+      };
       this.disks.push(disk);
       return disk;
     } catch (e) {
@@ -395,8 +405,9 @@ export class Machine {
     this.keepAlive = null;
     for (const disk of this.disks.splice(0)) {
       if (!disk.readOnly) await blkFlush(disk.blk);
-      await withDrained(bql, disk.node, () => blkDelete(bql, disk.blk));
-      await closeNode(bql, disk.node);
+      const node = disk.node;
+      await withDrained(bql, node, () => blkDelete(bql, disk.blk));
+      await closeNode(bql, node);
     }
   }
 
