@@ -9,8 +9,11 @@ import { delVm, loadVm, saveVm } from '../src/machine/savevm.js';
  * The functions named `compileOnly*` are never called: they exist to be type-checked.
  */
 import { expectTypeOf, test } from 'vitest';
+import { blockdevSnapshot } from '../src/block/external-snapshot.js';
+import { bdrvSetBacking, replaceNode } from '../src/block/graph-change.js';
 import {
   blkNew,
+  blkReplaceRoot,
   blkPdiscard,
   blkPread,
   blkPwrite,
@@ -444,4 +447,32 @@ test('Drained has no node type parameter: which node a proof covers is checked a
   expectTypeOf(drainedBegin).parameters.toEqualTypeOf<[Bql, BlockNode]>();
   expectTypeOf(drainedBegin).returns.toEqualTypeOf<Promise<Drained>>();
   void (0 as unknown as Old);
+});
+
+// ---------------------------------------------------------------------------------------------
+// issue 12: every graph change of a running device takes the Bql and a drained-all proof
+
+test('changing a backing child, replacing a node or a device root needs the Bql and DrainedAll', () => {
+  async function compileOnlyGraphChange(bql: Bql, d: Drained, all: DrainedAll, blk: BlockBackend, a: BlockNode, b: BlockNode): Promise<void> {
+    bdrvSetBacking(bql, all, a, b);
+    bdrvSetBacking(bql, all, a, null);
+    replaceNode(bql, all, a, b);
+    blkReplaceRoot(bql, all, blk, b);
+    await blockdevSnapshot(bql, blk, a); // drains by itself
+    // @ts-expect-error -- a backing child changes only with every request drained
+    bdrvSetBacking(bql, a, b);
+    // @ts-expect-error -- one node's section does not cover the nodes above and below it
+    bdrvSetBacking(bql, d, a, b);
+    // @ts-expect-error -- and never without the BQL
+    bdrvSetBacking(all, a, b);
+    // @ts-expect-error -- replacing a node moves parents: drain-all
+    replaceNode(bql, d, a, b);
+    // @ts-expect-error -- a device's root moves only inside drain-all
+    blkReplaceRoot(bql, blk, b);
+    // @ts-expect-error -- the live snapshot takes the BQL
+    await blockdevSnapshot(blk, a);
+  }
+  expectTypeOf(compileOnlyGraphChange).toBeFunction();
+  expectTypeOf(bdrvSetBacking).parameters.toEqualTypeOf<[Bql, DrainedAll, BlockNode, BlockNode | null]>();
+  expectTypeOf(replaceNode).parameters.toEqualTypeOf<[Bql, DrainedAll, BlockNode, BlockNode]>();
 });
