@@ -12,7 +12,7 @@ import { assertBql, type Bql } from './bql.js';
 import type { WriteZeroesFlags } from './driver.js';
 import { assertDrained, type DrainedAll } from './drain.js';
 import { BlockError } from './errors.js';
-import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from './io.js';
+import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteCompressed, bdrvPwriteZeroes, bdrvTruncate } from './io.js';
 import { nodeSetParent, type BlockNode, type DrainParent } from './node.js';
 import { allBackends } from './registry.js';
 
@@ -303,6 +303,23 @@ export async function blkPwrite(blk: BlockBackend, offset: number, buf: Uint8Arr
     const root = rootOf(blk, 'write');
     checkByteRequest(blk, root, 'write', offset, buf.length, true);
     await bdrvPwrite(root, offset, buf);
+  } finally {
+    blk.leave();
+  }
+}
+
+/**
+ * Writes `buf` at `offset` of the device compressed: whole clusters of its format (the last one
+ * of the disk may be short); 0 bytes ends a run of compressed writes.
+ * @locking io
+ */
+export async function blkPwriteCompressed(blk: BlockBackend, offset: number, buf: Uint8Array): Promise<void> {
+  const wait = blk.enter();
+  if (wait !== null) await wait;
+  try {
+    const root = rootOf(blk, 'write-compressed');
+    checkByteRequest(blk, root, 'write-compressed', offset, buf.length, true);
+    await bdrvPwriteCompressed(root, offset, buf);
   } finally {
     blk.leave();
   }

@@ -88,6 +88,31 @@ export async function bdrvPwrite(node: BlockNode, offset: number, buf: Uint8Arra
 }
 
 /**
+ * Writes `buf` at `offset` of `node` compressed (qemu-img convert -c): whole clusters of the
+ * format, the last one of the disk possibly short; 0 bytes ends a run of compressed writes (qcow2
+ * rounds its file up to whole sectors). ENOTSUP when the node's driver cannot compress.
+ * @locking io
+ */
+export async function bdrvPwriteCompressed(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+  const gate = gateRequest(node, 'write-compressed');
+  if (gate !== null) await gate;
+  checkRequest(node, 'write-compressed', offset, buf.length, true);
+  const drv = node.drv;
+  if (drv.pwriteCompressed === undefined) {
+    throw new BlockError('ENOTSUP', `write-compressed on node '${node.nodeName}': Compression not supported for this file format (${node.driver.formatName})`, {
+      node: node.nodeName,
+      op: 'write-compressed',
+    });
+  }
+  nodeRequestBegin(node);
+  try {
+    await drv.pwriteCompressed(offset, buf);
+  } finally {
+    decInFlight(node);
+  }
+}
+
+/**
  * Makes `bytes` bytes at `offset` of `node` read as zeros.
  * @locking io
  */

@@ -1,11 +1,15 @@
 /**
  * `img convert` (copy an image, or one of its snapshots, into a new raw or qcow2 image, keeping it
- * sparse) and `img compare` (qemu-img compare's messages and exit codes: 0 identical, 1 differ,
- * 2 error). Both move data in 1 MiB chunks through the library API.
+ * sparse; `-c` writes qcow2 clusters compressed, `-n` writes into an existing image, `-p` prints
+ * qemu-img's progress) and `img compare` (qemu-img compare's messages and exit codes: 0
+ * identical, 1 differ, 2 error). convert walks the source as qemu-img 7.2 does (block status
+ * runs, 2 MiB chunks, one target cluster at a time with -c), so its progress lines match.
  */
 import fs from 'node:fs';
+import { blkPwriteCompressed } from '../block/backend.js';
 import { withBqlSync } from '../block/bql.js';
-import { BlockError } from '../block/errors.js';
+import { BlockError, isBlockError } from '../block/errors.js';
+import { bdrvBlockStatus } from '../block/io.js';
 import { parseOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
@@ -16,7 +20,13 @@ import { describeError } from './format.js';
 import type { Out } from './img-usage.js';
 
 const CHUNK = 1024 * 1024;
-const CONVERT_USAGE = 'usage: snapstack img convert [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';
+/** qemu-img convert's buffer (IO_BUF_SIZE): the most one data chunk covers. */
+const IO_BUF_SIZE = 2 * 1024 * 1024;
+/** qemu-img convert's default -S: zero runs of at least this many bytes are left sparse. */
+const MIN_SPARSE = 4096;
+const P = 'snapstack img';
+const CONVERT_USAGE =
+  'usage: snapstack img convert [-c] [-n] [-p] [-q] [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';
 const COMPARE_USAGE = 'usage: snapstack img compare [-f FMT] [-F FMT] [-U] A B';
 
 function isZero(buf: Uint8Array): boolean {
@@ -33,42 +43,227 @@ function parseSnapshotParam(text: string): string {
   return v;
 }
 
-/** Runs `img convert`; returns the exit status. */
-export async function imgConvert(args: string[], out: Out): Promise<number> {
+/**
+ * qemu-img's simple progress meter (util/qemu-progress.c): single-precision state, a line
+ * `    (P/100%)\r` whenever the value moved by more than 1 point, and at 0 and 100; a newline at the end.
+ */
+export class ConvertProgress {
+  private current = 0;
+  private lastPrint = 0;
+  private readonly minSkip = Math.fround(1.0);
+
+  constructor(private readonly write: ((s: string) => void) | null) {
+    this.print();
+  }
+
+  /** Sets the value (0..100) and prints it when qemu-img would. */
+  set(percent: number): void {
+    this.current = Math.fround(percent);
+    const c = this.current;
+    if (c > Math.fround(this.lastPrint + this.minSkip) || c < Math.fround(this.lastPrint - this.minSkip) || c === 100 || c === 0) {
+      this.lastPrint = c;
+      this.print();
+    }
+  }
+
+  /** Ends the meter (qemu-img prints a newline). */
+  end(): void {
+    this.write?.('\n');
+  }
+
+  private print(): void {
+    this.write?.(`    (${this.current.toFixed(2)}/100%)\r`);
+  }
+}
+
+/** The kinds of source extent qemu-img convert tells apart. */
+const enum Status {
+  Data,
+  Zero,
+}
+
+/** qemu-img convert's walk over the source (convert_iteration_sectors), in bytes. */
+class SourceWalk {
+  private nextStatus = 0;
+  status = Status.Data;
+
+  constructor(
+    private readonly src: Image,
+    private readonly size: number,
+    private readonly bufSize: number,
+    private readonly compressCluster: number,
+  ) {}
+
+  /** The length of the next piece from `pos`, setting `status` for it. */
+  async next(pos: number): Promise<number> {
+    const root = this.src.backend.root;
+    if (root === null) throw new BlockError('ENOMEDIUM', `convert: the source '${this.src.name}' has no medium`);
+    let n = this.size - pos;
+    if (this.nextStatus <= pos) {
+      const st = await bdrvBlockStatus(root, pos, n);
+      this.status = st.zero ? Status.Zero : Status.Data;
+      this.nextStatus = pos + st.bytes;
+    }
+    n = Math.min(n, this.nextStatus - pos);
+    if (this.status === Status.Data) n = Math.min(n, this.bufSize);
+    const C = this.compressCluster;
+    if (C > 0) {
+      // compressed images are written in whole clusters: a short zero run counts as data
+      if (n < C) {
+        n = Math.min(C, this.size - pos);
+        this.status = Status.Data;
+      } else n -= n % C;
+    }
+    return n;
+  }
+}
+
+/** What `img convert` was asked. */
+interface ConvertRequest {
+  srcFmt: string | undefined;
+  dstFmt: string;
+  options: string | undefined;
+  snap: string | undefined;
+  forceShare: boolean;
+  progress: boolean;
+  compress: boolean;
+  noCreate: boolean;
+  src: string;
+  dst: string;
+}
+
+function parseConvertArgs(args: string[]): ConvertRequest {
   const srcFmt = takeFlag(args, '-f');
   const dstFmt = takeFlag(args, '-O') ?? 'raw';
-  const o = parseOptions(takeFlag(args, '-o') ?? '');
+  const options = takeFlag(args, '-o');
   const snap = takeFlag(args, '-l');
   const forceShare = takeForceShare(args);
-  takeSwitch(args, '-p');
-  takeSwitch(args, '-q');
+  const progress = takeSwitch(args, '-p');
+  const quiet = takeSwitch(args, '-q');
+  const compress = takeSwitch(args, '-c');
+  const noCreate = takeSwitch(args, '-n');
   refuseUnknownOptions(args, CONVERT_USAGE);
   const [src, dst] = args;
   if (src === undefined || dst === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting a source and a destination\n${CONVERT_USAGE}`);
-  const from = await openImage(src, { aio: 'sync', readOnly: true, forceShare, ...(srcFmt === undefined ? {} : { format: srcFmt }) });
+  return { srcFmt, dstFmt, options, snap, forceShare, progress: progress && !quiet, compress, noCreate, src, dst };
+}
+
+/** Copies `from` into `to` as qemu-img convert does; `fresh`: the target reads as zeros already. */
+async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boolean, progressOut: (s: string) => void): Promise<void> {
+  const size = from.size;
+  const targetCluster = to.backend.root?.drv.clusterSize?.() ?? 0;
+  const C = req.compress ? targetCluster : 0;
+  const bufSize = req.compress ? targetCluster : IO_BUF_SIZE;
+  // first pass: how many bytes of data there are (the progress meter's 100%)
+  let allocated = 0;
+  const count = new SourceWalk(from, size, bufSize, C);
+  for (let pos = 0; pos < size; ) {
+    const n = await count.next(pos);
+    if (count.status === Status.Data) allocated += n;
+    pos += n;
+  }
+  const meter = req.progress ? new ConvertProgress(progressOut) : null;
+  const walk = new SourceWalk(from, size, bufSize, C);
+  const buf = new Uint8Array(bufSize);
+  let done = 0;
+  for (let pos = 0; pos < size; ) {
+    const n = await walk.next(pos);
+    if (walk.status === Status.Data) {
+      const view = buf.subarray(0, n);
+      await from.read(pos, n, view);
+      if (req.compress) {
+        if (!isZero(view)) await blkPwriteCompressed(to.backend, pos, view);
+        else if (!fresh) await to.writeZeroes(pos, n);
+      } else await writeSparse(to, pos, view, fresh);
+      done += n;
+      meter?.set((100 * done) / allocated);
+    } else if (!fresh) await to.writeZeroes(pos, n);
+    pos += n;
+  }
+  if (req.compress) await blkPwriteCompressed(to.backend, 0, new Uint8Array(0));
+  await to.flush();
+  meter?.set(100);
+  meter?.end();
+}
+
+/** Writes the non-zero parts of `data` (in MIN_SPARSE pieces); zero parts stay sparse, or are zeroed when the target is not fresh. */
+async function writeSparse(to: Image, pos: number, data: Uint8Array, fresh: boolean): Promise<void> {
+  let i = 0;
+  while (i < data.length) {
+    const zero = isZero(data.subarray(i, Math.min(i + MIN_SPARSE, data.length)));
+    let j = i + MIN_SPARSE;
+    while (j < data.length && isZero(data.subarray(j, Math.min(j + MIN_SPARSE, data.length))) === zero) j += MIN_SPARSE;
+    j = Math.min(j, data.length);
+    if (!zero) await to.write(pos + i, data.subarray(i, j));
+    else if (!fresh) await to.writeZeroes(pos + i, j - i);
+    i = j;
+  }
+}
+
+/** A BlockError's own message (what qemu-img prints after its name), or the error's text. */
+function messageOf(e: unknown): string {
+  return isBlockError(e) ? e.message : describeError(e);
+}
+
+/**
+ * Runs `img convert`; returns the exit status (1 on an error, printed on `err` as qemu-img does).
+ * Progress (`-p`) goes to `progressOut`, standard output by default (it has no newlines).
+ */
+export async function imgConvert(
+  args: string[],
+  out: Out,
+  err: Out = (l) => void process.stderr.write(`${l}\n`),
+  progressOut: (s: string) => void = (s) => void process.stdout.write(s),
+): Promise<number> {
+  void out;
+  let req: ConvertRequest;
   try {
-    if (snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(snap));
+    req = parseConvertArgs(args);
+  } catch (e) {
+    err(`${P}: ${messageOf(e)}`);
+    return 1;
+  }
+  if (req.noCreate && req.options !== undefined) {
+    err(`${P}: -o has no effect when skipping image creation`);
+    return 1;
+  }
+  let from: Image;
+  try {
+    from = await openImage(req.src, { aio: 'sync', readOnly: true, forceShare: req.forceShare, ...(req.srcFmt === undefined ? {} : { format: req.srcFmt }) });
+  } catch (e) {
+    err(`${P}: Could not open '${req.src}': ${messageOf(e)}`);
+    return 1;
+  }
+  try {
+    if (req.snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(req.snap));
     const size = from.size;
+    const { dstFmt, dst } = req;
     if (dstFmt !== 'raw' && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
-    const co = createOptions(dstFmt, o); // qemu-img's options, refused by name when unknown
-    if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
-    else withBqlSync((bql) => createQcow2File(bql, dst, { sizeBytes: size, ...co }));
-    const to = await openImage(dst, { aio: 'sync', format: dstFmt });
+    if (req.compress && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', 'Compression not supported for this file format', { field: '-c', value: dstFmt });
+    if (!req.noCreate) {
+      const co = createOptions(dstFmt, parseOptions(req.options ?? '')); // qemu-img's options, refused by name when unknown
+      if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
+      else withBqlSync((bql) => createQcow2File(bql, dst, { sizeBytes: size, ...co }));
+    }
+    let to: Image;
     try {
-      const buf = new Uint8Array(CHUNK);
-      for (let off = 0; off < size; off += CHUNK) {
-        const n = Math.min(CHUNK, size - off);
-        const view = buf.subarray(0, n);
-        await from.read(off, n, view);
-        if (!isZero(view)) await to.write(off, view);
-      }
+      to = await openImage(dst, { aio: 'sync', format: dstFmt });
+    } catch (e) {
+      err(`${P}: Could not open '${dst}': ${messageOf(e)}`);
+      return 1;
+    }
+    try {
+      if (req.noCreate && to.size < size) throw new BlockError('EINVAL', 'output file is smaller than input file', { file: dst, field: 'size', value: to.size });
+      await copyImage(from, to, req, !req.noCreate, progressOut);
     } finally {
       await to.close();
     }
+  } catch (e) {
+    err(`${P}: ${messageOf(e)}`);
+    return 1;
   } finally {
     await from.close();
   }
-  void out;
   return 0;
 }
 
