@@ -60,6 +60,25 @@ describeInterop('img convert options against qemu-img', () => {
     });
   }
 
+  it('a raw source that ends inside a sector: the target is whole sectors, as qemu-img makes it (raw, qcow2, -c)', async () => {
+    const odd = path.join(dir, 'odd.raw');
+    fs.writeFileSync(odd, Buffer.concat([Buffer.alloc(200000, 0x33), Buffer.from('tail bytes that end mid-sector')]));
+    for (const extra of [['-O', 'raw'], ['-O', 'qcow2'], ['-c', '-O', 'qcow2'], ['-c', '-O', 'qcow2', '-o', 'cluster_size=4k']]) {
+      const a = path.join(dir, 'odd-q');
+      const b = path.join(dir, 'odd-s');
+      fs.rmSync(a, { force: true });
+      fs.rmSync(b, { force: true });
+      const q = qemuStatus('qemu-img', ['convert', '-p', '-f', 'raw', ...extra, odd, a]);
+      const m = await convert(['-p', '-f', 'raw', ...extra, odd, b]);
+      expect({ status: m.status, err: m.err }).toEqual({ status: q.status, err: [] });
+      const fmt = extra.includes('raw') ? 'raw' : 'qcow2';
+      expect(qemu('qemu-img', ['compare', '-f', fmt, '-F', fmt, a, b])).toContain('Images are identical.');
+      const info = (f: string): number => (JSON.parse(qemu('qemu-img', ['info', '--output=json', '-f', fmt, f])) as { 'virtual-size': number })['virtual-size'];
+      expect(info(b)).toBe(info(a));
+      if (fmt === 'qcow2') expect(qemuStatus('qemu-img', ['check', b]).status).toBe(0);
+    }
+  });
+
   it('-q silences -p; without -p nothing is printed', async () => {
     expect((await convert(['-p', '-q', '-O', 'raw', src, path.join(dir, 'quiet.raw')])).progress).toBe('');
     expect((await convert(['-O', 'raw', src, path.join(dir, 'plain.raw')])).progress).toBe('');

@@ -150,7 +150,7 @@ function parseConvertArgs(args: string[]): ConvertRequest {
 
 /** Copies `from` into `to` as qemu-img convert does; `fresh`: the target reads as zeros already. */
 async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boolean, progressOut: (s: string) => void): Promise<void> {
-  const size = from.size;
+  const size = from.size; // the padding up to a whole sector stays zero in the target
   const targetCluster = to.backend.root?.drv.clusterSize?.() ?? 0;
   const C = req.compress ? targetCluster : 0;
   const bufSize = req.compress ? targetCluster : IO_BUF_SIZE;
@@ -172,7 +172,10 @@ async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boo
       const view = buf.subarray(0, n);
       await from.read(pos, n, view);
       if (req.compress) {
-        if (!isZero(view)) await blkPwriteCompressed(to.backend, pos, view);
+        // whole clusters only: a short last one is padded up to the cluster or the target's end
+        const whole = n < C ? Math.min(C, to.size - pos) : n;
+        const w = buf.subarray(0, Math.max(n, whole)).fill(0, n);
+        if (!isZero(view)) await blkPwriteCompressed(to.backend, pos, w);
         else if (!fresh) await to.writeZeroes(pos, n);
       } else await writeSparse(to, pos, view, fresh);
       done += n;
@@ -236,7 +239,8 @@ export async function imgConvert(
   }
   try {
     if (req.snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(req.snap));
-    const size = from.size;
+    // qemu's block layer counts whole sectors: a raw source of 1000 bytes makes a 1024-byte target
+    const size = Math.ceil(from.size / 512) * 512;
     const { dstFmt, dst } = req;
     if (dstFmt !== 'raw' && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
     if (req.compress && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', 'Compression not supported for this file format', { field: '-c', value: dstFmt });
