@@ -154,6 +154,25 @@ describeInterop('img resize against qemu-img resize', () => {
     expect(fs.readFileSync(ss).subarray(0, 32 * MiB).every((b) => b === 7)).toBe(true);
   }, 120_000);
 
+  it('grows an overlay whose backing file is larger: the new area reads zeros, as with qemu-img', async () => {
+    const base = path.join(dir, 'base8.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', base, '8M']);
+    qemu('qemu-io', ['-c', 'write -P 9 0 8M', base]);
+    for (const [i, size] of ['4M', '4194816'].entries()) {
+      const over = path.join(dir, `over${i}.qcow2`);
+      qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base8.qcow2', '-F', 'qcow2', over, size]);
+      qemu('qemu-io', ['-c', 'write -P 1 1M 64k', over]);
+      const [q, s] = await both(over, `overlay${i}`, ['FILE', '8M'], 'qcow2');
+      expectClean(s);
+      expect(virtualSize(s, 'qcow2')).toBe(8 * MiB);
+      expect(qemuStatus('qemu-img', ['compare', q, s]).status).toBe(0);
+      const old = Number(size.replace('4M', String(4 * MiB)));
+      const r = qemuStatus('qemu-io', ['-r', '-c', `read -P 0 ${old} ${8 * MiB - old}`, s]);
+      expect({ size, out: r.stdout }).not.toMatchObject({ out: expect.stringContaining('Pattern verification failed') });
+      expect(r.status).toBe(0);
+    }
+  }, 120_000);
+
   it('resizes raw images as qemu-img does', async () => {
     for (const args of [['--shrink', 'FILE', '-1M'], ['FILE', '+3M'], ['--shrink', 'FILE', '1000']]) {
       const [q, s] = await both(raw, `raw-${args.join('')}`, args, 'raw');

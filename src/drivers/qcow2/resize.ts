@@ -15,9 +15,9 @@
  */
 import { BlockError } from '../../block/errors.js';
 import { bdrvGetLength, bdrvTruncate } from '../../block/io.js';
-import { l2Offset } from './cluster-map.js';
+import { l2ForWrite, l2Offset } from './cluster-map.js';
 import { qcow2BlockStatus, qcow2Write, zeroClustersLocked } from './data-path.js';
-import { entryHi, isCopied, setEntryRaw } from './entries.js';
+import { ClusterType, entryHi, entryLo, isCopied, l2EntryType, setEntry, setEntryRaw } from './entries.js';
 import { assertMetadataLocked, withMetadataLock, type MetadataLocked } from './metadata-lock.js';
 import { getRefcount } from './refcount.js';
 import { setDiskSize } from './snapshots.js';
@@ -41,6 +41,7 @@ export async function qcow2Truncate(s: Qcow2State, sizeBytes: number): Promise<v
   if (sizeBytes > s.sizeBytes) await zeroPartialTail(s, sizeBytes);
   await withMetadataLock(s, async (locked) => {
     if (sizeBytes >= s.sizeBytes) {
+      await maskBackingPastEnd(s, sizeBytes);
       await setDiskSize(locked, s, sizeBytes);
       return;
     }
@@ -61,6 +62,33 @@ async function zeroPartialTail(s: Qcow2State, sizeBytes: number): Promise<void> 
   const len = Math.min(sizeBytes, old - inCluster + C) - old;
   const st = await qcow2BlockStatus(s, old, len);
   if (st.data || (!st.allocated && s.node.backing !== undefined)) await qcow2Write(s, old, new Uint8Array(len));
+}
+
+/**
+ * Before growing an overlay whose backing file reaches past the current end: the whole clusters
+ * the new area shares with the backing file get the zero flag (v3), flushed before the size grows,
+ * so that the new area reads zeros and never the backing file's data, even after a crash (QEMU
+ * writes those zeros after the resize). The caller holds the metadata lock.
+ */
+async function maskBackingPastEnd(s: Qcow2State, sizeBytes: number): Promise<void> {
+  const backing = s.node.backing;
+  if (backing === undefined || !s.v3) return;
+  const C = s.clusterSize;
+  const first = Math.ceil(s.sizeBytes / C);
+  const end = Math.ceil(Math.min(sizeBytes, bdrvGetLength(backing)) / C);
+  if (end <= first) return;
+  for (let c = first; c < end; ) {
+    const l1Index = Math.floor(c / s.l2Entries);
+    const stop = Math.min(end, (l1Index + 1) * s.l2Entries);
+    const t = await l2ForWrite(s, l1Index);
+    const lo = c - l1Index * s.l2Entries;
+    for (let i = lo; i < stop - l1Index * s.l2Entries; i++) {
+      if (l2EntryType(entryHi(t.view, i), entryLo(t.view, i), true) === ClusterType.Unallocated) setEntry(t.view, i, 0, false, true);
+    }
+    s.l2Cache.markDirty(t.offset, lo * 8, (stop - l1Index * s.l2Entries) * 8);
+    c = stop;
+  }
+  await flushMetadata(s);
 }
 
 /**
