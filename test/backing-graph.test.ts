@@ -206,3 +206,34 @@ describeInterop('snapshot_blkdev on a running device', () => {
     expect(prefix, `the base holds the first k writes for some k in ${completedAtCall}..${submittedAtSwitch}`).toBeGreaterThanOrEqual(completedAtCall);
   });
 });
+
+describeInterop('changing the backing file an image records', () => {
+  it('changeBackingFile rewrites the name and format (qemu-img reads them), refused on a read-only node', async () => {
+    const { top } = await baseAndOverlay('cbf');
+    const other = path.join(dir, 'cbf-other.raw');
+    fs.writeFileSync(other, new Uint8Array(2 * MiB).fill(0x77));
+    const img = await openImage(top, { aio: 'sync', noBacking: true });
+    const node = img.backend.root;
+    if (node === null) throw new Error('no root');
+    await img.write(0, new Uint8Array(512).fill(1)); // dirty metadata: flushed before the header changes
+    await withBql((bql) => withDrained(bql, node, (d) => node.drv.changeBackingFile?.(bql, d, 'cbf-other.raw', 'raw')));
+    await img.close();
+    const info = JSON.parse(qemu('qemu-img', ['info', '--output=json', top])) as Record<string, unknown>;
+    expect(info['backing-filename']).toBe('cbf-other.raw');
+    expect(info['backing-filename-format']).toBe('raw');
+    expect(qemuStatus('qemu-img', ['check', top]).status).toBe(0);
+    const again = await openImage(top, { aio: 'sync', readOnly: true });
+    const got = await again.read(0, 2 * 65536);
+    expect([got[0], got[600], got[65536]]).toEqual([1, 0, 0x77]); // the written cluster was filled (no backing then); the next reads through
+    const ro = again.backend.root;
+    if (ro === null) throw new Error('no root');
+    await expectCode(withBql((bql) => withDrained(bql, ro, async (d) => ro.drv.changeBackingFile?.(bql, d, null, null))), 'EACCES', /read-only/);
+    await again.close();
+    const rw = await openImage(top, { aio: 'sync', noBacking: true });
+    const n2 = rw.backend.root;
+    if (n2 === null) throw new Error('no root');
+    await withBql((bql) => withDrained(bql, n2, (d) => n2.drv.changeBackingFile?.(bql, d, null, null)));
+    await rw.close();
+    expect(JSON.parse(qemu('qemu-img', ['info', '--output=json', top]))['backing-filename']).toBeUndefined();
+  });
+});

@@ -155,6 +155,13 @@ export interface BlockDriverInstance {
    */
   backingFile?(): { filename: string; format: string | null } | null;
   /**
+   * Rewrites the backing file name (and its format; null: none) that the image records, as QEMU's
+   * bdrv_change_backing_file; crash-safe: the old name or the new one, never a mix. The graph's
+   * backing child is the block layer's business (graph-change.ts). The node is quiet.
+   * @locking global-state
+   */
+  changeBackingFile?(bql: Bql, drained: DrainedProof, filename: string | null, format: string | null): Promise<void>;
+  /**
    * The format's cluster size in bytes, when it has one (`img info` prints it).
    * @locking io
    */

@@ -25,6 +25,9 @@ import { parseBool, parseSize, type NodeOptions } from '../../block/options.js';
 import { checkQcow2, repairDirtyImage } from './check.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
 import { headerBackingFormat } from './header.js';
+import { updateBackingInHeader } from './header-update.js';
+import { withMetadataLock } from './metadata-lock.js';
+import { flushMetadata } from './writeback.js';
 import { Qcow2Instance } from './instance.js';
 import { loadQcow2State } from './open.js';
 import type { Qcow2State } from './state.js';
@@ -36,6 +39,24 @@ const AUTOCLEAR_OFFSET = 88;
 
 /** A qcow2 instance with the check callback (check.ts does the work) and its backing file's name. */
 class CheckingQcow2Instance extends Qcow2Instance {
+  /**
+   * Rewrites the backing file name and format in the header (header-update.ts: crash-safe), after
+   * the metadata is flushed, under the metadata lock; the node is quiet.
+   * @locking global-state
+   */
+  async changeBackingFile(bql: Bql, drained: DrainedProof, filename: string | null, format: string | null): Promise<void> {
+    assertBql(bql, 'qcow2 change-backing-file');
+    assertDrained(bql, drained, this.state.node, 'qcow2 change-backing-file');
+    const s = this.state;
+    if (s.node.readOnly) {
+      throw new BlockError('EACCES', `qcow2 '${s.filename}': the image is read-only: its backing file name cannot change`, { node: s.node.nodeName, file: s.filename, field: 'backing_file' });
+    }
+    await withMetadataLock(s, async (locked) => {
+      if (s.metadataDirty) await flushMetadata(s);
+      await updateBackingInHeader(locked, s, filename, format);
+    });
+  }
+
   /** The backing file the header names, with the format its backing-format extension records. */
   backingFile(): { filename: string; format: string | null } | null {
     const h = this.state.header;
