@@ -68,9 +68,10 @@ function info(file: string): { size: number; specific: unknown } {
   return { size: j['virtual-size'], specific: j['format-specific'] };
 }
 
-function expectClean(file: string, where: string): void {
+function expectClean(file: string, where: string, leaksOk = false): void {
   const r = qemuStatus('qemu-img', ['check', file]);
-  expect({ where, status: r.status, out: r.status === 0 ? '' : r.stdout + r.stderr }).toEqual({ where, status: 0, out: '' });
+  const ok = r.status === 0 || (leaksOk && r.status === 3);
+  expect({ where, ok, out: ok ? '' : r.stdout + r.stderr }).toEqual({ where, ok: true, out: '' });
 }
 
 function snapshotNames(file: string): string[] {
@@ -115,6 +116,14 @@ describeInterop('img amend against qemu-img amend', () => {
     fs.copyFileSync(f('v3.qcow2'), f('shared.qcow2'));
     qemu('qemu-img', ['snapshot', '-c', 'a', f('shared.qcow2')]);
     qemu('qemu-img', ['snapshot', '-c', 'b', f('shared.qcow2')]);
+    // an overlay: plain zero clusters over the backing file's data, one table shared with a snapshot
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f('base.qcow2'), '8M']);
+    qemu('qemu-io', ['-c', 'write -P 14 0 8M', f('base.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', f('over.qcow2')]);
+    qemu('qemu-io', ['-c', 'write -z 1M 128k', '-c', 'write -P 15 4M 64k', f('over.qcow2')]);
+    fs.copyFileSync(f('over.qcow2'), f('oversnap.qcow2'));
+    qemu('qemu-img', ['snapshot', '-c', 's1', f('oversnap.qcow2')]);
+    qemu('qemu-io', ['-c', 'write -z 6M 64k', f('oversnap.qcow2')]);
   });
 
   it('refuses what qemu-img refuses, with its lines and exit codes', async () => {
@@ -171,6 +180,9 @@ describeInterop('img amend against qemu-img amend', () => {
       ['v3.qcow2', 'size=32M'],
       ['v3.qcow2', 'compat=1.1'],
       ['v3.qcow2', `backing_file=`],
+      ['over.qcow2', 'compat=0.10'],
+      ['oversnap.qcow2', 'compat=0.10'],
+      ['over.qcow2', 'backing_file=base.qcow2,backing_fmt=qcow2'],
     ];
     for (const [src, opts] of cases) {
       const orig = f(src);
@@ -186,9 +198,10 @@ describeInterop('img amend against qemu-img amend', () => {
 
   type Step = (l: MetadataLocked, s: Qcow2State) => Promise<void>;
 
-  async function runOn(id: string, step: Step): Promise<void> {
+  async function runOn(id: string, step: Step, backing: string | null): Promise<void> {
     try {
-      const img = await openImage(`driver=qcow2,file.driver=crashsim,file.id=${id}`);
+      const b = backing === null ? '' : `,backing.driver=qcow2,backing.file.driver=file,backing.file.filename=${backing}`;
+      const img = await openImage(`driver=qcow2,file.driver=crashsim,file.id=${id}${b}`);
       try {
         const inst = img.backend.root?.instance;
         if (!(inst instanceof Qcow2Instance)) throw new Error('not qcow2');
@@ -203,17 +216,20 @@ describeInterop('img amend against qemu-img amend', () => {
   }
 
   it('a power cut at any write or flush of a downgrade, an upgrade or a refcount width change leaves the old or the new image, clean, with the data', async () => {
-    const sweeps: Array<[string, Step]> = [
-      ['v3snap.qcow2', (l, s) => downgradeToV2(l, s)],
-      ['v2.qcow2', (l, s) => upgradeToV3(l, s)],
-      ['v3snap.qcow2', (l, s) => changeRefcountWidth(l, s, 4)],
-      ['r8.qcow2', (l, s) => changeRefcountWidth(l, s, 64)],
+    const sweeps: Array<[string, Step, string | null]> = [
+      ['v3snap.qcow2', (l, s) => downgradeToV2(l, s), null],
+      ['v2.qcow2', (l, s) => upgradeToV3(l, s), null],
+      ['v3snap.qcow2', (l, s) => changeRefcountWidth(l, s, 4), null],
+      ['r8.qcow2', (l, s) => changeRefcountWidth(l, s, 64), null],
+      // the zero clusters over the backing file get new clusters: a cut after their refcounts
+      // and before the tables point at them leaks them (no harm), as QEMU's expansion would
+      ['oversnap.qcow2', (l, s) => downgradeToV2(l, s), f('base.qcow2')],
     ];
-    for (const [k, [src, step]] of sweeps.entries()) {
+    for (const [k, [src, step, backing]] of sweeps.entries()) {
       const orig = f(src);
       const before = new Uint8Array(fs.readFileSync(orig));
       createCrashDisk(`amend-ref-${k}`, before);
-      await runOn(`amend-ref-${k}`, step);
+      await runOn(`amend-ref-${k}`, step, backing);
       const ref = crashDisk(`amend-ref-${k}`);
       const newFile = f(`amend-new-${k}.qcow2`);
       fs.writeFileSync(newFile, ref.durable.slice(0, ref.durableLength));
@@ -226,13 +242,13 @@ describeInterop('img amend against qemu-img amend', () => {
         const id = `amend-${k}-${cut}`;
         createCrashDisk(id, before);
         armCrash(id, cut);
-        await runOn(id, step);
+        await runOn(id, step, backing);
         for (const c of crashImages(id, { seed: 77 + cut, tears: 3 })) {
           images++;
           const file = f('amend-crash.qcow2');
           fs.writeFileSync(file, c.bytes);
           const where = `${src} sweep ${k}: cut at event ${cut} of ${events}, ${c.label}`;
-          expectClean(file, where);
+          expectClean(file, where, backing !== null);
           expect({ where, header: views.has(JSON.stringify(info(file))) }).toEqual({ where, header: true });
           expectSameData(orig, file, where);
         }

@@ -4,7 +4,8 @@
  * - the header changes go through header-update.ts (every crash state parses as old or new);
  * - a downgrade first turns every zero cluster (active and snapshot L2 tables) into what v2 can
  *   hold, each step meaning the same to a v3 reader (a zero cluster without a backing file becomes
- *   unallocated; a preallocated one gets zeros written and flushed, then loses its flag), then
+ *   unallocated; over a backing file it gets a new cluster of zeros, flushed before the entry
+ *   points at it; a preallocated one gets zeros written and flushed, then loses its flag), then
  *   switches the header;
  * - a new refcount width is written as a whole new refcount structure past the end of the file
  *   (flushed), switched to with one write of header bytes 48..100 (one sector), flushed; the old
@@ -17,11 +18,11 @@
 import { BlockError } from '../../block/errors.js';
 import { bdrvGetLength } from '../../block/io.js';
 import { COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, MAX_REFTABLE_BYTES, QEMU_V3_HEADER_LENGTH, TWO32 } from './constants.js';
-import { ClusterType, entryHi, entryLo, entryOffset, l2EntryType, setEntryRaw } from './entries.js';
+import { ClusterType, entryHi, entryLo, entryOffset, l2EntryType, setEntry, setEntryRaw } from './entries.js';
 import { qemuFeatureTable } from './header.js';
 import { updateHeader } from './header-update.js';
 import { assertMetadataLocked, type MetadataLocked } from './metadata-lock.js';
-import { getRefcount, refblockOffset } from './refcount.js';
+import { allocClusters, getRefcount, refblockOffset, updateRefcount } from './refcount.js';
 import { writeSnapshotTable } from './snapshots.js';
 import type { Qcow2State } from './state.js';
 import { flushMetadata } from './writeback.js';
@@ -111,32 +112,43 @@ export async function downgradeToV2(locked: MetadataLocked, s: Qcow2State): Prom
   await flushMetadata(s);
   const C = s.clusterSize;
   const tables = await allL2Tables(s);
-  // first the data of preallocated zero clusters become zeros, durably
+  const overBacking = s.node.backing !== undefined;
+  // first the data of preallocated zero clusters become zeros, durably; over a backing file a
+  // plain zero cluster gets a cluster of zeros of its own (counted as often as its table is)
   const zeroed: number[] = [];
+  const fresh = new Map<string, number>(); // `${table}:${index}` -> new cluster
   for (const off of tables) {
     const t = await s.l2Cache.get(off);
+    const shared = await getRefcount(s, off / C);
     for (let i = 0; i < s.l2Entries; i++) {
       const hi = entryHi(t.view, i);
       const lo = entryLo(t.view, i);
       const type = l2EntryType(hi, lo, true);
-      if (type === ClusterType.ZeroPlain && s.node.backing !== undefined) {
-        throw new BlockError('ENOTSUP', `qcow2 '${s.filename}': downgrading an image with a backing file and zero clusters is not supported by snapstack`, where);
-      }
       if (type === ClusterType.ZeroAlloc) zeroed.push(entryOffset(hi, lo));
+      else if (type === ClusterType.ZeroPlain && overBacking) {
+        const host = await allocClusters(s, 1);
+        if (shared > 1) await updateRefcount(s, host, C, shared - 1);
+        fresh.set(`${off}:${i}`, host);
+        zeroed.push(host);
+      }
     }
   }
   const zeros = new Uint8Array(C);
   for (const host of zeroed) await s.writeMeta(host, zeros, 'zeroed cluster (downgrade)');
   if (zeroed.length > 0) await s.flushFile('zeroed clusters before their zero flags go');
-  // then the entries: each change reads the same to a v3 reader
+  // then the entries: each change reads the same to a v3 reader (the new clusters' refcounts are
+  // written before any table points at them, by the metadata flush's order)
   for (const off of tables) {
     const t = await s.l2Cache.get(off);
+    const shared = await getRefcount(s, off / C);
     let changed = false;
     for (let i = 0; i < s.l2Entries; i++) {
       const hi = entryHi(t.view, i);
       const lo = entryLo(t.view, i);
       const type = l2EntryType(hi, lo, true);
-      if (type === ClusterType.ZeroPlain) setEntryRaw(t.view, i, 0, 0);
+      const host = fresh.get(`${off}:${i}`);
+      if (host !== undefined) setEntry(t.view, i, host, shared === 1, false);
+      else if (type === ClusterType.ZeroPlain) setEntryRaw(t.view, i, 0, 0);
       else if (type === ClusterType.ZeroAlloc) setEntryRaw(t.view, i, hi, (lo & ~1) >>> 0);
       else continue;
       changed = true;
