@@ -78,7 +78,12 @@ describeInterop('img measure against qemu-img measure', () => {
     qemu('qemu-io', ['-c', 'write -P 12 16M 1M', f('snap.qcow2')]);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'part.qcow2', '-F', 'qcow2', f('over.qcow2')]);
     qemu('qemu-io', ['-c', 'write -P 13 30M 2M', f('over.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f('bitmaps.qcow2'), '1G']);
+    qemu('qemu-io', ['-c', 'write -P 16 0 1M', f('bitmaps.qcow2')]);
+    qemu('qemu-img', ['bitmap', '--add', '-g', '64k', f('bitmaps.qcow2'), 'b0']);
+    qemu('qemu-img', ['bitmap', '--add', '-g', '512', f('bitmaps.qcow2'), 'a-longer-bitmap-name']);
     sources.push(
+      [f('bitmaps.qcow2')],
       [f('empty.qcow2')],
       [f('part.qcow2')],
       ['-f', 'qcow2', f('full.qcow2')],

@@ -1,8 +1,8 @@
 /**
  * `snapstack img measure [--output=human|json] [-O fmt] [-o options] [--size N | [-f fmt]
  * [-l snapshot.name=TAG] [-U] FILE]`: qemu-img 7.2's measure for raw and qcow2 targets, with its
- * lines ("required size: N", "fully allocated size: N", "bitmaps size: 0" for a qcow2 source and
- * a v3 target), JSON keys, messages and exit codes.
+ * lines ("required size: N", "fully allocated size: N", and "bitmaps size: N" for a qcow2 source
+ * and a v3 target: its persistent bitmaps as QEMU counts them), JSON keys, messages and exit codes.
  *
  * A source's data is what its block status calls data (through its backing chain), counted in
  * target clusters as QEMU counts it. Raw sources: Node cannot ask the file system for holes
@@ -16,7 +16,8 @@ import { BlockError, isBlockError } from '../block/errors.js';
 import { bdrvBlockStatus, bdrvGetLength, bdrvPread } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
 import { parseOptions, parseSize, type NodeOptions } from '../block/options.js';
-import { measureQcow2, measureRaw, type MeasureResult } from '../drivers/qcow2/measure.js';
+import { Qcow2Instance } from '../drivers/qcow2/instance.js';
+import { measureQcow2, measureRaw, persistentBitmapsSize, type MeasureResult } from '../drivers/qcow2/measure.js';
 import { openImage } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeForceShare, takeOutputJson } from './args.js';
 import { describeError } from './format.js';
@@ -192,7 +193,7 @@ export async function imgMeasure(argv: string[], out: Out, err: Out): Promise<nu
   }
 
   let result: MeasureResult;
-  let bitmaps = false;
+  let bitmaps: number | null = null;
   try {
     if (file === undefined) {
       result = target === null ? measureRaw(size, false) : measureQcow2(target, size, null);
@@ -207,7 +208,8 @@ export async function imgMeasure(argv: string[], out: Out, err: Out): Promise<nu
         else {
           const clusters = target.hasBackingFile ? 0 : await dataClusters(root, srcSize, target.clusterSize);
           result = measureQcow2(target, srcSize, clusters);
-          bitmaps = target.v3 && root.driver.formatName === 'qcow2';
+          const inst = root.instance;
+          if (target.v3 && inst instanceof Qcow2Instance) bitmaps = await persistentBitmapsSize(inst.state, target.clusterSize);
         }
       } finally {
         await img.close();
@@ -219,14 +221,14 @@ export async function imgMeasure(argv: string[], out: Out, err: Out): Promise<nu
   }
   if (json) {
     const o: Record<string, number> = {};
-    if (bitmaps) o['bitmaps'] = 0;
+    if (bitmaps !== null) o['bitmaps'] = bitmaps;
     o['required'] = result.required;
     o['fully-allocated'] = result.fullyAllocated;
     out(JSON.stringify(o, null, 4));
   } else {
     out(`required size: ${result.required}`);
     out(`fully allocated size: ${result.fullyAllocated}`);
-    if (bitmaps) out('bitmaps size: 0');
+    if (bitmaps !== null) out(`bitmaps size: ${bitmaps}`);
   }
   return 0;
 }

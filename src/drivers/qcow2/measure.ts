@@ -3,10 +3,15 @@
  * qcow2_calc_prealloc_size, qcow2_refcount_metadata_size and raw_measure): how large a new
  * image gets for a virtual size, and for a source whose data covers some clusters.
  *
- * Common code: pure functions on numbers.
+ * Common code: pure functions on numbers; persistentBitmapsSize reads a source's bitmap directory
+ * (I/O code).
  */
 import { BlockError } from '../../block/errors.js';
-import { MAX_L1_BYTES } from './constants.js';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, MAX_L1_BYTES, TWO32 } from './constants.js';
+import type { Qcow2State } from './state.js';
+
+/** QEMU's limit on the bitmap directory's size (BME_MAX_PHYS_SIZE). */
+const MAX_BITMAP_DIRECTORY_BYTES = 64 * 1024 * 1024;
 
 /** What measure reports, in bytes. */
 export interface MeasureResult {
@@ -92,4 +97,42 @@ export function measureQcow2(t: Qcow2MeasureTarget, size: number, dataClusters: 
 export function measureRaw(size: number, fromSource: boolean): MeasureResult {
   const required = fromSource ? size : roundUp(size, 512);
   return { required, fullyAllocated: required };
+}
+
+/**
+ * What the persistent dirty bitmaps of open image `s` take in a target of `clusterSize`-byte
+ * clusters, counted as QEMU's qcow2_get_persistent_dirty_bitmap_size counts them: every bitmap
+ * wholly allocated, its table, and the directory. 0 when the autoclear bit says the bitmaps are
+ * not to be trusted (QEMU ignores the extension then).
+ * @locking io
+ */
+export async function persistentBitmapsSize(s: Qcow2State, clusterSize: number): Promise<number> {
+  if ((s.header.autoclearFeatures & BigInt(AUTOCLEAR_BITMAPS)) === 0n) return 0;
+  const ext = s.header.extensions.find((e) => e.type === EXT_BITMAPS);
+  if (ext === undefined || ext.data.length < 24) return 0;
+  const ev = new DataView(ext.data.buffer, ext.data.byteOffset, ext.data.byteLength);
+  const count = ev.getUint32(0);
+  const dirSize = ev.getUint32(8) * TWO32 + ev.getUint32(12);
+  const dirOffset = ev.getUint32(16) * TWO32 + ev.getUint32(20);
+  if (count === 0 || dirSize === 0) return 0;
+  if (dirSize > MAX_BITMAP_DIRECTORY_BYTES) {
+    throw new BlockError('EFBIG', `qcow2 '${s.filename}': bitmap directory too large (${dirSize} bytes)`, { file: s.filename, field: 'bitmap_directory_size', value: dirSize });
+  }
+  const dir = await s.readMeta(dirOffset, dirSize, 'bitmap directory');
+  const dv = new DataView(dir.buffer, dir.byteOffset, dir.byteLength);
+  let total = 0;
+  let dirBytes = 0;
+  let at = 0;
+  for (let i = 0; i < count; i++) {
+    if (at + 24 > dir.length) throw s.corrupt(`bitmap directory entry ${i} runs past the directory`, 'bitmap_directory', dirOffset + at);
+    const granularity = 2 ** (dv.getUint8(at + 17));
+    const nameSize = dv.getUint16(at + 18);
+    const extraSize = dv.getUint32(at + 20);
+    const bytes = Math.ceil(Math.ceil(s.sizeBytes / granularity) / 8);
+    const clusters = Math.ceil(bytes / clusterSize);
+    total += clusters * clusterSize + roundUp(clusters * 8, clusterSize);
+    dirBytes += roundUp(24 + nameSize, 8);
+    at += roundUp(24 + extraSize + nameSize, 8);
+  }
+  return total + roundUp(dirBytes, clusterSize);
 }
