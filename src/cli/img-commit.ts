@@ -1,11 +1,120 @@
 /**
- * `snapstack img commit`: qemu-img commit's syntax, options, output and exit codes.
- * UNFINISHED: a placeholder until its implementation lands (refuses with ENOTSUP).
+ * `snapstack img commit [-f fmt] [-t cache] [-b BASE] [-r rate] [-d] [-p] [-q] FILE`: qemu-img
+ * 7.2's commit. The data allocated in FILE and the images between it and BASE (default: FILE's
+ * backing file) is written into BASE (grown first when smaller), BASE is flushed, then FILE is
+ * emptied unless -d or -b was given (-b implies -d, as in qemu-img); "Image committed.".
+ * BASE is opened writable only for the commit: FILE is opened once to find it in the chain, then
+ * again with that one backing image writable.
  */
-import { BlockError } from '../block/errors.js';
-import type { Out } from './img-usage.js';
+import { withBql } from '../block/bql.js';
+import { chainDepth, commitAll, findBackingImage, growBaseForCommit } from '../block/commit.js';
+import { withDrained } from '../block/drain.js';
+import { isBlockError } from '../block/errors.js';
+import { bdrvFlush } from '../block/io.js';
+import type { BlockNode } from '../block/node.js';
+import { canMakeEmpty, qcow2MakeEmpty } from '../drivers/qcow2/backing-file.js';
+import { openImage, type Image } from '../image.js';
+import { refuseUnknownOptions, takeFlag, takeSwitch } from './args.js';
+import { describeError } from './format.js';
+import { ProgressMeter } from './img-rebase.js';
+import { IMG_USAGE as USAGE, type Out } from './img-usage.js';
+
+const P = 'snapstack img';
+const HINT = "Try 'snapstack img --help' for more information";
+
+/** An error's text as qemu-img words its cause. */
+function msg(e: unknown): string {
+  if (isBlockError(e)) return e.code === 'ENOTSUP' ? 'Operation not supported' : e.message.replace(/ \(known: [^)]*\)$/, '');
+  return describeError(e);
+}
 
 /** Runs `img commit ARGS`; returns the exit status. */
-export async function imgCommit(_args: string[], _out: Out, _err: Out): Promise<number> {
-  throw new BlockError('ENOTSUP', "'img commit' is not implemented yet", { op: 'commit' });
+export async function imgCommit(argv: string[], out: Out, err: Out, progressOut: (s: string) => void = (s) => void process.stdout.write(s)): Promise<number> {
+  const args = [...argv];
+  const fmt = takeFlag(args, '-f');
+  const baseName = takeFlag(args, '-b');
+  takeFlag(args, '-t');
+  takeFlag(args, '-r');
+  const drop = takeSwitch(args, '-d') || baseName !== undefined;
+  const quiet = takeSwitch(args, '-q');
+  const progress = takeSwitch(args, '-p') && !quiet;
+  takeSwitch(args, '--');
+  refuseUnknownOptions(args, USAGE);
+  if (args.length !== 1) {
+    err(`${P}: Expecting one image file name\n${HINT}`);
+    return 1;
+  }
+  const file = args[0] as string;
+  const open = (extra: Record<string, string>): Promise<Image> =>
+    openImage(file, { aio: 'sync', ...(fmt === undefined ? {} : { format: fmt }), nodeOptions: extra });
+  let depth: number;
+  {
+    let img: Image;
+    try {
+      img = await open({});
+    } catch (e) {
+      err(`${P}: Could not open '${file}': ${msg(e)}`);
+      return 1;
+    }
+    try {
+      const top = img.backend.root as BlockNode;
+      if (top.backing === undefined) {
+        err(`${P}: Image does not have a backing file`);
+        return 1;
+      }
+      const base = baseName === undefined ? top.backing : findBackingImage(top, baseName);
+      if (base === null) {
+        err(`${P}: Did not find '${baseName ?? ''}' in the backing chain of '${file}'`);
+        return 1;
+      }
+      depth = chainDepth(top, base);
+    } finally {
+      await img.close().catch(() => undefined);
+    }
+  }
+  const meter = progress ? new ProgressMeter(progressOut, 1) : null;
+  const status = await commit(open, depth, drop, meter, err);
+  if (status === 0) meter?.set(100);
+  meter?.end();
+  if (status === 0 && !quiet) out('Image committed.');
+  return status;
+}
+
+/** Opens FILE with the base `depth` images down writable, commits, empties; the exit status. */
+async function commit(open: (extra: Record<string, string>) => Promise<Image>, depth: number, drop: boolean, meter: ProgressMeter | null, err: Out): Promise<number> {
+  let img: Image;
+  try {
+    img = await open({ [`${'backing.'.repeat(depth)}read-only`]: 'off' });
+  } catch (e) {
+    err(`${P}: ${msg(e)}`);
+    return 1;
+  }
+  try {
+    const top = img.backend.root as BlockNode;
+    let base: BlockNode = top;
+    for (let i = 0; i < depth; i++) base = base.backing as BlockNode;
+    try {
+      await growBaseForCommit(top, base);
+      await commitAll(top, base, meter === null ? undefined : (done, total) => meter.set((done / total) * 100));
+      await bdrvFlush(base);
+    } catch (e) {
+      err(`${P}: ${msg(e)}`);
+      return 1;
+    }
+    if (!drop) {
+      if (!canMakeEmpty(top)) {
+        err(`${P}: Image committed, but could not empty it: Operation not supported`);
+        return 1;
+      }
+      try {
+        await withBql((bql) => withDrained(bql, top, (d) => qcow2MakeEmpty(bql, d, top)));
+      } catch (e) {
+        err(`${P}: ${msg(e)}`);
+        return 1;
+      }
+    }
+    return 0;
+  } finally {
+    await img.close().catch((e: unknown) => err(`${P}: ${msg(e)}`));
+  }
 }
