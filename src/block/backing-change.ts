@@ -5,6 +5,7 @@
  *
  * Global-state code: takes `Bql` and a drained proof of the node.
  */
+import path from 'node:path';
 import { assertBql, type Bql } from './bql.js';
 import { assertDrained, type DrainedProof } from './drain.js';
 import { BlockError } from './errors.js';
@@ -41,4 +42,19 @@ export async function changeBackingFile(
     throw new BlockError('EACCES', `Node '${node.nodeName}' is read-only: its backing file cannot change`, { node: node.nodeName, field: 'backing_file' });
   }
   await cb.call(node.drv, bql, drained, name, name === null ? null : format);
+}
+
+/**
+ * The name under which `overlay`'s image should record `base` as its backing file: `base`'s
+ * file name relative to the overlay's directory when it lies there or below (names are resolved
+ * against it when opened), else its absolute path; a URL, or any name of an overlay without a
+ * file name, as it is.
+ * @locking common
+ */
+export function backingNameFor(overlay: BlockNode, base: BlockNode): string {
+  const name = base.filename;
+  if (name === '' || /^[A-Za-z][A-Za-z0-9+.-]*:/.test(name) || overlay.filename === '') return name;
+  const rel = path.relative(path.dirname(path.resolve(overlay.filename)), path.resolve(name));
+  // below the overlay's directory: relative (the pair can move together); elsewhere absolute
+  return rel !== '' && !rel.startsWith('..') && !path.isAbsolute(rel) ? rel : path.resolve(name);
 }
