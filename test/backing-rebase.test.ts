@@ -9,10 +9,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { compareRun } from '../src/block/rebase.js';
+import { changeBackingFile } from '../src/block/backing-change.js';
+import { withDrained } from '../src/block/drain.js';
+import { compareRun, rebaseCopy } from '../src/block/rebase.js';
 import { imgMain } from '../src/cli/img.js';
 import { imgRebase } from '../src/cli/img-rebase.js';
-import { shutdownIOThreads, withBql } from '../src/index.js';
+import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
+import { armCrash, crashDisk, crashImages, createCrashDisk } from './helpers/crash-driver.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 
 let dir = '';
@@ -213,4 +216,58 @@ describeInterop('img rebase against qemu-img rebase', () => {
     expect(qemuStatus('qemu-img', ['compare', path.join(q, 'c.qcow2'), path.join(s, 'c.qcow2')]).status).toBe(0);
     expect(qemuStatus('qemu-img', ['compare', f('c.qcow2'), path.join(s, 'c.qcow2')]).status).toBe(0);
   });
+});
+
+describeInterop('safe rebase under power loss', () => {
+  it('a power cut at every write and flush of a rebase leaves FILE clean (or leaking), naming the old or the new backing file, with the same guest data', async () => {
+    const d = qemuChain();
+    const top = path.join(d, 'top.qcow2');
+    const pre = new Uint8Array(fs.readFileSync(top));
+    const want = guestBytes(top);
+    const op = async (): Promise<void> => {
+      const img = await openImage(`driver=qcow2,file.driver=crashsim,file.id=rb,backing.driver=qcow2,backing.file.driver=file,backing.file.filename=${path.join(d, 'mid.qcow2')}`);
+      const nb = await openImage(path.join(d, 'base.qcow2'), { readOnly: true });
+      try {
+        const root = img.backend.root;
+        if (root === null || root.backing === undefined) throw new Error('no chain');
+        await rebaseCopy({ overlay: img.backend, oldBacking: root.backing, newBacking: nb.backend.root, prefixInChain: root.backing.backing ?? null });
+        await img.flush();
+        await withBql((bql) => withDrained(bql, root, (dr) => changeBackingFile(bql, dr, root, 'base.qcow2', 'qcow2')));
+      } finally {
+        await nb.close();
+        await img.close().catch(() => undefined);
+      }
+    };
+    createCrashDisk('rb', pre);
+    armCrash('rb', Infinity);
+    await op();
+    const E = crashDisk('rb').events;
+    expect(E).toBeGreaterThan(3);
+    const judged = new Map<string, string>();
+    const crashFile = path.join(d, 'crash.qcow2');
+    let images = 0;
+    for (let k = 0; k <= E; k++) {
+      createCrashDisk('rb', pre);
+      armCrash('rb', k);
+      await op().catch((e: unknown) => {
+        if (!crashDisk('rb').crashed) throw e;
+      });
+      for (const ci of crashImages('rb', { seed: k * 31 + 7, exhaustiveUpTo: 2, randomSubsets: 2, tears: 1 })) {
+        const key = Buffer.from(ci.bytes).toString('base64');
+        let verdict = judged.get(key);
+        if (verdict === undefined) {
+          fs.writeFileSync(crashFile, ci.bytes);
+          const c = qemuStatus('qemu-img', ['check', crashFile]);
+          const name = backingOf(crashFile).name;
+          const same = guestBytes(crashFile).equals(want);
+          verdict = c.status !== 0 && c.status !== 3 ? `check ${c.status}: ${c.stdout}` : name !== 'mid.qcow2' && name !== 'base.qcow2' ? `backing ${String(name)}` : !same ? 'guest data changed' : 'ok';
+          if (k >= E && name !== 'base.qcow2') verdict = 'the rebase returned, yet the header names the old file';
+          judged.set(key, verdict);
+        }
+        images++;
+        expect({ k, label: ci.label, verdict }).toEqual({ k, label: ci.label, verdict: 'ok' });
+      }
+    }
+    expect(images).toBeGreaterThan(E);
+  }, 120_000);
 });
