@@ -174,15 +174,25 @@ function backingName(file: string): string | null {
   return j['backing-filename'] ?? null;
 }
 
-/** A writer writing seeded random data through the device until stopped; the model follows. */
-function writer(img: Image, model: Uint8Array, seed: number): { stop: () => Promise<number> } {
+/**
+ * Three writers writing seeded random data through the device until stopped (the model follows
+ * each completed write); most writes land just ahead of `hot()` (where the job copies now). Each
+ * writer keeps to its own 64 KiB blocks (block index mod 3), so no two writes in flight overlap
+ * (the order of overlapping writes in flight is undefined on any disk).
+ */
+function writer(img: Image, model: Uint8Array, seed: number, hot: () => number = () => 0): { stop: () => Promise<number> } {
   const rnd = prng(seed);
+  const BLOCK = 64 * 1024;
+  const blocks = SIZE / BLOCK;
   let stopped = false;
   let writes = 0;
-  const done = (async () => {
+  const one = async (lane: number): Promise<void> => {
     while (!stopped) {
-      const len = 512 * (1 + Math.floor(rnd() * 256));
-      const off = 512 * Math.floor(rnd() * ((SIZE - len) / 512));
+      const near = Math.floor((hot() + rnd() * 512 * 1024) / BLOCK);
+      let block = rnd() < 0.7 ? near : Math.floor(rnd() * blocks);
+      block = Math.min(blocks - 3, block) - (Math.min(blocks - 3, block) % 3) + lane;
+      const len = 512 * (1 + Math.floor(rnd() * 128));
+      const off = block * BLOCK + 512 * Math.floor(rnd() * ((BLOCK - len) / 512 + 1));
       const data = new Uint8Array(len).fill(1 + Math.floor(rnd() * 250));
       data[0] = writes & 0xff;
       await img.write(off, data);
@@ -190,7 +200,8 @@ function writer(img: Image, model: Uint8Array, seed: number): { stop: () => Prom
       writes++;
       await new Promise((r) => setImmediate(r));
     }
-  })();
+  };
+  const done = Promise.all([one(0), one(1), one(2)]);
   return {
     stop: async () => {
       stopped = true;
@@ -233,12 +244,14 @@ describeInterop('block-stream and block-commit while a writer writes', () => {
     // with a writer: stream everything (no base)
     const img = await openImage(path.join(d, 'top.qcow2'));
     const model = new Uint8Array(await img.read(0, SIZE));
-    const w = writer(img, model, 11);
+    let j2: Job | null = null;
+    const w = writer(img, model, 11, () => j2?.progress.current ?? 0);
     const rec = record('s1');
-    const j2 = await withBql((bql) => blockStream(bql, { jobId: 's1', device: img.name }));
+    j2 = await withBql((bql) => blockStream(bql, { jobId: 's1', device: img.name }));
     await j2.whenConcluded();
     const writes = await w.stop();
     rec.stop();
+    expect(j2.status).toBe('null');
     expect(j2.error).toBe(null);
     expect(writes).toBeGreaterThan(0);
     expect(rec.events).toEqual(['created', 'running', 'waiting', 'pending', 'concluded', 'null']);
