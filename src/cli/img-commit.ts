@@ -3,8 +3,9 @@
  * 7.2's commit. The data allocated in FILE and the images between it and BASE (default: FILE's
  * backing file) is written into BASE (grown first when smaller), BASE is flushed, then FILE is
  * emptied unless -d or -b was given (-b implies -d, as in qemu-img); "Image committed.".
- * BASE is opened writable only for the commit: FILE is opened once to find it in the chain, then
- * again with that one backing image writable.
+ * BASE is opened writable only for the commit: FILE is opened once read-only to find BASE in the
+ * chain (nothing is written to an image the commit then refuses), then again read/write with
+ * that one backing image writable.
  */
 import { withBql } from '../block/bql.js';
 import { chainDepth, commitAll, findBackingImage, growBaseForCommit } from '../block/commit.js';
@@ -45,13 +46,13 @@ export async function imgCommit(argv: string[], out: Out, err: Out, progressOut:
     return 1;
   }
   const file = args[0] as string;
-  const open = (extra: Record<string, string>): Promise<Image> =>
-    openImage(file, { aio: 'sync', ...(fmt === undefined ? {} : { format: fmt }), nodeOptions: extra });
+  const open = (extra: Record<string, string>, readOnly = false): Promise<Image> =>
+    openImage(file, { aio: 'sync', readOnly, ...(fmt === undefined ? {} : { format: fmt }), nodeOptions: extra });
   let depth: number;
   {
     let img: Image;
     try {
-      img = await open({});
+      img = await open({}, true);
     } catch (e) {
       err(`${P}: Could not open '${file}': ${msg(e)}`);
       return 1;
