@@ -348,3 +348,50 @@ describeInterop('block-stream and block-commit while a writer writes', () => {
     });
   }
 });
+
+describeInterop('block-stream on a chain snapstack built', () => {
+  it('streams a chain made by snapstack img create as qemu-img rebase makes it standalone', async () => {
+    const { imgMain } = await import('../src/cli/img.js');
+    const d = path.join(dir, `ours${n++}`);
+    fs.mkdirSync(d);
+    const f = (x: string): string => path.join(d, x);
+    const quiet = (): void => undefined;
+    expect(await imgMain(['create', '-q', '-f', 'qcow2', f('a.qcow2'), '8M'], quiet, quiet)).toBe(0);
+    expect(await imgMain(['create', '-q', '-f', 'qcow2', '-b', 'a.qcow2', '-F', 'qcow2', f('b.qcow2')], quiet, quiet)).toBe(0);
+    const a = await openImage(f('a.qcow2'));
+    await a.write(0, new Uint8Array(3 * MiB).fill(0x21));
+    await a.close();
+    const b = await openImage(f('b.qcow2'));
+    await b.write(MiB, new Uint8Array(64 * 1024).fill(0x22));
+    await b.writeZeroes(2 * MiB, 128 * 1024);
+    await b.close();
+    const q = `${d}-q`;
+    fs.cpSync(d, q, { recursive: true });
+    qemu('qemu-img', ['rebase', '-b', '', path.join(q, 'b.qcow2')]);
+    // without a writer: what qemu-img's rebase to nothing makes of it
+    const s0 = `${d}-s0`;
+    fs.cpSync(d, s0, { recursive: true });
+    const still = await openImage(path.join(s0, 'b.qcow2'));
+    const j0 = await withBql((bql) => blockStream(bql, { jobId: 'o0', device: still.name }));
+    await j0.whenConcluded();
+    expect(j0.error).toBe(null);
+    await still.close();
+    expectClean(path.join(s0, 'b.qcow2'));
+    expect(qemuStatus('qemu-img', ['compare', path.join(q, 'b.qcow2'), path.join(s0, 'b.qcow2')]).status).toBe(0);
+    expect(backingName(path.join(s0, 'b.qcow2'))).toBe(null);
+    // with a writer
+    const img = await openImage(f('b.qcow2'));
+    const model = new Uint8Array(await img.read(0, SIZE));
+    let job: Job | null = null;
+    const w = writer(img, model, 21, () => job?.progress.current ?? 0);
+    job = await withBql((bql) => blockStream(bql, { jobId: 'o1', device: img.name }));
+    await job.whenConcluded();
+    await w.stop();
+    expect(job.error).toBe(null);
+    await expectModel(img, model, 'ours after stream');
+    await img.close();
+    expectClean(f('b.qcow2'));
+    expect(backingName(f('b.qcow2'))).toBe(null);
+    expect(guestBytes(f('b.qcow2')).equals(Buffer.from(model))).toBe(true);
+  });
+});
