@@ -349,6 +349,27 @@ describeInterop('block-stream and block-commit while a writer writes', () => {
   }
 });
 
+describeInterop('jobs refuse what they cannot do', () => {
+  it('a second job on a node in use, a base outside the chain, a read-only base: refused by name; the node is free again once the job concluded', async () => {
+    const d = chain();
+    const img = await openImage(path.join(d, 'top.qcow2'));
+    const [top, mid, base] = nodes(img);
+    const job = await withBql((bql) => blockStream(bql, { jobId: 'b1', device: img.name }));
+    await withBql((bql) => {
+      expect(() => blockStream(bql, { jobId: 'b2', node: top?.nodeName })).toThrow(/Node '.*' is busy: block device is in use by block job: stream/);
+      expect(() => blockCommit(bql, { jobId: 'b3', device: img.name, top: mid?.nodeName })).toThrow(/read-only/);
+      expect(() => blockStream(bql, { jobId: 'b4', node: mid?.nodeName, base: top?.nodeName })).toThrow(/not a backing image/);
+      job.cancel(bql);
+    });
+    await job.whenConcluded();
+    const again = await withBql((bql) => blockStream(bql, { jobId: 'b5', node: top?.nodeName, base: base?.nodeName }));
+    await again.whenConcluded();
+    expect(again.error).toBe(null);
+    await img.close();
+    expectClean(path.join(d, 'top.qcow2'));
+  });
+});
+
 describeInterop('block-stream on a chain snapstack built', () => {
   it('streams a chain made by snapstack img create as qemu-img rebase makes it standalone', async () => {
     const { imgMain } = await import('../src/cli/img.js');

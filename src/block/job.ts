@@ -17,6 +17,7 @@
  */
 import { acquireBql, assertBql, releaseBql, type Bql } from './bql.js';
 import { BlockError } from './errors.js';
+import type { BlockNode } from './node.js';
 
 /** A job's status, as QEMU's JobStatus names them. */
 export type JobStatus = 'created' | 'running' | 'paused' | 'ready' | 'waiting' | 'pending' | 'aborting' | 'concluded' | 'null';
@@ -44,7 +45,12 @@ export interface JobDriver {
 export interface JobOptions {
   /** Remove the job once it concluded (QEMU's auto-dismiss, default true). */
   autoDismiss?: boolean;
+  /** The nodes the job works on: no other job may use them until it concluded (EBUSY). */
+  nodes?: readonly BlockNode[];
 }
+
+/** Nodes in use by a job, and by which. */
+const busy = new Map<BlockNode, Job>();
 
 const jobs = new Map<string, Job>();
 const listeners = new Set<(e: JobEvent) => void>();
@@ -280,8 +286,19 @@ export function jobStart(bql: Bql, id: string, type: string, driver: JobDriver, 
   assertBql(bql, 'job-start');
   if (id === '') throw new BlockError('EINVAL', 'A job needs an id', { op: 'job-start', field: 'job-id' });
   if (jobs.has(id)) throw new BlockError('EBUSY', `Job ID '${id}' already in use`, { op: 'job-start', field: 'job-id', value: id });
+  const nodes = opts.nodes ?? [];
+  for (const node of nodes) {
+    const other = busy.get(node);
+    if (other !== undefined) {
+      throw new BlockError('EBUSY', `Node '${node.nodeName}' is busy: block device is in use by block job: ${other.type}`, { node: node.nodeName, op: 'job-start' });
+    }
+  }
   const job = new Job(id, type, driver, opts.autoDismiss ?? true);
   jobs.set(id, job);
+  for (const node of nodes) busy.set(node, job);
+  void job.whenConcluded().then(() => {
+    for (const node of nodes) if (busy.get(node) === job) busy.delete(node);
+  });
   job.announce();
   queueMicrotask(() => void job.start());
   return job;

@@ -52,10 +52,13 @@ function isZero(buf: Uint8Array): boolean {
  */
 export function jobTargetNode(bql: Bql, device: string | undefined, node: string | undefined): BlockNode {
   assertBql(bql, 'job target');
-  if ((device === undefined) === (node === undefined)) throw new BlockError('EINVAL', "Give exactly one of 'device' and 'node'", { field: 'device' });
-  if (node !== undefined) return findNode(bql, node);
-  const blk = blkFind(bql, device as string);
-  if (blk.root === null) throw new BlockError('ENOMEDIUM', `Device '${device as string}' has no medium`, { node: device as string });
+  if (node !== undefined) {
+    if (device !== undefined) throw new BlockError('EINVAL', "Give only one of 'device' and 'node'", { field: 'device' });
+    return findNode(bql, node);
+  }
+  if (device === undefined) throw new BlockError('EINVAL', "Give one of 'device' and 'node'", { field: 'device' });
+  const blk = blkFind(bql, device);
+  if (blk.root === null) throw new BlockError('ENOMEDIUM', `Device '${device}' has no medium`, { node: device });
   return blk.root;
 }
 
@@ -129,6 +132,6 @@ export function blockStream(bql: Bql, opts: BlockStreamOptions): Job {
         for (const n of removed) if (n.parents.size === 0) await closeNode(b, n);
       },
     },
-    opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss },
+    { nodes: [top, ...removed, ...(base === null ? [] : [base])], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }) },
   );
 }

@@ -58,8 +58,8 @@ export async function imgCommit(argv: string[], out: Out, err: Out, progressOut:
       return 1;
     }
     try {
-      const top = img.backend.root as BlockNode;
-      if (top.backing === undefined) {
+      const top = img.backend.root;
+      if (top === null || top.backing === undefined) {
         err(`${P}: Image does not have a backing file`);
         return 1;
       }
@@ -91,9 +91,13 @@ async function commit(open: (extra: Record<string, string>) => Promise<Image>, d
     return 1;
   }
   try {
-    const top = img.backend.root as BlockNode;
-    let base: BlockNode = top;
-    for (let i = 0; i < depth; i++) base = base.backing as BlockNode;
+    const top = img.backend.root;
+    let base: BlockNode | null | undefined = top;
+    for (let i = 0; i < depth && base !== null && base !== undefined; i++) base = base.backing;
+    if (top === null || base === null || base === undefined || base === top) {
+      err(`${P}: The backing chain of '${top?.filename ?? ''}' changed while the commit opened it`);
+      return 1;
+    }
     try {
       await growBaseForCommit(top, base);
       await commitAll(top, base, meter === null ? undefined : (done, total) => meter.set((done / total) * 100));

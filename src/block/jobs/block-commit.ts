@@ -112,6 +112,6 @@ export function blockCommit(bql: Bql, opts: BlockCommitOptions): Job {
         for (const n of removed) if (n.parents.size === 0) await closeNode(b, n);
       },
     },
-    opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss },
+    { nodes: [...(overlay === null ? [] : [overlay]), ...removed, base], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }) },
   );
 }
