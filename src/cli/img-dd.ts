@@ -15,42 +15,48 @@ import { describeError } from './format.js';
 import type { Out } from './img-usage.js';
 
 const P = 'snapstack img';
-const INT64_MAX = (1n << 63n) - 1n;
+/** INT64_MAX, the largest count or offset qemu-img takes. */
+export const INT64_MAX = (1n << 63n) - 1n;
 const INT_MAX = 2147483647;
 /** The most bytes one transfer of the copy loop moves (whole blocks; the result is the same as block by block). */
 const MAX_TRANSFER = 1024 * 1024;
 const SUFFIX: Record<string, bigint> = { '': 1n, b: 1n, k: 1n << 10n, m: 1n << 20n, g: 1n << 30n, t: 1n << 40n, p: 1n << 50n, e: 1n << 60n };
 
-/** A usage error already printed (qemu-img's message), ending the command with status 1. */
-class DdUsage extends Error {}
+/** A usage error with qemu-img's message (lines without the program name), ending the command with status 1. */
+export class UsageError extends Error {}
 
 /**
  * qemu-img's cvtnum_full: a byte count with an optional suffix (b, k, M, G, T, P, E; binary),
- * decimal (a fraction only with a suffix) or hexadecimal, within [min, max].
+ * decimal (a fraction only with a suffix) or hexadecimal, within [min, max]; a UsageError with
+ * qemu-img's message otherwise.
+ * @locking common
  */
-function cvtnum(name: string, text: string, min: bigint, max: bigint): number {
+export function cvtnum(name: string, text: string, min: bigint, max: bigint): number {
   const m = /^\s*(?:0[xX]([0-9a-fA-F]+)|(\d+)(?:\.(\d*))?|\.(\d+))([bBkKmMgGtTpPeE]?)$/.exec(text);
   const suffixHelp = `Invalid ${name} specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`;
-  if (m === null) throw new DdUsage(suffixHelp);
+  if (m === null) throw new UsageError(suffixHelp);
   const [, hex, int, frac1, frac2, suffix] = m;
   const mult = SUFFIX[(suffix ?? '').toLowerCase()] ?? 1n;
   const frac = frac1 ?? frac2 ?? '';
   let value: bigint;
   if (hex !== undefined) value = BigInt(`0x${hex}`) * mult;
   else {
-    if (mult === 1n && /[1-9]/.test(frac)) throw new DdUsage(suffixHelp);
+    if (mult === 1n && /[1-9]/.test(frac)) throw new UsageError(suffixHelp);
     const scale = 10n ** BigInt(frac.length);
     value = (BigInt(int ?? '0') * scale + BigInt(frac === '' ? '0' : frac)) * mult / scale;
   }
-  if (value < min || value > max) throw new DdUsage(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
+  if (value < min || value > max) throw new UsageError(`Invalid ${name} specified. Must be between ${min} and ${max}.`);
   if (value > BigInt(Number.MAX_SAFE_INTEGER)) {
     throw new BlockError('EFBIG', `${name}=${text} is beyond what snapstack handles (2^53 - 1)`, { field: name, value: text });
   }
   return Number(value);
 }
 
-/** Prints a message as qemu-img does: each line under the program's name, but the "Try ..." hint. */
-function printError(err: Out, message: string): void {
+/**
+ * Prints a message as qemu-img does: each line under the program's name, but the "Try ..." hint.
+ * @locking common
+ */
+export function printError(err: Out, message: string): void {
   err(
     message
       .split('\n')
@@ -74,13 +80,13 @@ function parseOperands(operands: string[]): DdRequest {
     const eq = arg.indexOf('=');
     const key = eq < 0 ? arg : arg.slice(0, eq);
     const value = arg.slice(eq + 1);
-    if (eq < 0) throw new DdUsage(`unrecognized operand ${key}`);
+    if (eq < 0) throw new UsageError(`unrecognized operand ${key}`);
     if (key === 'bs') r.bs = cvtnum('bs', value, 1n, BigInt(INT_MAX));
     else if (key === 'count') r.count = cvtnum('count', value, 0n, INT64_MAX);
     else if (key === 'skip') r.skip = cvtnum('skip', value, 0n, INT64_MAX);
     else if (key === 'if') r.input = value;
     else if (key === 'of') r.output = value;
-    else throw new DdUsage(`unrecognized operand ${key}`);
+    else throw new UsageError(`unrecognized operand ${key}`);
   }
   return r;
 }
@@ -123,9 +129,9 @@ export async function imgDd(argv: string[], out: Out, err: Out): Promise<number>
     outFmt = takeFlag(args, '-O') ?? 'raw';
     forceShare = takeForceShare(args);
     const bad = args.find((a) => a.startsWith('-') && a !== '-');
-    if (bad !== undefined) throw new DdUsage(`unrecognized option '${bad}'\nTry 'snapstack img --help' for more information`);
+    if (bad !== undefined) throw new UsageError(`unrecognized option '${bad}'\nTry 'snapstack img --help' for more information`);
     req = parseOperands(args);
-    if (req.input === null || req.output === null) throw new DdUsage('Must specify both input and output files');
+    if (req.input === null || req.output === null) throw new UsageError('Must specify both input and output files');
   } catch (e) {
     printError(err, e instanceof Error ? e.message : String(e));
     return 1;
