@@ -49,7 +49,7 @@ function qemuChain(): string {
   qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f('other.qcow2'), '2M']);
   qemu('qemu-io', ['-c', 'write -P 8 0 2M', '-c', 'write -P 1 0 512k', f('other.qcow2')]);
   qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f('sub/new.qcow2'), '6M']);
-  qemu('qemu-io', ['-c', 'write -P 9 1M 1M', f('sub/new.qcow2')]);
+  qemu('qemu-io', ['-c', 'write -P 9 1M 1M', '-c', 'write -P 10 4608k 1M', f('sub/new.qcow2')]);
   return d;
 }
 
@@ -137,6 +137,8 @@ describeInterop('img rebase against qemu-img rebase', () => {
     { name: 'safe, onto an unrelated smaller image', args: ['-b', 'other.qcow2', '-F', 'qcow2', 'top.qcow2'] },
     { name: 'safe, onto an image in a subdirectory (relative name)', args: ['-b', 'sub/new.qcow2', '-F', 'qcow2', 'top.qcow2'] },
     { name: 'safe, an intermediate image onto nothing', args: ['-b', '', 'mid.qcow2'] },
+    { name: 'safe, a standalone image onto a backing file', args: ['-b', 'other.qcow2', '-F', 'qcow2', 'base.qcow2'] },
+    { name: 'safe, past the end of the old backing file onto a longer one', args: ['-b', 'sub/new.qcow2', '-F', 'qcow2', 'mid.qcow2'] },
     { name: 'safe, -q and -U accepted', args: ['-q', '-U', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'] },
   ];
   for (const c of cases) {

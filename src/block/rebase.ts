@@ -2,12 +2,13 @@
  * The data half of a safe rebase (qemu-img rebase without -u): every range that the overlay does
  * not allocate itself and where the old backing chain and the new backing file read differently
  * is written into the overlay, so that after the header names the new backing file the guest
- * reads the same bytes. As qemu-img 7.2: 2 MiB steps, 512-byte sectors compared, zeros written
- * as write-zeroes where the old chain ends before the overlay does.
+ * reads the same bytes. As qemu-img 7.2: 2 MiB steps, 512-byte sectors compared. Unlike it,
+ * zeros (where the old chain ends before the overlay does) are written as data: snapstack's
+ * qcow2 write-zeroes leaves an unallocated cluster alone where nothing shows through yet.
  *
  * I/O code: ordinary requests on the overlay's backend and on the two backing nodes.
  */
-import { blkGetLength, blkPwrite, blkPwriteZeroes, type BlockBackend } from './backend.js';
+import { blkGetLength, blkPwrite, type BlockBackend } from './backend.js';
 import { allocatedAbove } from './commit.js';
 import { BlockError } from './errors.js';
 import { bdrvBlockStatus, bdrvGetLength, bdrvPread } from './io.js';
@@ -82,11 +83,8 @@ export async function rebaseCopy(req: RebaseCopy): Promise<void> {
         continue;
       }
     }
-    let oldIsZero = false;
-    if (offset >= oldSize || req.oldBacking === null) {
-      bufOld.fill(0, 0, n);
-      oldIsZero = true;
-    } else {
+    if (offset >= oldSize || req.oldBacking === null) bufOld.fill(0, 0, n);
+    else {
       n = Math.min(n, oldSize - offset);
       await bdrvPread(req.oldBacking, offset, bufOld.subarray(0, n));
     }
@@ -98,8 +96,9 @@ export async function rebaseCopy(req: RebaseCopy): Promise<void> {
     for (let done = 0; done < n; ) {
       const run = compareRun(bufOld, bufNew, done, n);
       if (run.differs) {
-        if (oldIsZero) await blkPwriteZeroes(req.overlay, offset + done, run.bytes);
-        else await blkPwrite(req.overlay, offset + done, bufOld.slice(done, done + run.bytes));
+        // zeros as data, not write-zeroes: qcow2 skips unallocated clusters past its current
+        // backing file's end (they read as zeros now), which the new backing file would show
+        await blkPwrite(req.overlay, offset + done, bufOld.slice(done, done + run.bytes));
       }
       done += run.bytes;
     }
