@@ -119,6 +119,17 @@ describeInterop('img convert options against qemu-img', () => {
       expect(m.status).toBe(q.status);
       expect(m.err).toEqual(ours(q.stderr));
     }
+    // -c -n over clusters the target already allocated: QEMU refuses the compressed write (EIO)
+    const pre = path.join(dir, 'pre-q.qcow2');
+    const pre2 = path.join(dir, 'pre-s.qcow2');
+    for (const f of [pre, pre2]) {
+      qemu('qemu-img', ['create', '-f', 'qcow2', f, '100M']);
+      qemu('qemu-io', ['-c', 'write -P 1 0 1M', f]);
+    }
+    const qc = qemuStatus('qemu-img', ['convert', '-c', '-n', '-O', 'qcow2', src, pre]);
+    const mc = await convert(['-c', '-n', '-O', 'qcow2', src, pre2]);
+    expect({ status: mc.status, err: mc.err }).toEqual({ status: qc.status, err: ours(qc.stderr) });
+    expect(qemuStatus('qemu-img', ['check', pre2]).status).toBe(0);
     // a missing target with -n: both refuse to open it
     const q = qemuStatus('qemu-img', ['convert', '-n', '-O', 'raw', src, path.join(dir, 'missing.raw')]);
     const m = await convert(['-n', '-O', 'raw', src, path.join(dir, 'missing.raw')]);

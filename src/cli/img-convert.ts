@@ -16,7 +16,7 @@ import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
 import { createOptions } from './create-options.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
-import { describeError } from './format.js';
+import { describeError, strerror } from './format.js';
 import type { Out } from './img-usage.js';
 
 const CHUNK = 1024 * 1024;
@@ -170,23 +170,33 @@ async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boo
     const n = await walk.next(pos);
     if (walk.status === Status.Data) {
       const view = buf.subarray(0, n);
-      await from.read(pos, n, view);
+      await at('reading', pos, from.read(pos, n, view));
       if (req.compress) {
         // whole clusters only: a short last one is padded up to the cluster or the target's end
         const whole = n < C ? Math.min(C, to.size - pos) : n;
         const w = buf.subarray(0, Math.max(n, whole)).fill(0, n);
-        if (!isZero(view)) await blkPwriteCompressed(to.backend, pos, w);
-        else if (!fresh) await to.writeZeroes(pos, n);
-      } else await writeSparse(to, pos, view, fresh);
+        if (!isZero(view)) await at('writing', pos, blkPwriteCompressed(to.backend, pos, w));
+        else if (!fresh) await at('writing', pos, to.writeZeroes(pos, n));
+      } else await at('writing', pos, writeSparse(to, pos, view, fresh));
       done += n;
       meter?.set((100 * done) / allocated);
-    } else if (!fresh) await to.writeZeroes(pos, n);
+    } else if (!fresh) await at('writing', pos, to.writeZeroes(pos, n));
     pos += n;
   }
   if (req.compress) await blkPwriteCompressed(to.backend, 0, new Uint8Array(0));
   await to.flush();
   meter?.set(100);
   meter?.end();
+}
+
+/** Waits for a transfer of the chunk at `pos`; a failure reads as qemu-img's ("error while writing at byte N: Input/output error"). */
+async function at(what: 'reading' | 'writing', pos: number, p: Promise<unknown>): Promise<void> {
+  try {
+    await p;
+  } catch (e) {
+    const code = isBlockError(e) ? e.code : 'EIO';
+    throw new BlockError(code, `error while ${what} at byte ${pos}: ${strerror(code)}`, { offset: pos, op: what === 'reading' ? 'read' : 'write' });
+  }
 }
 
 /** Writes the non-zero parts of `data` (in MIN_SPARSE pieces); zero parts stay sparse, or are zeroed when the target is not fresh. */
