@@ -349,6 +349,30 @@ describeInterop('block-stream and block-commit while a writer writes', () => {
   }
 });
 
+describeInterop('block-stream past the end of a short intermediate image', () => {
+  it('the data of the base beyond a shorter image in between stays hidden after the stream', async () => {
+    const d = path.join(dir, `short${n++}`);
+    fs.mkdirSync(d);
+    const f = (x: string): string => path.join(d, x);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', f('base.qcow2'), '8M']);
+    qemu('qemu-io', ['-c', 'write -P 1 0 8M', f('base.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', f('mid.qcow2'), '4M']);
+    qemu('qemu-io', ['-c', 'write -P 2 1M 64k', f('mid.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'mid.qcow2', '-F', 'qcow2', f('top.qcow2'), '8M']);
+    qemu('qemu-io', ['-c', 'write -P 3 7M 64k', f('top.qcow2')]);
+    const before = guestBytes(f('top.qcow2'));
+    const img = await openImage(f('top.qcow2'));
+    const [, , base] = nodes(img);
+    const job = await withBql((bql) => blockStream(bql, { jobId: 'short', device: img.name, base: base?.nodeName }));
+    await job.whenConcluded();
+    expect(job.error).toBe(null);
+    await img.close();
+    expectClean(f('top.qcow2'));
+    expect(backingName(f('top.qcow2'))).toBe('base.qcow2');
+    expect(guestBytes(f('top.qcow2')).equals(before)).toBe(true);
+  });
+});
+
 describeInterop('jobs refuse what they cannot do', () => {
   it('a second job on a node in use, a base outside the chain, a read-only base: refused by name; the node is free again once the job concluded', async () => {
     const d = chain();

@@ -61,12 +61,14 @@ export function chainDepth(top: BlockNode, base: BlockNode): number {
 /**
  * Whether the bytes from `offset` are allocated in `top` or an image above `base` (base itself
  * excluded), and for how many bytes that holds (at most `bytes`): QEMU's bdrv_is_allocated_above.
+ * Past the end of an image above base the chain reads zeros: allocated (as QEMU since 5.1).
  * @locking io
  */
 export async function allocatedAbove(top: BlockNode, base: BlockNode | null, offset: number, bytes: number): Promise<{ allocated: boolean; bytes: number }> {
   let n = bytes;
   for (let cur: BlockNode | undefined = top; cur !== undefined && cur !== base; cur = cur.backing) {
-    if (offset >= bdrvGetLength(cur)) continue;
+    // past the end of an image the chain reads zeros, whatever lies below: that counts as allocated
+    if (offset >= bdrvGetLength(cur)) return { allocated: true, bytes: n };
     const st = await bdrvBlockStatus(cur, offset, Math.min(n, bdrvGetLength(cur) - offset));
     if (st.allocated) return { allocated: true, bytes: Math.min(n, st.bytes) };
     n = Math.min(n, st.bytes);

@@ -74,7 +74,9 @@ async function streamStep(top: BlockNode, base: BlockNode | null, offset: number
   if (!st.allocated) return st.bytes;
   const chunk = buf.subarray(0, st.bytes);
   await bdrvPread(top, offset, chunk);
-  if (isZero(chunk)) await bdrvPwriteZeroes(top, offset, st.bytes);
+  // write-zeroes leaves an unallocated cluster alone where nothing shows through now (past the
+  // backing file's end); the base may show there once it is the backing file: zeros as data then
+  if (isZero(chunk) && offset + st.bytes <= bdrvGetLength(below)) await bdrvPwriteZeroes(top, offset, st.bytes);
   else await bdrvPwrite(top, offset, chunk);
   return st.bytes;
 }
