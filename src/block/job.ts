@@ -108,7 +108,10 @@ export class Job {
     return this.#completing;
   }
 
-  /** Settles when the job has concluded (whatever the outcome). */
+  /**
+   * Settles when the job has concluded (whatever the outcome). The job takes the BQL to finish:
+   * do not wait for this while holding it.
+   */
   whenConcluded(): Promise<void> {
     return this.#done;
   }
