@@ -17,10 +17,11 @@ import { BlockError } from '../../block/errors.js';
 import { HI_COMPRESSED, TWO32 } from './constants.js';
 import { ClusterType, entryHi, entryLo, l2EntryType, setEntryRaw } from './entries.js';
 import { l2ForRead, l2ForWrite, splitGuestOffset } from './cluster-map.js';
-import { qcow2Write } from './data-path.js';
+import { qcow2Read, qcow2Write } from './data-path.js';
 import { refuseDataOnMetadata } from './overlap.js';
 import { allocClusters, freeClusters, getRefcount, updateRefcount } from './refcount.js';
 import type { Qcow2State } from './state.js';
+import type { Table } from './table-cache.js';
 import { boundDirtyMetadata } from './writeback.js';
 
 /**
@@ -52,9 +53,12 @@ export function compressCluster(data: Uint8Array, clusterSize: number): Uint8Arr
  * (the format stores the number of 512-byte sectors touched, less one, above the offset).
  * @locking common
  */
-export function compressedDescriptor(offset: number, size: number, clusterBits: number): { hi: number; lo: number } {
+export function compressedDescriptor(offset: number, size: number, clusterBits: number, extraSectors = 0): { hi: number; lo: number } {
   const x = 62 - (clusterBits - 8); // bits of the host offset
-  const sectors = Math.floor((offset + size - 1) / 512) - Math.floor(offset / 512);
+  const sectors = Math.floor((offset + size - 1) / 512) - Math.floor(offset / 512) + extraSectors;
+  if (sectors >= 2 ** (clusterBits - 8)) {
+    throw new BlockError('EINVAL', `qcow2: ${size} compressed bytes at host offset ${offset} do not fit a descriptor`, { field: 'l2_table', offset });
+  }
   const offHi = Math.floor(offset / TWO32);
   if (offset >= 2 ** x) {
     throw new BlockError('EFBIG', `qcow2: compressed data at host offset ${offset} lies beyond what a compressed descriptor can address`, { field: 'l2_table', offset });
@@ -99,8 +103,40 @@ async function allocBytes(s: Qcow2State, size: number): Promise<number> {
   return fresh;
 }
 
-/** Writes one compressed cluster (`packed`) for guest cluster `guest`; the qcow2 lock is held. */
-async function writeOneLocked(s: Qcow2State, guest: number, packed: Uint8Array): Promise<void> {
+/**
+ * data-path.ts keeps the last decompressed cluster keyed by its descriptor, so a new fragment
+ * whose descriptor equals that of a freed fragment it replaced would read as the old data. The
+ * new cluster is read once through an alias descriptor (one sector longer: the same deflate
+ * stream, the trailing bytes ignored), which takes that cache slot and checks the data reads
+ * back; then the entry gets its real descriptor. (With 512-byte clusters no alias may fit.)
+ */
+async function readBackThroughAlias(s: Qcow2State, t: Table, l2Index: number, guest: number, host: number, size: number, plain: Uint8Array): Promise<void> {
+  const max = 2 ** (s.clusterBits - 8) - 1;
+  const sectors = Math.floor((host + size - 1) / 512) - Math.floor(host / 512);
+  if (sectors + 1 > max) return;
+  const alias = compressedDescriptor(host, size, s.clusterBits, 1);
+  setEntryRaw(t.view, l2Index, alias.hi, alias.lo);
+  const n = Math.min(s.clusterSize, s.sizeBytes - guest);
+  const back = new Uint8Array(n);
+  try {
+    await qcow2Read(s, guest, back);
+  } finally {
+    const d = compressedDescriptor(host, size, s.clusterBits);
+    setEntryRaw(t.view, l2Index, d.hi, d.lo);
+  }
+  for (let i = 0; i < n; i++) {
+    if (back[i] !== plain[i]) {
+      throw new BlockError('EIO', `qcow2 '${s.filename}': the compressed cluster for guest offset ${guest} (host offset ${host}) does not read back as written`, {
+        node: s.node.nodeName,
+        file: s.filename,
+        offset: guest,
+      });
+    }
+  }
+}
+
+/** Writes one compressed cluster (`packed`, deflated from `plain`) for guest cluster `guest`; the qcow2 lock is held. */
+async function writeOneLocked(s: Qcow2State, guest: number, packed: Uint8Array, plain: Uint8Array): Promise<void> {
   const { l1Index, l2Index } = splitGuestOffset(s, guest);
   const t = await l2ForWrite(s, l1Index);
   // pinned before any wait: lock-free reads could evict a clean table and lose the entry
@@ -126,6 +162,7 @@ async function writeOneLocked(s: Qcow2State, guest: number, packed: Uint8Array):
   setEntryRaw(t.view, l2Index, d.hi, d.lo);
   s.l2Cache.markDirty(t.offset, l2Index * 8, l2Index * 8 + 8);
   s.l2NeedsDataBarrier = true; // the entry points at data written since the last flush
+  await readBackThroughAlias(s, t, l2Index, guest, host, packed.length, plain);
   const end = host + packed.length;
   if (end % s.clusterSize !== 0) freeBytes.set(s, { end, guest, hi: d.hi, lo: d.lo });
   await boundDirtyMetadata(s);
@@ -162,6 +199,6 @@ export async function qcow2WriteCompressed(s: Qcow2State, offset: number, buf: U
     }
     const packed = compressCluster(cluster, C);
     if (packed === null) await qcow2Write(s, offset + done, buf.subarray(done, done + n));
-    else await s.lock.run(() => writeOneLocked(s, offset + done, packed));
+    else await s.lock.run(() => writeOneLocked(s, offset + done, packed, cluster));
   }
 }
