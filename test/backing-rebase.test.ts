@@ -139,6 +139,7 @@ describeInterop('img rebase against qemu-img rebase', () => {
     { name: 'safe, an intermediate image onto nothing', args: ['-b', '', 'mid.qcow2'] },
     { name: 'safe, a standalone image onto a backing file', args: ['-b', 'other.qcow2', '-F', 'qcow2', 'base.qcow2'] },
     { name: 'safe, past the end of the old backing file onto a longer one', args: ['-b', 'sub/new.qcow2', '-F', 'qcow2', 'mid.qcow2'] },
+    { name: 'safe, FILE in a subdirectory: BACKING relative to it', args: ['-b', '../base.qcow2', '-F', 'qcow2', 'sub/new.qcow2'] },
     { name: 'safe, -q and -U accepted', args: ['-q', '-U', '-b', 'base.qcow2', '-F', 'qcow2', 'top.qcow2'] },
   ];
   for (const c of cases) {
