@@ -29,7 +29,7 @@ const SUBCOMMANDS: Record<string, Subcommand> = {
   info: (a, o) => imgInfo(a, o),
   snapshot: imgSnapshot,
   check: imgCheck,
-  convert: (a, o) => imgConvert(a, o),
+  convert: imgConvert,
   compare: imgCompare,
   map: imgMap,
   amend: imgAmend,

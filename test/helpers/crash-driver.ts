@@ -113,7 +113,7 @@ export function createCrashDisk(id: string, initial: Uint8Array = new Uint8Array
   const disk: CrashDisk = {
     bytes,
     length: initial.length,
-    durable: initial.slice(),
+    durable: Uint8Array.prototype.slice.call(initial),
     durableLength: initial.length,
     pending: [],
     eventsLeft: Infinity,
