@@ -17,7 +17,7 @@ import { BlockError } from '../../block/errors.js';
 import { HI_COMPRESSED, TWO32 } from './constants.js';
 import { ClusterType, entryHi, entryLo, l2EntryType, setEntryRaw } from './entries.js';
 import { l2ForRead, l2ForWrite, splitGuestOffset } from './cluster-map.js';
-import { qcow2Read, qcow2Write } from './data-path.js';
+import { forgetDecompressed, qcow2Write } from './data-path.js';
 import { refuseDataOnMetadata } from './overlap.js';
 import { allocClusters, freeClusters, getRefcount, updateRefcount } from './refcount.js';
 import type { Qcow2State } from './state.js';
@@ -103,40 +103,8 @@ async function allocBytes(s: Qcow2State, size: number): Promise<number> {
   return fresh;
 }
 
-/**
- * data-path.ts keeps the last decompressed cluster keyed by its descriptor, so a new fragment
- * whose descriptor equals that of a freed fragment it replaced would read as the old data. The
- * new cluster is read once through an alias descriptor (one sector longer: the same deflate
- * stream, the trailing bytes ignored), which takes that cache slot and checks the data reads
- * back; then the entry gets its real descriptor. (With 512-byte clusters no alias may fit.)
- */
-async function readBackThroughAlias(s: Qcow2State, t: Table, l2Index: number, guest: number, host: number, size: number, plain: Uint8Array): Promise<void> {
-  const max = 2 ** (s.clusterBits - 8) - 1;
-  const sectors = Math.floor((host + size - 1) / 512) - Math.floor(host / 512);
-  if (sectors + 1 > max) return;
-  const alias = compressedDescriptor(host, size, s.clusterBits, 1);
-  setEntryRaw(t.view, l2Index, alias.hi, alias.lo);
-  const n = Math.min(s.clusterSize, s.sizeBytes - guest);
-  const back = new Uint8Array(n);
-  try {
-    await qcow2Read(s, guest, back);
-  } finally {
-    const d = compressedDescriptor(host, size, s.clusterBits);
-    setEntryRaw(t.view, l2Index, d.hi, d.lo);
-  }
-  for (let i = 0; i < n; i++) {
-    if (back[i] !== plain[i]) {
-      throw new BlockError('EIO', `qcow2 '${s.filename}': the compressed cluster for guest offset ${guest} (host offset ${host}) does not read back as written`, {
-        node: s.node.nodeName,
-        file: s.filename,
-        offset: guest,
-      });
-    }
-  }
-}
-
-/** Writes one compressed cluster (`packed`, deflated from `plain`) for guest cluster `guest`; the qcow2 lock is held. */
-async function writeOneLocked(s: Qcow2State, guest: number, packed: Uint8Array, plain: Uint8Array): Promise<void> {
+/** Writes one compressed cluster (`packed`) for guest cluster `guest`; the qcow2 lock is held. */
+async function writeOneLocked(s: Qcow2State, guest: number, packed: Uint8Array): Promise<void> {
   const { l1Index, l2Index } = splitGuestOffset(s, guest);
   const t = await l2ForWrite(s, l1Index);
   // pinned before any wait: lock-free reads could evict a clean table and lose the entry
@@ -162,7 +130,9 @@ async function writeOneLocked(s: Qcow2State, guest: number, packed: Uint8Array, 
   setEntryRaw(t.view, l2Index, d.hi, d.lo);
   s.l2Cache.markDirty(t.offset, l2Index * 8, l2Index * 8 + 8);
   s.l2NeedsDataBarrier = true; // the entry points at data written since the last flush
-  await readBackThroughAlias(s, t, l2Index, guest, host, packed.length, plain);
+  // data-path.ts caches the last decompressed cluster by its descriptor: a freed fragment's
+  // descriptor may equal this new one's
+  forgetDecompressed(s);
   const end = host + packed.length;
   if (end % s.clusterSize !== 0) freeBytes.set(s, { end, guest, hi: d.hi, lo: d.lo });
   await boundDirtyMetadata(s);
@@ -199,6 +169,6 @@ export async function qcow2WriteCompressed(s: Qcow2State, offset: number, buf: U
     }
     const packed = compressCluster(cluster, C);
     if (packed === null) await qcow2Write(s, offset + done, buf.subarray(done, done + n));
-    else await s.lock.run(() => writeOneLocked(s, offset + done, packed, cluster));
+    else await s.lock.run(() => writeOneLocked(s, offset + done, packed));
   }
 }

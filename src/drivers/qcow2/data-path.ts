@@ -35,6 +35,15 @@ function checkNormalEntry(s: Qcow2State, hi: number, lo: number, guest: number):
 }
 
 /**
+ * Drops the cached last decompressed cluster of `s` (a compressed write may reuse the bytes and
+ * the descriptor of a freed compressed cluster).
+ * @locking io
+ */
+export function forgetDecompressed(s: Qcow2State): void {
+  lastDecompressed.delete(s);
+}
+
+/**
  * Reads guest bytes at `pos` that this image does not allocate into `dst`: from the backing node
  * as far as it reaches (and within the disk: the VM-state area never falls through), zeros past
  * it. Returns the backing read's promise, or null when nothing had to be read.
