@@ -162,6 +162,12 @@ export interface BlockDriverInstance {
    */
   changeBackingFile?(bql: Bql, drained: DrainedProof, filename: string | null, format: string | null): Promise<void>;
   /**
+   * Makes every guest cluster unallocated (reads fall through to the backing file again), as
+   * QEMU's bdrv_make_empty after `qemu-img commit`; the node is quiet.
+   * @locking global-state
+   */
+  makeEmpty?(bql: Bql, drained: DrainedProof): Promise<void>;
+  /**
    * The format's cluster size in bytes, when it has one (`img info` prints it).
    * @locking io
    */

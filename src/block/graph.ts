@@ -317,7 +317,7 @@ type BqlCallbackName = Exclude<
   DrainedCallbackName
 >;
 
-const DRAINED_CALLBACKS = ['close', 'snapshotCreate', 'snapshotGoto', 'snapshotDelete', 'checkImage', 'changeBackingFile'] as const satisfies readonly DrainedCallbackName[];
+const DRAINED_CALLBACKS = ['close', 'snapshotCreate', 'snapshotGoto', 'snapshotDelete', 'checkImage', 'changeBackingFile', 'makeEmpty'] as const satisfies readonly DrainedCallbackName[];
 const BQL_CALLBACKS = ['snapshotList', 'snapshotLoadTmp'] as const satisfies readonly BqlCallbackName[];
 // a proof-taking callback added to BlockDriverInstance and not sealed below does not compile
 const sealedEveryDrainedCallback: [Exclude<DrainedCallbackName, (typeof DRAINED_CALLBACKS)[number]>] extends [never] ? true : never = true;

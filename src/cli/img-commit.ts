@@ -13,7 +13,6 @@ import { withDrained } from '../block/drain.js';
 import { isBlockError } from '../block/errors.js';
 import { bdrvFlush } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
-import { canMakeEmpty, qcow2MakeEmpty } from '../drivers/qcow2/backing-file.js';
 import { openImage, type Image } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeSwitch } from './args.js';
 import { describeError } from './format.js';
@@ -107,12 +106,12 @@ async function commit(open: (extra: Record<string, string>) => Promise<Image>, d
       return 1;
     }
     if (!drop) {
-      if (!canMakeEmpty(top)) {
+      if (top.drv.makeEmpty === undefined) {
         err(`${P}: Image committed, but could not empty it: Operation not supported`);
         return 1;
       }
       try {
-        await withBql((bql) => withDrained(bql, top, (d) => qcow2MakeEmpty(bql, d, top)));
+        await withBql((bql) => withDrained(bql, top, async (d) => top.drv.makeEmpty?.(bql, d)));
       } catch (e) {
         err(`${P}: ${msg(e)}`);
         return 1;

@@ -24,14 +24,6 @@ function qcow2Of(node: BlockNode): Qcow2State | null {
 }
 
 /**
- * True when `node` is a qcow2 node that qcow2MakeEmpty can empty.
- * @locking common
- */
-export function canMakeEmpty(node: BlockNode): boolean {
-  return qcow2Of(node) !== null;
-}
-
-/**
  * Makes every guest cluster of the qcow2 node unallocated (internal snapshots keep theirs) and
  * flushes; ENOTSUP for other formats, EACCES for a read-only node.
  * @locking global-state

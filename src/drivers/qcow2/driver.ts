@@ -24,6 +24,7 @@ import type { BlockNode } from '../../block/node.js';
 import { parseBool, parseSize, type NodeOptions } from '../../block/options.js';
 import { checkQcow2, repairDirtyImage } from './check.js';
 import { AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, QCOW_MAGIC } from './constants.js';
+import { qcow2MakeEmpty } from './backing-file.js';
 import { headerBackingFormat } from './header.js';
 import { updateBackingInHeader } from './header-update.js';
 import { withMetadataLock } from './metadata-lock.js';
@@ -55,6 +56,14 @@ class CheckingQcow2Instance extends Qcow2Instance {
       if (s.metadataDirty) await flushMetadata(s);
       await updateBackingInHeader(locked, s, filename, format);
     });
+  }
+
+  /**
+   * Makes every guest cluster unallocated (backing-file.ts); the node is quiet.
+   * @locking global-state
+   */
+  makeEmpty(bql: Bql, drained: DrainedProof): Promise<void> {
+    return qcow2MakeEmpty(bql, drained, this.state.node);
   }
 
   /** The backing file the header names, with the format its backing-format extension records. */
