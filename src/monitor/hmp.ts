@@ -4,7 +4,8 @@
  * ordinary requests. A bad command prints one `Error: ...` line and the monitor goes on.
  *
  * Commands: help, info (block, iothreads, snapshots, status), qemu-io, savevm, loadvm, delvm,
- * snapshot_blkdev, stop, cont, quit. Each is a thin layer over a library call (src/machine, src/block).
+ * snapshot_blkdev, block_stream, block_commit, block_job_pause/resume/cancel/complete, info
+ * block-jobs, stop, cont, quit. Each is a thin layer over a library call (src/machine, src/block).
  */
 import { blkFind } from '../block/backend.js';
 import { withBql } from '../block/bql.js';
@@ -13,6 +14,9 @@ import { listIOThreads } from '../block/iothread.js';
 import { formatInfoBlock, queryNamedBlockNodes } from '../block/query.js';
 import { describeError } from '../cli/format.js';
 import { snapshotBlkdev } from '../commands/snapshot-blkdev.js';
+import { findJob, listJobs } from '../block/job.js';
+import { blockCommit } from '../block/jobs/block-commit.js';
+import { blockStream } from '../block/stream.js';
 import { runQemuIoCommand, splitArgs } from '../cli/qemu-io.js';
 import { snapshotHeader, snapshotRow } from '../cli/snapshot-format.js';
 import type { Machine } from '../machine/machine.js';
@@ -44,6 +48,7 @@ export class Monitor {
       ['iothreads', { help: 'show the IOThreads and their pending requests', run: () => this.infoIOThreads() }],
       ['snapshots', { help: 'show the currently saved VM snapshots', run: () => this.infoSnapshots() }],
       ['status', { help: 'show the current VM status (running|paused)', run: () => this.infoStatus() }],
+      ['block-jobs', { help: 'show progress of ongoing block device operations', run: () => this.infoBlockJobs() }],
       ['guest', { help: "show the guest workload's counters and check every disk against its checksums", run: () => this.infoGuest() }],
     ]);
     this.commands = new Map<string, CommandSpec>([
@@ -68,6 +73,15 @@ export class Monitor {
           run: (a) => this.snapshotBlkdev(a),
         },
       ],
+      ['block_stream', { args: 'device [base-node]', help: 'copy the backing chain (down to base-node) into the device\'s image, in the background', run: (a) => this.blockStream(a) }],
+      [
+        'block_commit',
+        { args: 'device [top-node [base-node]]', help: 'commit an image of the device\'s chain into the one below it, in the background (the top: an active commit)', run: (a) => this.blockCommit(a) },
+      ],
+      ['block_job_pause', { args: 'device', help: 'pause an active background block operation', run: (a) => this.jobOp(a, 'block_job_pause') }],
+      ['block_job_resume', { args: 'device', help: 'resume a paused background block operation', run: (a) => this.jobOp(a, 'block_job_resume') }],
+      ['block_job_cancel', { args: 'device', help: 'stop an active background block operation', run: (a) => this.jobOp(a, 'block_job_cancel') }],
+      ['block_job_complete', { args: 'device', help: 'complete a background block operation that is ready', run: (a) => this.jobOp(a, 'block_job_complete') }],
       ['stop', { args: '', help: 'stop emulation', run: () => this.stop() }],
       ['cont', { args: '', help: 'resume emulation', run: () => this.cont() }],
       ['quit', { args: '', help: 'quit the monitor', run: async () => void (this.quitRequested = true) }],
@@ -125,6 +139,42 @@ export class Monitor {
       throw new BlockError('EINVAL', 'snapshot_blkdev: usage: snapshot_blkdev device new-image-file [format]', { op: 'snapshot_blkdev' });
     }
     await withBql((bql) => snapshotBlkdev(bql, { device, snapshotFile, ...(format === undefined ? {} : { format }) }));
+  }
+
+  private async blockStream(args: string[]): Promise<void> {
+    const [device, base, ...extra] = args;
+    if (device === undefined || extra.length > 0) throw new BlockError('EINVAL', 'block_stream: usage: block_stream device [base-node]', { op: 'block_stream' });
+    await withBql((bql) => void blockStream(bql, { jobId: device, device, ...(base === undefined ? {} : { base }) }));
+  }
+
+  private async blockCommit(args: string[]): Promise<void> {
+    const [device, top, base, ...extra] = args;
+    if (device === undefined || extra.length > 0) throw new BlockError('EINVAL', 'block_commit: usage: block_commit device [top-node [base-node]]', { op: 'block_commit' });
+    await withBql((bql) => void blockCommit(bql, { jobId: device, device, ...(top === undefined ? {} : { top }), ...(base === undefined ? {} : { base }) }));
+  }
+
+  private async jobOp(args: string[], cmd: 'block_job_pause' | 'block_job_resume' | 'block_job_cancel' | 'block_job_complete'): Promise<void> {
+    const [id, ...extra] = args.filter((a) => a !== '-f');
+    if (id === undefined || extra.length > 0) throw new BlockError('EINVAL', `${cmd}: usage: ${cmd} device`, { op: cmd });
+    await withBql((bql) => {
+      const job = findJob(bql, id);
+      if (cmd === 'block_job_pause') job.pause(bql);
+      else if (cmd === 'block_job_resume') job.resume(bql);
+      else if (cmd === 'block_job_cancel') job.cancel(bql);
+      else job.complete(bql);
+    });
+  }
+
+  private async infoBlockJobs(): Promise<void> {
+    const jobs = await withBql((bql) => listJobs(bql));
+    if (jobs.length === 0) {
+      this.out('No active jobs');
+      return;
+    }
+    for (const j of jobs) {
+      const state = j.status === 'ready' ? ' (ready)' : j.status === 'paused' ? ' (paused)' : '';
+      this.out(`Type ${j.type}, device ${j.id}: Completed ${j.progress.current} of ${j.progress.total} bytes, speed limit 0 bytes/s${state}`);
+    }
   }
 
   private async stop(): Promise<void> {
