@@ -256,6 +256,10 @@ export async function imgConvert(
     if (req.compress && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', 'Compression not supported for this file format', { field: '-c', value: dstFmt });
     if (!req.noCreate) {
       const co = createOptions(dstFmt, parseOptions(req.options ?? '')); // qemu-img's options, refused by name when unknown
+      // a target over a backing file would show the backing data wherever the copy stays sparse
+      if (co.backingFile !== undefined || co.backingFormat !== undefined) {
+        throw new BlockError('ENOTSUP', 'a target with a backing file (-B, -o backing_file) is not supported yet; convert to a standalone image, then rebase it', { field: 'backing_file' });
+      }
       if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
       else withBqlSync((bql) => createQcow2File(bql, dst, { sizeBytes: size, ...co }));
     }
