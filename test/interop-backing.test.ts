@@ -241,6 +241,27 @@ describeInterop('backing chains against qemu-img 7.2', () => {
       expect(qemuStatus('qemu-img', ['create', '-q', ...args]).status, `qemu-img also refuses: ${args.join(' ')}`).toBe(1);
       expect(fs.existsSync(path.join(dir, 'cr-c.qcow2')), args.join(' ')).toBe(false);
     }
+    // an image never becomes its own backing file: by its name, another spelling of it, or a hard link
+    const own = path.join(dir, 'cr-base.qcow2');
+    fs.linkSync(own, path.join(dir, 'cr-link.qcow2'));
+    const before = fs.readFileSync(own);
+    for (const [b, target] of [
+      ['cr-base.qcow2', own],
+      ['./cr-base.qcow2', own],
+      [own, path.join(dir, '.', 'cr-base.qcow2')],
+      ['cr-link.qcow2', own],
+    ] as const) {
+      for (const u of [[], ['-u']]) {
+        const r = await snapImg(['create', '-q', '-f', 'qcow2', ...u, '-b', b, '-F', 'qcow2', target, '3M']);
+        expect(r.status, `${b} over ${target} ${u.join('')}`).toBe(1);
+        expect(r.err).toMatch(/same filename as the backing file/);
+      }
+    }
+    expect(Buffer.compare(fs.readFileSync(own), before)).toBe(0);
+    // qemu-img 7.2 compares the two names as strings only (so the other spellings above would destroy
+    // the image there); the identical string it refuses too
+    expect(qemuStatus('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', own, '-F', 'qcow2', own]).status).toBe(1);
+    expect(Buffer.compare(fs.readFileSync(own), before)).toBe(0);
     // convert onto a target with a backing file is refused (a sparse copy would show the backing data)
     const conv = await snapImg(['convert', '-O', 'qcow2', '-o', 'backing_file=cr-base.qcow2,backing_fmt=qcow2', path.join(dir, 'cr-a.qcow2'), path.join(dir, 'cr-conv.qcow2')]);
     expect(conv.status).toBe(1);
