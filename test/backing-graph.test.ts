@@ -16,6 +16,7 @@ import { bdrvPread, bdrvPwrite } from '../src/block/io.js';
 import { shutdownIOThreads } from '../src/block/iothread.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto } from '../src/block/snapshot.js';
 import { snapshotBlkdev } from '../src/commands/snapshot-blkdev.js';
+import { changeBackingFile } from '../src/block/backing-change.js';
 import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { openImage } from '../src/image.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
@@ -107,8 +108,10 @@ describe('the backing child of a format node', () => {
   it('a missing or looping backing file fails the open with the reason and leaves no node open', async () => {
     const missing = path.join(dir, 'missing-top.qcow2');
     withBqlSync((bql) => createQcow2File(bql, missing, { sizeBytes: MiB, backingFile: 'nowhere.qcow2', backingFormat: 'qcow2' }));
-    const loop = path.join(dir, 'loop.qcow2');
-    withBqlSync((bql) => createQcow2File(bql, loop, { sizeBytes: MiB, backingFile: 'loop.qcow2', backingFormat: 'qcow2' }));
+    // a loop of two images (an image naming itself is refused at create)
+    const loop = path.join(dir, 'loop-a.qcow2');
+    withBqlSync((bql) => createQcow2File(bql, loop, { sizeBytes: MiB, backingFile: 'loop-b.qcow2', backingFormat: 'qcow2' }));
+    withBqlSync((bql) => createQcow2File(bql, path.join(dir, 'loop-b.qcow2'), { sizeBytes: MiB, backingFile: 'loop-a.qcow2', backingFormat: 'qcow2' }));
     const before = await withBql((bql) => listNodes(bql).length);
     await expectCode(openImage(missing, { aio: 'sync' }), 'ENOENT', /Could not open backing file: .*nowhere\.qcow2/);
     const e = await openImage(loop, { aio: 'sync' }).then(
@@ -234,6 +237,16 @@ describeInterop('changing the backing file an image records', () => {
     if (n2 === null) throw new Error('no root');
     await withBql((bql) => withDrained(bql, n2, (d) => n2.drv.changeBackingFile?.(bql, d, null, null)));
     await rw.close();
+    expect(JSON.parse(qemu('qemu-img', ['info', '--output=json', top]))['backing-filename']).toBeUndefined();
+    // an image never names itself (here through a hard link) as its backing file: it could never open again
+    fs.linkSync(top, path.join(dir, 'cbf-link.qcow2'));
+    const self = await openImage(top, { aio: 'sync' });
+    const n3 = self.backend.root;
+    if (n3 === null) throw new Error('no root');
+    for (const name of [path.basename(top), 'cbf-link.qcow2']) {
+      await expectCode(withBql((bql) => withDrained(bql, n3, (d) => changeBackingFile(bql, d, n3, name, 'qcow2'))), 'EINVAL', /own backing file/);
+    }
+    await self.close();
     expect(JSON.parse(qemu('qemu-img', ['info', '--output=json', top]))['backing-filename']).toBeUndefined();
   });
 });
