@@ -5,9 +5,8 @@
  *
  * Global-state code: takes `Bql` and a drained proof of the node.
  */
-import fs from 'node:fs';
 import path from 'node:path';
-import { resolveBackingFilename } from './backing.js';
+import { isOwnBackingFile } from './backing.js';
 import { assertBql, type Bql } from './bql.js';
 import { assertDrained, type DrainedProof } from './drain.js';
 import { BlockError } from './errors.js';
@@ -30,19 +29,10 @@ export async function changeBackingFile(
   assertBql(bql, 'changeBackingFile');
   assertDrained(bql, drained, node, 'changeBackingFile');
   const name = filename === '' ? null : filename;
-  if (name !== null && node.filename !== '') {
-    // an image that names itself as its backing file can never be opened again
-    const resolved = resolveBackingFilename(node.filename, name, node.nodeName);
-    let same = path.resolve(resolved) === path.resolve(node.filename);
-    try {
-      const a = fs.statSync(resolved);
-      const b = fs.statSync(node.filename);
-      same ||= a.dev === b.dev && a.ino === b.ino;
-    } catch {
-      // the new backing file does not exist (rebase -u may name one): it is not this image
-    }
-    if (same) throw new BlockError('EINVAL', `${node.filename}: an image cannot be its own backing file ('${name}')`, { node: node.nodeName, field: 'backing_file', value: name });
+  if (name !== null && node.filename !== '' && isOwnBackingFile(node.filename, name)) {
+    throw new BlockError('EINVAL', `${node.filename}: an image cannot be its own backing file ('${name}')`, { node: node.nodeName, field: 'backing_file', value: name });
   }
+
   if (name !== null && format === null && requireFormat) {
     throw new BlockError('EINVAL', 'backing format must be specified', { node: node.nodeName, field: 'backing_fmt' });
   }

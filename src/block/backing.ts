@@ -4,8 +4,11 @@
  * (QEMU's bdrv_backing_options: read-only unless told otherwise, the overlay's IOThread, and the
  * file options an overlay passes down: aio, force-share, locking).
  *
- * Common code: pure functions on names and option sets; graph.ts opens and links the node.
+ * Common code: pure functions on names and option sets (and one stat of two paths); graph.ts
+ * opens and links the node.
  */
+import fs from 'node:fs';
+import path from 'node:path';
 import { BlockError } from './errors.js';
 import { subOptions, type NodeOptions } from './options.js';
 
@@ -80,4 +83,22 @@ export function backingChoice(
     if (v !== undefined) o[`file.${k}`] ??= v;
   }
   return { kind: 'open', options: o };
+}
+
+/**
+ * True when the backing file `name` of the image stored in `filename` is that image itself: the
+ * same path once resolved, or the same file under another name (a hard link). An image that names
+ * itself can never be opened, and creating one over its backing file destroys the data.
+ * @locking common
+ */
+export function isOwnBackingFile(filename: string, name: string): boolean {
+  const resolved = resolveBackingFilename(filename, name, filename);
+  if (path.resolve(resolved) === path.resolve(filename)) return true;
+  try {
+    const a = fs.statSync(resolved);
+    const b = fs.statSync(filename);
+    return a.dev === b.dev && a.ino === b.ino;
+  } catch {
+    return false; // one of them does not exist: they are not the same file
+  }
 }

@@ -6,8 +6,7 @@
  * proof covering the node) carry the plan out.
  */
 import fs from 'node:fs';
-import path from 'node:path';
-import { resolveBackingFilename } from '../../block/backing.js';
+import { isOwnBackingFile } from '../../block/backing.js';
 import { openForCreate } from '../file/image-lock.js';
 import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, runInDrainedSection, type DrainedProof } from '../../block/drain.js';
@@ -120,34 +119,15 @@ function writeRefcountOne(blocks: Uint8Array, i: number, bits: number): void {
 }
 
 /**
- * Refuses a new image whose backing file would be the very file being created (by name, or the
- * same file under another name): creating it would overwrite the data it is meant to read through.
- */
-function refuseSelfBacking(filename: string, backingFile: string): void {
-  const resolved = resolveBackingFilename(filename, backingFile, filename);
-  let same = path.resolve(resolved) === path.resolve(filename);
-  if (!same) {
-    try {
-      const a = fs.statSync(resolved);
-      const b = fs.statSync(filename);
-      same = a.dev === b.dev && a.ino === b.ino;
-    } catch {
-      same = false; // one of them does not exist: they cannot be the same file
-    }
-  }
-  if (same) {
-    throw new BlockError('EINVAL', `${filename}: Error: Trying to create an image with the same filename as the backing file`, { file: filename, field: 'backing_file', value: backingFile });
-  }
-}
-
-/**
  * Creates (or overwrites) the host file `filename` as a fresh qcow2 image. Creating image files
  * is global state (it must not race an open of the same file in this process): the BQL is held.
  * @locking global-state
  */
 export function createQcow2File(bql: Bql, filename: string, o: Qcow2CreateOptions): void {
   assertBql(bql, 'createQcow2File');
-  if (o.backingFile !== undefined) refuseSelfBacking(filename, o.backingFile);
+  if (o.backingFile !== undefined && isOwnBackingFile(filename, o.backingFile)) {
+    throw new BlockError('EINVAL', `${filename}: Error: Trying to create an image with the same filename as the backing file`, { file: filename, field: 'backing_file', value: o.backingFile });
+  }
   const plan = planQcow2Create(o);
   let fd = -1;
   let release = (): void => {};
