@@ -12,7 +12,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { commitAll, growBaseForCommit } from '../src/block/commit.js';
 import { withDrained } from '../src/block/drain.js';
 import { bdrvFlush } from '../src/block/io.js';
-import { imgMain } from '../src/cli/img.js';
+import { cli } from './helpers/img-cli.js';
 import { qcow2MakeEmpty } from '../src/drivers/qcow2/backing-file.js';
 import { imgCommit } from '../src/cli/img-commit.js';
 import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
@@ -27,13 +27,6 @@ afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-async function cli(args: string[]): Promise<{ status: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const status = await imgMain(args, (s) => out.push(s), (s) => err.push(s));
-  return { status, out: out.map((l) => `${l}\n`).join(''), err: err.map((l) => `${l}\n`).join('') };
-}
 
 let n = 0;
 const IMAGES = ['base.qcow2', 'mid.qcow2', 'top.qcow2'];

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { changeBackingFile } from '../src/block/backing-change.js';
 import { withDrained } from '../src/block/drain.js';
 import { compareRun, rebaseCopy } from '../src/block/rebase.js';
-import { imgMain } from '../src/cli/img.js';
+import { cli } from './helpers/img-cli.js';
 import { imgRebase } from '../src/cli/img-rebase.js';
 import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
 import { armCrash, crashDisk, crashImages, createCrashDisk } from './helpers/crash-driver.js';
@@ -26,13 +26,6 @@ afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-async function cli(args: string[]): Promise<{ status: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const status = await imgMain(args, (s) => out.push(s), (s) => err.push(s));
-  return { status, out: out.map((l) => `${l}\n`).join(''), err: err.map((l) => `${l}\n`).join('') };
-}
 
 let n = 0;
 /** Builds a chain in a fresh directory: base <- mid <- top (names relative), each with its own data. */

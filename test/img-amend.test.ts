@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { imgMain } from '../src/cli/img.js';
+import { cli } from './helpers/img-cli.js';
 import { changeRefcountWidth, downgradeToV2, upgradeToV3 } from '../src/drivers/qcow2/amend.js';
 import { Qcow2Instance } from '../src/drivers/qcow2/instance.js';
 import { withMetadataLock, type MetadataLocked } from '../src/drivers/qcow2/metadata-lock.js';
@@ -28,13 +28,6 @@ afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-async function cli(args: string[]): Promise<{ status: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const status = await imgMain(args, (s) => out.push(s), (s) => err.push(s));
-  return { status, out: out.map((l) => `${l}\n`).join(''), err: err.map((l) => `${l}\n`).join('') };
-}
 
 let n = 0;
 /** Two copies of `src`: one for qemu-img, one for snapstack. */

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { imgMain } from '../src/cli/img.js';
+import { cli } from './helpers/img-cli.js';
 import { measureQcow2, qcow2PreallocSize } from '../src/drivers/qcow2/measure.js';
 import { shutdownIOThreads, withBql } from '../src/index.js';
 import { prng } from './helpers/prng.js';
@@ -23,13 +23,6 @@ afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-async function cli(args: string[]): Promise<{ status: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const status = await imgMain(args, (s) => out.push(s), (s) => err.push(s));
-  return { status, out: out.map((l) => `${l}\n`).join(''), err: err.map((l) => `${l}\n`).join('') };
-}
 
 /** Both tools with the same arguments: the same status and stdout, and qemu-img's stderr lines as prefixes of ours. */
 async function same(args: string[]): Promise<void> {

@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { imgMain } from '../src/cli/img.js';
+import { cli } from './helpers/img-cli.js';
 import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
 import { armCrash, crashDisk, crashImages, createCrashDisk } from './helpers/crash-driver.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
@@ -23,13 +23,6 @@ afterAll(async () => {
   if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
   await withBql((bql) => shutdownIOThreads(bql));
 });
-
-async function cli(args: string[]): Promise<{ status: number; out: string; err: string }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const status = await imgMain(args, (s) => out.push(s), (s) => err.push(s));
-  return { status, out: out.map((l) => `${l}\n`).join(''), err: err.map((l) => `${l}\n`).join('') };
-}
 
 /** Two copies of `src`: one for qemu-img, one for snapstack. */
 function copies(src: string, tag: string): [string, string] {
