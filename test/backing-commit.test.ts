@@ -12,7 +12,7 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { commitAll, growBaseForCommit } from '../src/block/commit.js';
 import { withDrained } from '../src/block/drain.js';
 import { bdrvFlush } from '../src/block/io.js';
-import { cli } from './helpers/img-cli.js';
+import { cliIn } from './helpers/img-cli.js';
 import { qcow2MakeEmpty } from '../src/drivers/qcow2/backing-file.js';
 import { imgCommit } from '../src/cli/img-commit.js';
 import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
@@ -70,14 +70,7 @@ async function both(d: string, args: string[]): Promise<{ q: string; s: string; 
   fs.cpSync(d, q, { recursive: true });
   fs.cpSync(d, s, { recursive: true });
   const theirs = run(q, ['commit', ...args]);
-  const cwd = process.cwd();
-  process.chdir(s);
-  let mine: { status: number; out: string; err: string };
-  try {
-    mine = await cli(['commit', ...args]);
-  } finally {
-    process.chdir(cwd);
-  }
+  const mine = await cliIn(s, ['commit', ...args]);
   const where = `commit ${args.join(' ')}`;
   expect({ where, status: mine.status, out: mine.out }).toEqual({ where, status: theirs.status, out: theirs.stdout });
   const want = theirs.stderr

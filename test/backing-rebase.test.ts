@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { changeBackingFile } from '../src/block/backing-change.js';
 import { withDrained } from '../src/block/drain.js';
 import { compareRun, rebaseCopy } from '../src/block/rebase.js';
-import { cli } from './helpers/img-cli.js';
+import { cli, cliIn } from './helpers/img-cli.js';
 import { imgRebase } from '../src/cli/img-rebase.js';
 import { openImage, shutdownIOThreads, withBql } from '../src/index.js';
 import { armCrash, crashDisk, crashImages, createCrashDisk } from './helpers/crash-driver.js';
@@ -87,14 +87,7 @@ async function both(d: string, args: string[]): Promise<{ q: string; s: string; 
       return { status: x.status, stdout: x.stdout, stderr: x.stderr };
     }
   })();
-  const cwd = process.cwd();
-  process.chdir(s);
-  let mine: { status: number; out: string; err: string };
-  try {
-    mine = await cli(['rebase', ...args]);
-  } finally {
-    process.chdir(cwd);
-  }
+  const mine = await cliIn(s, ['rebase', ...args]);
   const where = `rebase ${args.join(' ')}`;
   expect({ where, status: mine.status, out: mine.out }).toEqual({ where, status: theirs.status, out: theirs.stdout });
   const want = theirs.stderr

@@ -15,6 +15,7 @@ import { Machine } from '../src/machine/machine.js';
 import { delVm, listVmSnapshots, loadVm, saveVm } from '../src/machine/savevm.js';
 import { decodeVmState } from '../src/machine/vmstate.js';
 import { faultSwitch } from './helpers/faulty-driver.js';
+import { expectGuestConsistent, waitForWrites } from './helpers/guest.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 
 let dir: string;
@@ -47,19 +48,6 @@ async function machineWith(drives: string[], opts: { vcpus?: number; ramBytes?: 
     await m.start(bql);
   });
   return m;
-}
-
-async function waitForWrites(m: Machine, n: number): Promise<void> {
-  const target = m.guestCounters().writes + n;
-  for (let i = 0; i < 500 && m.guestCounters().writes < target; i++) await sleep(10);
-  expect(m.guestCounters().writes).toBeGreaterThanOrEqual(target);
-}
-
-async function expectGuestConsistent(m: Machine): Promise<void> {
-  const r = await withBql((bql) => m.checkGuest(bql));
-  expect(r.mismatches, `disk blocks disagreeing with the guest's checksums: ${JSON.stringify(r.mismatches.slice(0, 5))}`).toEqual([]);
-  expect(r.errors).toBe(0);
-  expect(r.checked).toBeGreaterThan(0);
 }
 
 describe('the machine', () => {

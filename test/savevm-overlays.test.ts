@@ -12,6 +12,7 @@ import { shutdownIOThreads, withBql } from '../src/index.js';
 import { snapshotBlkdev } from '../src/commands/snapshot-blkdev.js';
 import { Machine } from '../src/machine/machine.js';
 import { delVm, listVmSnapshots, loadVm, saveVm } from '../src/machine/savevm.js';
+import { expectGuestConsistent, waitForWrites } from './helpers/guest.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 
 let dir: string;
@@ -24,18 +25,6 @@ afterAll(async () => {
 });
 
 const MiB = 1024 * 1024;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-async function waitForWrites(m: Machine, n: number): Promise<void> {
-  const target = m.guestCounters().writes + n;
-  for (let i = 0; i < 500 && m.guestCounters().writes < target; i++) await sleep(10);
-  expect(m.guestCounters().writes).toBeGreaterThanOrEqual(target);
-}
-
-async function expectGuestConsistent(m: Machine): Promise<void> {
-  const r = await withBql((bql) => m.checkGuest(bql));
-  expect(r.mismatches, `disk blocks disagreeing with the guest's checksums: ${JSON.stringify(r.mismatches.slice(0, 5))}`).toEqual([]);
-}
 
 describeInterop('savevm and loadvm on overlays and across an external snapshot', () => {
   it('saves and loads on an overlay disk, refuses a tag left below a live overlay, and keeps every image clean', async () => {

@@ -4,18 +4,10 @@
  */
 import { BlockError } from '../block/errors.js';
 import { parseBool, parseSize, type NodeOptions } from '../block/options.js';
+import type { Qcow2CreateOptions } from '../drivers/qcow2/create.js';
 
-/** What `-o` asks of a new image. */
-export interface CreateOptions {
-  clusterSize?: number;
-  refcountBits?: number;
-  compat?: '0.10' | '1.1';
-  lazyRefcounts?: boolean;
-  /** qcow2: the backing file name to record. */
-  backingFile?: string;
-  /** qcow2: the backing file's format to record. */
-  backingFormat?: string;
-}
+/** What `-o` asks of a new image: qcow2's creation options but the size (given apart). */
+export type CreateOptions = Omit<Qcow2CreateOptions, 'sizeBytes'>;
 
 /**
  * Parses the `-o` options for format `fmt` (`raw` takes none but `size`).

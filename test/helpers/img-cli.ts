@@ -18,3 +18,14 @@ export async function cli(args: string[]): Promise<ImgResult> {
   const status = await imgMain(args, (s) => out.push(s), (s) => err.push(s));
   return { status, out: out.map((l) => `${l}\n`).join(''), err: err.map((l) => `${l}\n`).join('') };
 }
+
+/** Runs `snapstack img ARGS` in this process from directory `cwd` (relative names resolve there). */
+export async function cliIn(cwd: string, args: string[]): Promise<ImgResult> {
+  const before = process.cwd();
+  process.chdir(cwd);
+  try {
+    return await cli(args);
+  } finally {
+    process.chdir(before);
+  }
+}
