@@ -15,7 +15,7 @@ import { qcow2Truncate } from '../drivers/qcow2/resize.js';
 import type { Qcow2State } from '../drivers/qcow2/state.js';
 import { openImage } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeSwitch } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 import { IMG_USAGE as USAGE } from './img-usage.js';
 

@@ -12,7 +12,7 @@
 import { blkFlush, blkGetLength, blkPread, blkPwrite, type BlockBackend } from '../block/backend.js';
 import { isBlockError } from '../block/errors.js';
 import { openImage } from '../image.js';
-import { describeError, strerror } from './format.js';
+import { describeError, strerror } from '../commands/format.js';
 import { cvtnum, INT64_MAX, printError, UsageError } from './img-dd.js';
 import type { Out } from './img-usage.js';
 

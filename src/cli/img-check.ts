@@ -14,7 +14,7 @@ import type { BlockNode } from '../block/node.js';
 import type { NodeOptions } from '../block/options.js';
 import '../drivers/index.js';
 import { takeFlag, takeForceShare, takeOutputJson, refuseUnknownOptions } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 
 const USAGE = 'usage: snapstack img check [-f FMT] [-U] [-r leaks|all] [--output=human|json] FILENAME';

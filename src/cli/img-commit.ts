@@ -15,7 +15,7 @@ import { bdrvFlush } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
 import { openImage, type Image } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeSwitch } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import { ProgressMeter } from './img-rebase.js';
 import { IMG_USAGE as USAGE, type Out } from './img-usage.js';
 

@@ -16,7 +16,7 @@ import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
 import { createOptions } from './create-options.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
-import { describeError, strerror } from './format.js';
+import { describeError, strerror } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 
 const CHUNK = 1024 * 1024;

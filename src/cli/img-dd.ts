@@ -11,7 +11,7 @@ import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
 import { takeFlag, takeForceShare } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 
 const P = 'snapstack img';

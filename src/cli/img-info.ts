@@ -12,10 +12,10 @@ import { bdrvSnapshotList } from '../block/snapshot.js';
 import type { SnapshotInfo } from '../block/driver.js';
 import { openImage } from '../image.js';
 import { takeFlag, takeForceShare, takeOutputJson, takeSwitch } from './args.js';
-import { sizeToStr } from './format.js';
+import { sizeToStr } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 import { IMG_USAGE as USAGE } from './img-usage.js';
-import { snapshotHeader, snapshotJson, snapshotRow } from './snapshot-format.js';
+import { snapshotHeader, snapshotJson, snapshotRow } from '../commands/snapshot-format.js';
 
 /** What qemu-img info reports of one image. */
 interface ImageReport {

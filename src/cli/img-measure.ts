@@ -20,7 +20,7 @@ import { Qcow2Instance } from '../drivers/qcow2/instance.js';
 import { measureQcow2, measureRaw, persistentBitmapsSize, type MeasureResult } from '../drivers/qcow2/measure.js';
 import { openImage } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeForceShare, takeOutputJson } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 import { IMG_USAGE as USAGE } from './img-usage.js';
 

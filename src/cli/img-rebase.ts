@@ -17,7 +17,7 @@ import { isBlockError } from '../block/errors.js';
 import { rebaseCopy } from '../block/rebase.js';
 import { openImage, type Image } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeForceShare, takeSwitch } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import { IMG_USAGE as USAGE, type Out } from './img-usage.js';
 
 const P = 'snapstack img';

@@ -8,7 +8,7 @@ import { BlockError, isBlockError } from '../block/errors.js';
 import { parseSize } from '../block/options.js';
 import { openImage } from '../image.js';
 import { refuseUnknownOptions, takeFlag, takeSwitch } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 import { IMG_USAGE as USAGE } from './img-usage.js';
 

@@ -6,9 +6,9 @@
 import { BlockError } from '../block/errors.js';
 import { openImage } from '../image.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
-import { snapshotHeader, snapshotRow } from './snapshot-format.js';
+import { snapshotHeader, snapshotRow } from '../commands/snapshot-format.js';
 
 const USAGE = 'usage: snapstack img snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-U] FILENAME';
 

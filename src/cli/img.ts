@@ -2,7 +2,7 @@
  * `snapstack img`: qemu-img's syntax. Each subcommand lives in its own file (img-NAME.ts) and
  * returns the process exit status; errors print one line on stderr.
  */
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 import { imgAmend } from './img-amend.js';
 import { imgBench } from './img-bench.js';
 import { imgBitmap } from './img-bitmap.js';

@@ -4,8 +4,8 @@
  */
 import { BlockError } from '../block/errors.js';
 import { openImage } from '../image.js';
-import { describeError } from './format.js';
-import { runQemuIoCommand } from './qemu-io.js';
+import { describeError } from '../commands/format.js';
+import { runQemuIoCommand } from '../commands/qemu-io.js';
 
 const USAGE = `usage: snapstack io [-f FMT] [-r] [-U] FILENAME -c 'CMD' [-c 'CMD' ...]
 commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern | -z] [-q] OFF LEN |

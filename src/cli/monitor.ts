@@ -17,7 +17,7 @@ import '../drivers/index.js';
 import { Machine } from '../machine/machine.js';
 import { Monitor } from '../monitor/hmp.js';
 import { runRepl } from '../monitor/repl.js';
-import { describeError } from './format.js';
+import { describeError } from '../commands/format.js';
 
 const USAGE = `usage: snapstack monitor [--object iothread,id=ID[,poll-max-ns=NS]]... [--drive file=PATH,format=raw|qcow2,id=ID[,iothread=ID][,readonly=on]]...
                          [-m SIZE] [--smp N] [--guest] [--demo]`;

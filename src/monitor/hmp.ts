@@ -12,13 +12,13 @@ import { withBql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { listIOThreads } from '../block/iothread.js';
 import { formatInfoBlock, queryNamedBlockNodes } from '../block/query.js';
-import { describeError } from '../cli/format.js';
+import { describeError } from '../commands/format.js';
 import { snapshotBlkdev } from '../commands/snapshot-blkdev.js';
 import { findJob, listJobs } from '../block/job.js';
 import { blockCommit } from '../block/jobs/block-commit.js';
 import { blockStream } from '../block/stream.js';
-import { runQemuIoCommand, splitArgs } from '../cli/qemu-io.js';
-import { snapshotHeader, snapshotRow } from '../cli/snapshot-format.js';
+import { runQemuIoCommand, splitArgs } from '../commands/qemu-io.js';
+import { snapshotHeader, snapshotRow } from '../commands/snapshot-format.js';
 import type { Machine } from '../machine/machine.js';
 import { delVm, listVmSnapshots, loadVm, recoverVmSnapshots, saveVm } from '../machine/savevm.js';
 
