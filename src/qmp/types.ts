@@ -57,6 +57,8 @@ export interface QmpContext {
   requestQuit(): void;
   /** Sends an event to every negotiated client (timestamps are added). */
   emitEvent(event: string, data?: QmpObject): void;
+  /** The commands this monitor answers (query-commands lists them). */
+  readonly commands: readonly QmpCommand[];
 }
 
 /** One QMP command: its schema, its documentation (docs/qmp.md is generated from it) and its body. */
