@@ -1,0 +1,91 @@
+/**
+ * Helpers of the QMP tests: a qemu-storage-daemon 7.2 started on a unix socket in a temporary
+ * directory (the oracle), and describeQsd, which runs a suite when QSD is installed, fails it in
+ * CI when it is not, and otherwise skips it and records the skip for `npm test`'s report.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { describe, it } from 'vitest';
+import { SKIP_REPORT } from './helpers/qemu.js';
+
+const QSD = 'qemu-storage-daemon';
+
+function hasQsd(): boolean {
+  return spawnSync(QSD, ['--version'], { stdio: 'ignore' }).status === 0;
+}
+
+function inCi(): boolean {
+  const ci = process.env['CI'];
+  return ci !== undefined && ci !== '' && ci !== 'false';
+}
+
+/** A describe() that needs qemu-storage-daemon: runs, fails in CI when it is missing, or skips and says so. */
+export function describeQsd(name: string, fn: () => void): void {
+  if (hasQsd()) {
+    describe(name, fn);
+    return;
+  }
+  const why = `${QSD} not found (apt-get install qemu-system-common)`;
+  if (inCi()) {
+    describe(name, () => {
+      it('has the qemu-storage-daemon oracle it needs in CI', () => {
+        throw new Error(`QMP suite '${name}' cannot run in CI: ${why}`);
+      });
+    });
+    return;
+  }
+  fs.mkdirSync(path.dirname(SKIP_REPORT), { recursive: true });
+  fs.appendFileSync(SKIP_REPORT, `${name}: ${why}\n`);
+  describe.skip(name, fn);
+}
+
+/** A running qemu-storage-daemon with a QMP monitor on `socket`. */
+export interface Qsd {
+  socket: string;
+  dir: string;
+  proc: ChildProcess;
+  stop(): Promise<void>;
+}
+
+/** A fresh temporary directory for one suite. */
+export function tempDir(prefix: string): string {
+  return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+}
+
+/** Starts QSD with a QMP monitor on a unix socket in `dir` (and any extra arguments); waits for the socket. */
+export async function startQsd(dir: string, extraArgs: string[] = []): Promise<Qsd> {
+  const socket = path.join(dir, 'qsd.sock');
+  const proc = spawn(QSD, ['--chardev', `socket,id=c0,path=${socket},server=on,wait=off`, '--monitor', 'chardev=c0', ...extraArgs], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  let stderr = '';
+  proc.stderr?.on('data', (d: Buffer) => {
+    stderr += d.toString();
+  });
+  const deadline = Date.now() + 10_000;
+  while (!fs.existsSync(socket)) {
+    if (proc.exitCode !== null) throw new Error(`qemu-storage-daemon exited (${proc.exitCode}): ${stderr}`);
+    if (Date.now() > deadline) {
+      proc.kill('SIGKILL');
+      throw new Error(`qemu-storage-daemon did not create ${socket}: ${stderr}`);
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const exited = new Promise<void>((resolve) => {
+    if (proc.exitCode !== null) resolve();
+    else proc.once('exit', () => resolve());
+  });
+  return {
+    socket,
+    dir,
+    proc,
+    async stop() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
+      const timer = setTimeout(() => proc.kill('SIGKILL'), 5000);
+      await exited;
+      clearTimeout(timer);
+    },
+  };
+}
