@@ -1,7 +1,8 @@
 /**
  * `img convert` (copy an image, or one of its snapshots, into a new raw or qcow2 image, keeping it
  * sparse; `-c` writes qcow2 clusters compressed, `-n` writes into an existing image, `-p` prints
- * qemu-img's progress) and `img compare` (qemu-img compare's messages and exit codes: 0
+ * qemu-img's progress; `-B FILE -F FMT` / `-o backing_file=..,backing_fmt=..` makes a qcow2 target
+ * over a backing file and copies only what the source's top image allocates) and `img compare` (qemu-img compare's messages and exit codes: 0
  * identical, 1 differ, 2 error). convert walks the source as qemu-img 7.2 does (block status
  * runs, 2 MiB chunks, one target cluster at a time with -c), so its progress lines match.
  */
@@ -9,7 +10,7 @@ import fs from 'node:fs';
 import { blkPwriteCompressed } from '../block/backend.js';
 import { withBqlSync } from '../block/bql.js';
 import { BlockError, isBlockError } from '../block/errors.js';
-import { bdrvBlockStatus } from '../block/io.js';
+import { bdrvBlockStatus, bdrvGetLength } from '../block/io.js';
 import { parseOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
@@ -26,7 +27,7 @@ const IO_BUF_SIZE = 2 * 1024 * 1024;
 const MIN_SPARSE = 4096;
 const P = 'snapstack img';
 const CONVERT_USAGE =
-  'usage: snapstack img convert [-c] [-n] [-p] [-q] [-f FMT] [-U] [-O raw|qcow2] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';
+  'usage: snapstack img convert [-c] [-n] [-p] [-q] [-f FMT] [-U] [-O raw|qcow2] [-B BACKING_FILE [-F BACKING_FMT]] [-o OPTIONS] [-l snapshot.name=TAG|snapshot.id=ID|ID_OR_NAME] SRC DST';
 const COMPARE_USAGE = 'usage: snapstack img compare [-f FMT] [-F FMT] [-U] A B';
 
 function isZero(buf: Uint8Array): boolean {
@@ -80,7 +81,19 @@ export class ConvertProgress {
 const enum Status {
   Data,
   Zero,
+  /** Not allocated in the source's top image: left unallocated, the target's backing file shows (only with a target backing file). */
+  Backing,
 }
+
+/** How the walk treats the target's backing file (qemu-img's target_has_backing, target_backing_sectors). */
+interface TargetBacking {
+  /** The target has a backing file: ranges the source's top does not allocate are skipped. */
+  has: boolean;
+  /** The new target's backing file length in bytes (zeros from there on are skipped too), or -1 when unknown (`-n`). */
+  lengthBytes: number;
+}
+
+const NO_BACKING: TargetBacking = { has: false, lengthBytes: -1 };
 
 /** qemu-img convert's walk over the source (convert_iteration_sectors), in bytes. */
 class SourceWalk {
@@ -92,6 +105,7 @@ class SourceWalk {
     private readonly size: number,
     private readonly bufSize: number,
     private readonly compressCluster: number,
+    private readonly target: TargetBacking = NO_BACKING,
   ) {}
 
   /** The length of the next piece from `pos`, setting `status` for it. */
@@ -99,9 +113,17 @@ class SourceWalk {
     const root = this.src.backend.root;
     if (root === null) throw new BlockError('ENOMEDIUM', `convert: the source '${this.src.name}' has no medium`);
     let n = this.size - pos;
+    // past the end of the target's backing file a zero needs no write: split the walk there
+    const tbl = this.target.lengthBytes;
+    const postBackingZero = tbl >= 0 && pos >= tbl;
+    if (tbl >= 0 && pos < tbl && pos + n > tbl) n = tbl - pos;
     if (this.nextStatus <= pos) {
+      // the source's top image alone (QEMU: block status above the source's backing node); an
+      // unallocated range reads as zero only where no backing file of the source reaches
       const st = await bdrvBlockStatus(root, pos, n);
-      this.status = st.zero ? Status.Zero : Status.Data;
+      if (st.zero) this.status = postBackingZero ? Status.Backing : Status.Zero;
+      else if (st.data || st.allocated || !this.target.has) this.status = Status.Data;
+      else this.status = Status.Backing;
       this.nextStatus = pos + st.bytes;
     }
     n = Math.min(n, this.nextStatus - pos);
@@ -123,6 +145,12 @@ interface ConvertRequest {
   srcFmt: string | undefined;
   dstFmt: string;
   options: string | undefined;
+  /** `-B`: the target's backing file. */
+  backingFile: string | undefined;
+  /** `-F`: the target's backing file format. */
+  backingFmt: string | undefined;
+  /** How many sources were named (only one is taken; several refused as qemu-img when -B is given). */
+  sourceCount: number;
   snap: string | undefined;
   forceShare: boolean;
   progress: boolean;
@@ -136,6 +164,8 @@ function parseConvertArgs(args: string[]): ConvertRequest {
   const srcFmt = takeFlag(args, '-f');
   const dstFmt = takeFlag(args, '-O') ?? 'raw';
   const options = takeFlag(args, '-o');
+  const backingFile = takeFlag(args, '-B');
+  const backingFmt = takeFlag(args, '-F');
   const snap = takeFlag(args, '-l');
   const forceShare = takeForceShare(args);
   const progress = takeSwitch(args, '-p');
@@ -143,27 +173,33 @@ function parseConvertArgs(args: string[]): ConvertRequest {
   const compress = takeSwitch(args, '-c');
   const noCreate = takeSwitch(args, '-n');
   refuseUnknownOptions(args, CONVERT_USAGE);
-  const [src, dst] = args;
-  if (src === undefined || dst === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting a source and a destination\n${CONVERT_USAGE}`);
-  return { srcFmt, dstFmt, options, snap, forceShare, progress: progress && !quiet, compress, noCreate, src, dst };
+  const src = args[0];
+  const dst = args[args.length - 1];
+  if (src === undefined || dst === undefined || args.length < 2) throw new BlockError('EINVAL', `Expecting a source and a destination\n${CONVERT_USAGE}`);
+  const sourceCount = args.length - 1;
+  return { srcFmt, dstFmt, options, backingFile, backingFmt, sourceCount, snap, forceShare, progress: progress && !quiet, compress, noCreate, src, dst };
 }
 
-/** Copies `from` into `to` as qemu-img convert does; `fresh`: the target reads as zeros already. */
-async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boolean, progressOut: (s: string) => void): Promise<void> {
+/**
+ * Copies `from` into `to` as qemu-img convert does; `fresh`: the target reads as zeros already
+ * (never with a backing file: zeros must mask it); `target`: its backing file, whose data shows
+ * wherever the source's top image allocates nothing.
+ */
+async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boolean, target: TargetBacking, progressOut: (s: string) => void): Promise<void> {
   const size = from.size; // the padding up to a whole sector stays zero in the target
   const targetCluster = to.backend.root?.drv.clusterSize?.() ?? 0;
   const C = req.compress ? targetCluster : 0;
   const bufSize = req.compress ? targetCluster : IO_BUF_SIZE;
   // first pass: how many bytes of data there are (the progress meter's 100%)
   let allocated = 0;
-  const count = new SourceWalk(from, size, bufSize, C);
+  const count = new SourceWalk(from, size, bufSize, C, target);
   for (let pos = 0; pos < size; ) {
     const n = await count.next(pos);
     if (count.status === Status.Data) allocated += n;
     pos += n;
   }
   const meter = req.progress ? new ConvertProgress(progressOut) : null;
-  const walk = new SourceWalk(from, size, bufSize, C);
+  const walk = new SourceWalk(from, size, bufSize, C, target);
   const buf = new Uint8Array(bufSize);
   let done = 0;
   for (let pos = 0; pos < size; ) {
@@ -180,7 +216,7 @@ async function copyImage(from: Image, to: Image, req: ConvertRequest, fresh: boo
       } else await at('writing', pos, writeSparse(to, pos, view, fresh));
       done += n;
       meter?.set((100 * done) / allocated);
-    } else if (!fresh) await at('writing', pos, to.writeZeroes(pos, n));
+    } else if (walk.status === Status.Zero && !fresh) await at('writing', pos, to.writeZeroes(pos, n));
     pos += n;
   }
   if (req.compress) await blkPwriteCompressed(to.backend, 0, new Uint8Array(0));
@@ -210,6 +246,25 @@ async function writeSparse(to: Image, pos: number, data: Uint8Array, fresh: bool
     if (!zero) await to.write(pos + i, data.subarray(i, j));
     else if (!fresh) await to.writeZeroes(pos + i, j - i);
     i = j;
+  }
+}
+
+/**
+ * qemu-img convert's refusals of a target backing file, in its order: several sources (the
+ * concatenation has no one top image), a backing file without its format (7.2 requires -F), a
+ * format without a file (qcow2's creation refuses it).
+ */
+function checkTargetBacking(req: ConvertRequest, backingFile: string | undefined, backingFmt: string | undefined): void {
+  if (backingFile !== undefined && req.sourceCount > 1) {
+    throw new BlockError('EINVAL', 'Having a backing file for the target makes no sense when concatenating multiple input images', { field: '-B', value: backingFile });
+  }
+  if (req.sourceCount > 1) throw new BlockError('ENOTSUP', `Expecting a source and a destination: concatenating several sources is not supported\n${CONVERT_USAGE}`, { field: 'filename' });
+  if (req.noCreate) return;
+  if (backingFile !== undefined && backingFmt === undefined) {
+    throw new BlockError('EINVAL', 'Use of backing file requires explicit backing format', { field: 'backing_fmt' });
+  }
+  if (backingFmt !== undefined && backingFile === undefined) {
+    throw new BlockError('EINVAL', `${req.dst}: error while converting ${req.dstFmt}: Backing format cannot be used without backing file`, { file: req.dst, field: 'backing_fmt' });
   }
 }
 
@@ -248,21 +303,40 @@ export async function imgConvert(
     return 1;
   }
   try {
-    if (req.snap !== undefined) await from.loadSnapshotTemporarily(parseSnapshotParam(req.snap));
+    if (req.snap !== undefined) {
+      const snap = parseSnapshotParam(req.snap);
+      try {
+        await from.loadSnapshotTemporarily(snap);
+      } catch (e) {
+        // qemu-img: "Failed to load snapshot: Can't find snapshot"
+        if (isBlockError(e) && e.code === 'ENOENT') throw new BlockError('ENOENT', "Failed to load snapshot: Can't find snapshot", { field: '-l', value: snap, cause: e });
+        throw e;
+      }
+    }
     // qemu's block layer counts whole sectors: a raw source of 1000 bytes makes a 1024-byte target
     const size = Math.ceil(from.size / 512) * 512;
     const { dstFmt, dst } = req;
     if (dstFmt !== 'raw' && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', `Unknown file format '${dstFmt}'`, { field: '-O', value: dstFmt });
     if (req.compress && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', 'Compression not supported for this file format', { field: '-c', value: dstFmt });
+    // -n: the existing target is taken to have the backing file -B names (qemu-img checks nothing)
+    let targetHasBacking = req.noCreate && req.backingFile !== undefined;
     if (!req.noCreate) {
-      const co = createOptions(dstFmt, parseOptions(req.options ?? '')); // qemu-img's options, refused by name when unknown
-      // a target over a backing file would show the backing data wherever the copy stays sparse
-      if (co.backingFile !== undefined || co.backingFormat !== undefined) {
-        throw new BlockError('ENOTSUP', 'a target with a backing file (-B, -o backing_file) is not supported yet; convert to a standalone image, then rebase it', { field: 'backing_file' });
+      const o = parseOptions(req.options ?? '');
+      if (dstFmt === 'raw') {
+        // qemu-img adds -B and -F to raw's creation options, which have neither
+        if (req.backingFile !== undefined) throw new BlockError('ENOTSUP', `Backing file not supported for file format 'raw'`, { field: '-B', value: req.backingFile });
+        if (req.backingFmt !== undefined) throw new BlockError('ENOTSUP', `Backing file format not supported for file format 'raw'`, { field: '-F', value: req.backingFmt });
+      } else {
+        // -B and -F override -o backing_file / backing_fmt, as in qemu-img
+        if (req.backingFile !== undefined) o['backing_file'] = req.backingFile;
+        if (req.backingFmt !== undefined) o['backing_fmt'] = req.backingFmt;
       }
+      const co = createOptions(dstFmt, o); // qemu-img's options, refused by name when unknown
+      targetHasBacking = co.backingFile !== undefined;
+      checkTargetBacking(req, co.backingFile, co.backingFormat);
       if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
       else withBqlSync((bql) => createQcow2File(bql, dst, { sizeBytes: size, ...co }));
-    }
+    } else if (req.sourceCount > 1) checkTargetBacking(req, req.backingFile, req.backingFmt);
     let to: Image;
     try {
       to = await openImage(dst, { aio: 'sync', format: dstFmt });
@@ -272,7 +346,13 @@ export async function imgConvert(
     }
     try {
       if (req.noCreate && to.size < size) throw new BlockError('EINVAL', 'output file is smaller than input file', { file: dst, field: 'size', value: to.size });
-      await copyImage(from, to, req, !req.noCreate, progressOut);
+      // a new target's backing length: zeros of the source past it need no write (they read as zeros)
+      const backingNode = to.backend.root?.backing;
+      const target: TargetBacking = {
+        has: targetHasBacking,
+        lengthBytes: targetHasBacking && !req.noCreate && backingNode !== undefined ? bdrvGetLength(backingNode) : -1,
+      };
+      await copyImage(from, to, req, !req.noCreate && !targetHasBacking, target, progressOut);
     } finally {
       await to.close();
     }

@@ -13,7 +13,7 @@ export const IMG_USAGE = `usage: snapstack img COMMAND [options]
   check [-q] [-f fmt] [--output=human|json] [-r leaks|all] [-U] filename
   commit [-q] [-f fmt] [-b base] [-d] [-p] filename
   compare [-f fmt] [-F fmt] [-p] [-q] [-s] [-U] filename1 filename2
-  convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-o options] [-l snapshot.name=TAG] filename output_filename
+  convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-O output_fmt] [-B backing_file [-F backing_fmt]] [-o options] [-l snapshot.name=TAG] filename output_filename
   create [-q] [-f fmt] [-b backing_file [-F backing_fmt]] [-u] [-o options] filename [size]
   dd [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-f fmt] [--output=human|json] [--backing-chain] [-U] filename
