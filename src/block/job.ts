@@ -6,7 +6,13 @@
  * Status machine (QEMU's JobSTT without standby): created -> running; running -> paused, ready,
  * waiting, aborting; paused -> running (or ready, when it was ready); ready -> paused, waiting,
  * aborting; waiting -> pending -> concluded; aborting -> concluded; concluded -> null (dismissed,
- * automatically unless `autoDismiss: false`).
+ * automatically unless `autoDismiss: false`). With `autoFinalize: false` a job that succeeded
+ * stays pending until `finalize` (QEMU's job-finalize) runs its graph change, or `cancel` aborts it.
+ *
+ * The verbs follow QEMU's JobVerbTable: pause and resume in created/running/paused/ready (one
+ * user pause at a time: "Job is already paused"), cancel until the job is aborting or concluded,
+ * complete only when ready, finalize only when pending, dismiss only when concluded; otherwise
+ * "Job 'x' in state 'y' cannot accept command verb 'z'".
  *
  * The job's body (JobDriver.run) runs in the background on the main loop and calls
  * `job.pausePoint()` between its steps: it yields to the event loop (guest I/O goes on), waits
@@ -47,6 +53,8 @@ export interface JobOptions {
   autoDismiss?: boolean;
   /** The nodes the job works on: no other job may use them until it concluded (EBUSY). */
   nodes?: readonly BlockNode[];
+  /** Run the graph change as soon as the job succeeded (QEMU's auto-finalize, default true). */
+  autoFinalize?: boolean;
 }
 
 /** Nodes in use by a job, and by which. */
@@ -72,6 +80,9 @@ const NEXT: Record<JobStatus, readonly JobStatus[]> = {
 export class Job {
   #status: JobStatus = 'created';
   #pauseCount = 0;
+  #userPaused = false;
+  #autoFinalize = true;
+  #finalizeRequested: (() => void) | null = null;
   #cancelled = false;
   #completing = false;
   #wasReady = false;
@@ -96,6 +107,21 @@ export class Job {
   /** The current status. */
   get status(): JobStatus {
     return this.#status;
+  }
+
+  /** True while a user (QMP job-pause, HMP block_job_pause) has paused the job. */
+  get userPaused(): boolean {
+    return this.#userPaused;
+  }
+
+  /** False when the job waits in 'pending' for finalize (QEMU's auto-finalize). */
+  get autoFinalize(): boolean {
+    return this.#autoFinalize;
+  }
+
+  /** @internal set by jobStart */
+  setAutoFinalize(v: boolean): void {
+    this.#autoFinalize = v;
   }
 
   /** True once cancel was called. */
@@ -175,18 +201,37 @@ export class Job {
   pause(bql: Bql): void {
     assertBql(bql, 'job-pause');
     this.#refuseFinished('pause');
+    if (this.#userPaused) throw new BlockError('EINVAL', 'Job is already paused', { op: 'job-pause' });
+    this.#userPaused = true;
     this.#pauseCount++;
   }
 
   /**
-   * Undoes one pause; the job runs on when none is left. EINVAL when it was not paused.
+   * Undoes the user's pause; the job runs on. EINVAL when it was not paused (QEMU's text).
    * @locking global-state
    */
   resume(bql: Bql): void {
     assertBql(bql, 'job-resume');
-    if (this.#pauseCount === 0) throw new BlockError('EINVAL', `Job '${this.id}' is not paused`, { op: 'job-resume' });
+    this.#refuseFinished('resume');
+    if (!this.#userPaused || this.#pauseCount === 0) throw new BlockError('EINVAL', "Can't resume a job that was not paused", { op: 'job-resume' });
+    this.#userPaused = false;
     this.#pauseCount--;
     if (this.#pauseCount === 0) this.#wakeUp?.();
+  }
+
+  /**
+   * Runs the graph change of a job that waits in 'pending' (auto-finalize off; QEMU's
+   * job-finalize); the job then concludes in the background.
+   * @locking global-state
+   */
+  finalize(bql: Bql): void {
+    assertBql(bql, 'job-finalize');
+    const go = this.#finalizeRequested;
+    if (this.#status !== 'pending' || go === null) {
+      throw new BlockError('EINVAL', `Job '${this.id}' in state '${this.#status}' cannot accept command verb 'finalize'`, { op: 'job-finalize' });
+    }
+    this.#finalizeRequested = null;
+    go();
   }
 
   /**
@@ -196,9 +241,17 @@ export class Job {
    */
   cancel(bql: Bql): void {
     assertBql(bql, 'job-cancel');
-    this.#refuseFinished('cancel');
+    if (['aborting', 'concluded', 'null'].includes(this.#status) || (this.#status === 'pending' && this.#finalizeRequested === null)) {
+      throw new BlockError('EINVAL', `Job '${this.id}' in state '${this.#status}' cannot accept command verb 'cancel'`, { op: 'job-cancel' });
+    }
     this.#cancelled = true;
     this.#wakeUp?.();
+    const pending = this.#finalizeRequested;
+    if (pending !== null) {
+      // a job waiting for finalize aborts instead
+      this.#finalizeRequested = null;
+      pending();
+    }
   }
 
   /**
@@ -248,11 +301,19 @@ export class Job {
     } catch (e) {
       failure = e;
     }
-    const bql = await acquireBql();
+    let bql = await acquireBql();
     try {
       if (failure === null && !this.#cancelled) {
         this.#transition('waiting');
         this.#transition('pending');
+        if (!this.#autoFinalize) {
+          // wait (without the BQL) for job-finalize or job-cancel
+          releaseBql(bql);
+          await new Promise<void>((resolve) => (this.#finalizeRequested = resolve));
+          bql = await acquireBql();
+        }
+      }
+      if (failure === null && !this.#cancelled) {
         try {
           await this.driver.prepare?.(bql, this);
         } catch (e) {
@@ -297,6 +358,7 @@ export function jobStart(bql: Bql, id: string, type: string, driver: JobDriver, 
     }
   }
   const job = new Job(id, type, driver, opts.autoDismiss ?? true);
+  job.setAutoFinalize(opts.autoFinalize ?? true);
   jobs.set(id, job);
   for (const node of nodes) busy.set(node, job);
   void job.whenConcluded().then(() => {
@@ -316,6 +378,16 @@ export function findJob(bql: Bql, id: string): Job {
   const job = jobs.get(id);
   if (job === undefined) throw new BlockError('ENOENT', `Job '${id}' not found`, { op: 'job', value: id });
   return job;
+}
+
+/**
+ * The job that works on `node` (jobStart's `nodes`), or null: block commands refuse such a node
+ * as QEMU's op blockers do ("Node 'x' is busy: block device is in use by block job: stream").
+ * @locking global-state
+ */
+export function jobUsingNode(bql: Bql, node: BlockNode): Job | null {
+  assertBql(bql, 'job-using-node');
+  return busy.get(node) ?? null;
 }
 
 /**
