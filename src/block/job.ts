@@ -33,6 +33,8 @@ export interface JobEvent {
   id: string;
   type: string;
   status: JobStatus;
+  /** The job itself (its progress, error and cancelled flag at the change). */
+  job: Job;
 }
 
 /** What a job of one kind does. */
@@ -151,7 +153,7 @@ export class Job {
   }
 
   #emit(to: JobStatus): void {
-    const ev: JobEvent = { id: this.id, type: this.type, status: to };
+    const ev: JobEvent = { id: this.id, type: this.type, status: to, job: this };
     for (const l of [...listeners]) {
       try {
         l(ev);

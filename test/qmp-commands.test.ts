@@ -1,0 +1,355 @@
+/**
+ * The QMP commands called directly (run(ctx, args), no server): blockdev-add's checking and
+ * translation (JSON types and key=value strings), the block queries' shapes, blockdev-del's
+ * refusals, internal snapshots, human-monitor-command, query-iothreads and the job verbs with
+ * their events, on images qemu-img made.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { withBql } from '../src/block/bql.js';
+import { createIOThread, shutdownIOThreads } from '../src/block/iothread.js';
+import { jobStart, type Job } from '../src/block/job.js';
+import { qmpCommands } from '../src/qmp/command-table.js';
+import { blockdevAdd, blockdevOptionsToNodeOptions } from '../src/qmp/blockdev-options.js';
+import { forwardJobEvents } from '../src/qmp/commands/jobs.js';
+import { qmpVersionInfo } from '../src/qmp/commands/misc.js';
+import { QmpError, type QmpContext, type QmpObject, type QmpValue } from '../src/qmp/types.js';
+import { describeInterop, qemu } from './helpers/qemu.js';
+
+let dir = '';
+const commands = qmpCommands({ machine: false });
+const events: Array<{ event: string; data: QmpObject }> = [];
+let quitRequested = false;
+const ctx: QmpContext = {
+  machine: null,
+  requestQuit: () => {
+    quitRequested = true;
+  },
+  emitEvent: (event, data) => events.push({ event, data: data ?? {} }),
+  commands,
+};
+
+/** Runs command `name` as the server would after checking its arguments. */
+async function run(name: string, args: QmpObject = {}): Promise<QmpValue> {
+  const cmd = commands.find((c) => c.name === name);
+  if (cmd === undefined) throw new Error(`no command ${name}`);
+  return cmd.run(ctx, args);
+}
+
+/** The QmpError a command fails with (fails the test when it succeeds or throws another error). */
+async function qmpFailure(name: string, args: QmpObject = {}): Promise<QmpError> {
+  try {
+    await run(name, args);
+  } catch (e) {
+    if (e instanceof QmpError) return e;
+    throw e;
+  }
+  throw new Error(`${name} succeeded`);
+}
+
+function obj(v: QmpValue | undefined): QmpObject {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error(`not an object: ${JSON.stringify(v)}`);
+  return v;
+}
+
+function arr(v: QmpValue | undefined): QmpValue[] {
+  if (!Array.isArray(v)) throw new Error(`not an array: ${JSON.stringify(v)}`);
+  return v;
+}
+
+async function nodeInfo(name: string, flat = false): Promise<QmpObject> {
+  const all = arr(await run('query-named-block-nodes', { flat })).map(obj);
+  const found = all.find((n) => n['node-name'] === name);
+  if (found === undefined) throw new Error(`no node ${name}`);
+  return found;
+}
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-qmp-cmd-'));
+});
+afterAll(async () => {
+  await withBql((bql) => shutdownIOThreads(bql));
+  if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe('blockdev-add options', () => {
+  it('translates nested objects to dotted node options and booleans to on/off', () => {
+    const o = blockdevOptionsToNodeOptions(
+      { driver: 'qcow2', 'node-name': 'q0', 'read-only': true, file: { driver: 'file', filename: 'a.qcow2', locking: 'off' }, backing: null },
+      { strict: true },
+    );
+    expect(o).toEqual({ driver: 'qcow2', 'node-name': 'q0', 'read-only': 'on', 'file.driver': 'file', 'file.filename': 'a.qcow2', 'file.locking': 'off', backing: 'null' });
+  });
+
+  it('accepts the key=value syntax: strings for booleans and numbers, dotted keys', () => {
+    const o = blockdevOptionsToNodeOptions({ driver: 'raw', 'node-name': 'r0', 'read-only': 'on', 'file.driver': 'memory', 'file.size': '1M' });
+    expect(o).toEqual({ driver: 'raw', 'node-name': 'r0', 'read-only': 'on', 'file.driver': 'memory', 'file.size': '1048576' });
+  });
+
+  it('refuses strings for booleans when strict (QMP), with QEMU\'s text', () => {
+    expect(() => blockdevOptionsToNodeOptions({ driver: 'file', 'node-name': 'f', filename: 'x', 'read-only': 'on' }, { strict: true })).toThrow(
+      "Invalid parameter type for 'read-only', expected: boolean",
+    );
+  });
+
+  it.each([
+    [{ driver: 'nope', 'node-name': 'x' }, "Parameter 'driver' does not accept value 'nope'"],
+    [{ 'node-name': 'x', filename: 'f' }, "Parameter 'driver' is missing"],
+    [{ driver: 'file', filename: 'f' }, "'node-name' must be specified for the root node"],
+    [{ driver: 'file', 'node-name': 'x' }, "Parameter 'filename' is missing"],
+    [{ driver: 'file', 'node-name': 'x', filename: 'f', bogus: 1 }, "Parameter 'bogus' is unexpected"],
+    [{ driver: 'file', 'node-name': 'x', filename: 5 }, "Invalid parameter type for 'filename', expected: string"],
+    [{ driver: 'file', 'node-name': '3x', filename: 'f' }, "Invalid node-name: '3x'"],
+    [{ driver: 'raw', 'node-name': 'x', file: { filename: 'f' } }, "Parameter 'file.driver' is missing"],
+    [{ driver: 'raw', 'node-name': 'x', file: { driver: 'file', filename: 'f', frob: true } }, "Parameter 'file.frob' is unexpected"],
+    [{ driver: 'memory', 'node-name': 'x', size: -1 }, "Invalid parameter type for 'size', expected: integer"],
+  ] as Array<[QmpObject, string]>)('refuses %j: %s', (options, message) => {
+    let err: unknown = null;
+    try {
+      blockdevOptionsToNodeOptions(options, { strict: true });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(QmpError);
+    expect((err as QmpError).errorClass).toBe('GenericError');
+    expect((err as QmpError).desc).toBe(message);
+  });
+});
+
+describe('query-version and query-iothreads', () => {
+  it('says qemu 7.2.0 and snapstack as the package', async () => {
+    const v = obj(await run('query-version'));
+    expect(v).toEqual(qmpVersionInfo());
+    expect(obj(v['qemu'])).toEqual({ major: 7, minor: 2, micro: 0 });
+    expect(String(v['package'])).toMatch(/^snapstack \d+\.\d+\.\d+/);
+  });
+
+  it('lists IOThreads with QEMU\'s IOThreadInfo keys and their poll window', async () => {
+    await withBql((bql) => createIOThread(bql, 'qmpio0', { pollMaxNs: 1000 }));
+    const list = arr(await run('query-iothreads')).map(obj);
+    const t = list.find((x) => x['id'] === 'qmpio0');
+    expect(t).toBeDefined();
+    expect(Object.keys(t ?? {}).sort()).toEqual(['aio-max-batch', 'id', 'poll-grow', 'poll-max-ns', 'poll-shrink', 'thread-id']);
+    expect(t?.['poll-max-ns']).toBe(1000);
+  });
+});
+
+describe('blockdev-add, the queries and blockdev-del on memory nodes', () => {
+  it('adds a raw node over a memory node and lists both as BlockDeviceInfo', async () => {
+    expect(await run('blockdev-add', { driver: 'raw', 'node-name': 'm-raw', file: { driver: 'memory', 'node-name': 'm-mem', size: 1048576 } })).toEqual({});
+    const raw = await nodeInfo('m-raw');
+    expect(raw['drv']).toBe('raw');
+    expect(raw['ro']).toBe(false);
+    expect(obj(raw['image'])['virtual-size']).toBe(1048576);
+    expect(obj(raw['image'])['format']).toBe('raw');
+    expect(obj(raw['cache'])).toEqual({ writeback: true, direct: false, 'no-flush': false });
+    const mem = await nodeInfo('m-mem');
+    expect(mem['drv']).toBe('memory');
+  });
+
+  it('refuses a duplicate node name and a node in use, then deletes parent before child', async () => {
+    expect((await qmpFailure('blockdev-add', { driver: 'memory', 'node-name': 'm-raw', size: 512 })).desc).toBe("Duplicate nodes with node-name='m-raw'");
+    expect((await qmpFailure('blockdev-del', { 'node-name': 'm-mem' })).desc).toBe('Node m-mem is not owned by the monitor');
+    expect((await qmpFailure('blockdev-del', { 'node-name': 'nosuch' })).desc).toBe("Failed to find node with node-name='nosuch'");
+    await run('blockdev-add', { driver: 'memory', 'node-name': 'm-solo', size: 4096 });
+    expect(await run('blockdev-del', { 'node-name': 'm-raw' })).toEqual({});
+    expect(await run('blockdev-del', { 'node-name': 'm-solo' })).toEqual({});
+    const names = arr(await run('query-named-block-nodes')).map((n) => obj(n)['node-name']);
+    expect(names).not.toContain('m-raw');
+    expect(names).not.toContain('m-mem');
+    expect(names).not.toContain('m-solo');
+  });
+
+  it('takes key=value strings through blockdevAdd (the daemon\'s --blockdev)', async () => {
+    const node = await withBql((bql) => blockdevAdd(bql, { driver: 'memory', 'node-name': 'kv0', size: '64k', 'read-only': 'off' }));
+    expect(node.readOnly).toBe(false);
+    expect(obj((await nodeInfo('kv0'))['image'])['virtual-size']).toBe(65536);
+    await run('blockdev-del', { 'node-name': 'kv0' });
+  });
+
+  it('query-block lists no devices in the daemon', async () => {
+    expect(await run('query-block')).toEqual([]);
+  });
+});
+
+describe('human-monitor-command', () => {
+  it('returns the HMP output with lines ended by \\r\\n, and an unknown command as QEMU prints it', async () => {
+    const text = await run('human-monitor-command', { 'command-line': 'info iothreads' });
+    expect(typeof text).toBe('string');
+    expect(String(text)).toMatch(/^qmpio0:\r\n {4}pending requests=\d+\r\n/);
+    expect(await run('human-monitor-command', { 'command-line': 'frob' })).toBe("unknown command: 'frob'\r\n");
+    expect(await run('human-monitor-command', { 'command-line': '' })).toBe('');
+  });
+
+  it('refuses a cpu-index without a machine', async () => {
+    expect((await qmpFailure('human-monitor-command', { 'command-line': 'info iothreads', 'cpu-index': 0 })).desc).toBe("Parameter 'cpu-index' expects a CPU number");
+  });
+
+  it('passes HMP quit on as a quit request', async () => {
+    quitRequested = false;
+    await run('human-monitor-command', { 'command-line': 'quit' });
+    expect(quitRequested).toBe(true);
+  });
+});
+
+describe('jobs', () => {
+  /** A job whose body waits until released; returns the job and its release. */
+  async function heldJob(id: string, opts: { autoFinalize?: boolean; autoDismiss?: boolean } = {}): Promise<{ job: Job; release: () => void; prepared: () => boolean }> {
+    let release = (): void => undefined;
+    const gate = new Promise<void>((r) => (release = r));
+    let didPrepare = false;
+    const job = await withBql((bql) =>
+      jobStart(
+        bql,
+        id,
+        'test',
+        {
+          async run(j: Job): Promise<void> {
+            j.setProgress(0, 10);
+            await gate;
+            await j.pausePoint();
+            j.setProgress(10, 10);
+          },
+          async prepare(): Promise<void> {
+            didPrepare = true;
+          },
+        },
+        opts,
+      ),
+    );
+    return { job, release, prepared: () => didPrepare };
+  }
+
+  it('lists a job as JobInfo and refuses verbs in the wrong state with QEMU\'s texts', async () => {
+    const stop = forwardJobEvents(ctx.emitEvent);
+    events.length = 0;
+    const { job, release } = await heldJob('qj1', { autoDismiss: false });
+    await new Promise((r) => setImmediate(r));
+    const info = arr(await run('query-jobs')).map(obj).find((j) => j['id'] === 'qj1');
+    expect(info).toEqual({ id: 'qj1', type: 'test', status: 'running', 'current-progress': 0, 'total-progress': 10 });
+    expect((await qmpFailure('job-complete', { id: 'qj1' })).desc).toBe("Job 'qj1' in state 'running' cannot accept command verb 'complete'");
+    expect((await qmpFailure('job-finalize', { id: 'qj1' })).desc).toBe("Job 'qj1' in state 'running' cannot accept command verb 'finalize'");
+    expect((await qmpFailure('job-dismiss', { id: 'qj1' })).desc).toBe("Job 'qj1' in state 'running' cannot accept command verb 'dismiss'");
+    expect((await qmpFailure('job-resume', { id: 'qj1' })).desc).toBe("Can't resume a job that was not paused");
+    await run('job-pause', { id: 'qj1' });
+    expect((await qmpFailure('job-pause', { id: 'qj1' })).desc).toBe('Job is already paused');
+    await run('job-resume', { id: 'qj1' });
+    release();
+    await job.whenConcluded();
+    expect(obj(arr(await run('query-jobs')).map(obj).find((j) => j['id'] === 'qj1'))['status']).toBe('concluded');
+    await run('job-dismiss', { id: 'qj1' });
+    expect((await qmpFailure('job-cancel', { id: 'qj1' })).desc).toBe('Job not found');
+    stop();
+    const statuses = events.filter((e) => e.event === 'JOB_STATUS_CHANGE' && e.data['id'] === 'qj1').map((e) => e.data['status']);
+    expect(statuses).toEqual(['created', 'running', 'waiting', 'pending', 'concluded', 'null']);
+  });
+
+  it('keeps a job with auto-finalize off pending until job-finalize, and cancel then aborts another', async () => {
+    const a = await heldJob('qj2', { autoFinalize: false });
+    a.release();
+    for (let i = 0; i < 50 && a.job.status !== 'pending'; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(a.job.status).toBe('pending');
+    expect(a.prepared()).toBe(false);
+    await run('job-finalize', { id: 'qj2' });
+    await a.job.whenConcluded();
+    expect(a.prepared()).toBe(true);
+
+    const b = await heldJob('qj3', { autoFinalize: false, autoDismiss: false });
+    b.release();
+    for (let i = 0; i < 50 && b.job.status !== 'pending'; i++) await new Promise((r) => setTimeout(r, 5));
+    await run('job-cancel', { id: 'qj3' });
+    await b.job.whenConcluded();
+    expect(b.prepared()).toBe(false);
+    expect(b.job.status).toBe('concluded');
+    await run('job-dismiss', { id: 'qj3' });
+  });
+});
+
+describeInterop('QMP commands on images qemu-img made', () => {
+  let base = '';
+  let top = '';
+  let raw = '';
+  beforeAll(() => {
+    base = path.join(dir, 'base.qcow2');
+    top = path.join(dir, 'top.qcow2');
+    raw = path.join(dir, 'disk.raw');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', base, '1M']);
+    qemu('qemu-io', ['-c', 'write -P 1 0 64k', base]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '1M']);
+    qemu('qemu-img', ['snapshot', '-c', 's1', top]);
+    qemu('qemu-img', ['create', '-q', '-f', 'raw', raw, '1M']);
+  });
+
+  it('opens a qcow2 chain and shows it nested, and flat', async () => {
+    await run('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: top } });
+    const info = await nodeInfo('top');
+    expect(info['backing_file']).toBe(base);
+    expect(info['backing_file_depth']).toBe(1);
+    const image = obj(info['image']);
+    expect(image['cluster-size']).toBe(65536);
+    expect(image['backing-filename']).toBe(base);
+    expect(obj(image['backing-image'])['format']).toBe('qcow2');
+    expect(arr(image['snapshots']).map((s) => obj(s)['name'])).toEqual(['s1']);
+    expect(obj(image['format-specific'])['type']).toBe('qcow2');
+    const flat = await nodeInfo('top', true);
+    expect(flat['backing_file_depth']).toBe(0);
+    expect(obj(flat['image'])['backing-image']).toBeUndefined();
+  });
+
+  it('refuses a second writer of the same image with QEMU\'s lock text, and a missing file', async () => {
+    expect((await qmpFailure('blockdev-add', { driver: 'qcow2', 'node-name': 'again', file: { driver: 'file', filename: top } })).desc).toBe('Failed to get "write" lock');
+    const missing = path.join(dir, 'missing.raw');
+    expect((await qmpFailure('blockdev-add', { driver: 'file', 'node-name': 'gone', filename: missing })).desc).toBe(`Could not open '${missing}': No such file or directory`);
+  });
+
+  it('makes and deletes internal snapshots with QEMU\'s refusals', async () => {
+    expect((await qmpFailure('blockdev-snapshot-internal-sync', { device: 'top', name: 's1' })).desc).toBe("Snapshot with name 's1' already exists on device 'top'");
+    expect((await qmpFailure('blockdev-snapshot-internal-sync', { device: 'top', name: '' })).desc).toBe('Name is empty');
+    expect((await qmpFailure('blockdev-snapshot-internal-sync', { device: 'nosuch', name: 'x' })).desc).toBe("Cannot find device='nosuch' nor node-name='nosuch'");
+    const backingNode = String((await nodeInfo('top'))['node-name']) === 'top' ? arr(await run('query-named-block-nodes')).map(obj).find((n) => n['file'] === base && n['drv'] === 'qcow2') : undefined;
+    expect((await qmpFailure('blockdev-snapshot-internal-sync', { device: String(backingNode?.['node-name']), name: 'x' })).desc).toBe('Need a root block node');
+    expect(await run('blockdev-snapshot-internal-sync', { device: 'top', name: 's2' })).toEqual({});
+    const deleted = obj(await run('blockdev-snapshot-delete-internal-sync', { device: 'top', name: 's2' }));
+    expect(deleted['name']).toBe('s2');
+    expect(Object.keys(deleted).sort()).toEqual(['date-nsec', 'date-sec', 'id', 'name', 'vm-clock-nsec', 'vm-clock-sec', 'vm-state-size']);
+    expect((await qmpFailure('blockdev-snapshot-delete-internal-sync', { device: 'top', name: 's2' })).desc).toBe("Snapshot with id 'null' and name 's2' does not exist on device 'top'");
+    expect((await qmpFailure('blockdev-snapshot-delete-internal-sync', { device: 'top' })).desc).toBe('Name or id must be provided');
+    await run('blockdev-del', { 'node-name': 'top' });
+    expect(qemu('qemu-img', ['snapshot', '-l', top])).toMatch(/\bs1\b/);
+    expect(qemu('qemu-img', ['snapshot', '-l', top])).not.toMatch(/\bs2\b/);
+    qemu('qemu-img', ['check', top]);
+  });
+
+  it('refuses a snapshot of a read-only node', async () => {
+    await run('blockdev-add', { driver: 'qcow2', 'node-name': 'ro', 'read-only': true, file: { driver: 'file', filename: base } });
+    expect((await qmpFailure('blockdev-snapshot-internal-sync', { device: 'ro', name: 'x' })).desc).toBe("Device 'ro' is read only");
+    await run('blockdev-del', { 'node-name': 'ro' });
+  });
+
+  it('streams the chain into the top with block-stream, with JOB_STATUS_CHANGE and BLOCK_JOB_COMPLETED', async () => {
+    const stop = forwardJobEvents(ctx.emitEvent);
+    events.length = 0;
+    await run('blockdev-add', { driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', filename: top } });
+    await run('block-stream', { device: 'top', 'job-id': 'st0' });
+    for (let i = 0; i < 400 && !events.some((e) => e.event === 'JOB_STATUS_CHANGE' && e.data['status'] === 'null'); i++) await new Promise((r) => setTimeout(r, 10));
+    stop();
+    const names = events.map((e) => (e.event === 'JOB_STATUS_CHANGE' ? String(e.data['status']) : e.event));
+    expect(names).toEqual(['created', 'running', 'waiting', 'pending', 'BLOCK_JOB_COMPLETED', 'concluded', 'null']);
+    const done = events.find((e) => e.event === 'BLOCK_JOB_COMPLETED');
+    expect(done?.data).toEqual({ device: 'st0', len: 1048576, offset: 1048576, speed: 0, type: 'stream' });
+    expect((await nodeInfo('top'))['backing_file']).toBeUndefined();
+    await run('blockdev-del', { 'node-name': 'top' });
+    expect(qemu('qemu-img', ['info', top])).not.toMatch(/backing file:/);
+    qemu('qemu-img', ['check', top]);
+  });
+
+  it('adds a raw image over a file node and deletes it', async () => {
+    await run('blockdev-add', { driver: 'raw', 'node-name': 'r0', file: { driver: 'file', filename: raw } });
+    const info = await nodeInfo('r0');
+    expect(obj(info['image'])['virtual-size']).toBe(1048576);
+    expect(typeof obj(info['image'])['actual-size']).toBe('number');
+    await run('blockdev-del', { 'node-name': 'r0' });
+  });
+});
