@@ -35,9 +35,11 @@ const SCAN_DIRS = ['src/block', 'src/drivers'];
 export const OUTPUT_PATH = 'docs/locking.md';
 /** The interfaces whose every callback must be classified. */
 const CALLBACK_INTERFACES = new Set(['BlockDriver', 'BlockDriverInstance']);
-const CONTRACTS = new Set(['io', 'global-state', 'common']);
+const CONTRACTS = new Set(['io', 'global-state', 'common', 'snapshot']);
+/** The proof of holding the snapshot lock (src/block/snapshot-lock.ts): `snapshot` code takes it instead of the BQL. */
+const SNAPSHOT_LOCK_TYPES = new Set(['SnapshotLocked']);
 const BQL_TYPES = new Set(['Bql']);
-const DRAINED_TYPES = new Set(['Drained', 'DrainedAll', 'DrainedProof']);
+const DRAINED_TYPES = new Set(['Drained', 'DrainedAll', 'DrainedProof', 'DrainedSet', 'GroupDrained']);
 /** The proof of holding a qcow2 node's metadata lock (src/drivers/qcow2/metadata-lock.ts): I/O code may take it. */
 const METADATA_LOCK_TYPES = new Set(['MetadataLocked']);
 /**
@@ -77,7 +79,7 @@ export const METADATA_FUNCTIONS = new Map([
  * @property {string} name function, method or callback name
  * @property {string} module path of its file relative to the root, forward slashes
  * @property {string} className enclosing class, interface or object (empty for a plain function)
- * @property {'io' | 'global-state' | 'common'} contract the classification from the locking tag
+ * @property {'io' | 'global-state' | 'common' | 'snapshot'} contract the classification from the locking tag
  * @property {boolean} bql whether it takes a `Bql` proof (must run with the BQL held)
  * @property {boolean} drained whether it takes a drained proof (needs a drained section)
  * @property {boolean} lock whether it takes the qcow2 metadata lock's proof (MetadataLocked)
@@ -439,7 +441,7 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
       }
       const value = values[0] ?? '';
       if (!CONTRACTS.has(value)) {
-        fail(`unknown @locking value '${value}' (expected io, global-state or common)`);
+        fail(`unknown @locking value '${value}' (expected io, global-state, common or snapshot)`);
         continue;
       }
       const contract = /** @type {LockingRow['contract']} */ (value);
@@ -447,10 +449,13 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
       const bqlParams = params.filter((p) => paramHasType(p, BQL_TYPES));
       const drainedParams = params.filter((p) => paramHasType(p, DRAINED_TYPES));
       const lockParams = params.filter((p) => paramHasType(p, METADATA_LOCK_TYPES));
+      const snapParams = params.filter((p) => paramHasType(p, SNAPSHOT_LOCK_TYPES));
       const problems = [];
+      if (contract === 'snapshot' && snapParams.length === 0) problems.push('is @locking snapshot but takes no parameter typed SnapshotLocked');
+      if (contract !== 'snapshot' && contract !== 'global-state' && snapParams.length > 0) problems.push(`is @locking ${contract} but takes the snapshot-lock proof; tag it snapshot`);
       if (contract !== 'global-state') {
         if (bqlParams.length > 0) problems.push(`is @locking ${contract} but takes a Bql proof (${bqlParams.map((p) => describeParam(p, sf)).join(', ')}); tag it global-state or drop the proof`);
-        if (drainedParams.length > 0) problems.push(`is @locking ${contract} but takes a drained proof (${drainedParams.map((p) => describeParam(p, sf)).join(', ')}); tag it global-state (with a Bql parameter) or drop the proof`);
+        if (drainedParams.length > 0 && contract !== 'snapshot') problems.push(`is @locking ${contract} but takes a drained proof (${drainedParams.map((p) => describeParam(p, sf)).join(', ')}); tag it global-state (with a Bql parameter) or drop the proof`);
       } else if (bqlParams.length === 0) {
         const untyped = params.filter((p) => p.type === undefined).map((p) => describeParam(p, sf));
         const hint = untyped.length > 0 ? ` (parameters without a type annotation: ${untyped.join(', ')})` : '';
@@ -496,7 +501,7 @@ export function collectRows(rootDir = REPO_ROOT, metadataFunctions = rootDir ===
         bql,
         drained,
         lock: locked,
-        alongside: drained ? 'no (drained)' : contract === 'global-state' ? 'yes (BQL)' : locked ? 'yes (holds the metadata lock)' : 'yes',
+        alongside: drained ? 'no (drained)' : contract === 'global-state' ? 'yes (BQL)' : contract === 'snapshot' ? 'yes (snapshot lock)' : locked ? 'yes (holds the metadata lock)' : 'yes',
         summary: firstSentence(docText(c.docNode)),
       });
     }
@@ -537,7 +542,11 @@ export function renderMarkdown(rows) {
     '`io` code is the request path: no BQL or drained proof, safe alongside other in-flight requests',
     '(a qcow2 function that changes metadata from there takes the `MetadataLocked` proof of the',
     "node's metadata lock: \"yes (holds the metadata lock)\"). `common` code",
-    'takes no proof and may be called from anywhere. The generator checks the tags against the',
+    'takes no proof and may be called from anywhere. `snapshot` code runs for the holder of the',
+    'snapshot lock (src/block/snapshot-lock.ts) and takes its `SnapshotLocked` proof instead of the',
+    'BQL: it takes the BQL itself for its short global-state steps and does I/O between them on the',
+    'nodes its own drained sections cover (the lock order: snapshot lock, then BQL; a BQL holder only',
+    'tries the snapshot lock). The generator checks the tags against the',
     'signatures (docs/architecture.md, "The contract in the types").',
     '',
     `${sorted.length} functions and callbacks in ${new Set(sorted.map((r) => r.module)).size} modules.`,

@@ -27,6 +27,8 @@ import {
   drainedEnd,
   Drained,
   DrainedAll,
+  type DrainedSet,
+  type GroupDrained,
   runInDrainedSection,
   withDrained,
   type DrainedProof,
@@ -239,9 +241,10 @@ test('I/O calls do not compile with a proof in front', () => {
   expectTypeOf(compileOnlyIo).toBeFunction();
 });
 
-test('group snapshot operations need Bql and a drain-all proof; a one-node proof does not do', () => {
-  function compileOnlyGroup(bql: Bql, all: DrainedAll, one: Drained, disks: GroupDisk[], info: SnapshotInfo): void {
+test('group snapshot operations need Bql and a drain-all or per-disk set proof; a one-node proof does not do', () => {
+  function compileOnlyGroup(bql: Bql, all: DrainedAll, set: DrainedSet, one: Drained, disks: GroupDisk[], info: SnapshotInfo): void {
     void bdrvAllCreateSnapshot(bql, all, disks, info, null);
+    void bdrvAllCreateSnapshot(bql, set, disks, info, null);
     void bdrvAllGotoSnapshot(bql, all, disks, 's1');
     void bdrvAllDeleteSnapshot(bql, all, disks, 's1');
     // @ts-expect-error -- a drained section of one node is not a drain of all
@@ -252,9 +255,9 @@ test('group snapshot operations need Bql and a drain-all proof; a one-node proof
     void bdrvAllDeleteSnapshot(all, disks, 's1');
   }
   expectTypeOf(compileOnlyGroup).toBeFunction();
-  expectTypeOf(bdrvAllCreateSnapshot).parameter(1).toEqualTypeOf<DrainedAll>();
-  expectTypeOf(bdrvAllGotoSnapshot).parameter(1).toEqualTypeOf<DrainedAll>();
-  expectTypeOf(bdrvAllDeleteSnapshot).parameter(1).toEqualTypeOf<DrainedAll>();
+  expectTypeOf(bdrvAllCreateSnapshot).parameter(1).toEqualTypeOf<GroupDrained>();
+  expectTypeOf(bdrvAllGotoSnapshot).parameter(1).toEqualTypeOf<GroupDrained>();
+  expectTypeOf(bdrvAllDeleteSnapshot).parameter(1).toEqualTypeOf<GroupDrained>();
 });
 
 test('machine and VM snapshot calls need the Bql', () => {

@@ -285,8 +285,9 @@ describe('failures of the group create and of the older snapshot of a tag', () =
     const a = faultSwitch('sl-a');
     const b = faultSwitch('sl-b');
     try {
-      // a: vmstate save and create pass, every later write fails; b: its create fails
-      planFaults(a, Array.from({ length: 50 }, (_, i) => i + 2));
+      // a: vmstate save (two 1 MiB chunks: 1 MiB of RAM and the header) and create pass, every
+      // later write fails; b: its create fails
+      planFaults(a, Array.from({ length: 50 }, (_, i) => i + 3));
       planFaults(b, [0]);
       const e = await caught(withBql((bql) => saveVm(bql, m, 'l')));
       planFaults(a, null);

@@ -15,12 +15,15 @@
 import { aioWaitWhile } from './aio-wait.js';
 import { assertBql, type Bql } from './bql.js';
 import { BlockError } from './errors.js';
+import { assertSnapshotLocked, type SnapshotLocked } from './snapshot-lock.js';
 import { nodeQuiesce, nodeReachedOnlyThrough, nodeUnquiesce, type BlockNode } from './node.js';
 import { allNodes, drainAllState } from './registry.js';
 import { gateKick, gateRunAsOwner, gateSectionBegin, gateSectionEnd } from './request-gate.js';
 
 let mintDrained: (node: BlockNode) => Drained;
 let mintDrainedAll: () => DrainedAll;
+let mintDrainedSet: (members: readonly Drained[]) => DrainedSet;
+let revokeDrainedSet: (proof: DrainedSet) => void;
 /** End a proof's life; module-private, so only drainedEnd / drainAllEnd can revoke a proof. */
 let revokeDrained: (proof: Drained) => void;
 let revokeDrainedAll: (proof: DrainedAll) => void;
@@ -83,8 +86,41 @@ export class DrainedAll {
   }
 }
 
-/** Either proof: what snapshot operations and close accept. */
-export type DrainedProof = Drained | DrainedAll;
+/**
+ * Proof that each node of a set is inside a drained section of its own (drainedBeginSet): what a
+ * group snapshot operation on some disks holds, so that I/O to the other disks goes on.
+ */
+export class DrainedSet {
+  readonly members: readonly Drained[];
+  #live = true;
+
+  private constructor(members: readonly Drained[]) {
+    this.members = members;
+  }
+
+  /** False once the sections ended. */
+  get live(): boolean {
+    return this.#live;
+  }
+
+  /** Brand check: true only for proofs drainedBeginSet minted. */
+  static isIssued(value: unknown): value is DrainedSet {
+    return typeof value === 'object' && value !== null && #live in value;
+  }
+
+  static {
+    mintDrainedSet = (members) => new DrainedSet(members);
+    revokeDrainedSet = (proof) => {
+      proof.#live = false;
+    };
+  }
+}
+
+/** Any proof: what snapshot operations and close accept. */
+export type DrainedProof = Drained | DrainedAll | DrainedSet;
+
+/** What the group snapshot operations accept: every node drained, or each of theirs. */
+export type GroupDrained = DrainedAll | DrainedSet;
 
 /** Test-only switch: when set, drain neither quiesces nor waits (proves the stress test can fail). */
 const testSwitch = { drainDisabled: false };
@@ -176,9 +212,64 @@ export function drainAllEnd(bql: Bql, drained: DrainedAll): void {
   }
 }
 
+/**
+ * Begins a drained section on each of `nodes` (each once) and returns one proof for them all; if
+ * one fails, the sections already begun end again.
+ * @locking global-state
+ */
+export async function drainedBeginSet(bql: Bql, nodes: readonly BlockNode[]): Promise<DrainedSet> {
+  assertBql(bql, 'drainedBeginSet');
+  const members: Drained[] = [];
+  try {
+    for (const node of new Set(nodes)) members.push(await drainedBegin(bql, node));
+  } catch (e) {
+    for (const d of members.reverse()) drainedEnd(bql, d);
+    throw e;
+  }
+  return mintDrainedSet(members);
+}
+
+/**
+ * Ends every section of a set proof and revokes it.
+ * @locking global-state
+ */
+export function drainedEndSet(bql: Bql, proof: DrainedSet): void {
+  assertBql(bql, 'drainedEndSet');
+  assertLiveProof(proof, 'drainedEndSet');
+  revokeDrainedSet(proof);
+  for (const d of [...proof.members].reverse()) drainedEnd(bql, d);
+}
+
+/**
+ * Runs `fn` inside drained sections on each of `nodes`, as their owner, and ends them afterwards.
+ * @locking global-state
+ */
+export async function withDrainedSet<T>(bql: Bql, nodes: readonly BlockNode[], fn: (d: DrainedSet) => Promise<T> | T): Promise<T> {
+  const d = await drainedBeginSet(bql, nodes);
+  try {
+    return await gateRunAsOwner(proofAdmits(d), () => fn(d));
+  } finally {
+    drainedEndSet(bql, d);
+  }
+}
+
+/**
+ * Runs the I/O `fn` as the owner of the live section `proof` WITHOUT the BQL: the snapshot
+ * lock's holder writes and reads the VM state, and flushes, on the nodes its own sections cover
+ * between its global-state steps (snapshot-lock.ts). Requests `fn` makes to other quiet nodes
+ * wait as anyone's do.
+ * @locking snapshot
+ */
+export async function runDrainedIo<T>(snap: SnapshotLocked, proof: DrainedProof, fn: () => Promise<T>): Promise<T> {
+  assertSnapshotLocked(snap, 'runDrainedIo');
+  assertLiveProof(proof, 'runDrainedIo');
+  return gateRunAsOwner(proofAdmits(proof), fn);
+}
+
 /** What a proof lets its owner reach while it is live. */
 function proofAdmits(proof: DrainedProof): (node: BlockNode) => boolean {
   if (proof instanceof Drained) return (node) => proof.live && nodeReachedOnlyThrough(proof.node, node);
+  if (proof instanceof DrainedSet) return (node) => proof.live && proof.members.some((d) => nodeReachedOnlyThrough(d.node, node));
   return () => proof.live;
 }
 
@@ -223,11 +314,12 @@ export async function withDrainedAll<T>(bql: Bql, fn: (d: DrainedAll) => Promise
 }
 
 function assertLiveProof(proof: DrainedProof, op: string): void {
-  if (!Drained.isIssued(proof) && !DrainedAll.isIssued(proof)) {
+  if (!Drained.isIssued(proof) && !DrainedAll.isIssued(proof) && !DrainedSet.isIssued(proof)) {
     throw new BlockError('EPERM', `${op}: the drained proof is forged (not issued by a drained section)`, { op });
   }
   if (!proof.live) {
-    const what = proof instanceof Drained ? `node '${proof.node.nodeName}'` : 'all nodes';
+    const what =
+      proof instanceof Drained ? `node '${proof.node.nodeName}'` : proof instanceof DrainedSet ? `nodes ${proof.members.map((d) => `'${d.node.nodeName}'`).join(', ')}` : 'all nodes';
     throw new BlockError('EPERM', `${op}: the drained proof for ${what} is stale (its section has ended)`, { op });
   }
 }
@@ -243,6 +335,12 @@ export function assertDrained(bql: Bql, proof: DrainedProof, node: BlockNode, op
   assertLiveProof(proof, op);
   if (proof instanceof Drained && !nodeReachedOnlyThrough(proof.node, node)) {
     throw new BlockError('EPERM', `${op}: node '${node.nodeName}' is not covered by the drained section of '${proof.node.nodeName}'`, {
+      node: node.nodeName,
+      op,
+    });
+  }
+  if (proof instanceof DrainedSet && !proof.members.some((d) => nodeReachedOnlyThrough(d.node, node))) {
+    throw new BlockError('EPERM', `${op}: node '${node.nodeName}' is not covered by the drained sections of ${proof.members.map((d) => `'${d.node.nodeName}'`).join(', ')}`, {
       node: node.nodeName,
       op,
     });

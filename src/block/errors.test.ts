@@ -45,6 +45,7 @@ describe('BlockError', () => {
       ENOSPC: 28,
       ENOTSUP: 95,
       ENOMEDIUM: 123,
+      ECANCELED: 125,
     };
     expect({ ...ERROR_CODES }).toEqual(expected);
     for (const [code, errno] of Object.entries(expected)) {

@@ -19,6 +19,8 @@ export const ERROR_CODES = {
   EBUSY: 16,
   EFBIG: 27,
   ENOMEDIUM: 123,
+  /** An operation (a job) was cancelled before it changed anything. */
+  ECANCELED: 125,
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
@@ -87,6 +89,7 @@ const NODE_ERRNO: Readonly<Record<string, ErrorCode>> = {
   ENOTSUP: 'ENOTSUP',
   EOPNOTSUPP: 'ENOTSUP',
   ENOMEDIUM: 'ENOMEDIUM',
+  ECANCELED: 'ECANCELED',
   EDQUOT: 'ENOSPC',
 };
 

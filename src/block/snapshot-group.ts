@@ -1,13 +1,13 @@
 /**
  * Group snapshot operations: the same snapshot call on a set of disks (all of a machine's, or a
  * chosen list), as QEMU's bdrv_all_* helpers. Every one of them takes `Bql` and a drain-all
- * proof: none drains by itself and none can be called undrained (QEMU moved the drain out of
+ * proof or a set proof whose sections cover every disk (checked per disk): none drains by itself and none can be called undrained (QEMU moved the drain out of
  * bdrv_all_delete_snapshot in 2024 for exactly this reason). Failures name the disk.
  *
  * Global-state code.
  */
 import { assertBql, type Bql } from './bql.js';
-import { assertDrained, type DrainedAll } from './drain.js';
+import { assertDrained, type GroupDrained } from './drain.js';
 import type { SnapshotInfo } from './driver.js';
 import { BlockError, isBlockError } from './errors.js';
 import { bdrvCanStoreVmstate } from './io.js';
@@ -128,7 +128,7 @@ export class GroupCreateError extends BlockError {
  * snapshot that could not be deleted again.
  * @locking global-state
  */
-export async function bdrvAllCreateSnapshot(bql: Bql, drained: DrainedAll, disks: GroupDisk[], info: SnapshotInfo, vmstateDisk: GroupDisk | null): Promise<GroupResult[]> {
+export async function bdrvAllCreateSnapshot(bql: Bql, drained: GroupDrained, disks: GroupDisk[], info: SnapshotInfo, vmstateDisk: GroupDisk | null): Promise<GroupResult[]> {
   assertBql(bql, 'bdrvAllCreateSnapshot');
   const done: Array<{ disk: GroupDisk; snapshot: SnapshotInfo }> = [];
   for (const d of disks) {
@@ -236,7 +236,7 @@ export function identityText(s: SnapshotInfo): string {
  */
 export async function bdrvAllGotoSnapshot(
   bql: Bql,
-  drained: DrainedAll,
+  drained: GroupDrained,
   disks: GroupDisk[],
   name: string,
   ids?: Map<string, string>,
@@ -269,7 +269,7 @@ export async function bdrvAllGotoSnapshot(
  * and returns every failure, naming the disk.
  * @locking global-state
  */
-export async function bdrvAllDeleteSnapshot(bql: Bql, drained: DrainedAll, disks: GroupDisk[], name: string, which?: Map<string, SnapshotInfo[]>): Promise<BlockError[]> {
+export async function bdrvAllDeleteSnapshot(bql: Bql, drained: GroupDrained, disks: GroupDisk[], name: string, which?: Map<string, SnapshotInfo[]>): Promise<BlockError[]> {
   assertBql(bql, 'bdrvAllDeleteSnapshot');
   const failures: BlockError[] = [];
   for (const d of disks) {

@@ -47,6 +47,7 @@ const STRERROR: Readonly<Record<ErrorCode, string>> = {
   EBUSY: 'Device or resource busy',
   EFBIG: 'File too large',
   ENOMEDIUM: 'No medium found',
+  ECANCELED: 'Operation canceled',
 };
 
 /** `Input/output error`-style text for a code, as strerror would print it. */

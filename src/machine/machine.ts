@@ -25,7 +25,7 @@ import {
 } from './layout.js';
 import { recoverVmSnapshots } from './savevm.js';
 import { INTENT_SUFFIX, IntentStore } from './vm-intent.js';
-import { decodeVmState, encodeVmState, maxVmStateBytes } from './vmstate.js';
+import { decodeVmState, encodeVmState, maxVmStateBytes, vmStateLayout, type VmState } from './vmstate.js';
 
 /** Longest the device loop sleeps without rescanning the request slots. */
 const DOORBELL_RESCAN_MS = 20;
@@ -91,6 +91,8 @@ export class Machine {
   /** Keeps the process alive while the machine exists (Atomics.waitAsync holds no reference). */
   private keepAlive: ReturnType<typeof setInterval> | null = null;
   private intentStore: IntentStore | null = null;
+  /** Holds that keep the machine stopped (holdPaused): cont is refused while there is one. */
+  private readonly pauseHolds = new Set<{ reason: string }>();
   /** What the start-up recovery did, until taken (reported once). */
   private recovered: string[] = [];
 
@@ -243,6 +245,7 @@ export class Machine {
 
   /** Why the vCPUs may not run now (a loadvm left disks to be put back), or null. */
   private resumeBlocker(): string | null {
+    for (const h of this.pauseHolds) return `${h.reason} is running`;
     const p = this.intentStore?.pending ?? null;
     if (p === null || p.op !== 'loadvm' || p.phase !== 'started') return null;
     return `loadvm '${p.tag}' did not finish and the disks are not all put back yet (undo snapshots '${p.undoName ?? ''}')`;
@@ -316,13 +319,40 @@ export class Machine {
    */
   saveState(bql: Bql): Uint8Array {
     assertBql(bql, 'saveState');
+    return encodeVmState(this.currentState());
+  }
+
+  /**
+   * The VM state of a stopped machine as pieces to stream (vmstate.ts vmStateLayout): the RAM is
+   * a view of the guest's memory, valid while the machine stays stopped (holdPaused keeps it so).
+   * @locking global-state
+   */
+  saveStateLayout(bql: Bql): { prefix: Uint8Array; ram: Uint8Array; total: number } {
+    assertBql(bql, 'saveStateLayout');
+    return vmStateLayout(this.currentState());
+  }
+
+  private currentState(): VmState {
     if (this.state !== 'paused') throw new BlockError('EBUSY', 'the VM state can only be saved while the machine is stopped', { op: 'savevm' });
-    return encodeVmState({
+    return {
       ram: new Uint8Array(this.ram),
       cpu: new Uint8Array(this.cpu.buffer),
       devices: new Uint8Array(this.slots.buffer),
       machine: { ramBytes: this.ramBytes, vcpus: this.vcpus, disks: this.disks.map((d) => d.id), vmClockNsec: this.vmClockNsec, guest: this.guest },
-    });
+    };
+  }
+
+  /**
+   * Keeps the stopped machine stopped (cont refused, naming `reason`) until the returned release
+   * is called: a snapshot operation that streams the RAM between BQL steps holds it.
+   * @locking global-state
+   */
+  holdPaused(bql: Bql, reason: string): () => void {
+    assertBql(bql, 'holdPaused');
+    if (this.state !== 'paused') throw new BlockError('EBUSY', `holdPaused: the machine is running (${reason})`, { op: 'holdPaused' });
+    const token = { reason };
+    this.pauseHolds.add(token);
+    return () => void this.pauseHolds.delete(token);
   }
 
   /**

@@ -14,14 +14,18 @@
  * operation, or the next start of the machine after a crash, rolls it back or finishes it.
  * A tag that does not name exactly one savevm on every disk is refused, never guessed.
  *
- * Global-state code: each call takes `Bql`, stops the vCPUs where QEMU does, and drains all disks
- * itself before calling the group operations (which require the drain-all proof).
+ * Global-state code: each call takes `Bql`, stops the vCPUs where QEMU does, and drains the
+ * machine's disks itself (a drained section on each: I/O to other nodes goes on) before calling
+ * the group operations. Every operation holds the snapshot lock (snapshot-lock.ts): saveVm,
+ * loadVm and delVm take it beside the caller's BQL (EBUSY while a snapshot job holds it); the
+ * *Locked variants run for its holder and take the BQL for their short global-state steps only,
+ * moving the VM state in chunks without it (vm-steps.ts).
  */
 import { type Bql } from '../block/bql.js';
-import { withDrainedAll, type DrainedAll } from '../block/drain.js';
+import { drainedBeginSet, drainedEndSet, runInDrainedSection, withDrainedAll, withDrainedSet, type DrainedSet, type GroupDrained } from '../block/drain.js';
 import type { SnapshotInfo } from '../block/driver.js';
 import { BlockError, isBlockError, type ErrorCode } from '../block/errors.js';
-import { bdrvLoadVmstate, bdrvSaveVmstate } from '../block/io.js';
+import { releaseSnapshotLock, trySnapshotLock, type SnapshotLocked } from '../block/snapshot-lock.js';
 import { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList } from '../block/snapshot.js';
 import {
   bdrvAllCanSnapshot,
@@ -35,6 +39,7 @@ import {
 } from '../block/snapshot-group.js';
 import type { Machine } from './machine.js';
 import type { SavevmIdentity, VmIntent } from './vm-intent.js';
+import { heldBqlSteps, readVmStateStream, snapshotLockSteps, writeVmStateStream, type VmStepHooks, type VmSteps } from './vm-steps.js';
 import { MIN_VMSTATE_BYTES } from './vmstate.js';
 
 /** How often a clean-up or put-back step is tried before it is reported as left to do. */
@@ -137,7 +142,7 @@ function resume(bql: Bql, m: Machine, wasRunning: boolean): void {
 }
 
 /** Deletes one snapshot by ID, trying again; a snapshot that is gone counts as deleted. */
-async function deleteConfirmed(bql: Bql, drained: DrainedAll, disk: GroupDisk, sn: SnapshotInfo): Promise<BlockError | null> {
+async function deleteConfirmed(bql: Bql, drained: GroupDrained, disk: GroupDisk, sn: SnapshotInfo): Promise<BlockError | null> {
   let last: unknown = null;
   for (let i = 0; i < ATTEMPTS; i++) {
     try {
@@ -157,7 +162,7 @@ async function deleteConfirmed(bql: Bql, drained: DrainedAll, disk: GroupDisk, s
 }
 
 /** Deletes on each disk the snapshots `pick` chooses from its list; returns what is left. */
-async function deleteWhere(bql: Bql, drained: DrainedAll, disks: GroupDisk[], pick: (s: SnapshotInfo) => boolean): Promise<{ left: LeftSnapshot[]; errors: BlockError[]; deleted: number }> {
+async function deleteWhere(bql: Bql, drained: GroupDrained, disks: GroupDisk[], pick: (s: SnapshotInfo) => boolean): Promise<{ left: LeftSnapshot[]; errors: BlockError[]; deleted: number }> {
   const left: LeftSnapshot[] = [];
   const errors: BlockError[] = [];
   let deleted = 0;
@@ -183,7 +188,7 @@ async function deleteWhere(bql: Bql, drained: DrainedAll, disks: GroupDisk[], pi
 }
 
 /** Reverts one disk to a snapshot by ID, trying again. */
-async function gotoConfirmed(bql: Bql, drained: DrainedAll, disk: GroupDisk, id: string): Promise<BlockError | null> {
+async function gotoConfirmed(bql: Bql, drained: GroupDrained, disk: GroupDisk, id: string): Promise<BlockError | null> {
   let last: unknown = null;
   for (let i = 0; i < ATTEMPTS; i++) {
     try {
@@ -207,7 +212,7 @@ function clearIntent(bql: Bql, m: Machine): string {
 }
 
 /** Rolls back or finishes one intent record on the drained disks; returns what it did. */
-async function recoverIntent(bql: Bql, drained: DrainedAll, m: Machine, rec: VmIntent, afterCrash: boolean): Promise<string> {
+async function recoverIntent(bql: Bql, drained: GroupDrained, m: Machine, rec: VmIntent, afterCrash: boolean): Promise<string> {
   // only the disks the operation ran on: a machine opened with other disks keeps theirs
   const disks = writable(m).filter((d) => rec.disks.includes(d.name) && bdrvCanSnapshot(bql, d.node));
   const tag = rec.tag;
@@ -322,73 +327,145 @@ function freshIdentity(now: number, vmClockNsec: number, taken: SnapshotInfo[]):
 /**
  * Saves the VM state and snapshots every writable disk under `tag` (default vm-<date>); the
  * VM state goes to the disk named by `opts.vmstate` or QEMU's default. Throws a
- * `VmSnapshotError` saying what is left when it fails.
+ * `VmSnapshotError` saying what is left when it fails. The caller's BQL is held throughout; the
+ * snapshot lock must be free (EBUSY while a snapshot job runs). saveVmLocked does the same without
+ * holding the BQL for the whole run.
  * @locking global-state
  */
 export async function saveVm(bql: Bql, m: Machine, tag?: string, opts: { vmstate?: string } = {}): Promise<SavevmResult> {
-  const name = tag ?? defaultSnapshotTag(new Date());
-  if (name === '') throw new BlockError('EINVAL', 'savevm: the tag must not be empty', { field: 'tag' });
-  if (name.startsWith(UNDO_PREFIX)) throw new BlockError('EINVAL', `savevm: tags starting with '${UNDO_PREFIX}' are loadvm's own`, { field: 'tag', value: name });
-  await recoverFirst(bql, m, 'savevm');
-  const disks = groupDisks(m);
-  bdrvAllCanSnapshot(bql, disks);
-  const vmDisk = bdrvAllFindVmstateDisk(bql, disks, opts.vmstate);
-  const wasRunning = m.runState === 'running';
-  await m.stop(bql);
+  const snap = trySnapshotLock(`savevm '${tag ?? ''}'`, 'savevm');
   try {
-    return await withDrainedAll(bql, async (drained) => {
-      const older = await bdrvAllFindSnapshots(bql, disks, name);
-      const olderAll = [...older.values()].flat();
-      const state = m.saveState(bql);
-      try {
-        await bdrvSaveVmstate(vmDisk.node, state, 0);
-      } catch (e) {
-        throw new VmSnapshotError(codeOf(e), `savevm '${name}': could not save the VM state on '${vmDisk.name}': ${message(e)}; no snapshot was made, the older ones of the tag are kept`, {
-          undoKept: [],
-          leftovers: [],
-          disks: new Map(),
-          committed: false,
-          pending: false,
-        }, e);
-      }
-      const identity = freshIdentity(Date.now(), m.vmClockNsec, olderAll);
-      const info: SnapshotInfo = { id: '', name, vmStateSize: state.length, ...identity, icount: -1 };
-      const store = m.intents(bql);
-      const rec: VmIntent = { op: 'savevm', phase: 'started', tag: name, identity, disks: writable(m).map((d) => d.name) };
-      store.write(rec);
-      try {
-        await bdrvAllCreateSnapshot(bql, drained, disks, info, vmDisk);
-      } catch (e) {
-        throw await savevmFailed(bql, drained, m, e, name, info);
-      }
-      try {
-        store.write({ ...rec, phase: 'cleanup' });
-      } catch (e) {
-        // not committed: the new snapshot goes again
-        const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && sameSavevm(s, info));
-        const tail = r.left.length === 0 ? `; the new snapshot was removed from every disk${clearIntent(bql, m)}` : `; the new snapshot remains on ${listText(r.left)} and is removed by the next operation`;
-        throw new VmSnapshotError(codeOf(e), `savevm '${name}': ${message(e)}${tail}`, { undoKept: [], leftovers: r.left, disks: new Map(), committed: false, pending: r.left.length > 0 }, e);
-      }
-      // the new snapshot exists on every disk: only now do the older ones of the tag go
-      const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && !sameSavevm(s, info));
-      if (r.left.length > 0) {
-        const why = r.errors.map((x) => x.message).join('; ');
-        throw new VmSnapshotError(
-          r.errors[0]?.code ?? 'EIO',
-          `savevm '${name}' saved the VM and every disk, but older snapshots of the tag could not be deleted: ${listText(r.left)} (${why}); loadvm '${name}' loads the new one, and the next savevm, loadvm or delvm deletes the older ones`,
-          { undoKept: [], leftovers: r.left, disks: new Map(), committed: true, pending: true },
-        );
-      }
-      const tail = clearIntent(bql, m);
-      return { name, vmStateSize: state.length, vmstateDisk: vmDisk.name, replaced: olderAll.length, warnings: tail === '' ? [] : [tail.slice(2)] };
-    });
+    return await saveVmWith(heldBqlSteps(bql), m, tag, opts);
   } finally {
-    resume(bql, m, wasRunning);
+    releaseSnapshotLock(snap);
   }
 }
 
+/**
+ * saveVm for the snapshot lock's holder: the BQL is taken for the short global-state steps only
+ * (stopping the vCPUs and draining the machine's disks; creating the snapshots), and the VM state
+ * is written in chunks without it, with the job's pause point (cancel) between chunks. Other
+ * disks' I/O and every monitor go on meanwhile; `cont` is refused until it ends.
+ * @locking snapshot
+ */
+export async function saveVmLocked(snap: SnapshotLocked, m: Machine, tag?: string, opts: { vmstate?: string } = {}, hooks: VmStepHooks = {}): Promise<SavevmResult> {
+  return saveVmWith(snapshotLockSteps(snap, 'savevm', hooks), m, tag, opts);
+}
+
+/** The stopped, drained machine of a running snapshot operation, and how to let it go. */
+interface HeldMachine {
+  disks: GroupDisk[];
+  drained: DrainedSet;
+  wasRunning: boolean;
+  release: () => void;
+}
+
+/** Stops the vCPUs, keeps them stopped and drains the machine's disks (one global-state step). */
+async function holdMachine(bql: Bql, m: Machine, disks: GroupDisk[], what: string): Promise<HeldMachine> {
+  const wasRunning = m.runState === 'running';
+  await m.stop(bql);
+  const release = m.holdPaused(bql, what);
+  try {
+    const drained = await drainedBeginSet(bql, disks.map((d) => d.node));
+    return { disks, drained, wasRunning, release };
+  } catch (e) {
+    release();
+    resume(bql, m, wasRunning);
+    throw e;
+  }
+}
+
+/** Ends what holdMachine began: the drained sections, the hold, and resumes a machine that ran. */
+function letMachineGo(bql: Bql, m: Machine, h: HeldMachine): void {
+  drainedEndSet(bql, h.drained);
+  h.release();
+  resume(bql, m, h.wasRunning);
+}
+
+async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, opts: { vmstate?: string }): Promise<SavevmResult> {
+  const name = tag ?? defaultSnapshotTag(new Date());
+  if (name === '') throw new BlockError('EINVAL', 'savevm: the tag must not be empty', { field: 'tag' });
+  if (name.startsWith(UNDO_PREFIX)) throw new BlockError('EINVAL', `savevm: tags starting with '${UNDO_PREFIX}' are loadvm's own`, { field: 'tag', value: name });
+  const start = await steps.gs(async (bql) => {
+    await recoverFirst(bql, m, 'savevm');
+    const all = groupDisks(m);
+    bdrvAllCanSnapshot(bql, all);
+    const vmDisk = bdrvAllFindVmstateDisk(bql, all, opts.vmstate);
+    const held = await holdMachine(bql, m, all, `savevm '${name}'`);
+    try {
+      const older = await runInDrainedSection(bql, held.drained, () => bdrvAllFindSnapshots(bql, held.disks, name));
+      return { held, vmDisk, olderAll: [...older.values()].flat(), layout: m.saveStateLayout(bql) };
+    } catch (e) {
+      letMachineGo(bql, m, held);
+      throw e;
+    }
+  });
+  const { held, vmDisk, olderAll, layout } = start;
+  const drained = held.drained;
+  try {
+    try {
+      await writeVmStateStream(steps, drained, vmDisk.node, layout);
+    } catch (e) {
+      const why = isBlockError(e, 'ECANCELED') ? 'cancelled while saving the VM state' : `could not save the VM state on '${vmDisk.name}': ${message(e)}`;
+      throw new VmSnapshotError(codeOf(e), `savevm '${name}': ${why}; no snapshot was made, the older ones of the tag are kept`, {
+        undoKept: [],
+        leftovers: [],
+        disks: new Map(),
+        committed: false,
+        pending: false,
+      }, e);
+    }
+    return await steps.gs((bql) => runInDrainedSection(bql, drained, () => commitSavevm(bql, drained, m, name, held.disks, vmDisk, olderAll, layout.total)));
+  } finally {
+    await steps.gs((bql) => letMachineGo(bql, m, held));
+  }
+}
+
+/** savevm's commit on the drained disks once the VM state is written: create, then drop older ones. */
+async function commitSavevm(
+  bql: Bql,
+  drained: GroupDrained,
+  m: Machine,
+  name: string,
+  disks: GroupDisk[],
+  vmDisk: GroupDisk,
+  olderAll: SnapshotInfo[],
+  vmStateSize: number,
+): Promise<SavevmResult> {
+  const identity = freshIdentity(Date.now(), m.vmClockNsec, olderAll);
+  const info: SnapshotInfo = { id: '', name, vmStateSize, ...identity, icount: -1 };
+  const store = m.intents(bql);
+  const rec: VmIntent = { op: 'savevm', phase: 'started', tag: name, identity, disks: writable(m).map((d) => d.name) };
+  store.write(rec);
+  try {
+    await bdrvAllCreateSnapshot(bql, drained, disks, info, vmDisk);
+  } catch (e) {
+    throw await savevmFailed(bql, drained, m, e, name, info);
+  }
+  try {
+    store.write({ ...rec, phase: 'cleanup' });
+  } catch (e) {
+    // not committed: the new snapshot goes again
+    const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && sameSavevm(s, info));
+    const tail = r.left.length === 0 ? `; the new snapshot was removed from every disk${clearIntent(bql, m)}` : `; the new snapshot remains on ${listText(r.left)} and is removed by the next operation`;
+    throw new VmSnapshotError(codeOf(e), `savevm '${name}': ${message(e)}${tail}`, { undoKept: [], leftovers: r.left, disks: new Map(), committed: false, pending: r.left.length > 0 }, e);
+  }
+  // the new snapshot exists on every disk: only now do the older ones of the tag go
+  const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && !sameSavevm(s, info));
+  if (r.left.length > 0) {
+    const why = r.errors.map((x) => x.message).join('; ');
+    throw new VmSnapshotError(
+      r.errors[0]?.code ?? 'EIO',
+      `savevm '${name}' saved the VM and every disk, but older snapshots of the tag could not be deleted: ${listText(r.left)} (${why}); loadvm '${name}' loads the new one, and the next savevm, loadvm or delvm deletes the older ones`,
+      { undoKept: [], leftovers: r.left, disks: new Map(), committed: true, pending: true },
+    );
+  }
+  const tail = clearIntent(bql, m);
+  return { name, vmStateSize, vmstateDisk: vmDisk.name, replaced: olderAll.length, warnings: tail === '' ? [] : [tail.slice(2)] };
+}
+
 /** The error of a savevm whose group create failed: what is left, the record kept if needed. */
-async function savevmFailed(bql: Bql, drained: DrainedAll, m: Machine, e: unknown, name: string, info: SnapshotInfo): Promise<VmSnapshotError> {
+async function savevmFailed(bql: Bql, drained: GroupDrained, m: Machine, e: unknown, name: string, info: SnapshotInfo): Promise<VmSnapshotError> {
   let left: LeftSnapshot[] = [];
   if (e instanceof GroupCreateError && e.leftovers.length > 0) {
     // try once more to remove what the group create could not
@@ -420,33 +497,80 @@ function chooseVmDisk(bql: Bql, disks: GroupDisk[], byDisk: Map<string, Snapshot
  * @locking global-state
  */
 export async function loadVm(bql: Bql, m: Machine, tag: string, opts: { vmstate?: string } = {}): Promise<LoadvmResult> {
-  await recoverFirst(bql, m, 'loadvm');
-  const disks = groupDisks(m);
-  bdrvAllCanSnapshot(bql, disks);
-  const { byDisk } = await bdrvAllResolveSnapshot(bql, disks, tag);
-  const vmDisk = chooseVmDisk(bql, disks, byDisk, opts.vmstate);
-  const sn = byDisk.get(vmDisk.name);
-  if (sn === undefined) throw new BlockError('ENOENT', 'Snapshot can not be found', { node: vmDisk.name, value: tag });
-  if (sn.vmStateSize === 0) throw new BlockError('EINVAL', 'This is a disk-only snapshot. Revert to it  offline using qemu-img', { node: vmDisk.name, value: tag });
-  const limit = m.vmStateLimitBytes;
-  if (!Number.isSafeInteger(sn.vmStateSize) || sn.vmStateSize < MIN_VMSTATE_BYTES || sn.vmStateSize > limit) {
-    throw new BlockError(
-      'EINVAL',
-      `loadvm '${tag}': snapshot ID ${sn.id} on '${vmDisk.name}' records a VM state of ${sn.vmStateSize} bytes (vm_state_size); a VM state of this machine takes ${MIN_VMSTATE_BYTES} to ${limit} bytes`,
-      { node: vmDisk.name, field: 'vm_state_size', value: sn.vmStateSize },
-    );
-  }
-  const wasRunning = m.runState === 'running';
-  await m.stop(bql);
+  const snap = trySnapshotLock(`loadvm '${tag}'`, 'loadvm');
   try {
-    return await withDrainedAll(bql, (drained) => revertAll(bql, drained, m, tag, byDisk, vmDisk, sn));
+    return await loadVmWith(heldBqlSteps(bql), m, tag, opts);
   } finally {
-    resume(bql, m, wasRunning);
+    releaseSnapshotLock(snap);
   }
 }
 
-/** loadvm's body on the drained disks (see loadVm). */
-async function revertAll(bql: Bql, drained: DrainedAll, m: Machine, tag: string, byDisk: Map<string, SnapshotInfo>, vmDisk: GroupDisk, sn: SnapshotInfo): Promise<LoadvmResult> {
+/**
+ * loadVm for the snapshot lock's holder: the disks are reverted in one global-state step, the VM
+ * state is read in chunks without the BQL (a cancel there puts every disk back), and it is loaded
+ * into the machine in a last step.
+ * @locking snapshot
+ */
+export async function loadVmLocked(snap: SnapshotLocked, m: Machine, tag: string, opts: { vmstate?: string } = {}, hooks: VmStepHooks = {}): Promise<LoadvmResult> {
+  return loadVmWith(snapshotLockSteps(snap, 'loadvm', hooks), m, tag, opts);
+}
+
+async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: { vmstate?: string }): Promise<LoadvmResult> {
+  const start = await steps.gs(async (bql) => {
+    await recoverFirst(bql, m, 'loadvm');
+    const disks = groupDisks(m);
+    bdrvAllCanSnapshot(bql, disks);
+    const { byDisk } = await bdrvAllResolveSnapshot(bql, disks, tag);
+    const vmDisk = chooseVmDisk(bql, disks, byDisk, opts.vmstate);
+    const sn = byDisk.get(vmDisk.name);
+    if (sn === undefined) throw new BlockError('ENOENT', 'Snapshot can not be found', { node: vmDisk.name, value: tag });
+    if (sn.vmStateSize === 0) throw new BlockError('EINVAL', 'This is a disk-only snapshot. Revert to it  offline using qemu-img', { node: vmDisk.name, value: tag });
+    const limit = m.vmStateLimitBytes;
+    if (!Number.isSafeInteger(sn.vmStateSize) || sn.vmStateSize < MIN_VMSTATE_BYTES || sn.vmStateSize > limit) {
+      throw new BlockError(
+        'EINVAL',
+        `loadvm '${tag}': snapshot ID ${sn.id} on '${vmDisk.name}' records a VM state of ${sn.vmStateSize} bytes (vm_state_size); a VM state of this machine takes ${MIN_VMSTATE_BYTES} to ${limit} bytes`,
+        { node: vmDisk.name, field: 'vm_state_size', value: sn.vmStateSize },
+      );
+    }
+    const held = await holdMachine(bql, m, disks, `loadvm '${tag}'`);
+    try {
+      const reverted = await runInDrainedSection(bql, held.drained, () => revertDisks(bql, held.drained, m, tag, byDisk));
+      return { held, vmDisk, sn, reverted };
+    } catch (e) {
+      letMachineGo(bql, m, held);
+      throw e;
+    }
+  });
+  const { held, vmDisk, sn, reverted } = start;
+  const drained = held.drained;
+  try {
+    let buf: Uint8Array | null = null;
+    if (reverted.failure === null) {
+      try {
+        buf = await readVmStateStream(steps, drained, vmDisk.node, sn.vmStateSize);
+      } catch (e) {
+        const why = isBlockError(e, 'ECANCELED') ? 'cancelled while reading it' : message(e);
+        reverted.failure = new BlockError(codeOf(e), `Error while loading VM state of '${tag}' from '${vmDisk.name}': ${why}`, { node: vmDisk.name, cause: e });
+      }
+    }
+    return await steps.gs((bql) => runInDrainedSection(bql, drained, () => finishLoad(bql, drained, m, tag, vmDisk, reverted, buf)));
+  } finally {
+    await steps.gs((bql) => letMachineGo(bql, m, held));
+  }
+}
+
+/** loadvm's first half on the drained disks: the undo snapshots, then every disk reverted. */
+interface Reverted {
+  disks: GroupDisk[];
+  rec: VmIntent;
+  undo: Map<string, SnapshotInfo>;
+  touched: GroupDisk[];
+  failure: BlockError | null;
+}
+
+/** Keeps the current state as undo snapshots, then reverts every writable disk (see loadVm). */
+async function revertDisks(bql: Bql, drained: GroupDrained, m: Machine, tag: string, byDisk: Map<string, SnapshotInfo>): Promise<Reverted> {
   const disks = writable(m);
   const store = m.intents(bql);
   const undoName = `${UNDO_PREFIX}${process.pid}-${Date.now()}`;
@@ -484,16 +608,23 @@ async function revertAll(bql: Bql, drained: DrainedAll, m: Machine, tag: string,
       break;
     }
   }
-  if (failure === null) {
+  return { disks, rec, undo, touched, failure };
+}
+
+/** loadvm's second half: load the VM state read, then drop the undo snapshots; or put every disk back. */
+async function finishLoad(bql: Bql, drained: GroupDrained, m: Machine, tag: string, vmDisk: GroupDisk, rv: Reverted, buf: Uint8Array | null): Promise<LoadvmResult> {
+  const { disks, rec, undo, touched } = rv;
+  let failure = rv.failure;
+  if (failure === null && buf !== null) {
     try {
-      const buf = new Uint8Array(sn.vmStateSize);
-      await bdrvLoadVmstate(vmDisk.node, buf, 0);
       m.loadState(bql, buf);
     } catch (e) {
       failure = new BlockError(codeOf(e), `Error while loading VM state of '${tag}' from '${vmDisk.name}': ${message(e)}`, { node: vmDisk.name, cause: e });
     }
   }
   if (failure !== null) throw await putBack(bql, drained, m, tag, disks, touched, undo, rec, failure);
+  const store = m.intents(bql);
+  const undoName = rec.undoName ?? '';
   // loaded: from here on the record may only delete the undo snapshots
   let warnings: string[] = [];
   try {
@@ -513,7 +644,7 @@ async function revertAll(bql: Bql, drained: DrainedAll, m: Machine, tag: string,
 /** Puts every touched disk back to its undo snapshot after a failed loadvm; the error says what is left. */
 async function putBack(
   bql: Bql,
-  drained: DrainedAll,
+  drained: GroupDrained,
   m: Machine,
   tag: string,
   disks: GroupDisk[],
@@ -578,10 +709,27 @@ async function putBack(
  * @locking global-state
  */
 export async function delVm(bql: Bql, m: Machine, tag: string): Promise<string[]> {
+  const snap = trySnapshotLock(`delvm '${tag}'`, 'delvm');
+  try {
+    return await delVmHeld(bql, m, tag);
+  } finally {
+    releaseSnapshotLock(snap);
+  }
+}
+
+/**
+ * delVm for the snapshot lock's holder (its one global-state step takes the BQL).
+ * @locking snapshot
+ */
+export async function delVmLocked(snap: SnapshotLocked, m: Machine, tag: string): Promise<string[]> {
+  return snapshotLockSteps(snap, 'delvm').gs((bql) => delVmHeld(bql, m, tag));
+}
+
+async function delVmHeld(bql: Bql, m: Machine, tag: string): Promise<string[]> {
   await recoverFirst(bql, m, 'delvm');
   const disks = groupDisks(m);
   bdrvAllCanSnapshot(bql, disks);
-  return withDrainedAll(bql, async (drained) => {
+  return withDrainedSet(bql, disks.map((d) => d.node), async (drained) => {
     const found = await bdrvAllFindSnapshots(bql, disks, tag);
     const before = [...found.values()].reduce((n, l) => n + l.length, 0);
     if (before === 0) return [];

@@ -32,32 +32,54 @@ function refuse(field: string, message: string): never {
 }
 
 /**
- * Serializes a VM state (one contiguous buffer, the size savevm records as vm-state-size).
+ * The encoded state in two pieces, so that a writer can stream it without first copying the RAM:
+ * `prefix` (header, the machine, vCPU and device sections, and the RAM section's header), then
+ * `ram` itself (a view, not a copy), then a 4-byte CRC-32 over both (`VMSTATE_TRAILER_BYTES`).
  * @locking common
  */
-export function encodeVmState(s: VmState): Uint8Array {
+export function vmStateLayout(s: VmState): { prefix: Uint8Array; ram: Uint8Array; total: number } {
   const machine = new TextEncoder().encode(JSON.stringify(s.machine));
   const sections: Array<[number, Uint8Array]> = [
     [SECTION_MACHINE, machine],
     [SECTION_CPU, s.cpu],
     [SECTION_DEVICES, s.devices],
-    [SECTION_RAM, s.ram],
   ];
-  const total = HEADER_BYTES + sections.reduce((n, [, b]) => n + SECTION_HEADER_BYTES + b.length, 0) + 4;
-  const out = new Uint8Array(total);
-  const v = new DataView(out.buffer);
-  out.set(new TextEncoder().encode(MAGIC), 0);
+  const prefixBytes = HEADER_BYTES + sections.reduce((n, [, b]) => n + SECTION_HEADER_BYTES + b.length, 0) + SECTION_HEADER_BYTES;
+  const prefix = new Uint8Array(prefixBytes);
+  const v = new DataView(prefix.buffer);
+  prefix.set(new TextEncoder().encode(MAGIC), 0);
   v.setUint32(8, VMSTATE_VERSION);
-  v.setUint32(12, sections.length);
+  v.setUint32(12, sections.length + 1);
   let off = HEADER_BYTES;
-  for (const [id, bytes] of sections) {
+  const sectionHeader = (id: number, length: number): void => {
     v.setUint32(off, id);
-    v.setUint32(off + 4, Math.floor(bytes.length / TWO32));
-    v.setUint32(off + 8, bytes.length % TWO32);
-    out.set(bytes, off + SECTION_HEADER_BYTES);
-    off += SECTION_HEADER_BYTES + bytes.length;
+    v.setUint32(off + 4, Math.floor(length / TWO32));
+    v.setUint32(off + 8, length % TWO32);
+    off += SECTION_HEADER_BYTES;
+  };
+  for (const [id, bytes] of sections) {
+    sectionHeader(id, bytes.length);
+    prefix.set(bytes, off);
+    off += bytes.length;
   }
-  v.setUint32(off, zlib.crc32(out.subarray(0, off)));
+  sectionHeader(SECTION_RAM, s.ram.length);
+  return { prefix, ram: s.ram, total: prefixBytes + s.ram.length + VMSTATE_TRAILER_BYTES };
+}
+
+/** The CRC-32 that ends an encoded state. */
+export const VMSTATE_TRAILER_BYTES = 4;
+
+/**
+ * Serializes a VM state (one contiguous buffer, the size savevm records as vm-state-size).
+ * @locking common
+ */
+export function encodeVmState(s: VmState): Uint8Array {
+  const { prefix, ram, total } = vmStateLayout(s);
+  const out = new Uint8Array(total);
+  out.set(prefix, 0);
+  out.set(ram, prefix.length);
+  const off = total - VMSTATE_TRAILER_BYTES;
+  new DataView(out.buffer).setUint32(off, zlib.crc32(out.subarray(0, off)));
   return out;
 }
 
