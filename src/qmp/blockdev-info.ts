@@ -75,7 +75,8 @@ export async function imageInfo(bql: Bql, node: BlockNode, flat: boolean, depth 
     filename: node.filename,
     format: node.driver.formatName,
     'dirty-flag': false,
-    'virtual-size': inst === null ? 0 : inst.getLength(),
+    // QEMU counts a node's length in 512-byte sectors, rounded up (a host file's odd tail too)
+    'virtual-size': inst === null ? 0 : Math.ceil(inst.getLength() / 512) * 512,
   };
   const actual = actualSize(node);
   if (actual !== null) info['actual-size'] = actual;
@@ -111,8 +112,9 @@ export async function blockDeviceInfo(bql: Bql, node: BlockNode, flat: boolean):
     ro: node.readOnly,
     drv: node.driver.formatName,
   };
+  // QEMU's bs->backing_file: the backing image as opened (the name the image records, resolved)
   const backing = backingName(node);
-  if (backing !== null) info['backing_file'] = backing.name;
+  if (backing !== null) info['backing_file'] = node.backing?.filename ?? resolveBackingFilename(node.filename, backing.name, node.nodeName);
   Object.assign(info, {
     backing_file_depth: flat ? 0 : depth,
     encrypted: false,

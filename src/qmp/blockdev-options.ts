@@ -319,6 +319,9 @@ function openFailure(e: unknown): QmpError {
   // "Failed to get "write" lock (node 'x' of this process holds it)": QEMU says the first part
   const lock = /^(Failed to get (?:shared )?"[a-z ]+" lock)/.exec(first);
   if (lock?.[1] !== undefined) first = lock[1];
+  // "qcow2 'x.img': Image is not in qcow2 format (magic: 0x0)": QEMU names neither file nor field
+  const format = /^qcow2 '.*?': (Image is not in qcow2 format)/.exec(first);
+  if (format?.[1] !== undefined) first = format[1];
   return new QmpError('GenericError', first);
 }
 

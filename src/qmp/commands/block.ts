@@ -13,7 +13,7 @@ import { withDrained } from '../../block/drain.js';
 import type { SnapshotInfo } from '../../block/driver.js';
 import { closeNode } from '../../block/graph.js';
 import { jobUsingNode } from '../../block/job.js';
-import type { BlockNode } from '../../block/node.js';
+import { BdrvChild, type BlockNode } from '../../block/node.js';
 import { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotList } from '../../block/snapshot.js';
 import { allBackends, allNodes } from '../../block/registry.js';
 import { blockdevAdd, blockdevAddFields, dropMonitorOwnership, findNodeForQmp, isMonitorOwned } from '../blockdev-options.js';
@@ -111,6 +111,9 @@ const blockdevDel: QmpCommand = {
         const node = findNodeForQmp(bql, name);
         for (const blk of allBackends.values()) if (blk.root === node) throw new QmpError('GenericError', `Node ${name} is in use`);
         refuseJobNode(bql, node);
+        for (const p of node.parents) {
+          if (p instanceof BdrvChild && p.role === 'backing') throw new QmpError('GenericError', `Node '${name}' is busy: node is used as backing hd of '${p.parent.nodeName}'`);
+        }
         if (!isMonitorOwned(node)) throw new QmpError('GenericError', `Node ${name} is not owned by the monitor`);
         if (node.parents.size > 0) throw new QmpError('GenericError', `Block device ${name} is in use`);
         await closeNode(bql, node);

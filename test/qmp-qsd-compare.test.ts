@@ -1,0 +1,282 @@
+/**
+ * qemu-storage-daemon 7.2 as the oracle of the QMP commands: the same command sequence goes to
+ * QSD (over its QMP socket) and to snapstack's commands, each on its own copy of the same images
+ * (a raw image, a qcow2 overlay on a qcow2 base with internal snapshots, all made by qemu-img).
+ * The replies are compared by shape (key sets and JSON types, recursively; error classes) and by
+ * value where the two must agree: sizes, node names, drivers, formats, read-only flags, chain
+ * depths, snapshot lists, and the error texts snapstack copies from QEMU. qemu-img then checks
+ * and lists both copies, which must agree too.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { withBql } from '../src/block/bql.js';
+import { shutdownIOThreads } from '../src/block/iothread.js';
+import { QmpClient } from '../src/qmp/client.js';
+import { qmpCommands } from '../src/qmp/command-table.js';
+import { QmpError, type QmpContext, type QmpObject, type QmpValue } from '../src/qmp/types.js';
+import { qemu } from './helpers/qemu.js';
+import { describeQsd, startQsd, tempDir, type Qsd } from './qmp-helpers.js';
+
+/** One side's reply: the `return` value, or the error's class and text. */
+type Reply = { ok: true; value: QmpValue } | { ok: false; errorClass: string; desc: string };
+
+const commands = qmpCommands({ machine: false });
+const ctx: QmpContext = { machine: null, requestQuit: () => undefined, emitEvent: () => undefined, commands };
+
+async function ours(name: string, args: QmpObject = {}): Promise<Reply> {
+  const cmd = commands.find((c) => c.name === name);
+  if (cmd === undefined) return { ok: false, errorClass: 'CommandNotFound', desc: `The command ${name} has not been found` };
+  try {
+    return { ok: true, value: await cmd.run(ctx, args) };
+  } catch (e) {
+    if (e instanceof QmpError) return { ok: false, errorClass: e.errorClass, desc: e.desc };
+    throw e;
+  }
+}
+
+async function theirs(client: QmpClient, name: string, args: QmpObject = {}): Promise<Reply> {
+  const reply = await client.request(name, args);
+  const err = reply['error'];
+  if (typeof err === 'object' && err !== null && !Array.isArray(err)) return { ok: false, errorClass: String(err['class']), desc: String(err['desc']) };
+  return { ok: true, value: reply['return'] ?? null };
+}
+
+function kind(v: QmpValue | undefined): string {
+  if (v === undefined) return 'missing';
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'array';
+  return typeof v;
+}
+
+function isObj(v: QmpValue | undefined): v is QmpObject {
+  return kind(v) === 'object';
+}
+
+/** Differences of shape between `a` (QSD) and `b` (snapstack): key sets and JSON types, recursively. */
+function shapeDiff(a: QmpValue | undefined, b: QmpValue | undefined, at: string, out: string[]): void {
+  if (kind(a) !== kind(b)) {
+    out.push(`${at}: QSD has ${kind(a)}, snapstack ${kind(b)}`);
+    return;
+  }
+  if (Array.isArray(a) && Array.isArray(b)) {
+    if (a.length !== b.length) out.push(`${at}: QSD has ${a.length} elements, snapstack ${b.length}`);
+    for (let i = 0; i < Math.min(a.length, b.length); i++) shapeDiff(a[i], b[i], `${at}[${i}]`, out);
+    return;
+  }
+  if (isObj(a) && isObj(b)) {
+    for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) shapeDiff(a[k], b[k], `${at}.${k}`, out);
+  }
+}
+
+/** Replaces each side's directory by <dir> in every string, so that file names compare. */
+function normalise(v: QmpValue, dir: string): QmpValue {
+  if (typeof v === 'string') return v.split(dir).join('<dir>');
+  if (Array.isArray(v)) return v.map((x) => normalise(x, dir));
+  if (isObj(v)) return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, normalise(x, dir)]));
+  return v;
+}
+
+/** A node's identity across the two sides: its name, or (automatic names differ) driver and file. */
+function nodeKey(n: QmpObject): string {
+  const name = String(n['node-name']);
+  return name.startsWith('#') ? `auto:${String(n['drv'])}:${String(n['file'])}` : name;
+}
+
+/** The values both sides must agree on for one BlockDeviceInfo (and its image chain). */
+function mustAgree(n: QmpObject, containerSizes: boolean): QmpObject {
+  const image = (img: QmpValue | undefined): QmpValue => {
+    if (!isObj(img)) return null;
+    const snaps = Array.isArray(img['snapshots']) ? img['snapshots'].map((s) => (isObj(s) ? { id: s['id'] ?? null, name: s['name'] ?? null, 'vm-state-size': s['vm-state-size'] ?? null } : null)) : null;
+    return {
+      filename: img['filename'] ?? null,
+      format: img['format'] ?? null,
+      // a protocol node's size is its host file's length: where qcow2 places new clusters
+      // and tables is each implementation's own, so it agrees only until the image is changed
+      'virtual-size': n['drv'] === 'file' && !containerSizes ? 'not compared' : (img['virtual-size'] ?? null),
+      'cluster-size': img['cluster-size'] ?? null,
+      'backing-filename': img['backing-filename'] ?? null,
+      'format-specific': img['format-specific'] ?? null,
+      snapshots: snaps,
+      'backing-image': image(img['backing-image']),
+    };
+  };
+  return {
+    'node-name': String(n['node-name']).startsWith('#') ? '#auto' : (n['node-name'] ?? null),
+    drv: n['drv'] ?? null,
+    file: n['file'] ?? null,
+    ro: n['ro'] ?? null,
+    backing_file: n['backing_file'] ?? null,
+    backing_file_depth: n['backing_file_depth'] ?? null,
+    image: image(n['image']),
+  };
+}
+
+describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
+  let root = '';
+  let qsdDir = '';
+  let ourDir = '';
+  let qsd: Qsd | null = null;
+  let client: QmpClient | null = null;
+
+  /** Runs one command on both sides (each with its own directory in the arguments). */
+  async function both(name: string, args: (dir: string) => QmpObject = () => ({})): Promise<{ q: Reply; o: Reply }> {
+    if (client === null) throw new Error('QSD is not running');
+    const q = await theirs(client, name, args(qsdDir));
+    const o = await ours(name, args(ourDir));
+    const norm = (r: Reply, dir: string): Reply => (r.ok ? { ok: true, value: normalise(r.value, dir) } : { ...r, desc: r.desc.split(dir).join('<dir>') });
+    return { q: norm(q, qsdDir), o: norm(o, ourDir) };
+  }
+
+  /** Both succeed with replies of the same shape; returns the two values. */
+  async function sameShape(name: string, args: (dir: string) => QmpObject = () => ({})): Promise<{ q: QmpValue; o: QmpValue }> {
+    const { q, o } = await both(name, args);
+    expect(q.ok ? 'ok' : `${q.errorClass}: ${q.desc}`, `QSD's ${name}`).toBe('ok');
+    expect(o.ok ? 'ok' : `${o.errorClass}: ${o.desc}`, `snapstack's ${name}`).toBe('ok');
+    if (!q.ok || !o.ok) throw new Error('unreachable');
+    return { q: q.value, o: o.value };
+  }
+
+  /** Both fail with the same class and text. */
+  async function sameError(name: string, args: (dir: string) => QmpObject): Promise<void> {
+    const { q, o } = await both(name, args);
+    expect(q.ok, `QSD's ${name} should fail`).toBe(false);
+    expect(o.ok ? { ok: true } : { errorClass: o.errorClass, desc: o.desc }).toEqual(q.ok ? { ok: true } : { errorClass: q.errorClass, desc: q.desc });
+  }
+
+  /** query-named-block-nodes on both, as maps from node identity to node. */
+  async function nodes(flat: boolean): Promise<{ q: Map<string, QmpObject>; o: Map<string, QmpObject> }> {
+    const r = await sameShape('query-named-block-nodes', () => ({ flat }));
+    const toMap = (v: QmpValue): Map<string, QmpObject> => new Map((Array.isArray(v) ? v : []).filter(isObj).map((n) => [nodeKey(n), n]));
+    return { q: toMap(r.q), o: toMap(r.o) };
+  }
+
+  async function compareNodes(flat: boolean, containerSizes = false): Promise<void> {
+    const { q, o } = await nodes(flat);
+    expect([...o.keys()].sort()).toEqual([...q.keys()].sort());
+    for (const [key, qn] of q) {
+      const on = o.get(key);
+      if (on === undefined) continue;
+      const diffs: string[] = [];
+      shapeDiff(qn, on, key, diffs);
+      expect(diffs, `shape of node ${key}${flat ? ' (flat)' : ''}`).toEqual([]);
+      expect(mustAgree(on, containerSizes), `values of node ${key}${flat ? ' (flat)' : ''}`).toEqual(mustAgree(qn, containerSizes));
+    }
+  }
+
+  beforeAll(async () => {
+    root = tempDir('snapstack-qsd-cmp-');
+    const seed = path.join(root, 'seed');
+    fs.mkdirSync(seed);
+    qemu('qemu-img', ['create', '-q', '-f', 'raw', path.join(seed, 'disk.raw'), '1M']);
+    qemu('qemu-img', ['create', '-q', '-f', 'raw', path.join(seed, 'other.raw'), '1M']);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'base.qcow2'), '4M']);
+    qemu('qemu-io', ['-c', 'write -P 0x11 0 128k', path.join(seed, 'base.qcow2')]);
+    // a relative backing name, so that each copy of the directory is a chain of its own
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.qcow2', '-F', 'qcow2', path.join(seed, 'top.qcow2'), '4M']);
+    qemu('qemu-io', ['-c', 'write -P 0x22 64k 64k', path.join(seed, 'top.qcow2')]);
+    qemu('qemu-img', ['snapshot', '-c', 's1', path.join(seed, 'top.qcow2')]);
+    qemu('qemu-io', ['-c', 'write -P 0x33 0 64k', path.join(seed, 'top.qcow2')]);
+    qemu('qemu-img', ['snapshot', '-c', 's2', path.join(seed, 'top.qcow2')]);
+    qsdDir = path.join(root, 'qsd');
+    ourDir = path.join(root, 'ours');
+    for (const d of [qsdDir, ourDir]) {
+      fs.mkdirSync(d);
+      for (const f of fs.readdirSync(seed)) fs.copyFileSync(path.join(seed, f), path.join(d, f));
+    }
+    qsd = await startQsd(root);
+    client = await QmpClient.connect({ path: qsd.socket });
+  });
+
+  afterAll(async () => {
+    await client?.close();
+    await qsd?.stop();
+    await withBql((bql) => shutdownIOThreads(bql));
+    if (root !== '') fs.rmSync(root, { recursive: true, force: true });
+  });
+
+  it('query-version has the same shape, and query-block and query-jobs are empty on both', async () => {
+    const v = await sameShape('query-version');
+    const diffs: string[] = [];
+    shapeDiff(v.q, v.o, 'version', diffs);
+    expect(diffs).toEqual([]);
+    expect(await sameShape('query-block')).toEqual({ q: [], o: [] });
+    expect(await sameShape('query-jobs')).toEqual({ q: [], o: [] });
+  });
+
+  it('blockdev-add of a raw image and a qcow2 chain succeeds on both, and the nodes agree', async () => {
+    expect(await sameShape('blockdev-add', (d) => ({ driver: 'raw', 'node-name': 'disk', file: { driver: 'file', 'node-name': 'disk-file', filename: path.join(d, 'disk.raw') } }))).toEqual({ q: {}, o: {} });
+    expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', 'node-name': 'top-file', filename: path.join(d, 'top.qcow2') } }))).toEqual({ q: {}, o: {} });
+    await compareNodes(false, true);
+    await compareNodes(true, true);
+  });
+
+  it('blockdev-add refuses bad options with the same errors', async () => {
+    await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 'disk', filename: path.join(d, 'disk.raw') }));
+    await sameError('blockdev-add', (d) => ({ driver: 'nope', 'node-name': 'x', filename: path.join(d, 'disk.raw') }));
+    await sameError('blockdev-add', (d) => ({ driver: 'file', filename: path.join(d, 'disk.raw') }));
+    await sameError('blockdev-add', (d) => ({ 'node-name': 'x', file: { driver: 'file', filename: path.join(d, 'disk.raw') } }));
+    await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 'x', filename: path.join(d, 'disk.raw'), bogus: 1 }));
+    await sameError('blockdev-add', () => ({ driver: 'file', 'node-name': 'x', filename: 5 }));
+    await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 'x', filename: path.join(d, 'disk.raw'), 'read-only': 'on' }));
+    await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': '3x', filename: path.join(d, 'disk.raw') }));
+    await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 'x', filename: path.join(d, 'missing.raw') }));
+    await sameError('blockdev-add', (d) => ({ driver: 'raw', 'node-name': 'x', file: { filename: path.join(d, 'disk.raw') } }));
+    // the image is open read-write: a second writer is refused by the image lock
+    await sameError('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'x', file: { driver: 'file', filename: path.join(d, 'top.qcow2') } }));
+    // (an image nobody holds: QEMU checks the format before it takes the image locks, snapstack's
+    // file driver locks at open, so with a held image the lock error would come first here)
+    await sameError('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'x', file: { driver: 'file', filename: path.join(d, 'other.raw') } }));
+    await sameError('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'x', backing: 'nonode', file: { driver: 'file', filename: path.join(d, 'base.qcow2'), locking: 'off' }, 'read-only': true }));
+  });
+
+  it('internal snapshots: the same refusals, and the same snapshot lists after create and delete', async () => {
+    await sameError('blockdev-snapshot-internal-sync', () => ({ device: 'top', name: 's1' }));
+    await sameError('blockdev-snapshot-internal-sync', () => ({ device: 'top', name: '' }));
+    await sameError('blockdev-snapshot-internal-sync', () => ({ device: 'nosuch', name: 'x' }));
+    await sameError('blockdev-snapshot-internal-sync', () => ({ device: 'top-file', name: 'x' }));
+    expect(await sameShape('blockdev-snapshot-internal-sync', () => ({ device: 'top', name: 's3' }))).toEqual({ q: {}, o: {} });
+    await compareNodes(false);
+    await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'top' }));
+    await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'top', name: 'nosuch' }));
+    await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'top', id: '9', name: 's1' }));
+    await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'nosuch', name: 's1' }));
+    for (const args of [{ device: 'top', name: 's3' }, { device: 'top', id: '1' }]) {
+      const r = await sameShape('blockdev-snapshot-delete-internal-sync', () => args);
+      const diffs: string[] = [];
+      shapeDiff(r.q, r.o, 'deleted', diffs);
+      expect(diffs).toEqual([]);
+      const pick = (v: QmpValue): QmpValue => (isObj(v) ? { id: v['id'] ?? null, name: v['name'] ?? null, 'vm-state-size': v['vm-state-size'] ?? null } : null);
+      expect(pick(r.o)).toEqual(pick(r.q));
+    }
+    await compareNodes(false);
+  });
+
+  it('jobs and blockdev-del: the same refusals, then both close every node', async () => {
+    await sameError('job-cancel', () => ({ id: 'nope' }));
+    await sameError('job-dismiss', () => ({ id: 'nope' }));
+    await sameError('job-pause', () => ({ id: 'nope' }));
+    await sameError('blockdev-del', () => ({ 'node-name': 'nosuch' }));
+    await sameError('blockdev-del', () => ({ 'node-name': 'disk-file' }));
+    const auto = [...(await nodes(false)).q.values()].find((n) => String(n['node-name']).startsWith('#'));
+    expect(auto).toBeDefined();
+    if (client === null || auto === undefined) return;
+    // an automatic name differs between the two sides: look each one up on its own side
+    const ourAuto = [...(await nodes(false)).o.values()].find((n) => nodeKey(n) === nodeKey(auto));
+    const q = await theirs(client, 'blockdev-del', { 'node-name': String(auto['node-name']) });
+    const o = await ours('blockdev-del', { 'node-name': String(ourAuto?.['node-name']) });
+    expect(o.ok ? 'ok' : o.desc.replace(/#block\d+/, '#auto')).toBe(q.ok ? 'ok' : q.desc.replace(/#block\d+/, '#auto'));
+    for (const name of ['disk', 'top']) expect(await sameShape('blockdev-del', () => ({ 'node-name': name }))).toEqual({ q: {}, o: {} });
+    expect(await sameShape('query-named-block-nodes')).toEqual({ q: [], o: [] });
+    // qemu-img reads both copies the same way
+    for (const d of [qsdDir, ourDir]) qemu('qemu-img', ['check', '-q', path.join(d, 'top.qcow2')]);
+    const list = (d: string): string[] =>
+      qemu('qemu-img', ['snapshot', '-l', path.join(d, 'top.qcow2')])
+        .split('\n')
+        .slice(2)
+        .filter((l) => l.trim() !== '')
+        .map((l) => l.trim().split(/\s+/).slice(0, 2).join(' '));
+    expect(list(ourDir)).toEqual(list(qsdDir));
+    expect(list(ourDir)).toEqual(['2 s2']);
+  });
+});
