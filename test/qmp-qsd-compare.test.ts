@@ -241,7 +241,7 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'top', name: 'nosuch' }));
     await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'top', id: '9', name: 's1' }));
     await sameError('blockdev-snapshot-delete-internal-sync', () => ({ device: 'nosuch', name: 's1' }));
-    for (const args of [{ device: 'top', name: 's3' }, { device: 'top', id: '1' }]) {
+    for (const args of [{ device: 'top', name: 's3' }, { device: 'top', id: '1' }] as QmpObject[]) {
       const r = await sameShape('blockdev-snapshot-delete-internal-sync', () => args);
       const diffs: string[] = [];
       shapeDiff(r.q, r.o, 'deleted', diffs);
