@@ -8,6 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { blkDelete, blkFind, blkNew } from '../src/block/backend.js';
 import { withBql } from '../src/block/bql.js';
 import { createIOThread, shutdownIOThreads } from '../src/block/iothread.js';
 import { jobStart, type Job } from '../src/block/job.js';
@@ -351,5 +352,64 @@ describeInterop('QMP commands on images qemu-img made', () => {
     expect(obj(info['image'])['virtual-size']).toBe(1048576);
     expect(typeof obj(info['image'])['actual-size']).toBe('number');
     await run('blockdev-del', { 'node-name': 'r0' });
+  });
+});
+
+describeInterop('QMP commands on a device (a backend, as the machine has)', () => {
+  let base = '';
+  let top = '';
+  beforeAll(() => {
+    base = path.join(dir, 'dev-base.qcow2');
+    top = path.join(dir, 'dev-top.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', base, '2M']);
+    qemu('qemu-io', ['-c', 'write -P 7 0 128k', base]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '2M']);
+    qemu('qemu-io', ['-c', 'write -P 8 1M 64k', top]);
+  });
+
+  it('query-block lists the device as BlockInfo; its node is in use; snapshots take the device name', async () => {
+    await withBql(async (bql) => {
+      const node = await blockdevAdd(bql, { driver: 'qcow2', 'node-name': 'devtop', file: { driver: 'file', filename: top }, backing: { driver: 'qcow2', 'node-name': 'devbase', 'read-only': false, file: { driver: 'file', filename: base } } });
+      blkNew(bql, 'vd0', node);
+    });
+    const list = arr(await run('query-block')).map(obj);
+    expect(list).toHaveLength(1);
+    const b = obj(list[0]);
+    expect(Object.keys(b).sort()).toEqual(['device', 'inserted', 'io-status', 'locked', 'removable', 'type']);
+    expect(b['device']).toBe('vd0');
+    const inserted = obj(b['inserted']);
+    expect(inserted['node-name']).toBe('devtop');
+    expect(inserted['backing_file_depth']).toBe(1);
+    expect(obj(obj(inserted['image'])['backing-image'])['filename']).toBe(base);
+    expect((await qmpFailure('blockdev-del', { 'node-name': 'devtop' })).desc).toBe('Node devtop is in use');
+    expect((await qmpFailure('blockdev-del', { 'node-name': 'devbase' })).desc).toBe("Node 'devbase' is busy: node is used as backing hd of 'devtop'");
+    expect(await run('blockdev-snapshot-internal-sync', { device: 'vd0', name: 'viadev' })).toEqual({});
+    expect(obj(await run('blockdev-snapshot-delete-internal-sync', { device: 'vd0', name: 'viadev' }))['name']).toBe('viadev');
+  });
+
+  it('blockdev-snapshot-sync puts an overlay on the device, and block-commit (active) merges it back after job-complete', async () => {
+    const overlay = path.join(dir, 'dev-overlay.qcow2');
+    expect(await run('blockdev-snapshot-sync', { device: 'vd0', 'snapshot-file': overlay, 'snapshot-node-name': 'devov' })).toEqual({});
+    const inserted = obj(obj(arr(await run('query-block')).map(obj)[0])['inserted']);
+    expect(inserted['node-name']).toBe('devov');
+    expect(inserted['backing_file_depth']).toBe(2);
+    const stop = forwardJobEvents(ctx.emitEvent);
+    events.length = 0;
+    await run('block-commit', { device: 'vd0', 'job-id': 'cm0' });
+    for (let i = 0; i < 400 && !events.some((e) => e.event === 'BLOCK_JOB_READY'); i++) await new Promise((r) => setTimeout(r, 10));
+    expect(obj(arr(await run('query-jobs')).map(obj).find((j) => j['id'] === 'cm0'))['status']).toBe('ready');
+    await run('job-complete', { id: 'cm0' });
+    for (let i = 0; i < 400 && !events.some((e) => e.event === 'JOB_STATUS_CHANGE' && e.data['status'] === 'null'); i++) await new Promise((r) => setTimeout(r, 10));
+    stop();
+    expect(events.map((e) => (e.event === 'JOB_STATUS_CHANGE' ? String(e.data['status']) : e.event))).toEqual([
+      'created', 'running', 'ready', 'BLOCK_JOB_READY', 'waiting', 'pending', 'BLOCK_JOB_COMPLETED', 'concluded', 'null',
+    ]);
+    expect(obj(obj(arr(await run('query-block')).map(obj)[0])['inserted'])['node-name']).toBe('devtop');
+    await withBql(async (bql) => {
+      blkDelete(bql, blkFind(bql, 'vd0'));
+    });
+    await run('blockdev-del', { 'node-name': 'devtop' });
+    qemu('qemu-img', ['check', '-q', top]);
+    expect(qemu('qemu-io', ['-c', 'read -P 8 1M 64k', '-c', 'read -P 7 0 128k', top])).not.toMatch(/Pattern verification failed/);
   });
 });
