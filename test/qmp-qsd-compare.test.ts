@@ -14,6 +14,7 @@ import { withBql } from '../src/block/bql.js';
 import { shutdownIOThreads } from '../src/block/iothread.js';
 import { QmpClient } from '../src/qmp/client.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
+import { forwardJobEvents } from '../src/qmp/commands/jobs.js';
 import { QmpError, type QmpContext, type QmpObject, type QmpValue } from '../src/qmp/types.js';
 import { qemu } from './helpers/qemu.js';
 import { describeQsd, startQsd, tempDir, type Qsd } from './qmp-helpers.js';
@@ -178,6 +179,9 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     qemu('qemu-img', ['snapshot', '-c', 's1', path.join(seed, 'top.qcow2')]);
     qemu('qemu-io', ['-c', 'write -P 0x33 0 64k', path.join(seed, 'top.qcow2')]);
     qemu('qemu-img', ['snapshot', '-c', 's2', path.join(seed, 'top.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'sbase.qcow2'), '8M']);
+    qemu('qemu-io', ['-c', 'write -P 0x44 0 3M', path.join(seed, 'sbase.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'sbase.qcow2', '-F', 'qcow2', path.join(seed, 'stop.qcow2'), '8M']);
     qsdDir = path.join(root, 'qsd');
     ourDir = path.join(root, 'ours');
     for (const d of [qsdDir, ourDir]) {
@@ -250,6 +254,41 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
       expect(pick(r.o)).toEqual(pick(r.q));
     }
     await compareNodes(false);
+  });
+
+  it('block-stream: the same job events, JobInfo and verb refusals once concluded, and the same chain after', async () => {
+    if (client === null) throw new Error('QSD is not running');
+    expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'stop', file: { driver: 'file', filename: path.join(d, 'stop.qcow2') } }))).toEqual({ q: {}, o: {} });
+    const ourEvents: Array<{ event: string; data: QmpObject }> = [];
+    const stop = forwardJobEvents((event, data) => ourEvents.push({ event, data }));
+    const seenBefore = client.events.length;
+    try {
+      expect(await sameShape('block-stream', () => ({ device: 'stop', 'job-id': 'st', 'auto-dismiss': false }))).toEqual({ q: {}, o: {} });
+      await client.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'concluded', 20_000);
+      for (let i = 0; i < 2000 && !ourEvents.some((e) => e.data['status'] === 'concluded'); i++) await new Promise((r) => setTimeout(r, 10));
+    } finally {
+      stop();
+    }
+    const seq = (list: Array<{ event: string; data?: QmpObject }>): string[] => list.map((e) => (e.event === 'JOB_STATUS_CHANGE' ? String(e.data?.['status']) : e.event));
+    const theirEvents = client.events.slice(seenBefore).filter((e) => e.event.startsWith('JOB') || e.event.startsWith('BLOCK_JOB'));
+    expect(seq(ourEvents)).toEqual(seq(theirEvents));
+    const done = (list: Array<{ event: string; data?: QmpObject }>): QmpValue => {
+      const d = list.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data;
+      return d === undefined ? null : { keys: Object.keys(d).sort(), len: d['len'] ?? null, offset: d['offset'] ?? null, type: d['type'] ?? null, device: d['device'] ?? null };
+    };
+    expect(done(ourEvents)).toEqual(done(theirEvents));
+    const jobs = await sameShape('query-jobs');
+    const diffs: string[] = [];
+    shapeDiff(jobs.q, jobs.o, 'jobs', diffs);
+    expect(diffs).toEqual([]);
+    expect(jobs.o).toEqual(jobs.q);
+    await sameError('job-pause', () => ({ id: 'st' }));
+    await sameError('job-complete', () => ({ id: 'st' }));
+    await sameError('job-finalize', () => ({ id: 'st' }));
+    await sameError('job-cancel', () => ({ id: 'st' }));
+    expect(await sameShape('job-dismiss', () => ({ id: 'st' }))).toEqual({ q: {}, o: {} });
+    await compareNodes(false);
+    expect(await sameShape('blockdev-del', () => ({ 'node-name': 'stop' }))).toEqual({ q: {}, o: {} });
   });
 
   it('jobs and blockdev-del: the same refusals, then both close every node', async () => {
