@@ -6,7 +6,8 @@
  * Each command runs on the main loop without the BQL and takes it (withBql) for its global-state
  * steps; a snapshot is made inside a drained section of its node, as HMP's commands and
  * src/block/snapshot-group.ts do, and refused by the same rules (read-only, a backing node in
- * use, a node a job works on).
+ * use, a node a job works on). The internal-snapshot commands take the snapshot lock
+ * (src/block/snapshot-lock.ts) before the BQL, so they wait for a running snapshot job.
  */
 import { withBql, type Bql } from '../../block/bql.js';
 import { withDrained } from '../../block/drain.js';
@@ -14,6 +15,7 @@ import type { SnapshotInfo } from '../../block/driver.js';
 import { closeNode } from '../../block/graph.js';
 import { jobUsingNode } from '../../block/job.js';
 import { BdrvChild, type BlockNode } from '../../block/node.js';
+import { withSnapshotLock } from '../../block/snapshot-lock.js';
 import { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotList } from '../../block/snapshot.js';
 import { allBackends, allNodes } from '../../block/registry.js';
 import { blockdevAdd, blockdevAddFields, dropMonitorOwnership, findNodeForQmp, isMonitorOwned } from '../blockdev-options.js';
@@ -133,7 +135,8 @@ const snapshotInternal: QmpCommand = {
   example: { args: { device: 'disk0', name: 'before-upgrade' }, returns: {} },
   run: (ctx, args) =>
     qmpErrors(() =>
-      withBql(async (bql) => {
+      // the snapshot lock first (waited for without the BQL), so that a snapshot job runs alone
+      withSnapshotLock(`blockdev-snapshot-internal-sync '${String(args['name'])}'`, () => withBql(async (bql) => {
         const device = reqStr(args, 'device');
         const name = reqStr(args, 'name');
         const node = rootNodeOf(bql, device);
@@ -148,7 +151,7 @@ const snapshotInternal: QmpCommand = {
         const info: SnapshotInfo = { id: '', name, vmStateSize: 0, dateSec: t.dateSec, dateNsec: t.dateNsec, vmClockNsec: ctx.machine?.vmClockNsec ?? 0, icount: -1 };
         await withDrained(bql, node, (d) => bdrvSnapshotCreate(bql, d, node, info));
         return {};
-      }),
+      })),
     ),
 };
 
@@ -166,7 +169,7 @@ const snapshotDeleteInternal: QmpCommand = {
   },
   run: (_ctx, args) =>
     qmpErrors(() =>
-      withBql(async (bql) => {
+      withSnapshotLock('blockdev-snapshot-delete-internal-sync', () => withBql(async (bql) => {
         const device = reqStr(args, 'device');
         const id = optStr(args, 'id');
         const name = optStr(args, 'name');
@@ -180,7 +183,7 @@ const snapshotDeleteInternal: QmpCommand = {
         if (node.readOnly) throw new QmpError('GenericError', `Device '${device}' is read only`);
         const deleted = await withDrained(bql, node, (d) => bdrvSnapshotDelete(bql, d, node, found.id, found.name));
         return snapshotInfoToQmp(deleted);
-      }),
+      })),
     ),
 };
 
