@@ -27,9 +27,10 @@
  * ## Order and bounds
  *
  * Commands of one session run one at a time in the order received (a command's `run` is awaited
- * before the next starts); sessions run concurrently. Reading stops while 8 requests wait (QEMU's
- * QMP_REQ_QUEUE_LEN_MAX) or while more than 1 MiB of output waits for a peer that does not read;
- * a peer that lets 16 MiB pile up (events keep coming while reading is paused) is disconnected.
+ * before the next starts); sessions run concurrently. Parsing stops while 8 requests wait (QEMU's
+ * QMP_REQ_QUEUE_LEN_MAX; the bytes after them wait unparsed, and reading pauses); running stops,
+ * and reading with it, while more than 1 MiB of output waits for a peer that does not read. A peer
+ * that lets 16 MiB pile up anyway (events keep coming) is disconnected.
  * The parser bounds each message (json-stream.ts), so a session's memory is bounded whatever the peer sends.
  */
 import type { Duplex } from 'node:stream';
@@ -45,6 +46,8 @@ import { QmpError, type QmpCommand, type QmpContext, type QmpErrorClass, type Qm
 export const MAX_QUEUED_REQUESTS = 8;
 /** Output waiting for the peer above which the session stops reading. */
 export const OUTPUT_HIGH_WATER_BYTES = 1024 * 1024;
+/** Bytes parsed at a time, so that parsing can stop once enough requests wait. */
+const INPUT_SLICE_BYTES = 4096;
 /** Output waiting for the peer above which the session is closed. */
 export const MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
 
@@ -95,6 +98,9 @@ export class QmpSession {
   #closing = false;
   #closed = false;
   #paused = false;
+  /** Bytes received and not yet parsed (at most one chunk: reading pauses while they wait). */
+  #input: Buffer | null = null;
+  #parserEnded = false;
   readonly #closedPromise: Promise<void>;
   #resolveClosed: () => void = () => undefined;
 
@@ -122,10 +128,13 @@ export class QmpSession {
     s.on('data', (chunk: Buffer | string) => this.#onData(typeof chunk === 'string' ? Buffer.from(chunk) : chunk));
     s.on('end', () => {
       this.#inputEnded = true;
-      this.#queue.push(...this.#parser.end());
+      this.#parseInput();
       this.#pump();
     });
-    s.on('drain', () => this.#flow());
+    s.on('drain', () => {
+      this.#pump();
+      this.#flow();
+    });
     s.on('error', () => this.#onClosed());
     s.on('close', () => this.#onClosed());
     this.#write(qmpGreeting());
@@ -175,16 +184,33 @@ export class QmpSession {
 
   #onData(chunk: Buffer): void {
     if (this.#closing || this.#closed) return;
-    const items = this.#parser.push(chunk);
-    if (items.length > 0) this.#queue.push(...items);
+    this.#input = this.#input === null ? chunk : Buffer.concat([this.#input, chunk]);
+    this.#parseInput();
     this.#pump();
     this.#flow();
   }
 
-  /** Pauses reading while too much waits (requests to run, replies to send); resumes when it drained. */
+  /**
+   * Parses received bytes a slice at a time while fewer than MAX_QUEUED_REQUESTS wait, so that
+   * one large chunk of tiny requests never becomes thousands of queued ones; the rest waits as bytes.
+   */
+  #parseInput(): void {
+    while (this.#input !== null && this.#queue.length < MAX_QUEUED_REQUESTS) {
+      const slice = this.#input.subarray(0, INPUT_SLICE_BYTES);
+      this.#input = this.#input.length > INPUT_SLICE_BYTES ? this.#input.subarray(INPUT_SLICE_BYTES) : null;
+      const items = this.#parser.push(slice);
+      if (items.length > 0) this.#queue.push(...items);
+    }
+    if (this.#input === null && this.#inputEnded && !this.#parserEnded) {
+      this.#parserEnded = true;
+      this.#queue.push(...this.#parser.end());
+    }
+  }
+
+  /** Pauses reading while too much waits (requests, unparsed bytes, replies to send); resumes when it drained. */
   #flow(): void {
     if (this.#closing || this.#closed) return;
-    const busy = this.#queue.length >= MAX_QUEUED_REQUESTS || this.#stream.writableLength > OUTPUT_HIGH_WATER_BYTES;
+    const busy = this.#queue.length >= MAX_QUEUED_REQUESTS || this.#input !== null || this.#outputBacklogged();
     if (busy && !this.#paused) {
       this.#paused = true;
       this.#stream.pause();
@@ -194,12 +220,18 @@ export class QmpSession {
     }
   }
 
-  /** Runs queued requests one at a time. */
+  #outputBacklogged(): boolean {
+    return this.#stream.writableLength > OUTPUT_HIGH_WATER_BYTES;
+  }
+
+  /** Runs queued requests one at a time; waits for 'drain' while the peer is not reading its replies. */
   #pump(): void {
-    if (this.#running !== null) return;
+    if (this.#running !== null || this.#closed || this.#closing) return;
+    if (this.#outputBacklogged()) return;
+    this.#parseInput();
     const next = this.#queue.shift();
     if (next === undefined) {
-      if (this.#inputEnded && !this.#closed && !this.#closing) this.#stream.end();
+      if (this.#parserEnded && !this.#stream.writableEnded) this.#stream.end();
       return;
     }
     this.#running = this.#handle(next).finally(() => {
