@@ -93,6 +93,7 @@ export class Machine {
   private intentStore: IntentStore | null = null;
   /** Holds that keep the machine stopped (holdPaused): cont is refused while there is one. */
   private readonly pauseHolds = new Set<{ reason: string }>();
+  private readonly runStateListeners = new Set<(state: RunState) => void>();
   /** What the start-up recovery did, until taken (reported once). */
   private recovered: string[] = [];
 
@@ -289,6 +290,27 @@ export class Machine {
     await this.whenDeviceIdle();
     this.vmClockBase = this.vmClockNsec;
     this.state = 'paused';
+    this.announceRunState();
+  }
+
+  /**
+   * Adds a listener called after every change of the run state (QMP's STOP and RESUME events);
+   * returns the function that removes it.
+   * @locking common
+   */
+  onRunStateChange(listener: (state: RunState) => void): () => void {
+    this.runStateListeners.add(listener);
+    return () => void this.runStateListeners.delete(listener);
+  }
+
+  private announceRunState(): void {
+    for (const l of [...this.runStateListeners]) {
+      try {
+        l(this.state);
+      } catch {
+        // a listener's failure is not the machine's
+      }
+    }
   }
 
   /**
@@ -305,6 +327,7 @@ export class Machine {
     this.state = 'running';
     Atomics.store(this.control, CTL_RUN_STATE, RUN);
     Atomics.notify(this.control, CTL_RUN_STATE);
+    this.announceRunState();
   }
 
   /** The counters the guest keeps in its RAM. */

@@ -111,12 +111,43 @@ export function defaultSnapshotTag(d: Date): string {
   return `vm-${d.getFullYear()}${two(d.getMonth() + 1)}${two(d.getDate())}${two(d.getHours())}${two(d.getMinutes())}${two(d.getSeconds())}`;
 }
 
+function writableOf(disks: GroupDisk[]): GroupDisk[] {
+  return disks.filter((d) => !d.readOnly);
+}
+
 function groupDisks(m: Machine): GroupDisk[] {
   return m.disks.map((d) => ({ name: d.id, node: d.node, readOnly: d.readOnly }));
 }
 
 function writable(m: Machine): GroupDisk[] {
   return groupDisks(m).filter((d) => !d.readOnly);
+}
+
+/**
+ * The disks an operation works on: all of the machine's, or those `devices` names (disk ids),
+ * each once; an unknown name is refused before anything changes.
+ */
+function chosenDisks(m: Machine, devices: readonly string[] | undefined): GroupDisk[] {
+  const all = groupDisks(m);
+  if (devices === undefined) return all;
+  const out: GroupDisk[] = [];
+  for (const name of devices) {
+    const d = all.find((x) => x.name === name);
+    if (d === undefined) throw new BlockError('ENOENT', `No block device node '${name}'`, { node: name, field: 'devices' });
+    if (!out.includes(d)) out.push(d);
+  }
+  if (out.length === 0) throw new BlockError('EINVAL', 'devices: the list of disks is empty', { field: 'devices' });
+  return out;
+}
+
+/** What a VM snapshot operation may be told beside its tag. */
+export interface VmSnapshotOptions {
+  /** The disk (id) that holds the VM state: savevm writes it there, loadvm reads it from there. */
+  vmstate?: string;
+  /** Only these disks (ids; QMP's `devices`), instead of every disk of the machine. */
+  devices?: readonly string[];
+  /** savevm: replace the snapshots of the same tag (HMP's savevm, the default) or refuse (QMP's snapshot-save). */
+  overwrite?: boolean;
 }
 
 function message(e: unknown): string {
@@ -332,7 +363,7 @@ function freshIdentity(now: number, vmClockNsec: number, taken: SnapshotInfo[]):
  * holding the BQL for the whole run.
  * @locking global-state
  */
-export async function saveVm(bql: Bql, m: Machine, tag?: string, opts: { vmstate?: string } = {}): Promise<SavevmResult> {
+export async function saveVm(bql: Bql, m: Machine, tag?: string, opts: VmSnapshotOptions = {}): Promise<SavevmResult> {
   const snap = trySnapshotLock(`savevm '${tag ?? ''}'`, 'savevm');
   try {
     return await saveVmWith(heldBqlSteps(bql), m, tag, opts);
@@ -348,7 +379,7 @@ export async function saveVm(bql: Bql, m: Machine, tag?: string, opts: { vmstate
  * disks' I/O and every monitor go on meanwhile; `cont` is refused until it ends.
  * @locking snapshot
  */
-export async function saveVmLocked(snap: SnapshotLocked, m: Machine, tag?: string, opts: { vmstate?: string } = {}, hooks: VmStepHooks = {}): Promise<SavevmResult> {
+export async function saveVmLocked(snap: SnapshotLocked, m: Machine, tag?: string, opts: VmSnapshotOptions = {}, hooks: VmStepHooks = {}): Promise<SavevmResult> {
   return saveVmWith(snapshotLockSteps(snap, 'savevm', hooks), m, tag, opts);
 }
 
@@ -382,15 +413,19 @@ function letMachineGo(bql: Bql, m: Machine, h: HeldMachine): void {
   resume(bql, m, h.wasRunning);
 }
 
-async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, opts: { vmstate?: string }): Promise<SavevmResult> {
+async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, opts: VmSnapshotOptions): Promise<SavevmResult> {
   const name = tag ?? defaultSnapshotTag(new Date());
   if (name === '') throw new BlockError('EINVAL', 'savevm: the tag must not be empty', { field: 'tag' });
   if (name.startsWith(UNDO_PREFIX)) throw new BlockError('EINVAL', `savevm: tags starting with '${UNDO_PREFIX}' are loadvm's own`, { field: 'tag', value: name });
   const start = await steps.gs(async (bql) => {
     await recoverFirst(bql, m, 'savevm');
-    const all = groupDisks(m);
+    const all = chosenDisks(m, opts.devices);
     bdrvAllCanSnapshot(bql, all);
     const vmDisk = bdrvAllFindVmstateDisk(bql, all, opts.vmstate);
+    if (opts.overwrite === false) {
+      const found = await bdrvAllFindSnapshots(bql, all, name);
+      if ([...found.values()].some((l) => l.length > 0)) throw new BlockError('EINVAL', `Snapshot '${name}' already exists in one or more devices`, { value: name, op: 'savevm' });
+    }
     const held = await holdMachine(bql, m, all, `savevm '${name}'`);
     try {
       const older = await runInDrainedSection(bql, held.drained, () => bdrvAllFindSnapshots(bql, held.disks, name));
@@ -435,23 +470,24 @@ async function commitSavevm(
   const identity = freshIdentity(Date.now(), m.vmClockNsec, olderAll);
   const info: SnapshotInfo = { id: '', name, vmStateSize, ...identity, icount: -1 };
   const store = m.intents(bql);
-  const rec: VmIntent = { op: 'savevm', phase: 'started', tag: name, identity, disks: writable(m).map((d) => d.name) };
+  const mine = writableOf(disks);
+  const rec: VmIntent = { op: 'savevm', phase: 'started', tag: name, identity, disks: mine.map((d) => d.name) };
   store.write(rec);
   try {
     await bdrvAllCreateSnapshot(bql, drained, disks, info, vmDisk);
   } catch (e) {
-    throw await savevmFailed(bql, drained, m, e, name, info);
+    throw await savevmFailed(bql, drained, m, mine, e, name, info);
   }
   try {
     store.write({ ...rec, phase: 'cleanup' });
   } catch (e) {
     // not committed: the new snapshot goes again
-    const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && sameSavevm(s, info));
+    const r = await deleteWhere(bql, drained, mine, (s) => s.name === name && sameSavevm(s, info));
     const tail = r.left.length === 0 ? `; the new snapshot was removed from every disk${clearIntent(bql, m)}` : `; the new snapshot remains on ${listText(r.left)} and is removed by the next operation`;
     throw new VmSnapshotError(codeOf(e), `savevm '${name}': ${message(e)}${tail}`, { undoKept: [], leftovers: r.left, disks: new Map(), committed: false, pending: r.left.length > 0 }, e);
   }
   // the new snapshot exists on every disk: only now do the older ones of the tag go
-  const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && !sameSavevm(s, info));
+  const r = await deleteWhere(bql, drained, mine, (s) => s.name === name && !sameSavevm(s, info));
   if (r.left.length > 0) {
     const why = r.errors.map((x) => x.message).join('; ');
     throw new VmSnapshotError(
@@ -465,11 +501,11 @@ async function commitSavevm(
 }
 
 /** The error of a savevm whose group create failed: what is left, the record kept if needed. */
-async function savevmFailed(bql: Bql, drained: GroupDrained, m: Machine, e: unknown, name: string, info: SnapshotInfo): Promise<VmSnapshotError> {
+async function savevmFailed(bql: Bql, drained: GroupDrained, m: Machine, mine: GroupDisk[], e: unknown, name: string, info: SnapshotInfo): Promise<VmSnapshotError> {
   let left: LeftSnapshot[] = [];
   if (e instanceof GroupCreateError && e.leftovers.length > 0) {
     // try once more to remove what the group create could not
-    const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === name && sameSavevm(s, info));
+    const r = await deleteWhere(bql, drained, mine, (s) => s.name === name && sameSavevm(s, info));
     left = r.left;
   }
   const tail =
@@ -496,7 +532,7 @@ function chooseVmDisk(bql: Bql, disks: GroupDisk[], byDisk: Map<string, Snapshot
  * which disks are where and which undo snapshots remain.
  * @locking global-state
  */
-export async function loadVm(bql: Bql, m: Machine, tag: string, opts: { vmstate?: string } = {}): Promise<LoadvmResult> {
+export async function loadVm(bql: Bql, m: Machine, tag: string, opts: VmSnapshotOptions = {}): Promise<LoadvmResult> {
   const snap = trySnapshotLock(`loadvm '${tag}'`, 'loadvm');
   try {
     return await loadVmWith(heldBqlSteps(bql), m, tag, opts);
@@ -511,14 +547,14 @@ export async function loadVm(bql: Bql, m: Machine, tag: string, opts: { vmstate?
  * into the machine in a last step.
  * @locking snapshot
  */
-export async function loadVmLocked(snap: SnapshotLocked, m: Machine, tag: string, opts: { vmstate?: string } = {}, hooks: VmStepHooks = {}): Promise<LoadvmResult> {
+export async function loadVmLocked(snap: SnapshotLocked, m: Machine, tag: string, opts: VmSnapshotOptions = {}, hooks: VmStepHooks = {}): Promise<LoadvmResult> {
   return loadVmWith(snapshotLockSteps(snap, 'loadvm', hooks), m, tag, opts);
 }
 
-async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: { vmstate?: string }): Promise<LoadvmResult> {
+async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: VmSnapshotOptions): Promise<LoadvmResult> {
   const start = await steps.gs(async (bql) => {
     await recoverFirst(bql, m, 'loadvm');
-    const disks = groupDisks(m);
+    const disks = chosenDisks(m, opts.devices);
     bdrvAllCanSnapshot(bql, disks);
     const { byDisk } = await bdrvAllResolveSnapshot(bql, disks, tag);
     const vmDisk = chooseVmDisk(bql, disks, byDisk, opts.vmstate);
@@ -535,7 +571,7 @@ async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: { vmsta
     }
     const held = await holdMachine(bql, m, disks, `loadvm '${tag}'`);
     try {
-      const reverted = await runInDrainedSection(bql, held.drained, () => revertDisks(bql, held.drained, m, tag, byDisk));
+      const reverted = await runInDrainedSection(bql, held.drained, () => revertDisks(bql, held.drained, m, writableOf(disks), tag, byDisk));
       return { held, vmDisk, sn, reverted };
     } catch (e) {
       letMachineGo(bql, m, held);
@@ -570,8 +606,7 @@ interface Reverted {
 }
 
 /** Keeps the current state as undo snapshots, then reverts every writable disk (see loadVm). */
-async function revertDisks(bql: Bql, drained: GroupDrained, m: Machine, tag: string, byDisk: Map<string, SnapshotInfo>): Promise<Reverted> {
-  const disks = writable(m);
+async function revertDisks(bql: Bql, drained: GroupDrained, m: Machine, disks: GroupDisk[], tag: string, byDisk: Map<string, SnapshotInfo>): Promise<Reverted> {
   const store = m.intents(bql);
   const undoName = `${UNDO_PREFIX}${process.pid}-${Date.now()}`;
   const rec: VmIntent = { op: 'loadvm', phase: 'started', tag, undoName, disks: disks.map((d) => d.name) };
@@ -708,10 +743,10 @@ async function putBack(
  * is no error, as in QEMU. The VM keeps running (as in QEMU).
  * @locking global-state
  */
-export async function delVm(bql: Bql, m: Machine, tag: string): Promise<string[]> {
+export async function delVm(bql: Bql, m: Machine, tag: string, opts: VmSnapshotOptions = {}): Promise<string[]> {
   const snap = trySnapshotLock(`delvm '${tag}'`, 'delvm');
   try {
-    return await delVmHeld(bql, m, tag);
+    return await delVmHeld(bql, m, tag, opts);
   } finally {
     releaseSnapshotLock(snap);
   }
@@ -721,13 +756,14 @@ export async function delVm(bql: Bql, m: Machine, tag: string): Promise<string[]
  * delVm for the snapshot lock's holder (its one global-state step takes the BQL).
  * @locking snapshot
  */
-export async function delVmLocked(snap: SnapshotLocked, m: Machine, tag: string): Promise<string[]> {
-  return snapshotLockSteps(snap, 'delvm').gs((bql) => delVmHeld(bql, m, tag));
+export async function delVmLocked(snap: SnapshotLocked, m: Machine, tag: string, opts: VmSnapshotOptions = {}): Promise<string[]> {
+  return snapshotLockSteps(snap, 'delvm').gs((bql) => delVmHeld(bql, m, tag, opts));
 }
 
-async function delVmHeld(bql: Bql, m: Machine, tag: string): Promise<string[]> {
+async function delVmHeld(bql: Bql, m: Machine, tag: string, opts: VmSnapshotOptions): Promise<string[]> {
   await recoverFirst(bql, m, 'delvm');
-  const disks = groupDisks(m);
+  const disks = chosenDisks(m, opts.devices);
+  const mine = writableOf(disks);
   bdrvAllCanSnapshot(bql, disks);
   return withDrainedSet(bql, disks.map((d) => d.node), async (drained) => {
     const found = await bdrvAllFindSnapshots(bql, disks, tag);
@@ -735,8 +771,8 @@ async function delVmHeld(bql: Bql, m: Machine, tag: string): Promise<string[]> {
     if (before === 0) return [];
     const store = m.intents(bql);
     const identities = [...found.values()].flat().map((s) => ({ dateSec: s.dateSec, dateNsec: s.dateNsec, vmClockNsec: s.vmClockNsec }));
-    store.write({ op: 'delvm', phase: 'cleanup', tag, disks: writable(m).map((d) => d.name), identities });
-    const r = await deleteWhere(bql, drained, writable(m), (s) => s.name === tag);
+    store.write({ op: 'delvm', phase: 'cleanup', tag, disks: mine.map((d) => d.name), identities });
+    const r = await deleteWhere(bql, drained, mine, (s) => s.name === tag);
     if (r.left.length === 0) {
       const tail = clearIntent(bql, m);
       return tail === '' ? [] : [tail.slice(2)];

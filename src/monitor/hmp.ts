@@ -1,7 +1,8 @@
 /**
- * The HMP-like command interpreter: one command line in, text out. It runs each command under the
- * BQL, as QEMU's monitor runs in the main loop with the BQL held; I/O commands (`qemu-io`) issue
- * ordinary requests. A bad command prints one `Error: ...` line and the monitor goes on.
+ * The HMP-like command interpreter: one command line in, text out. Each command takes the BQL for
+ * its global-state steps, as QEMU's monitor runs in the main loop with the BQL held; I/O commands
+ * (`qemu-io`) issue ordinary requests; savevm, loadvm and delvm hold the snapshot lock and take
+ * the BQL only for their short steps, so other monitors (QMP) answer while they run. A bad command prints one `Error: ...` line and the monitor goes on.
  *
  * Commands: help, info (block, iothreads, snapshots, status), qemu-io, savevm, loadvm, delvm,
  * snapshot_blkdev, block_stream, block_commit, block_job_pause/resume/cancel/complete, info
@@ -20,7 +21,8 @@ import { blockStream } from '../block/stream.js';
 import { runQemuIoCommand, splitArgs } from '../commands/qemu-io.js';
 import { snapshotHeader, snapshotRow } from '../commands/snapshot-format.js';
 import type { Machine } from '../machine/machine.js';
-import { delVm, listVmSnapshots, loadVm, recoverVmSnapshots, saveVm } from '../machine/savevm.js';
+import { withSnapshotLock } from '../block/snapshot-lock.js';
+import { delVmLocked, listVmSnapshots, loadVmLocked, recoverVmSnapshots, saveVmLocked } from '../machine/savevm.js';
 
 interface CommandSpec {
   args: string;
@@ -105,7 +107,7 @@ export class Monitor {
     const tag = this.oneTag(args, 'savevm', true);
     this.progress?.('savevm: stopping the vCPUs, draining, saving the VM state and the disks...');
     try {
-      const r = await withBql((bql) => saveVm(bql, m, tag));
+      const r = await withSnapshotLock(`savevm '${tag ?? ''}'`, (snap) => saveVmLocked(snap, m, tag));
       for (const w of r.warnings) this.out(`Warning: ${w}`);
     } finally {
       this.progress?.('');
@@ -118,7 +120,7 @@ export class Monitor {
     const tag = this.oneTag(args, 'loadvm', false) ?? '';
     this.progress?.(`loadvm: reverting the disks to '${tag}' and loading the VM state...`);
     try {
-      const r = await withBql((bql) => loadVm(bql, m, tag));
+      const r = await withSnapshotLock(`loadvm '${tag}'`, (snap) => loadVmLocked(snap, m, tag));
       for (const w of r.warnings) this.out(`Warning: ${w}`);
     } finally {
       this.progress?.('');
@@ -128,7 +130,7 @@ export class Monitor {
   private async delvm(args: string[]): Promise<void> {
     const m = this.needMachine();
     const tag = this.oneTag(args, 'delvm', false) ?? '';
-    const failures = await withBql((bql) => delVm(bql, m, tag));
+    const failures = await withSnapshotLock(`delvm '${tag}'`, (snap) => delVmLocked(snap, m, tag));
     for (const f of failures) this.out(`Error: ${f}`);
     await this.refreshNames();
   }
