@@ -1,6 +1,7 @@
 /**
  * qemu-storage-daemon 7.2 as the oracle of the QMP commands: the same command sequence goes to
- * QSD (over its QMP socket) and to snapstack's commands, each on its own copy of the same images
+ * QSD and to snapstack's QMP server (each over its unix socket, with the same client), each on
+ * its own copy of the same images
  * (a raw image, a qcow2 overlay on a qcow2 base with internal snapshots, all made by qemu-img).
  * The replies are compared by shape (key sets and JSON types, recursively; error classes) and by
  * value where the two must agree: sizes, node names, drivers, formats, read-only flags, chain
@@ -14,29 +15,15 @@ import { withBql } from '../src/block/bql.js';
 import { shutdownIOThreads } from '../src/block/iothread.js';
 import { QmpClient } from '../src/qmp/client.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
-import { forwardJobEvents } from '../src/qmp/commands/jobs.js';
-import { QmpError, type QmpContext, type QmpObject, type QmpValue } from '../src/qmp/types.js';
+import { QmpServer } from '../src/qmp/server.js';
+import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { qemu } from './helpers/qemu.js';
 import { describeQsd, startQsd, tempDir, type Qsd } from './qmp-helpers.js';
 
 /** One side's reply: the `return` value, or the error's class and text. */
 type Reply = { ok: true; value: QmpValue } | { ok: false; errorClass: string; desc: string };
 
-const commands = qmpCommands({ machine: false });
-const ctx: QmpContext = { machine: null, requestQuit: () => undefined, emitEvent: () => undefined, commands };
-
-async function ours(name: string, args: QmpObject = {}): Promise<Reply> {
-  const cmd = commands.find((c) => c.name === name);
-  if (cmd === undefined) return { ok: false, errorClass: 'CommandNotFound', desc: `The command ${name} has not been found` };
-  try {
-    return { ok: true, value: await cmd.run(ctx, args) };
-  } catch (e) {
-    if (e instanceof QmpError) return { ok: false, errorClass: e.errorClass, desc: e.desc };
-    throw e;
-  }
-}
-
-async function theirs(client: QmpClient, name: string, args: QmpObject = {}): Promise<Reply> {
+async function reply(client: QmpClient, name: string, args: QmpObject = {}): Promise<Reply> {
   const reply = await client.request(name, args);
   const err = reply['error'];
   if (typeof err === 'object' && err !== null && !Array.isArray(err)) return { ok: false, errorClass: String(err['class']), desc: String(err['desc']) };
@@ -119,11 +106,19 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
   let ourDir = '';
   let qsd: Qsd | null = null;
   let client: QmpClient | null = null;
+  let server: QmpServer | null = null;
+  let ourClient: QmpClient | null = null;
+
+  /** snapstack's reply, through its QMP server. */
+  async function ours(name: string, args: QmpObject = {}): Promise<Reply> {
+    if (ourClient === null) throw new Error('our QMP server is not running');
+    return reply(ourClient, name, args);
+  }
 
   /** Runs one command on both sides (each with its own directory in the arguments). */
   async function both(name: string, args: (dir: string) => QmpObject = () => ({})): Promise<{ q: Reply; o: Reply }> {
     if (client === null) throw new Error('QSD is not running');
-    const q = await theirs(client, name, args(qsdDir));
+    const q = await reply(client, name, args(qsdDir));
     const o = await ours(name, args(ourDir));
     const norm = (r: Reply, dir: string): Reply => (r.ok ? { ok: true, value: normalise(r.value, dir) } : { ...r, desc: r.desc.split(dir).join('<dir>') });
     return { q: norm(q, qsdDir), o: norm(o, ourDir) };
@@ -190,10 +185,15 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     }
     qsd = await startQsd(root);
     client = await QmpClient.connect({ path: qsd.socket });
+    const ourSocket = path.join(root, 'snapstack.sock');
+    server = await QmpServer.listen({ type: 'unix', path: ourSocket }, { commands: qmpCommands({ machine: false }), machine: null, onQuit: () => undefined });
+    ourClient = await QmpClient.connect({ path: ourSocket });
   });
 
   afterAll(async () => {
     await client?.close();
+    await ourClient?.close();
+    await server?.close();
     await qsd?.stop();
     await withBql((bql) => shutdownIOThreads(bql));
     if (root !== '') fs.rmSync(root, { recursive: true, force: true });
@@ -216,6 +216,11 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
   });
 
   it('blockdev-add refuses bad options with the same errors', async () => {
+    await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 5, filename: path.join(d, 'disk.raw') }));
+    await sameError('blockdev-del', () => ({}));
+    await sameError('blockdev-del', () => ({ 'node-name': 'x', extra: 1 }));
+    await sameError('query-named-block-nodes', () => ({ flat: 'yes' }));
+    await sameError('frob', () => ({}));
     await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 'disk', filename: path.join(d, 'disk.raw') }));
     await sameError('blockdev-add', (d) => ({ driver: 'nope', 'node-name': 'x', filename: path.join(d, 'disk.raw') }));
     await sameError('blockdev-add', (d) => ({ driver: 'file', filename: path.join(d, 'disk.raw') }));
@@ -257,18 +262,14 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
   });
 
   it('block-stream: the same job events, JobInfo and verb refusals once concluded, and the same chain after', async () => {
-    if (client === null) throw new Error('QSD is not running');
+    if (client === null || ourClient === null) throw new Error('QSD or snapstack is not running');
     expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'stop', file: { driver: 'file', filename: path.join(d, 'stop.qcow2') } }))).toEqual({ q: {}, o: {} });
-    const ourEvents: Array<{ event: string; data: QmpObject }> = [];
-    const stop = forwardJobEvents((event, data) => ourEvents.push({ event, data }));
     const seenBefore = client.events.length;
-    try {
-      expect(await sameShape('block-stream', () => ({ device: 'stop', 'job-id': 'st', 'auto-dismiss': false }))).toEqual({ q: {}, o: {} });
-      await client.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'concluded', 20_000);
-      for (let i = 0; i < 2000 && !ourEvents.some((e) => e.data['status'] === 'concluded'); i++) await new Promise((r) => setTimeout(r, 10));
-    } finally {
-      stop();
-    }
+    const ourBefore = ourClient.events.length;
+    expect(await sameShape('block-stream', () => ({ device: 'stop', 'job-id': 'st', 'auto-dismiss': false }))).toEqual({ q: {}, o: {} });
+    await client.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'concluded', 20_000);
+    await ourClient.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'concluded', 20_000);
+    const ourEvents = ourClient.events.slice(ourBefore).filter((e) => e.event.startsWith('JOB') || e.event.startsWith('BLOCK_JOB'));
     const seq = (list: Array<{ event: string; data?: QmpObject }>): string[] => list.map((e) => (e.event === 'JOB_STATUS_CHANGE' ? String(e.data?.['status']) : e.event));
     const theirEvents = client.events.slice(seenBefore).filter((e) => e.event.startsWith('JOB') || e.event.startsWith('BLOCK_JOB'));
     expect(seq(ourEvents)).toEqual(seq(theirEvents));
@@ -302,7 +303,7 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     if (client === null || auto === undefined) return;
     // an automatic name differs between the two sides: look each one up on its own side
     const ourAuto = [...(await nodes(false)).o.values()].find((n) => nodeKey(n) === nodeKey(auto));
-    const q = await theirs(client, 'blockdev-del', { 'node-name': String(auto['node-name']) });
+    const q = await reply(client, 'blockdev-del', { 'node-name': String(auto['node-name']) });
     const o = await ours('blockdev-del', { 'node-name': String(ourAuto?.['node-name']) });
     expect(o.ok ? 'ok' : o.desc.replace(/#block\d+/, '#auto')).toBe(q.ok ? 'ok' : q.desc.replace(/#block\d+/, '#auto'));
     for (const name of ['disk', 'top']) expect(await sameShape('blockdev-del', () => ({ 'node-name': name }))).toEqual({ q: {}, o: {} });
