@@ -375,7 +375,8 @@ describeInterop('QMP commands on a device (a backend, as the machine has)', () =
     const list = arr(await run('query-block')).map(obj);
     expect(list).toHaveLength(1);
     const b = obj(list[0]);
-    expect(Object.keys(b).sort()).toEqual(['device', 'inserted', 'io-status', 'locked', 'removable', 'type']);
+    // the keys qemu-system-x86_64 7.2 gives for a virtio-blk disk
+    expect(Object.keys(b).sort()).toEqual(['device', 'inserted', 'io-status', 'locked', 'qdev', 'removable', 'type']);
     expect(b['device']).toBe('vd0');
     const inserted = obj(b['inserted']);
     expect(inserted['node-name']).toBe('devtop');

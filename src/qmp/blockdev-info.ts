@@ -133,13 +133,14 @@ export async function blockDeviceInfo(bql: Bql, node: BlockNode, flat: boolean):
 }
 
 /**
- * One backend as QEMU's BlockInfo (query-block): snapstack's devices are fixed disks (not
- * removable, never locked), of QEMU's type "unknown".
+ * One backend as QEMU's BlockInfo (query-block), as qemu-system-x86_64 7.2 gives it for a
+ * virtio-blk disk: not removable, never locked, type "unknown", io-status "ok".
  * @locking global-state
  */
 export async function blockInfo(bql: Bql, blk: BlockBackend): Promise<QmpObject> {
   assertBql(bql, 'blockInfo');
-  const info: QmpObject = { device: blk.name, type: 'unknown', removable: false, locked: false };
+  // the machine's disks are virtio-blk-like devices named after their backend
+  const info: QmpObject = { device: blk.name, qdev: `/machine/peripheral/${blk.name}/virtio-backend`, type: 'unknown', removable: false, locked: false };
   const root = blk.root;
   if (root !== null) info['inserted'] = await blockDeviceInfo(bql, root, false);
   info['io-status'] = 'ok';
