@@ -16,7 +16,8 @@ import { qmpCommands } from '../src/qmp/command-table.js';
 import { blockdevAdd, blockdevOptionsToNodeOptions } from '../src/qmp/blockdev-options.js';
 import { forwardJobEvents } from '../src/qmp/commands/jobs.js';
 import { qmpVersionInfo } from '../src/qmp/commands/misc.js';
-import { QmpError, type QmpContext, type QmpObject, type QmpValue } from '../src/qmp/types.js';
+import { Machine } from '../src/machine/machine.js';
+import { QmpError, type QmpCommand, type QmpContext, type QmpObject, type QmpValue } from '../src/qmp/types.js';
 import { describeInterop, qemu } from './helpers/qemu.js';
 
 let dir = '';
@@ -412,5 +413,29 @@ describeInterop('QMP commands on a device (a backend, as the machine has)', () =
     await run('blockdev-del', { 'node-name': 'devtop' });
     qemu('qemu-img', ['check', '-q', top]);
     expect(qemu('qemu-io', ['-c', 'read -P 8 1M 64k', '-c', 'read -P 7 0 128k', top])).not.toMatch(/Pattern verification failed/);
+  });
+});
+
+describe('a monitor with a machine (snapstack monitor -qmp)', () => {
+  it('lists the machine\'s disks in query-block and runs HMP with a valid cpu-index', async () => {
+    const machine = new Machine({ vcpus: 2, ramBytes: 4 * 1024 * 1024 });
+    await withBql((bql) => machine.addDrive(bql, 'driver=memory,size=1M,id=mdisk0'));
+    const mctx: QmpContext = { ...ctx, machine, commands: qmpCommands({ machine: true }) };
+    const cmd = (name: string): QmpCommand => {
+      const c = mctx.commands.find((x) => x.name === name);
+      if (c === undefined) throw new Error(`no command ${name}`);
+      return c;
+    };
+    try {
+      const blocks = arr(await cmd('query-block').run(mctx, {})).map(obj);
+      expect(blocks.map((b) => b['device'])).toEqual(['mdisk0']);
+      expect(obj(obj(blocks[0])['inserted'])['drv']).toBe('memory');
+      expect(await cmd('human-monitor-command').run(mctx, { 'command-line': 'info status', 'cpu-index': 1 })).toBe('VM status: paused\r\n');
+      await expect(cmd('human-monitor-command').run(mctx, { 'command-line': 'info status', 'cpu-index': 2 })).rejects.toThrow("Parameter 'cpu-index' expects a CPU number");
+      const name = String(obj(obj(blocks[0])['inserted'])['node-name']);
+      await expect(cmd('blockdev-del').run(mctx, { 'node-name': name })).rejects.toThrow(`Node ${name} is in use`);
+    } finally {
+      await withBql((bql) => machine.shutdown(bql));
+    }
   });
 });
