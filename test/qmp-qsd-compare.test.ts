@@ -266,6 +266,15 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'stop', file: { driver: 'file', filename: path.join(d, 'stop.qcow2') } }))).toEqual({ q: {}, o: {} });
     const seenBefore = client.events.length;
     const ourBefore = ourClient.events.length;
+    await sameError('block-stream', () => ({ device: 'nosuch' }));
+    await sameError('block-stream', () => ({ device: 'stop', 'base-node': 'nosuch' }));
+    await sameError('block-stream', () => ({ device: 'stop', base: 'nofile.qcow2' }));
+    await sameError('block-stream', () => ({ device: 'stop', base: 'x', 'base-node': 'disk' }));
+    await sameError('block-stream', () => ({ device: 'stop', 'base-node': 'disk' }));
+    await sameError('block-commit', () => ({ device: 'nosuch' }));
+    await sameError('block-commit', () => ({ device: 'stop', 'base-node': 'disk' }));
+    await sameError('block-commit', () => ({ device: 'stop', 'top-node': 'nosuch' }));
+    await sameError('block-commit', () => ({ device: 'disk' }));
     expect(await sameShape('block-stream', () => ({ device: 'stop', 'job-id': 'st', 'auto-dismiss': false }))).toEqual({ q: {}, o: {} });
     await client.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'concluded', 20_000);
     await ourClient.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'concluded', 20_000);

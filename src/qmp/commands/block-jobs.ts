@@ -11,7 +11,8 @@
  */
 import { withBql, type Bql } from '../../block/bql.js';
 import { blockCommit } from '../../block/jobs/block-commit.js';
-import { allBackends } from '../../block/registry.js';
+import type { BlockNode } from '../../block/node.js';
+import { allBackends, allNodes } from '../../block/registry.js';
 import { blockStream } from '../../block/stream.js';
 import { snapshotBlkdev } from '../../commands/snapshot-blkdev.js';
 import { QmpError, type QmpCommand, type QmpField, type QmpObject } from '../types.js';
@@ -35,6 +36,13 @@ function refuseUnsupported(args: QmpObject, extra: readonly string[]): void {
   const onError = optStr(args, 'on-error');
   if (onError !== undefined && onError !== 'report') throw new QmpError('GenericError', `Parameter 'on-error' value '${onError}' is not supported by snapstack (report)`);
   if (optBool(args, 'auto-finalize', true) === false) throw new QmpError('GenericError', "Parameter 'auto-finalize' false is not supported by block jobs yet");
+}
+
+/** The node a `*-node` argument names, or QEMU's "Cannot find device='' nor node-name='x'". */
+function namedNode(bql: Bql, name: string): BlockNode {
+  const node = allNodes.get(name);
+  if (node === undefined) throw new QmpError('GenericError', `Cannot find device='' nor node-name='${name}'`);
+  return node;
 }
 
 /** Where the job runs: a backend name goes as `device`, a node name as the node. */
@@ -64,6 +72,7 @@ const blockStreamCommand: QmpCommand = {
         const baseNode = optStr(args, 'base-node');
         if (baseFile !== undefined && baseNode !== undefined) throw new QmpError('GenericError', "'base' and 'base-node' cannot be specified at the same time");
         const t = target(bql, device);
+        if (baseNode !== undefined) namedNode(bql, baseNode);
         let base = baseNode;
         if (baseFile !== undefined) {
           const top = lookupDevice(bql, device).node;
@@ -97,9 +106,22 @@ const blockCommitCommand: QmpCommand = {
       withBql((bql) => {
         refuseUnsupported(args, ['backing-file', 'base', 'top']);
         const device = reqStr(args, 'device');
-        const found = lookupDevice(bql, device);
+        let found;
+        try {
+          found = lookupDevice(bql, device);
+        } catch {
+          throw new QmpError('DeviceNotFound', `Device '${device}' not found`);
+        }
         const top = optStr(args, 'top-node') ?? (found.blk === null ? device : undefined);
         const base = optStr(args, 'base-node');
+        const topNode = top === undefined ? found.node : namedNode(bql, top);
+        const baseNodeFound = base === undefined ? undefined : namedNode(bql, base);
+        if (topNode !== null && topNode.backing === undefined) throw new QmpError('GenericError', 'cannot commit an image into itself');
+        if (topNode !== null && baseNodeFound !== undefined) {
+          let b = topNode.backing;
+          while (b !== undefined && b !== baseNodeFound) b = b.backing;
+          if (b === undefined) throw new QmpError('GenericError', `'${baseNodeFound.nodeName}' is not in this backing file chain`);
+        }
         const autoDismiss = optBool(args, 'auto-dismiss', true);
         blockCommit(bql, {
           jobId: optStr(args, 'job-id') ?? device,
