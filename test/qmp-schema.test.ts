@@ -80,6 +80,13 @@ describe('validateArguments', () => {
     expect(desc(nbdStart, '{"addr": {"type": 5, "data": {}}}')).toBe("Invalid parameter type for 'addr.type', expected: string");
   });
 
+  it('names_the_unexpected_key_qemu_names_when_there_are_several', () => {
+    // qemu-storage-daemon 7.2, query-version with these arguments.
+    expect(desc([], '{"a": 1, "b": 2}')).toBe("Parameter 'b' is unexpected");
+    expect(desc([], '{"zz": 1, "q": 2}')).toBe("Parameter 'zz' is unexpected");
+    expect(desc([], '{"q": 1, "zz": 2}')).toBe("Parameter 'zz' is unexpected");
+  });
+
   it('names_an_enum_by_its_member_alone_and_a_list_element_null', () => {
     expect(desc(nbdStart, '{"addr": {"type": "bogus", "data": {}}}')).toBe("Parameter 'type' does not accept value 'bogus'");
     expect(desc(caps, '{"enable": ["bogus"]}')).toBe("Parameter 'null' does not accept value 'bogus'");

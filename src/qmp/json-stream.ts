@@ -44,7 +44,10 @@
  *
  * formatQmpJson writes what QEMU's JSON writer writes: `{"a": 1, "b": [2, 3]}` (", " and ": "),
  * every character outside printable ASCII as `\uXXXX` in upper-case hex (astral ones as surrogate
- * pairs), and non-integers as C's `%.17g`.
+ * pairs), non-integers as C's `%.17g`, and an object's members in QEMU's QDict order (qdictOrder:
+ * its hash table's buckets in turn, the member added last first within a bucket). That order is
+ * why QEMU writes `{"return": ..., "id": 1}` but `{"id": 1, "error": ...}`, and `{"micro", "minor",
+ * "major"}`; following it makes our lines byte for byte QEMU's.
  */
 import type { QmpObject, QmpValue } from './types.js';
 
@@ -911,7 +914,29 @@ function formatString(s: string): string {
   return `${out}${s.slice(runStart)}"`;
 }
 
-/** A value as QEMU's JSON writer prints it (one line; no trailing newline). */
+/** QEMU's QDict: 512 buckets, chosen by tdb_hash (qobject/qdict.c; re-derived). */
+const QDICT_BUCKETS = 512;
+
+function qdictBucket(key: string): number {
+  const b = Buffer.from(key, 'utf8');
+  let value = Math.imul(0x238f13af, b.length) >>> 0;
+  for (let i = 0; i < b.length; i++) value = (value + (((b[i] as number) << ((i * 5) % 24)) >>> 0)) >>> 0;
+  return ((Math.imul(1103515243, value) + 12345) >>> 0) % QDICT_BUCKETS;
+}
+
+/**
+ * Keys (in the order they were added) in the order QEMU's QDict iterates them: by hash bucket,
+ * and within one bucket the key added last first. QEMU checks a request's members in this order
+ * and writes objects in it.
+ */
+export function qdictOrder(keys: readonly string[]): string[] {
+  return keys
+    .map((k, i) => ({ k, i, b: qdictBucket(k) }))
+    .sort((x, y) => x.b - y.b || y.i - x.i)
+    .map((e) => e.k);
+}
+
+/** A value as QEMU's JSON writer prints it (one line; no trailing newline; members in QDict order). */
 export function formatQmpJson(v: QmpValue | undefined): string {
   if (v === null || v === undefined) return 'null';
   switch (typeof v) {
@@ -926,9 +951,7 @@ export function formatQmpJson(v: QmpValue | undefined): string {
   }
   if (Array.isArray(v)) return `[${v.map((x) => formatQmpJson(x)).join(', ')}]`;
   const parts: string[] = [];
-  for (const [k, x] of Object.entries(v)) {
-    if (x === undefined) continue;
-    parts.push(`${formatString(k)}: ${formatQmpJson(x)}`);
-  }
+  const keys = Object.keys(v).filter((k) => v[k] !== undefined);
+  for (const k of keys.length > 1 ? qdictOrder(keys) : keys) parts.push(`${formatString(k)}: ${formatQmpJson(v[k])}`);
   return `{${parts.join(', ')}}`;
 }

@@ -9,14 +9,16 @@
  * - nested names as QEMU writes them: `file.filename`, `options[0].driver`.
  *
  * Members are checked in the schema's order and the first failure is the reply; unexpected keys
- * of a struct are reported after its members, before the next member of the enclosing struct (QEMU
- * reports the first unexpected key in its hash table's order, we in the order they were sent).
+ * of a struct are reported after its members, before the next member of the enclosing struct.
+ * Which unexpected key is named when there are several is QEMU's choice too: the first in the
+ * GLib hash table QEMU keeps of the keys not yet visited (firstUnexpected; exact up to 7 keys per
+ * object, where GLib's table has not grown yet; past that the first in QDict order).
  * An `int` refuses a number written with a fraction or exponent (`1.0`) and one outside int64, as
  * QEMU does; 'any' is passed through unchecked. A `null` is a value of no type but 'any'.
  *
  * Common code: pure, no lock.
  */
-import { isNonIntLiteral } from './json-stream.js';
+import { isNonIntLiteral, qdictOrder } from './json-stream.js';
 import { QmpError, type QmpField, type QmpObject, type QmpType, type QmpValue } from './types.js';
 
 const INT64_LIMIT = 2 ** 63;
@@ -73,6 +75,36 @@ function checkValue(type: QmpType, v: QmpValue, at: Place): void {
   checkStruct(type.struct, v, `${at.path}.`);
 }
 
+/** GLib's g_str_hash: djb2 over the key's bytes as signed chars. */
+function gStrHash(key: string): number {
+  let h = 5381;
+  for (const byte of Buffer.from(key, 'utf8')) h = (Math.imul(h, 33) + (byte >= 0x80 ? byte - 0x100 : byte)) >>> 0;
+  return h;
+}
+
+/** GLib's smallest table: 8 slots, indexed by (hash * 11) % 7, quadratic probing. */
+const GHASH_SIZE = 8;
+const GHASH_MOD = 7;
+
+/**
+ * The unexpected key QEMU names: it puts an object's keys (in QDict order) into a GLib hash
+ * table, removes each member it visits, and names the first key left in the table's slot order.
+ */
+function firstUnexpected(obj: QmpObject, known: ReadonlySet<string>): string | undefined {
+  const keys = qdictOrder(Object.keys(obj));
+  const left = keys.filter((k) => !known.has(k));
+  if (left.length <= 1 || keys.length >= GHASH_SIZE) return left[0];
+  const slots: (string | null)[] = new Array<string | null>(GHASH_SIZE).fill(null);
+  for (const k of keys) {
+    let h = gStrHash(k);
+    if (h <= 1) h = 2;
+    let index = (Math.imul(h, 11) >>> 0) % GHASH_MOD;
+    for (let step = 1; slots[index] !== null; step++) index = (index + step) & (GHASH_SIZE - 1);
+    slots[index] = k;
+  }
+  return slots.find((k) => k !== null && !known.has(k)) ?? left[0];
+}
+
 function checkStruct(fields: readonly QmpField[], obj: QmpObject, prefix: string): void {
   const known = new Set<string>();
   for (const f of fields) {
@@ -84,9 +116,8 @@ function checkStruct(fields: readonly QmpField[], obj: QmpObject, prefix: string
     }
     checkValue(f.type, obj[f.name] as QmpValue, { path: `${prefix}${f.name}`, name: f.name, container: obj, key: f.name });
   }
-  for (const k of Object.keys(obj)) {
-    if (!known.has(k)) throw new QmpError('GenericError', `Parameter '${prefix}${k}' is unexpected`);
-  }
+  const extra = firstUnexpected(obj, known);
+  if (extra !== undefined) throw new QmpError('GenericError', `Parameter '${prefix}${extra}' is unexpected`);
 }
 
 /** Checks `args` against `fields`; throws QEMU's QmpError (GenericError) for the first problem. */

@@ -16,7 +16,8 @@
  *    (`id` only when the request had one; member order as QEMU writes it). Events
  *    `{"timestamp": ..., "event": ..., "data": ...}` come between replies.
  * 4. Request checks, in QEMU's order: the JSON (json-stream.ts: parse errors have no id); "QMP
- *    input must be a JSON object"; then the members, in the order sent: `execute` (or `exec-oob`
+ *    input must be a JSON object"; then the members, in QEMU's QDict order (json-stream.ts
+ *    qdictOrder, so that the same problem is named first): `execute` (or `exec-oob`
  *    once oob is enabled) "must be a string", the two "clash", `arguments` "must be an object",
  *    anything else but `id` "is unexpected"; "QMP input lacks member 'execute'"; the command
  *    ("The command X has not been found", CommandNotFound); `exec-oob` of a command that does not
@@ -38,7 +39,7 @@ import type { Machine } from '../machine/machine.js';
 import { qmpVersionInfo } from './commands/misc.js';
 import { QMP_CAPABILITIES_ARGS } from './commands/session.js';
 import { emitQmpEvent, type QmpEventMessage } from './events.js';
-import { formatQmpJson, JsonStream, type JsonStreamItem, type JsonStreamLimits } from './json-stream.js';
+import { formatQmpJson, JsonStream, qdictOrder, type JsonStreamItem, type JsonStreamLimits } from './json-stream.js';
 import { validateArguments } from './schema.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpErrorClass, type QmpObject, type QmpValue } from './types.js';
 
@@ -272,9 +273,10 @@ export class QmpSession {
     }
     const id = hasOwn(req, 'id') ? { has: true, value: req['id'] as QmpValue } : noId;
 
-    // The members, in the order sent (QEMU's qmp_dispatch_check_obj).
+    // The members, in QEMU's QDict order (qmp_dispatch_check_obj): it decides which problem is named.
     let execKey: string | null = null;
-    for (const [key, value] of Object.entries(req)) {
+    for (const key of qdictOrder(Object.keys(req))) {
+      const value = req[key];
       if (key === 'execute' || (key === 'exec-oob' && this.#oob)) {
         if (typeof value !== 'string') return this.#replyError(id, 'GenericError', `QMP input member '${key}' must be a string`);
         if (execKey !== null) return this.#replyError(id, 'GenericError', `QMP input member '${key}' clashes with '${execKey}'`);
