@@ -90,6 +90,11 @@ describe('blockdev-add options', () => {
     expect(o).toEqual({ driver: 'raw', 'node-name': 'r0', 'read-only': 'on', 'file.driver': 'memory', 'file.size': '1048576' });
   });
 
+  it('takes dotted keys as members of nested objects only in the key syntax', () => {
+    expect(() => blockdevOptionsToNodeOptions({ driver: 'raw', 'node-name': 'r0', 'file.driver': 'memory', 'file.size': 512 }, { strict: true })).toThrow("Parameter 'file' is missing");
+    expect(blockdevOptionsToNodeOptions({ driver: 'raw', 'node-name': 'r0', 'file.driver': 'memory', 'file.size': 512 })['file.size']).toBe('512');
+  });
+
   it('refuses strings for booleans when strict (QMP), with QEMU\'s text', () => {
     expect(() => blockdevOptionsToNodeOptions({ driver: 'file', 'node-name': 'f', filename: 'x', 'read-only': 'on' }, { strict: true })).toThrow(
       "Invalid parameter type for 'read-only', expected: boolean",

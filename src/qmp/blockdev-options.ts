@@ -297,7 +297,8 @@ const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
  */
 export function blockdevOptionsToNodeOptions(options: QmpObject, opts: BlockdevAddOptions = {}): NodeOptions {
   const strict = opts.strict === true;
-  const nested = nestDottedKeys(options, '');
+  // QMP nests objects itself (a dotted key is just an unknown member there); the key syntax gives dotted keys
+  const nested = strict ? options : nestDottedKeys(options, '');
   const out: NodeOptions = {};
   visitOptions(nested, '', '', out, strict);
   const name = out['node-name'];
