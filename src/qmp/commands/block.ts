@@ -51,7 +51,7 @@ const queryBlock: QmpCommand = {
 
 const queryNamedBlockNodes: QmpCommand = {
   name: 'query-named-block-nodes',
-  doc: 'Lists every node of the block graph as QEMU\'s BlockDeviceInfo (node-name, drv, file, ro, image with virtual-size, actual-size, format-specific, snapshots, backing-image). With `flat`, backing images are not nested.',
+  doc: 'Lists every node of the block graph as QEMU\'s BlockDeviceInfo (node-name, drv, file, ro, image with virtual-size, actual-size, format-specific, snapshots, backing-image). With `flat`, backing images are not nested. Unlike QEMU, raw images (and their file nodes) list snapshots too: snapstack keeps snapshots of raw images beside them.',
   args: [{ name: 'flat', type: 'bool', optional: true }],
   example: {
     args: { flat: true },
@@ -127,7 +127,7 @@ const blockdevDel: QmpCommand = {
 
 const snapshotInternal: QmpCommand = {
   name: 'blockdev-snapshot-internal-sync',
-  doc: "Creates an internal snapshot `name` of a device's root node (a backend name or a node name), inside a drained section of the node. Refused on a read-only node, a node that is not a root (a backing image), a node a job works on, and when the name exists.",
+  doc: "Creates an internal snapshot `name` of a device's root node (a backend name or a node name), inside a drained section of the node. Refused on a read-only node, a node that is not a root (a backing image), a node a job works on, and when the name exists. Unlike QEMU, raw images take internal snapshots too (kept beside the image).",
   args: [
     { name: 'device', type: 'str' },
     { name: 'name', type: 'str' },
