@@ -68,7 +68,19 @@ function normalise(v: QmpValue, dir: string): QmpValue {
 /** A node's identity across the two sides: its name, or (automatic names differ) driver and file. */
 function nodeKey(n: QmpObject): string {
   const name = String(n['node-name']);
-  return name.startsWith('#') ? `auto:${String(n['drv'])}:${String(n['file'])}` : name;
+  return name.startsWith('#') ? `auto:${String(n['drv'])}:${String(plainFilename(n['file']))}` : name;
+}
+
+/**
+ * A QEMU `json:{...}` pseudo-filename (what QEMU reports for a node whose backing was given by
+ * node name) as the host file it names: snapstack reports the plain file name there.
+ */
+function plainFilename(v: QmpValue | undefined): QmpValue {
+  if (typeof v !== 'string' || !v.startsWith('json:')) return v ?? null;
+  const parsed: unknown = JSON.parse(v.slice('json:'.length));
+  const file = typeof parsed === 'object' && parsed !== null && 'file' in parsed ? (parsed as { file: unknown }).file : null;
+  const name = typeof file === 'object' && file !== null && 'filename' in file ? (file as { filename: unknown }).filename : null;
+  return typeof name === 'string' ? name : v;
 }
 
 /** The values both sides must agree on for one BlockDeviceInfo (and its image chain). */
@@ -77,7 +89,7 @@ function mustAgree(n: QmpObject, containerSizes: boolean): QmpObject {
     if (!isObj(img)) return null;
     const snaps = Array.isArray(img['snapshots']) ? img['snapshots'].map((s) => (isObj(s) ? { id: s['id'] ?? null, name: s['name'] ?? null, 'vm-state-size': s['vm-state-size'] ?? null } : null)) : null;
     return {
-      filename: img['filename'] ?? null,
+      filename: plainFilename(img['filename']),
       format: img['format'] ?? null,
       // a protocol node's size is its host file's length: where qcow2 places new clusters
       // and tables is each implementation's own, so it agrees only until the image is changed
@@ -92,7 +104,7 @@ function mustAgree(n: QmpObject, containerSizes: boolean): QmpObject {
   return {
     'node-name': String(n['node-name']).startsWith('#') ? '#auto' : (n['node-name'] ?? null),
     drv: n['drv'] ?? null,
-    file: n['file'] ?? null,
+    file: plainFilename(n['file']),
     ro: n['ro'] ?? null,
     backing_file: n['backing_file'] ?? null,
     backing_file_depth: n['backing_file_depth'] ?? null,
@@ -174,6 +186,8 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     qemu('qemu-img', ['snapshot', '-c', 's1', path.join(seed, 'top.qcow2')]);
     qemu('qemu-io', ['-c', 'write -P 0x33 0 64k', path.join(seed, 'top.qcow2')]);
     qemu('qemu-img', ['snapshot', '-c', 's2', path.join(seed, 'top.qcow2')]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'rbase.qcow2'), '2M']);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'rbase.qcow2', '-F', 'qcow2', path.join(seed, 'rtop.qcow2'), '2M']);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'sbase.qcow2'), '8M']);
     qemu('qemu-io', ['-c', 'write -P 0x44 0 3M', path.join(seed, 'sbase.qcow2')]);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'sbase.qcow2', '-F', 'qcow2', path.join(seed, 'stop.qcow2'), '8M']);
@@ -213,6 +227,16 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'top', file: { driver: 'file', 'node-name': 'top-file', filename: path.join(d, 'top.qcow2') } }))).toEqual({ q: {}, o: {} });
     await compareNodes(false, true);
     await compareNodes(true, true);
+  });
+
+  it('blockdev-add links a backing node given by name, and blockdev-del refuses it while the overlay uses it', async () => {
+    expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'rb', 'read-only': true, file: { driver: 'file', filename: path.join(d, 'rbase.qcow2') } }))).toEqual({ q: {}, o: {} });
+    expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'rt', backing: 'rb', file: { driver: 'file', filename: path.join(d, 'rtop.qcow2') } }))).toEqual({ q: {}, o: {} });
+    await compareNodes(false, true);
+    await sameError('blockdev-del', () => ({ 'node-name': 'rb' }));
+    expect(await sameShape('blockdev-del', () => ({ 'node-name': 'rt' }))).toEqual({ q: {}, o: {} });
+    expect(await sameShape('blockdev-del', () => ({ 'node-name': 'rb' }))).toEqual({ q: {}, o: {} });
+    await compareNodes(false, true);
   });
 
   it('blockdev-add refuses bad options with the same errors', async () => {
