@@ -15,7 +15,7 @@ import { withBql } from '../src/block/bql.js';
 import { jobStart } from '../src/block/job.js';
 import { QmpClient } from '../src/qmp/client.js';
 import { sessionCommands } from '../src/qmp/commands/session.js';
-import { QmpServer } from '../src/qmp/server.js';
+import { QMP_PROTOCOL_DOC, QmpServer } from '../src/qmp/server.js';
 import { QmpError, type QmpCommand, type QmpObject } from '../src/qmp/types.js';
 
 let dir = '';
@@ -321,6 +321,15 @@ describe('QMP session', () => {
     await closed;
     await c.waitClosed();
     expect(fs.existsSync(sock)).toBe(false);
+  });
+});
+
+describe('QMP protocol documentation', () => {
+  it('states_the_bounds_the_code_enforces', () => {
+    expect(QMP_PROTOCOL_DOC).toContain('1024 levels of nesting');
+    expect(QMP_PROTOCOL_DOC).toContain('1 MiB of tokens and 64 Ki tokens');
+    expect(QMP_PROTOCOL_DOC).toContain('at most 8');
+    expect(QMP_PROTOCOL_DOC).toContain('Per server: 64 sessions.');
   });
 });
 

@@ -26,6 +26,8 @@ export type QmpConnectAddress = { path: string } | { host: string; port: number 
 export interface QmpClientOptions {
   /** Send qmp_capabilities after the greeting (default true). */
   negotiate?: boolean;
+  /** Capabilities to enable in that qmp_capabilities (`enable`), e.g. ['oob']. */
+  capabilities?: string[];
   /** How long to wait for the connection and the greeting (default 10 s). */
   connectTimeoutMs?: number;
   /** The longest line accepted from the server; a longer one closes the client (default 64 MiB). */
@@ -177,7 +179,7 @@ export class QmpClient {
         throw new QmpClientError('protocol', `the first line is not a QMP greeting: ${line.slice(0, 200)}`);
       }
       client.greeting = greeting;
-      if (opts.negotiate !== false) await client.execute('qmp_capabilities');
+      if (opts.negotiate !== false) await client.execute('qmp_capabilities', opts.capabilities === undefined ? undefined : { enable: opts.capabilities });
       return client;
     } catch (e) {
       client.#stream.destroy();

@@ -23,8 +23,8 @@ import { BlockError, codeForSystemError } from '../block/errors.js';
 import type { Machine } from '../machine/machine.js';
 import { sessionCommands } from './commands/session.js';
 import { onQmpEvent, retainJobEventBridge } from './events.js';
-import { formatQmpJson, type JsonStreamLimits } from './json-stream.js';
-import { QmpSession } from './session.js';
+import { DEFAULT_JSON_LIMITS, formatQmpJson, type JsonStreamLimits } from './json-stream.js';
+import { MAX_OUTPUT_BYTES, MAX_QUEUED_REQUESTS, OUTPUT_HIGH_WATER_BYTES, QmpSession } from './session.js';
 import type { QmpCommand } from './types.js';
 
 /** Where a QMP server listens. */
@@ -96,6 +96,43 @@ function listenOn(server: net.Server, addr: QmpListenAddress): Promise<void> {
     else server.listen({ host: addr.host === '' ? '127.0.0.1' : addr.host, port: addr.port }, ok);
   });
 }
+
+/**
+ * The protocol section of docs/qmp.md (scripts/gen-qmp-doc.js prints it before the command list),
+ * written from the constants above so that the numbers cannot drift from the code.
+ */
+export const QMP_PROTOCOL_DOC = `## The protocol
+
+A session is one connection (\`snapstack daemon --chardev socket,id=c,path=P,server=on,wait=off
+--monitor chardev=c\`, or \`snapstack monitor -qmp unix:P,server=on,wait=off\`). It goes as with
+qemu-storage-daemon 7.2; test/qmp-qsd-protocol.test.ts sends the same bytes to both and compares
+the replies byte for byte.
+
+1. The server greets: \`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package":
+   "snapstack X.Y.Z"}, "capabilities": ["oob"]}}\`.
+2. The client sends \`{"execute": "qmp_capabilities"}\` (\`"arguments": {"enable": ["oob"]}\` allows
+   \`exec-oob\`, which no command accepts yet). Until then every other command is CommandNotFound
+   "Expecting capabilities negotiation with 'qmp_capabilities'", and no events are sent.
+3. Each request \`{"execute": NAME, "arguments": {...}, "id": ANY}\` gets one reply, \`{"return": ...,
+   "id": ANY}\` or \`{"id": ANY, "error": {"class": ..., "desc": ...}}\`; \`id\` is optional and
+   echoed as sent. Requests of one session run one at a time, in order; sessions run side by side.
+4. Events \`{"timestamp": {"seconds": S, "microseconds": US}, "event": NAME, "data": {...}}\` arrive
+   between replies: JOB_STATUS_CHANGE for every job, the BLOCK_JOB_* events, SHUTDOWN after \`quit\`.
+5. Every line the server writes ends in CRLF; input need not be lines: \`{...}{...}\` is two requests.
+
+Bad input gets QEMU's replies: JSON errors ("JSON parse error, stray '@'", "... expecting value"),
+"QMP input must be a JSON object", "QMP input lacks member 'execute'", "QMP input member 'x' is
+unexpected", "The command x has not been found", and for arguments "Parameter 'x' is missing",
+"Parameter 'x' is unexpected", "Invalid parameter type for 'x', expected: string". After a JSON
+error the parser skips to the next \`{ } [ ] : ,\` or control character, as QEMU's does; send a
+0xFF byte to force it into a known state.
+
+Bounds, per message: ${DEFAULT_JSON_LIMITS.maxNesting} levels of nesting (as QEMU), ${DEFAULT_JSON_LIMITS.maxMessageBytes / 1024 / 1024} MiB of tokens and ${DEFAULT_JSON_LIMITS.maxTokens / 1024} Ki tokens (QEMU:
+64 MiB, 2 Mi). A message past a bound gets one error ("JSON token size limit exceeded") and the
+rest of it is skipped (QEMU parses the rest as new input). Per session: at most ${MAX_QUEUED_REQUESTS}
+requests wait to run (reading pauses), output waiting for a peer that does not read stops the
+session at ${OUTPUT_HIGH_WATER_BYTES / 1024 / 1024} MiB and closes it at ${MAX_OUTPUT_BYTES / 1024 / 1024} MiB. Per server: ${DEFAULT_MAX_SESSIONS} sessions.
+`;
 
 /** A QMP server: a listening socket (optional) and its sessions. */
 export class QmpServer {

@@ -165,9 +165,12 @@ export class QmpSession {
       this.#stream.pause();
       if (this.#running !== null) await this.#running;
       if (!this.#closed) {
-        this.#stream.end();
-        const timer = setTimeout(() => this.#stream.destroy(), 2000);
+        // Flush what was written (the running command's reply), then close without waiting for the
+        // peer to close its side; a peer that does not read gets 2 s.
+        const s = this.#stream;
+        const timer = setTimeout(() => s.destroy(), 2000);
         timer.unref();
+        s.end(() => s.destroy());
         await this.#closedPromise;
         clearTimeout(timer);
       }
