@@ -1,6 +1,7 @@
 /**
- * The `snapstack` command: dispatches to `img`, `io` and `monitor`.
+ * The `snapstack` command: dispatches to `img`, `io`, `monitor` and `daemon`.
  */
+import { daemonMain } from './daemon.js';
 import { imgMain } from './img.js';
 import { ioMain } from './io.js';
 import { monitorMain } from './monitor.js';
@@ -11,7 +12,8 @@ const USAGE = `usage: snapstack <command> [args]
 commands:
   img create|info ...     image tools in qemu-img syntax
   io FILE -c CMD ...      run qemu-io commands on an image
-  monitor [options]       the HMP-like monitor (--drive, --object iothread, --demo)
+  monitor [options]       the HMP-like monitor (--drive, --object iothread, --demo, -qmp)
+  daemon [options]        a storage daemon with QMP, in qemu-storage-daemon's syntax
 run 'snapstack <command> --help' for a command's options`;
 
 /** Runs the command line `argv` (without node and script); returns the exit status. */
@@ -32,6 +34,8 @@ export async function main(argv: string[]): Promise<number> {
         return await ioMain(rest, out, err);
       case 'monitor':
         return await monitorMain(rest, out, err);
+      case 'daemon':
+        return await daemonMain(rest, out, err);
       case '--help':
       case '-h':
         out(USAGE);
