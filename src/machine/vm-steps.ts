@@ -12,7 +12,7 @@ import zlib from 'node:zlib';
 import { assertBql, withBql, type Bql } from '../block/bql.js';
 import { runDrainedIo, runInDrainedSection, type DrainedProof } from '../block/drain.js';
 import { BlockError } from '../block/errors.js';
-import { bdrvLoadVmstate, bdrvSaveVmstate } from '../block/io.js';
+import { bdrvFlush, bdrvLoadVmstate, bdrvSaveVmstate } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
 import { assertSnapshotLocked, type SnapshotLocked } from '../block/snapshot-lock.js';
 import { VMSTATE_TRAILER_BYTES } from './vmstate.js';
@@ -109,6 +109,8 @@ export async function writeVmStateStream(
   new DataView(buf.buffer, buf.byteOffset).setUint32(fill, crc);
   fill += VMSTATE_TRAILER_BYTES;
   await writeOut();
+  // written back here, outside the BQL: the snapshot's commit flushes again, and finds little left
+  await steps.io(proof, () => bdrvFlush(node));
   return pos;
 }
 
