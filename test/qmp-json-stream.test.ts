@@ -6,7 +6,7 @@
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { formatQmpJson, isNonIntLiteral, JsonStream, type JsonStreamItem } from '../src/qmp/json-stream.js';
+import { formatQmpJson, isNonIntLiteral, JsonStream, qdictOrder, type JsonStreamItem } from '../src/qmp/json-stream.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 
 function parseAll(input: string | Buffer, limits?: ConstructorParameters<typeof JsonStream>[0]): JsonStreamItem[] {
@@ -175,6 +175,16 @@ describe('formatQmpJson', () => {
       '[0.10000000000000001, 1.5, 1500, 1e+20, 9.9999999999999995e-08, -0.5, 0.01, 123.456]',
     );
     expect(formatQmpJson('\ud800x')).toBe('"\\uFFFDx"');
+  });
+
+  it('orders_members_as_qemus_qdict_iterates_them', () => {
+    // The orders qemu-storage-daemon 7.2 writes: version, reply, event, error.
+    expect(qdictOrder(['major', 'minor', 'micro'])).toEqual(['micro', 'minor', 'major']);
+    expect(qdictOrder(['return', 'id'])).toEqual(['return', 'id']);
+    expect(qdictOrder(['error', 'id'])).toEqual(['id', 'error']);
+    expect(qdictOrder(['event', 'data', 'timestamp'])).toEqual(['timestamp', 'event', 'data']);
+    expect(qdictOrder(['id', 'status'])).toEqual(['status', 'id']);
+    expect(formatQmpJson({ error: { desc: 'd', class: 'GenericError' }, id: 1 })).toBe('{"id": 1, "error": {"class": "GenericError", "desc": "d"}}');
   });
 
   it('round_trips_through_the_parser', () => {

@@ -107,6 +107,13 @@ function severalProblems(): Step[] {
     members.splice(at, 0, rnd() < 0.5 ? '"execute": "query-version"' : '"arguments": []');
     steps.push({ name: `unexpected members ${members.join(' ')}`, send: [`{${members.join(', ')}}\n`] });
   }
+  // Keys beyond ASCII: the hash runs over their UTF-8 bytes.
+  const utf8 = (t: string): string => Buffer.from(t, 'utf8').toString('latin1');
+  for (const keys of [['é', 'ü', 'ß'], ['日本', 'a', 'ключ'], ['😀', 'z']]) {
+    const members = keys.map((k) => `"${k}": 1`).join(', ');
+    steps.push({ name: `non-ASCII members ${keys.join(' ')}`, send: [utf8(`{${members}, "execute": "query-version"}\n`)] });
+    steps.push({ name: `non-ASCII arguments ${keys.join(' ')}`, send: [utf8(`{"execute": "query-version", "arguments": {${members}}}\n`)] });
+  }
   return steps;
 }
 

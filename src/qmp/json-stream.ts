@@ -918,9 +918,14 @@ function formatString(s: string): string {
 const QDICT_BUCKETS = 512;
 
 function qdictBucket(key: string): number {
-  const b = Buffer.from(key, 'utf8');
+  let ascii = true;
+  for (let i = 0; i < key.length && ascii; i++) ascii = key.charCodeAt(i) < 0x80;
+  const b: { readonly length: number; [i: number]: number } = ascii ? { length: key.length } : Buffer.from(key, 'utf8');
   let value = Math.imul(0x238f13af, b.length) >>> 0;
-  for (let i = 0; i < b.length; i++) value = (value + (((b[i] as number) << ((i * 5) % 24)) >>> 0)) >>> 0;
+  for (let i = 0; i < b.length; i++) {
+    const byte = ascii ? key.charCodeAt(i) : (b[i] as number);
+    value = (value + ((byte << ((i * 5) % 24)) >>> 0)) >>> 0;
+  }
   return ((Math.imul(1103515243, value) + 12345) >>> 0) % QDICT_BUCKETS;
 }
 
