@@ -4,6 +4,9 @@
  * (repeatable), `--object iothread,id=ID`, `-m SIZE` (guest RAM), `--smp N` (vCPUs), `--guest`
  * (run the self-checking guest workload). `--demo` builds a demo machine under ./demo: a qcow2
  * and a raw disk (created if absent), an IOThread, and the guest workload running.
+ * `-qmp unix:PATH,server=on,wait=off` / `-qmp tcp:HOST:PORT,server=on,wait=off` (repeatable)
+ * serves QMP with the machine beside the REPL; `quit` on either ends both. When standard input
+ * ends without `quit`, the QMP monitors go on serving until QMP `quit`, SIGTERM or SIGHUP.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -18,9 +21,12 @@ import { Machine } from '../machine/machine.js';
 import { Monitor } from '../monitor/hmp.js';
 import { runRepl } from '../monitor/repl.js';
 import { describeError } from '../commands/format.js';
+import { qmpCommands } from '../qmp/command-table.js';
+import { Chardev, parseLegacyChardev } from './chardev.js';
 
 const USAGE = `usage: snapstack monitor [--object iothread,id=ID[,poll-max-ns=NS]]... [--drive file=PATH,format=raw|qcow2,id=ID[,iothread=ID][,readonly=on]]...
-                         [-m SIZE] [--smp N] [--guest] [--demo]`;
+                         [-m SIZE] [--smp N] [--guest] [--demo]
+                         [-qmp unix:PATH,server=on,wait=off | -qmp tcp:HOST:PORT,server=on,wait=off]...`;
 
 function addObject(bql: Bql, spec: string): void {
   const o = parseOptions(spec, 'qom-type');
@@ -55,11 +61,23 @@ function demoSetup(dir: string): { objects: string[]; drives: string[] } {
 export async function monitorMain(argv: string[], out: (s: string) => void, err: (s: string) => void): Promise<number> {
   const objects: string[] = [];
   const drives: string[] = [];
+  const qmpSpecs: string[] = [];
+  const chardevs: Chardev[] = [];
   let demo = false;
   let guest = false;
   let ramBytes = 64 * 1024 * 1024;
   let vcpus = 2;
-  let machine: Machine;
+  let machine: Machine | undefined;
+  // QMP quit (or a signal, with QMP monitors) ends the REPL and the monitor
+  let stopWaiting: () => void = () => undefined;
+  const stopped = new Promise<void>((resolve) => (stopWaiting = resolve));
+  let quitting = false;
+  const qmpQuit = (): void => {
+    quitting = true;
+    stopWaiting();
+    // ends the REPL's line reader, so runRepl returns
+    process.stdin.destroy();
+  };
   try {
     for (let i = 0; i < argv.length; i++) {
       const a = argv[i] as string;
@@ -72,6 +90,7 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
       else if (a === '--object' || a === '-object') objects.push(value());
       else if (a === '-m' || a === '--m') ramBytes = parseSize(value().replace(/^size=/, ''), '-m');
       else if (a === '--smp' || a === '-smp') vcpus = Number(value());
+      else if (a === '-qmp' || a === '--qmp') qmpSpecs.push(value());
       else if (a === '--guest') guest = true;
       else if (a === '--demo') demo = true;
       else if (a === '-h' || a === '--help') {
@@ -92,8 +111,19 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
       for (const d of drives) await m.addDrive(bql, d);
       await m.start(bql);
     });
+    const specs = qmpSpecs.map((text, i) => ({ text, spec: parseLegacyChardev(text, `compat_monitor${i}`) }));
+    for (const { text, spec } of specs) {
+      const dev = await Chardev.open(spec, (info) => err(`snapstack monitor: -qmp ${text}: ${info}`));
+      chardevs.push(dev);
+      await dev.attachMonitor({ commands: qmpCommands({ machine: true }), machine: m, onQuit: () => qmpQuit() });
+    }
   } catch (e) {
     err(`snapstack monitor: ${describeError(e)}`);
+    await Promise.all(chardevs.map((c) => c.close()));
+    if (machine !== undefined) {
+      const m = machine;
+      await withBql((bql) => m.shutdown(bql)).catch(() => undefined);
+    }
     await withBql((bql) => shutdownIOThreads(bql));
     return 1;
   }
@@ -108,7 +138,16 @@ export async function monitorMain(argv: string[], out: (s: string) => void, err:
     banner.push('  savevm s1     info snapshots     qemu-io disk0 "read 0 4k"     loadvm s1     delvm s1');
     banner.push('  info block    info status        stop / cont                   quit');
   }
-  await runRepl(monitor, process.stdin, process.stdout, banner);
+  const signals: NodeJS.Signals[] = chardevs.length > 0 ? ['SIGTERM', 'SIGHUP'] : [];
+  for (const sig of signals) process.on(sig, qmpQuit);
+  try {
+    await Promise.race([runRepl(monitor, process.stdin, process.stdout, banner), stopped]);
+    // input ended without quit: the QMP monitors go on serving until they are told to stop
+    if (!monitor.quitRequested && !quitting && chardevs.length > 0) await stopped;
+  } finally {
+    for (const sig of signals) process.off(sig, qmpQuit);
+  }
+  await Promise.all(chardevs.map((c) => c.close()));
   const m = machine;
   await withBql((bql) => m.shutdown(bql));
   await withBql((bql) => shutdownIOThreads(bql));
