@@ -12,7 +12,9 @@
 import { withBql, type Bql } from '../../block/bql.js';
 import { withDrained } from '../../block/drain.js';
 import type { SnapshotInfo } from '../../block/driver.js';
-import { closeNode } from '../../block/graph.js';
+import { withDrainedAll } from '../../block/drain.js';
+import { bdrvSetBacking, replaceNode } from '../../block/graph-change.js';
+import { closeNode, detachChild } from '../../block/graph.js';
 import { jobUsingNode } from '../../block/job.js';
 import { BdrvChild, type BlockNode } from '../../block/node.js';
 import { withSnapshotLock } from '../../block/snapshot-lock.js';
@@ -21,12 +23,20 @@ import { allBackends, allNodes } from '../../block/registry.js';
 import { blockdevAdd, blockdevAddFields, dropMonitorOwnership, findNodeForQmp, isMonitorOwned } from '../blockdev-options.js';
 import { blockDeviceInfo, blockInfo, snapshotInfoToQmp } from '../blockdev-info.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpObject } from '../types.js';
-import { optBool, optStr, qmpErrors, reqStr, rootNodeOf } from './util.js';
+import { lookupDevice, optBool, optStr, qmpErrors, reqStr, rootNodeOf } from './util.js';
 
 /** QEMU's op-blocker text for a node a job works on. */
 function refuseJobNode(bql: Bql, node: BlockNode): void {
   const job = jobUsingNode(bql, node);
   if (job !== null) throw new QmpError('GenericError', `Node '${node.nodeName}' is busy: block device is in use by block job: ${job.type}`);
+}
+
+/** QEMU's op blockers: a node a job works on, or one an overlay uses as its backing image. */
+function refuseBlockedNode(bql: Bql, node: BlockNode): void {
+  refuseJobNode(bql, node);
+  for (const p of node.parents) {
+    if (p instanceof BdrvChild && p.role === 'backing') throw new QmpError('GenericError', `Node '${node.nodeName}' is busy: node is used as backing hd of '${p.parent.nodeName}'`);
+  }
 }
 
 /** The snapshot of `node` matching `id` and `name` (a missing one is not compared). */
@@ -112,12 +122,12 @@ const blockdevDel: QmpCommand = {
         const name = reqStr(args, 'node-name');
         const node = findNodeForQmp(bql, name);
         for (const blk of allBackends.values()) if (blk.root === node) throw new QmpError('GenericError', `Node ${name} is in use`);
-        refuseJobNode(bql, node);
-        for (const p of node.parents) {
-          if (p instanceof BdrvChild && p.role === 'backing') throw new QmpError('GenericError', `Node '${name}' is busy: node is used as backing hd of '${p.parent.nodeName}'`);
-        }
+        refuseBlockedNode(bql, node);
         if (!isMonitorOwned(node)) throw new QmpError('GenericError', `Node ${name} is not owned by the monitor`);
         if (node.parents.size > 0) throw new QmpError('GenericError', `Block device ${name} is in use`);
+        // children the monitor owns too (a blockdev-snapshot base) stay open, as QEMU's monitor reference keeps them
+        const owned = node.children.filter((c) => isMonitorOwned(c.child));
+        if (owned.length > 0) await withDrained(bql, node, (d) => owned.forEach((edge) => detachChild(bql, d, edge)));
         await closeNode(bql, node);
         dropMonitorOwnership(bql, node);
         return {};
@@ -187,5 +197,39 @@ const snapshotDeleteInternal: QmpCommand = {
     ),
 };
 
+const blockdevSnapshot: QmpCommand = {
+  name: 'blockdev-snapshot',
+  doc: "Puts the open node `overlay` (added with blockdev-add and `backing: null`, its image naming `node`'s file as its backing file) on top of `node`: `node` becomes the overlay's backing image and every user of `node` (a device, a parent node) moves to the overlay, in one drained section.",
+  args: [
+    { name: 'node', type: 'str' },
+    { name: 'overlay', type: 'str' },
+  ],
+  example: { args: { node: 'disk0', overlay: 'overlay0' }, returns: {} },
+  run: (_ctx, args) =>
+    qmpErrors(() =>
+      withBql(async (bql) => {
+        // QEMU's order: the node, its op blockers, then the overlay
+        const node = lookupDevice(bql, reqStr(args, 'node')).node;
+        if (node === null) throw new QmpError('GenericError', 'Device has no medium');
+        refuseBlockedNode(bql, node);
+        const overlay = lookupDevice(bql, reqStr(args, 'overlay')).node;
+        if (overlay === null) throw new QmpError('GenericError', 'Device has no medium');
+        for (const blk of allBackends.values()) if (blk.root === overlay) throw new QmpError('GenericError', 'The overlay is already in use');
+        if (overlay.backing !== undefined) throw new QmpError('GenericError', 'The overlay already has a backing image');
+        if (overlay.instance?.backingFile === undefined) throw new QmpError('GenericError', 'The overlay does not support backing images');
+        await withDrainedAll(bql, (d) => {
+          bdrvSetBacking(bql, d, overlay, node);
+          try {
+            replaceNode(bql, d, node, overlay);
+          } catch (e) {
+            bdrvSetBacking(bql, d, overlay, null);
+            throw e;
+          }
+        });
+        return {};
+      }),
+    ),
+};
+
 /** The block graph commands. */
-export const blockCommands: QmpCommand[] = [queryBlock, queryNamedBlockNodes, blockdevAddCommand, blockdevDel, snapshotInternal, snapshotDeleteInternal];
+export const blockCommands: QmpCommand[] = [queryBlock, queryNamedBlockNodes, blockdevAddCommand, blockdevDel, blockdevSnapshot, snapshotInternal, snapshotDeleteInternal];
