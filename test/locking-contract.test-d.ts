@@ -1,6 +1,7 @@
 import { bdrvAllCreateSnapshot, bdrvAllDeleteSnapshot, bdrvAllGotoSnapshot, type GroupDisk } from '../src/block/snapshot-group.js';
 import { Machine } from '../src/machine/machine.js';
-import { delVm, loadVm, saveVm } from '../src/machine/savevm.js';
+import { delVm, delVmLocked, loadVm, loadVmLocked, saveVm, saveVmLocked } from '../src/machine/savevm.js';
+import { acquireSnapshotLock, withSnapshotLock, type SnapshotLocked } from '../src/block/snapshot-lock.js';
 /**
  * The locking contract at compile time: a call made without the proofs its signature demands must
  * not compile. Every `@ts-expect-error` below is a call that has to be refused; if one compiles,
@@ -29,6 +30,7 @@ import {
   DrainedAll,
   type DrainedSet,
   type GroupDrained,
+  runDrainedIo,
   runInDrainedSection,
   withDrained,
   type DrainedProof,
@@ -478,4 +480,27 @@ test('changing a backing child, replacing a node or a device root needs the Bql 
   expectTypeOf(compileOnlyGraphChange).toBeFunction();
   expectTypeOf(bdrvSetBacking).parameters.toEqualTypeOf<[Bql, DrainedAll, BlockNode, BlockNode | null]>();
   expectTypeOf(replaceNode).parameters.toEqualTypeOf<[Bql, DrainedAll, BlockNode, BlockNode]>();
+});
+
+test('snapshot-lock code takes SnapshotLocked, never the Bql in its place; the lock is taken by name, not with a proof', () => {
+  function compileOnlySnapshotLock(bql: Bql, snap: SnapshotLocked, m: Machine, set: DrainedSet): void {
+    void saveVmLocked(snap, m, 'tag');
+    void loadVmLocked(snap, m, 'tag', { devices: ['disk0'] });
+    void delVmLocked(snap, m, 'tag');
+    void runDrainedIo(snap, set, async () => 1);
+    // @ts-expect-error -- the BQL is not the snapshot lock
+    void saveVmLocked(bql, m, 'tag');
+    // @ts-expect-error -- nor does the BQL stand in for it to do I/O on drained nodes
+    void runDrainedIo(bql, set, async () => 1);
+    // @ts-expect-error -- no proof at all
+    void runDrainedIo(set, async () => 1);
+    // @ts-expect-error -- the snapshot lock is not the BQL either
+    void saveVm(snap, m, 'tag');
+    // @ts-expect-error -- acquiring takes an owner's name: there is no proof to pass, so no way to ask for it "with" the BQL
+    void acquireSnapshotLock(bql);
+  }
+  expectTypeOf(compileOnlySnapshotLock).toBeFunction();
+  expectTypeOf(saveVmLocked).parameter(0).toEqualTypeOf<SnapshotLocked>();
+  expectTypeOf(runDrainedIo).parameter(0).toEqualTypeOf<SnapshotLocked>();
+  expectTypeOf(withSnapshotLock).parameter(1).parameter(0).toEqualTypeOf<SnapshotLocked>();
 });

@@ -35,7 +35,7 @@ await withBql(async (/** @type {unknown} */ bql) => {
   await m.start(bql);
 });
 forwardMachineEvents(m);
-/** @type {Array<{ name: string, run: (ctx: unknown, args: Record<string, unknown>) => Promise<unknown> }>} */
+/** @type {Array<{ name: string, doc: string, args: readonly unknown[], run: (ctx: unknown, args: Record<string, unknown>) => Promise<unknown> }>} */
 let commands = qmpCommands({ machine: true });
 if (argv.includes('--hold-bql')) {
   const held = {
