@@ -255,6 +255,8 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     expect(await sameShape('blockdev-snapshot', () => ({ node: 'xb', overlay: 'xo' }))).toEqual({ q: {}, o: {} });
     // QEMU reopens the old node read-only; snapstack keeps it writable (a later block-commit writes into it)
     await compareNodes(false, true, ['xb', 'auto:file:<dir>/xbase.qcow2']);
+    const after = await nodes(false);
+    expect({ qsd: after.q.get('xb')?.['ro'], snapstack: after.o.get('xb')?.['ro'] }).toEqual({ qsd: true, snapstack: false });
     await sameError('blockdev-snapshot', () => ({ node: 'xb', overlay: 'xo' }));
     await sameError('blockdev-del', () => ({ 'node-name': 'xb' }));
     expect(await sameShape('blockdev-del', () => ({ 'node-name': 'xo' }))).toEqual({ q: {}, o: {} });
