@@ -74,6 +74,16 @@ const testCommands: QmpCommand[] = [
   },
   { name: 'fail', doc: 'Fails.', args: [], run: () => Promise.reject(new QmpError('DeviceNotFound', "Device 'x' not found")) },
   { name: 'crash', doc: 'Throws a plain Error.', args: [], run: () => Promise.reject(new TypeError('boom\nsecond line')) },
+  {
+    name: 'cyclic',
+    doc: 'Returns a value that is not JSON.',
+    args: [],
+    run: () => {
+      const v: { self?: unknown } = {};
+      v.self = v;
+      return Promise.resolve(v as unknown as QmpObject);
+    },
+  },
   { name: 'machine-only', doc: 'Needs a machine.', args: [], needsMachine: true, run: () => Promise.resolve({}) },
 ];
 
@@ -183,6 +193,7 @@ describe('QMP session', () => {
       ['{"execute": "echo", "arguments": {"text": "x", "opts": {"mode": "c"}}}\n', { error: { class: 'GenericError', desc: "Parameter 'mode' does not accept value 'c'" } }],
       ['{"execute": "echo", "arguments": {"text": "x", "opts": {}}}\n', { error: { class: 'GenericError', desc: "Parameter 'opts.mode' is missing" } }],
       ['{"execute": "crash", "id": 10}\n', { id: 10, error: { class: 'GenericError', desc: 'boom' } }],
+      ['{"execute": "cyclic", "id": 11}\n', { id: 11, error: { class: 'GenericError', desc: 'Internal error: the reply of cyclic cannot be encoded' } }],
       ['@\n', { error: { class: 'GenericError', desc: "JSON parse error, stray '@'" } }],
       ['{"a" "b"}\n', { error: { class: 'GenericError', desc: 'JSON parse error, missing : in object pair' } }],
     ];

@@ -158,7 +158,13 @@ export class QmpServer {
     const names = new Set(opts.commands.map((c) => c.name));
     this.#commands = [...opts.commands, ...sessionCommands.filter((c) => !names.has(c.name))];
     this.#stopEvents = onQmpEvent((e) => {
-      for (const s of this.#sessions) s.sendEvent(e);
+      for (const s of this.#sessions) {
+        try {
+          s.sendEvent(e);
+        } catch {
+          // An event that cannot be encoded reaches no session; the others' events still flow.
+        }
+      }
     });
     this.#releaseBridge = retainJobEventBridge();
     server?.on('connection', (socket) => this.attach(socket));

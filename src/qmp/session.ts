@@ -238,18 +238,28 @@ export class QmpSession {
       if (this.#parserEnded && !this.#stream.writableEnded) this.#stream.end();
       return;
     }
-    this.#running = this.#handle(next).finally(() => {
-      this.#running = null;
-      if (this.#closed || this.#closing) return;
-      this.#pump();
-      this.#flow();
-    });
+    this.#running = this.#handle(next)
+      .catch((e: unknown) => {
+        // A bug of ours (a reply that cannot be encoded): the request still gets an answer and
+        // the daemon keeps running.
+        this.#replyError({ has: false, value: null }, 'GenericError', `Internal error: ${asQmpError(e).desc}`);
+      })
+      .finally(() => {
+        this.#running = null;
+        if (this.#closed || this.#closing) return;
+        this.#pump();
+        this.#flow();
+      });
   }
 
   #write(msg: QmpObject): void {
+    this.#writeLine(formatQmpJson(msg));
+  }
+
+  #writeLine(line: string): void {
     const s = this.#stream;
     if (this.#closed || s.destroyed || s.writableEnded) return;
-    s.write(`${formatQmpJson(msg)}\r\n`);
+    s.write(`${line}\r\n`);
     if (s.writableLength > MAX_OUTPUT_BYTES) {
       // A peer that does not read: drop it rather than hold its replies and events without bound.
       s.destroy();
@@ -313,7 +323,15 @@ export class QmpSession {
       this.#replyError(id, err.errorClass, err.desc);
       return;
     }
-    this.#write(id.has ? { return: result ?? {}, id: id.value } : { return: result ?? {} });
+    let line: string;
+    try {
+      line = formatQmpJson(id.has ? { return: result ?? {}, id: id.value } : { return: result ?? {} });
+    } catch {
+      // A return value that is not JSON (a cycle): an error reply instead of a dead session.
+      this.#replyError(id, 'GenericError', `Internal error: the reply of ${name} cannot be encoded`);
+      return;
+    }
+    this.#writeLine(line);
     if (this.#quitRequested) {
       this.#quitRequested = false;
       emitQmpEvent('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
