@@ -270,6 +270,8 @@ describe('jobs', () => {
     await b.job.whenConcluded();
     expect(b.prepared()).toBe(false);
     expect(b.job.status).toBe('concluded');
+    // as QEMU: a cancelled job reads as failed with ECANCELED's text
+    expect(arr(await run('query-jobs')).map(obj).find((j) => j['id'] === 'qj3')).toEqual({ id: 'qj3', type: 'test', status: 'concluded', 'current-progress': 10, 'total-progress': 10, error: 'Operation canceled' });
     await run('job-dismiss', { id: 'qj3' });
   });
 });

@@ -23,6 +23,8 @@ const BLOCK_JOB_TYPES = new Set(['stream', 'commit', 'mirror', 'backup']);
 export function jobInfo(job: Job): QmpObject {
   const info: QmpObject = { id: job.id, type: job.type, status: job.status, 'current-progress': job.progress.current, 'total-progress': job.progress.total };
   if (job.error !== null) info['error'] = job.error;
+  // QEMU reports a cancelled job as failed with ECANCELED's text
+  else if (job.cancelled && (job.status === 'aborting' || job.status === 'concluded')) info['error'] = 'Operation canceled';
   return info;
 }
 
