@@ -125,8 +125,9 @@ const blockdevDel: QmpCommand = {
         refuseBlockedNode(bql, node);
         if (!isMonitorOwned(node)) throw new QmpError('GenericError', `Node ${name} is not owned by the monitor`);
         if (node.parents.size > 0) throw new QmpError('GenericError', `Block device ${name} is in use`);
-        // children the monitor owns too (a blockdev-snapshot base) stay open, as QEMU's monitor reference keeps them
-        const owned = node.children.filter((c) => isMonitorOwned(c.child));
+        // backing images the monitor owns too (a blockdev-snapshot base) stay open, as QEMU's monitor
+        // reference keeps them (only backing edges: a format driver's close still writes to its file)
+        const owned = node.children.filter((c) => c.role === 'backing' && isMonitorOwned(c.child));
         if (owned.length > 0) await withDrained(bql, node, (d) => owned.forEach((edge) => detachChild(bql, d, edge)));
         await closeNode(bql, node);
         dropMonitorOwnership(bql, node);
