@@ -380,13 +380,14 @@ export class Machine {
 
   /**
    * Loads a VM state into the stopped machine; refuses one that does not fit (other RAM size,
-   * vCPU count, format version) without changing anything.
+   * vCPU count, format version) without changing anything. `crc`: the checksum the reader computed
+   * over all but the trailer (vmstate.ts decodeVmState), so that it is not computed twice.
    * @locking global-state
    */
-  loadState(bql: Bql, bytes: Uint8Array): void {
+  loadState(bql: Bql, bytes: Uint8Array, crc?: number): void {
     assertBql(bql, 'loadState');
     if (this.state !== 'paused') throw new BlockError('EBUSY', 'the VM state can only be loaded while the machine is stopped', { op: 'loadvm' });
-    const s = decodeVmState(bytes, { ramBytes: this.ramBytes, vcpus: this.vcpus, cpuBytes: this.cpu.byteLength, deviceBytes: this.slots.byteLength });
+    const s = decodeVmState(bytes, { ramBytes: this.ramBytes, vcpus: this.vcpus, cpuBytes: this.cpu.byteLength, deviceBytes: this.slots.byteLength }, crc);
     const savedSlots = new Int32Array(s.devices.slice().buffer);
     for (let i = 0; i < this.vcpus; i++) {
       if ((savedSlots[i * SLOT_STRIDE + SLOT_STATE] ?? 0) !== 0) {

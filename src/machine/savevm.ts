@@ -581,7 +581,7 @@ async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: VmSnaps
   const { held, vmDisk, sn, reverted } = start;
   const drained = held.drained;
   try {
-    let buf: Uint8Array | null = null;
+    let buf: { bytes: Uint8Array; crc: number } | null = null;
     if (reverted.failure === null) {
       try {
         buf = await readVmStateStream(steps, drained, vmDisk.node, sn.vmStateSize);
@@ -647,12 +647,12 @@ async function revertDisks(bql: Bql, drained: GroupDrained, m: Machine, disks: G
 }
 
 /** loadvm's second half: load the VM state read, then drop the undo snapshots; or put every disk back. */
-async function finishLoad(bql: Bql, drained: GroupDrained, m: Machine, tag: string, vmDisk: GroupDisk, rv: Reverted, buf: Uint8Array | null): Promise<LoadvmResult> {
+async function finishLoad(bql: Bql, drained: GroupDrained, m: Machine, tag: string, vmDisk: GroupDisk, rv: Reverted, buf: { bytes: Uint8Array; crc: number } | null): Promise<LoadvmResult> {
   const { disks, rec, undo, touched } = rv;
   let failure = rv.failure;
   if (failure === null && buf !== null) {
     try {
-      m.loadState(bql, buf);
+      m.loadState(bql, buf.bytes, buf.crc);
     } catch (e) {
       failure = new BlockError(codeOf(e), `Error while loading VM state of '${tag}' from '${vmDisk.name}': ${message(e)}`, { node: vmDisk.name, cause: e });
     }

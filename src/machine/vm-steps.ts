@@ -115,18 +115,22 @@ export async function writeVmStateStream(
 }
 
 /**
- * Reads `size` bytes of `node`'s VM-state area in chunks into a new buffer.
+ * Reads `size` bytes of `node`'s VM-state area in chunks into a new buffer, and the CRC-32 of all
+ * but its last 4 bytes (the trailer a VM state ends with), computed on the way.
  * @locking common
  */
-export async function readVmStateStream(steps: VmSteps, proof: DrainedProof, node: BlockNode, size: number): Promise<Uint8Array> {
+export async function readVmStateStream(steps: VmSteps, proof: DrainedProof, node: BlockNode, size: number): Promise<{ bytes: Uint8Array; crc: number }> {
   const out = new Uint8Array(size);
+  const body = Math.max(0, size - VMSTATE_TRAILER_BYTES);
+  let crc = 0;
   for (let pos = 0; pos < size; ) {
     const n = Math.min(VMSTATE_CHUNK_BYTES, size - pos);
     const piece = out.subarray(pos, pos + n);
     const at = pos;
     await steps.io(proof, () => bdrvLoadVmstate(node, piece, at));
+    if (at < body) crc = zlib.crc32(out.subarray(at, Math.min(at + n, body)), crc);
     pos += n;
     await steps.progress(pos, size);
   }
-  return out;
+  return { bytes: out, crc };
 }

@@ -116,9 +116,11 @@ export const MIN_VMSTATE_BYTES = HEADER_BYTES + 4 * SECTION_HEADER_BYTES + 4;
 
 /**
  * Parses and verifies a VM state; `expect` is the machine it must fit (RAM size, vCPUs, disks).
+ * `crc` is the CRC-32 of everything before the trailer when the reader computed it on the way in
+ * (readVmStateStream): it is compared with the trailer instead of being computed again here.
  * @locking common
  */
-export function decodeVmState(buf: Uint8Array, expect: { ramBytes: number; vcpus: number; cpuBytes: number; deviceBytes: number }): VmState {
+export function decodeVmState(buf: Uint8Array, expect: { ramBytes: number; vcpus: number; cpuBytes: number; deviceBytes: number }, crc?: number): VmState {
   checkVmStateHeader(buf);
   const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
   const count = v.getUint32(12);
@@ -134,8 +136,8 @@ export function decodeVmState(buf: Uint8Array, expect: { ramBytes: number; vcpus
     off += SECTION_HEADER_BYTES + len;
   }
   if (off + 4 !== buf.length) refuse('length', `${buf.length - off - 4} unexpected bytes after the sections`);
-  const crc = v.getUint32(off);
-  if (zlib.crc32(buf.subarray(0, off)) !== crc) refuse('crc32', 'checksum mismatch: the saved state is damaged');
+  const stored = v.getUint32(off);
+  if ((crc ?? zlib.crc32(buf.subarray(0, off))) !== stored) refuse('crc32', 'checksum mismatch: the saved state is damaged');
   const ram = found.get(SECTION_RAM);
   const cpu = found.get(SECTION_CPU);
   const devices = found.get(SECTION_DEVICES);
