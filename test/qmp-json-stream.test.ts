@@ -70,6 +70,8 @@ describe('JsonStream', () => {
       'JSON parse error, expecting value',
     ]);
     expect(errors('{"id":"a\nb"}\n{"x":1}')).toEqual(["JSON parse error, stray '\"a\n'", 'JSON parse error, expecting value', { x: 1 }]);
+    // qemu-storage-daemon 7.2: no exponent after a lone zero.
+    expect(errors('0e{\n')).toEqual([0, "JSON parse error, invalid keyword 'e'"]);
     expect(errors('{"id":01}\n')).toEqual(["JSON parse error, stray '01'", 'JSON parse error, expecting value']);
     expect(errors('{"id":"\t"}')).toEqual(["JSON parse error, stray '\"\t'", 'JSON parse error, expecting value']);
     // 0xFF resets a half-read message: the client's way to force a known state.

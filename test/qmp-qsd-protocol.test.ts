@@ -11,6 +11,7 @@
  * QEMU's hash-table member order, and the SHUTDOWN event after quit, which qemu-system sends and
  * QSD does not.
  */
+import fc from 'fast-check';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -172,6 +173,60 @@ async function runSequence(socket: string): Promise<{ greeting: unknown; steps: 
   return { greeting: shape(c.greeting), steps, quit };
 }
 
+/** Near-JSON: tokens QMP knows, broken ones, and bytes the lexer refuses, in any order. */
+const nearJsonToken = fc.oneof(
+  fc.constantFrom('{', '}', '[', ']', ':', ',', ' ', '\n', '\t', '\r'),
+  fc.constantFrom('"execute"', '"query-version"', '"id"', '"arguments"', '"exec-oob"', '"qmp_capabilities"', '"x"', "'sq'", '"a\\"b"', '"\\u00e9"', '"\\ud800"', '"\\q"'),
+  fc.constantFrom('true', 'false', 'null', 'nul', 'tru', '-', '-0', '01', '1.', '1e', '1e5', '2.5', '-7', '123456789', '1.5e-3', '0.1', '0e5', '0E1', '1E+2', '-0.0e-1', '9223372036854775807', '18446744073709551615', '1e400'),
+  fc.constantFrom('@', '%', '\x00', '\x7f', '\xc3\xa9', '\xc3', '\xfe'),
+  fc.stringMatching(/^"[a-z -]{0,6}"$/),
+  fc.integer({ min: -1000, max: 1000 }).map(String),
+);
+const tokenSoup = fc.array(nearJsonToken, { maxLength: 24 }).map((t) => t.join(''));
+
+/** A request of the protocol's own commands, as JSON text, with a few bytes inserted, deleted or replaced. */
+const mutatedRequest = fc
+  .tuple(
+    fc.record(
+      {
+        execute: fc.constantFrom('query-version', 'qmp_capabilities', 'query-named-block-nodes', 'no-such'),
+        arguments: fc.oneof(
+          fc.dictionary(fc.constantFrom('flat', 'enable', 'a', 'node-name', 'x-y'), fc.oneof(fc.boolean(), fc.integer(), fc.constant(['oob']), fc.string({ maxLength: 4 }), fc.constant(null), fc.double({ noNaN: true, noDefaultInfinity: true })), { maxKeys: 3 }),
+          fc.constantFrom(null, [], 'x', 1),
+        ),
+        id: fc.oneof(fc.integer(), fc.string({ maxLength: 5 }), fc.constant([1, { a: null }])),
+        control: fc.constant(1),
+      },
+      { requiredKeys: ['execute'] },
+    ),
+    fc.array(fc.tuple(fc.nat(), fc.constantFrom('insert', 'delete', 'replace'), fc.constantFrom('{', '}', '[', ']', ':', ',', '"', '\\', ' ', '@', '\n', '0', 'a', "'")), { maxLength: 3 }),
+  )
+  .map(([req, mutations]) => {
+    let text = JSON.stringify(req);
+    for (const [at, op, ch] of mutations) {
+      const i = at % (text.length + 1);
+      if (op === 'insert') text = text.slice(0, i) + ch + text.slice(i);
+      else if (op === 'delete') text = text.slice(0, i) + text.slice(i + 1);
+      else text = text.slice(0, i) + ch + text.slice(i + 1);
+    }
+    return `${text}\n`;
+  });
+
+const nearJsonInput = fc.oneof(tokenSoup, mutatedRequest);
+
+/** The lines a server sends for `input` up to the sync reply, with the version numbers blanked. */
+async function answer(c: QmpClient, input: string, n: number): Promise<string[]> {
+  c.sendRaw(Buffer.from(input, 'latin1'));
+  // 0xFF: the lexer restarts wherever it was (its own error reply), then the sync request.
+  c.sendRaw(Buffer.from(`\xff${SYNC_AFTER(n)}`, 'latin1'));
+  const lines: string[] = [];
+  for (;;) {
+    const line = await c.readRawLine(5000);
+    if (line.includes(`"sync-${n}"`)) return lines;
+    lines.push(line.replace(/\{"qemu": \{[^}]*\}, "package": "[^"]*"\}/g, 'VERSION'));
+  }
+}
+
 describeQsd('QMP protocol: snapstack against qemu-storage-daemon 7.2', () => {
   let dir = '';
   let qsd: Qsd;
@@ -188,6 +243,21 @@ describeQsd('QMP protocol: snapstack against qemu-storage-daemon 7.2', () => {
     await ours?.close();
     await qsd?.stop();
     fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('answers_random_near_json_byte_for_byte_as_qsd_does', async () => {
+    const theirs = await QmpClient.connect({ path: qsd.socket });
+    const mine = await QmpClient.connect({ path: oursSocket });
+    let n = 1000;
+    await fc.assert(
+      fc.asyncProperty(nearJsonInput, async (input) => {
+        n++;
+        const [a, b] = await Promise.all([answer(theirs, input, n), answer(mine, input, n)]);
+        expect(b, JSON.stringify(input)).toEqual(a);
+      }),
+      { numRuns: 1500, seed: 13 },
+    );
+    await Promise.all([theirs.close(), mine.close()]);
   });
 
   it('gives_the_same_replies_to_the_same_bytes', async () => {

@@ -362,14 +362,10 @@ export class JsonStream {
           }
           return;
         case St.Zero:
+          // QEMU's lexer takes no exponent right after a lone 0: `0e5` is 0, then the keyword `e`.
           if (b === 0x2e) {
             this.#appendByte(b);
             this.#state = St.Mantissa;
-            return;
-          }
-          if (b === 0x65 || b === 0x45) {
-            this.#appendByte(b);
-            this.#state = St.ExpE;
             return;
           }
           if (isDigit(b)) {
