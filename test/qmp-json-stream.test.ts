@@ -152,6 +152,30 @@ describe('JsonStream', () => {
     );
   });
 
+  it('gives_the_same_messages_however_the_bytes_are_split', () => {
+    const bytes = fc.oneof(
+      fc.uint8Array({ maxLength: 400 }),
+      fc.array(fc.constantFrom('{', '}', '[', ']', ':', ',', ' ', '\n', '"', '\\', 'a', '1', '.', 'e', '-', '@', '\xff', '"execute"', '"s"', "'"), { maxLength: 80 }).map((t) => Buffer.from(t.join(''), 'latin1')),
+    );
+    fc.assert(
+      fc.property(bytes, fc.array(fc.nat(), { maxLength: 10 }), (input, cuts) => {
+        const limits = { maxMessageBytes: 64, maxTokens: 16, maxNesting: 8 };
+        const whole = new JsonStream(limits);
+        const expected = [...whole.push(input), ...whole.end()];
+        const split = new JsonStream(limits);
+        const got: JsonStreamItem[] = [];
+        let at = 0;
+        for (const p of [...new Set(cuts.map((c) => c % (input.length + 1)))].sort((a, b) => a - b)) {
+          got.push(...split.push(input.subarray(at, p)));
+          at = p;
+        }
+        got.push(...split.push(input.subarray(at)), ...split.end());
+        expect(got).toEqual(expected);
+      }),
+      { numRuns: 1000 },
+    );
+  });
+
   it('garbage_never_throws_and_a_valid_command_after_a_reset_always_parses', () => {
     fc.assert(
       fc.property(fc.uint8Array({ maxLength: 300 }), fc.nat(300), (garbage, cut) => {

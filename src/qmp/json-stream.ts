@@ -293,6 +293,7 @@ export class JsonStream {
     if (this.#messageBytes + this.#tokLen + 2 > this.#limits.maxMessageBytes) {
       this.#overLimit('JSON token size limit exceeded');
       this.#discardToken = true;
+      if (this.#tokLen < DISCARD_KEEP_BYTES) this.#appendByteUnchecked(b);
       return;
     }
     if (this.#tokLen === this.#tok.length) this.#appendRaw(Uint8Array.of(b), 0, 1);
