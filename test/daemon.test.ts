@@ -239,6 +239,38 @@ describeInterop('snapstack daemon', () => {
     expect(writeOpen(img).status).toBe(0);
   });
 
+  it('a chardev with wait=on holds the startup until its first client, who then gets the monitor', async () => {
+    const sock = path.join(dir, 'w.sock');
+    const pidfile = path.join(dir, 'w.pid');
+    const d = startDaemon(['--chardev', `socket,id=c,path=${sock},server=on`, '--monitor', 'c', '--pidfile', pidfile]);
+    await waitFor(sock, d);
+    await new Promise((r) => setTimeout(r, 300));
+    // still waiting: startup (and so the pidfile) has not gone past the chardev
+    expect(fs.existsSync(pidfile)).toBe(false);
+    expect(d.stderr()).toBe(`snapstack daemon: --chardev socket,id=c,path=${sock},server=on: info: waiting for connection on: disconnected:unix:${sock},server=on\n`);
+    const c = await QmpClient.connect({ path: sock });
+    try {
+      expect(c.greeting).toMatchObject({ QMP: { capabilities: ['oob'] } });
+      await waitFor(pidfile, d);
+      expect(await c.execute('query-named-block-nodes')).toEqual([]);
+      await c.execute('quit');
+    } finally {
+      await c.close();
+    }
+    expect(await d.exited).toBe(0);
+  });
+
+  it('SIGTERM while a chardev waits for its first client ends the startup cleanly', async () => {
+    const sock = path.join(dir, 'w2.sock');
+    const d = startDaemon(['--blockdev', `driver=qcow2,node-name=n,file.driver=file,file.filename=${img}`, '--chardev', `socket,id=c,path=${sock},server=on,wait=on`, '--monitor', 'c']);
+    await waitFor(sock, d);
+    expect(writeOpen(img).status).toBe(1);
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+    expect(fs.existsSync(sock)).toBe(false);
+    expect(writeOpen(img).status).toBe(0);
+  });
+
   it('--help and --version print and exit 0 without starting anything', () => {
     const h = spawnSync(process.execPath, [BIN, 'daemon', '--help'], { encoding: 'utf8' });
     expect(h.status).toBe(0);

@@ -197,7 +197,7 @@ export class Chardev {
    * Creates the chardev: binds its socket (QEMU's "Failed to bind socket to P: ..." on failure)
    * and, with wait=on, waits for the first client (`waiting` is told first, as QEMU prints it).
    */
-  static async open(spec: ChardevSpec, waiting: (text: string) => void): Promise<Chardev> {
+  static async open(spec: ChardevSpec, waiting: (text: string) => void, interrupted?: Promise<unknown>): Promise<Chardev> {
     const a = spec.address;
     if (a.type === 'unix') await clearSocketPath(a.path);
     const listener = net.createServer({ allowHalfOpen: true });
@@ -219,7 +219,11 @@ export class Chardev {
     if (spec.wait) {
       const where = bound.type === 'unix' ? `unix:${bound.path}` : `tcp:${bound.host}:${bound.port}`;
       waiting(`info: waiting for connection on: disconnected:${where},server=on`);
-      await new Promise<void>((resolve) => listener.once('connection', () => resolve()));
+      const connected = new Promise<boolean>((resolve) => listener.once('connection', () => resolve(true)));
+      if (!(await Promise.race([connected, (interrupted ?? new Promise<never>(() => undefined)).then(() => false)]))) {
+        await dev.close();
+        throw new BlockError('ECANCELED', `interrupted while waiting for a connection on ${where}`);
+      }
     }
     return dev;
   }
@@ -241,7 +245,9 @@ export class Chardev {
     if (listener !== null) {
       this.#listener = null;
       listener.removeAllListeners('connection');
-      await new Promise<void>((resolve) => listener.close(() => resolve()));
+      // close() stops accepting at once; its callback would wait for the held connections to end
+      listener.close();
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
     const server = await QmpServer.listen(this.#address, opts);
     this.#server = server;

@@ -172,6 +172,8 @@ class DaemonState {
   pidfileWritten = false;
   #stop: (why: string) => void = () => undefined;
   readonly stopped: Promise<string>;
+  /** Set once a signal or QMP quit asked for the shutdown. */
+  stopRequested = false;
 
   constructor() {
     this.stopped = new Promise((resolve) => (this.#stop = resolve));
@@ -179,6 +181,7 @@ class DaemonState {
 
   /** Asks the daemon to shut down (a signal, QMP quit). */
   requestStop(why: string): void {
+    this.stopRequested = true;
     this.#stop(why);
   }
 
@@ -241,7 +244,7 @@ async function applyOption(state: DaemonState, o: DaemonOption, err: (s: string)
       const spec = parseChardevOption(o.value);
       if (spec === null) return CHARDEV_HELP;
       if (state.chardevs.has(spec.id)) fail(`Duplicate ID '${spec.id}' for chardev`);
-      state.chardevs.set(spec.id, await Chardev.open(spec, (info) => err(`${P}: ${o.text}: ${info}`)));
+      state.chardevs.set(spec.id, await Chardev.open(spec, (info) => err(`${P}: ${o.text}: ${info}`), state.stopped));
       return null;
     }
     case 'monitor': {
@@ -339,6 +342,11 @@ export async function daemonMain(argv: string[], out: (s: string) => void, err: 
       try {
         text = await applyOption(state, o, log);
       } catch (e) {
+        // a signal during the startup (waiting for a chardev's client): a clean exit, as asked
+        if (state.stopRequested) {
+          await state.shutdown();
+          return 0;
+        }
         log(`${P}: ${o.text}: ${messageOf(e)}`);
         await state.shutdown();
         return 1;
@@ -348,6 +356,10 @@ export async function daemonMain(argv: string[], out: (s: string) => void, err: 
         await state.shutdown();
         return 0;
       }
+    }
+    if (state.stopRequested) {
+      await state.shutdown();
+      return 0;
     }
     if (state.pidfile !== null) {
       try {
