@@ -86,6 +86,8 @@ export class Job {
   #autoFinalize = true;
   #finalizeRequested: (() => void) | null = null;
   #cancelled = false;
+  /** Set by enterCommit: past the point of no return, cancel is refused. */
+  #committed = false;
   #completing = false;
   #wasReady = false;
   #wakeUp: (() => void) | null = null;
@@ -129,6 +131,20 @@ export class Job {
   /** True once cancel was called. */
   get cancelled(): boolean {
     return this.#cancelled;
+  }
+
+  /**
+   * The body is about to make its change final (a snapshot job's commit): returns false when the
+   * job was cancelled (the body then stops without committing); otherwise marks the job past its
+   * point of no return, after which job-cancel is refused, so that a job reported cancelled never
+   * made its change.
+   * @locking global-state
+   */
+  enterCommit(bql: Bql): boolean {
+    assertBql(bql, 'job-commit');
+    if (this.#cancelled) return false;
+    this.#committed = true;
+    return true;
   }
 
   /** True once complete was called on the ready job. */
@@ -243,6 +259,7 @@ export class Job {
    */
   cancel(bql: Bql): void {
     assertBql(bql, 'job-cancel');
+    if (this.#committed) throw new BlockError('EINVAL', `Job '${this.id}' has passed its commit point and can no longer be cancelled`, { op: 'job-cancel' });
     if (['aborting', 'concluded', 'null'].includes(this.#status) || (this.#status === 'pending' && this.#finalizeRequested === null)) {
       throw new BlockError('EINVAL', `Job '${this.id}' in state '${this.#status}' cannot accept command verb 'cancel'`, { op: 'job-cancel' });
     }

@@ -450,7 +450,20 @@ async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, o
         pending: false,
       }, e);
     }
-    return await steps.gs((bql) => runInDrainedSection(bql, drained, () => commitSavevm(bql, drained, m, name, held.disks, vmDisk, olderAll, layout.total)));
+    return await steps.gs((bql) => {
+      try {
+        steps.commit(bql);
+      } catch (e) {
+        throw new VmSnapshotError(codeOf(e), `savevm '${name}': cancelled before its commit; no snapshot was made, the older ones of the tag are kept`, {
+          undoKept: [],
+          leftovers: [],
+          disks: new Map(),
+          committed: false,
+          pending: false,
+        }, e);
+      }
+      return runInDrainedSection(bql, drained, () => commitSavevm(bql, drained, m, name, held.disks, vmDisk, olderAll, layout.total));
+    });
   } finally {
     await steps.gs((bql) => letMachineGo(bql, m, held));
   }
@@ -590,7 +603,16 @@ async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: VmSnaps
         reverted.failure = new BlockError(codeOf(e), `Error while loading VM state of '${tag}' from '${vmDisk.name}': ${why}`, { node: vmDisk.name, cause: e });
       }
     }
-    return await steps.gs((bql) => runInDrainedSection(bql, drained, () => finishLoad(bql, drained, m, tag, vmDisk, reverted, buf)));
+    return await steps.gs((bql) => {
+      if (reverted.failure === null) {
+        try {
+          steps.commit(bql);
+        } catch (e) {
+          reverted.failure = new BlockError(codeOf(e), `loadvm '${tag}': cancelled before the VM state was loaded`, { node: vmDisk.name, cause: e });
+        }
+      }
+      return runInDrainedSection(bql, drained, () => finishLoad(bql, drained, m, tag, vmDisk, reverted, buf));
+    });
   } finally {
     await steps.gs((bql) => letMachineGo(bql, m, held));
   }
@@ -756,8 +778,12 @@ export async function delVm(bql: Bql, m: Machine, tag: string, opts: VmSnapshotO
  * delVm for the snapshot lock's holder (its one global-state step takes the BQL).
  * @locking snapshot
  */
-export async function delVmLocked(snap: SnapshotLocked, m: Machine, tag: string, opts: VmSnapshotOptions = {}): Promise<string[]> {
-  return snapshotLockSteps(snap, 'delvm').gs((bql) => delVmHeld(bql, m, tag, opts));
+export async function delVmLocked(snap: SnapshotLocked, m: Machine, tag: string, opts: VmSnapshotOptions = {}, hooks: VmStepHooks = {}): Promise<string[]> {
+  const steps = snapshotLockSteps(snap, 'delvm', hooks);
+  return steps.gs((bql) => {
+    steps.commit(bql);
+    return delVmHeld(bql, m, tag, opts);
+  });
 }
 
 async function delVmHeld(bql: Bql, m: Machine, tag: string, opts: VmSnapshotOptions): Promise<string[]> {

@@ -28,6 +28,11 @@ export interface VmSteps {
   io<T>(proof: DrainedProof, fn: () => Promise<T>): Promise<T>;
   /** Between chunks: reports progress, yields, and throws ECANCELED once the operation was cancelled. */
   progress(done: number, total: number): Promise<void>;
+  /**
+   * Called (BQL held) right before the operation makes its change final: throws ECANCELED when it
+   * was cancelled; after it, a cancel is refused (the job's point of no return).
+   */
+  commit(bql: Bql): void;
 }
 
 /** What a job gives the steps: where progress goes and whether it was cancelled. */
@@ -35,6 +40,8 @@ export interface VmStepHooks {
   onProgress?(done: number, total: number): void;
   /** Resolves at the job's pause point; true once the job is cancelled. */
   pausePoint?(): Promise<boolean>;
+  /** The job's point of no return (Job.enterCommit): false when it was cancelled first. */
+  enterCommit?(bql: Bql): boolean;
 }
 
 /**
@@ -47,6 +54,7 @@ export function heldBqlSteps(bql: Bql): VmSteps {
     gs: async (fn) => fn(bql),
     io: (proof, fn) => runInDrainedSection(bql, proof, fn),
     progress: async () => {},
+    commit: () => {},
   };
 }
 
@@ -66,6 +74,9 @@ export function snapshotLockSteps(snap: SnapshotLocked, op: string, hooks: VmSte
       hooks.onProgress?.(done, total);
       if (hooks.pausePoint === undefined) return;
       if (await hooks.pausePoint()) throw new BlockError('ECANCELED', `${op}: cancelled`, { op });
+    },
+    commit: (bql) => {
+      if (hooks.enterCommit !== undefined && !hooks.enterCommit(bql)) throw new BlockError('ECANCELED', `${op}: cancelled`, { op });
     },
   };
 }

@@ -18,6 +18,7 @@ import { jobStart, type Job } from '../../block/job.js';
 import { withSnapshotLock } from '../../block/snapshot-lock.js';
 import type { Machine } from '../../machine/machine.js';
 import { delVmLocked, loadVmLocked, saveVmLocked } from '../../machine/savevm.js';
+import type { VmStepHooks } from '../../machine/vm-steps.js';
 import { emitQmpEvent } from '../events.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpObject } from '../types.js';
 import { qmpErrors, reqStr } from './util.js';
@@ -70,8 +71,8 @@ function startSnapshotJob(bql: Bql, id: string, type: string, work: (job: Job) =
 }
 
 /** What the job gives the VM snapshot operation: its progress and its pause point. */
-function hooksOf(job: Job): { onProgress: (done: number, total: number) => void; pausePoint: () => Promise<boolean> } {
-  return { onProgress: (done, total) => job.setProgress(done, total), pausePoint: () => job.pausePoint() };
+function hooksOf(job: Job): VmStepHooks {
+  return { onProgress: (done, total) => job.setProgress(done, total), pausePoint: () => job.pausePoint(), enterCommit: (bql) => job.enterCommit(bql) };
 }
 
 const snapshotArgs = [
@@ -147,8 +148,8 @@ export const snapshotJobCommands: QmpCommand[] = [
           const id = reqStr(args, 'job-id');
           const tag = reqStr(args, 'tag');
           const devices = deviceList(args);
-          startSnapshotJob(bql, id, 'snapshot-delete', async () => {
-            const failures = await withSnapshotLock(`job '${id}' (snapshot-delete '${tag}')`, (snap) => delVmLocked(snap, m, tag, resolveDisks(m, devices, null)));
+          startSnapshotJob(bql, id, 'snapshot-delete', async (job) => {
+            const failures = await withSnapshotLock(`job '${id}' (snapshot-delete '${tag}')`, (snap) => delVmLocked(snap, m, tag, resolveDisks(m, devices, null), hooksOf(job)));
             if (failures.length > 0) throw new BlockError('EIO', failures.join('; '), { op: 'snapshot-delete', value: tag });
           });
           return {};
