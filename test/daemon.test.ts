@@ -271,6 +271,35 @@ describeInterop('snapstack daemon', () => {
     expect(writeOpen(img).status).toBe(0);
   });
 
+  it('SIGTERM during a block-stream cancels the job; the chain checks clean, reads as before and is free again', async () => {
+    const base = path.join(dir, 'js-base.qcow2');
+    const top = path.join(dir, 'js-top.qcow2');
+    qemu('qemu-img', ['create', '-f', 'qcow2', base, '128M']);
+    qemu('qemu-io', ['-c', 'write -P 0x61 0 128M', base]);
+    qemu('qemu-img', ['create', '-f', 'qcow2', '-b', 'js-base.qcow2', '-F', 'qcow2', top]);
+    qemu('qemu-io', ['-c', 'write -P 0x62 1M 1M', top]);
+    const before = path.join(dir, 'js-before.raw');
+    qemu('qemu-img', ['convert', '-O', 'raw', top, before]);
+    const sock = path.join(dir, 'js.sock');
+    const pidfile = path.join(dir, 'js.pid');
+    const d = startDaemon(['--blockdev', `driver=qcow2,node-name=top,file.driver=file,file.filename=${top}`, '--chardev', `socket,id=c,path=${sock},server=on,wait=off`, '--monitor', 'c', '--pidfile', pidfile]);
+    await waitFor(pidfile, d);
+    const c = await QmpClient.connect({ path: sock });
+    try {
+      await c.execute('block-stream', { 'job-id': 'js', device: 'top' });
+      d.proc.kill('SIGTERM');
+      await c.waitClosed();
+    } finally {
+      await c.close();
+    }
+    expect(await d.exited).toBe(0);
+    // cancelled before the end: the overlay still names its base (a job that finished would have dropped it)
+    expect(JSON.parse(qemu('qemu-img', ['info', '--output=json', top]))['backing-filename']).toBe('js-base.qcow2');
+    for (const f of [top, base]) expect(qemuStatus('qemu-img', ['check', f]).status).toBe(0);
+    expect(qemuStatus('qemu-img', ['compare', before, top]).stdout).toContain('Images are identical.');
+    expect(writeOpen(top).status).toBe(0);
+  });
+
   it('--help and --version print and exit 0 without starting anything', () => {
     const h = spawnSync(process.execPath, [BIN, 'daemon', '--help'], { encoding: 'utf8' });
     expect(h.status).toBe(0);
