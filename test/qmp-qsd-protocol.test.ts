@@ -108,6 +108,17 @@ function severalProblems(): Step[] {
     members.splice(at, 0, rnd() < 0.5 ? '"execute": "query-version"' : '"arguments": []');
     steps.push({ name: `unexpected members ${members.join(' ')}`, send: [`{${members.join(', ')}}\n`] });
   }
+  // Many keys: GLib's table grows (and shrinks as members are visited) before QEMU looks.
+  const present = ['"device": "d0"', '"job-id": "j"', '"speed": 0', '"base": "b"', '"auto-dismiss": true', '"auto-finalize": true', '"on-error": "report"', '"base-node": "n"'];
+  for (let i = 0; i < 30; i++) {
+    const keys = new Set<string>();
+    for (let n = 8 + Math.floor(rnd() * 40); keys.size < n; ) keys.add(word());
+    const args = [...keys].map((k) => `"${k}": 1`);
+    steps.push({ name: `many unexpected arguments ${i}`, send: [`{"execute": "query-version", "arguments": {${args.join(', ')}}}\n`] });
+    const members = present.slice(0, 1 + Math.floor(rnd() * present.length));
+    const mixed = [...members, ...args.slice(0, 2 + Math.floor(rnd() * 12))].sort(() => rnd() - 0.5);
+    steps.push({ name: `block-stream with members and unexpected arguments ${i}`, send: [`{"execute": "block-stream", "arguments": {${mixed.join(', ')}}}\n`] });
+  }
   // Keys beyond ASCII: the hash runs over their UTF-8 bytes.
   const utf8 = (t: string): string => Buffer.from(t, 'utf8').toString('latin1');
   for (const keys of [['é', 'ü', 'ß'], ['日本', 'a', 'ключ'], ['😀', 'z']]) {
@@ -282,6 +293,9 @@ describeQsd('QMP protocol: snapstack against qemu-storage-daemon 7.2', () => {
     ]);
     expect(descs('a missing argument')).toEqual(["Parameter 'node-name' is missing"]);
     expect(theirs.steps['two requests on one line']).toHaveLength(2);
+    const manyKeys = Object.keys(theirs.steps).filter((k) => k.startsWith('many unexpected') || k.startsWith('block-stream with'));
+    expect(manyKeys).toHaveLength(60);
+    for (const k of manyKeys) expect(descs(k)[0], k).toMatch(/^Parameter '.+' is unexpected$/);
     expect(Object.values(theirs.steps).flat().length).toBeGreaterThan(60);
   });
 
