@@ -194,6 +194,8 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     qemu('qemu-img', ['snapshot', '-c', 's2', path.join(seed, 'top.qcow2')]);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'rbase.qcow2'), '2M']);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'rbase.qcow2', '-F', 'qcow2', path.join(seed, 'rtop.qcow2'), '2M']);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'ta.qcow2'), '1M']);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'tb.qcow2'), '1M']);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'xbase.qcow2'), '2M']);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'xbase.qcow2', '-F', 'qcow2', path.join(seed, 'xov.qcow2'), '2M']);
     qemu('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(seed, 'sbase.qcow2'), '8M']);
@@ -262,6 +264,36 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     expect(await sameShape('blockdev-del', () => ({ 'node-name': 'xo' }))).toEqual({ q: {}, o: {} });
     await compareNodes(false, true, ['xb', 'auto:file:<dir>/xbase.qcow2']);
     expect(await sameShape('blockdev-del', () => ({ 'node-name': 'xb' }))).toEqual({ q: {}, o: {} });
+  });
+
+  it('transaction: internal snapshots on two nodes all or nothing, with the same errors', async () => {
+    for (const n of ['ta', 'tb']) {
+      expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': n, file: { driver: 'file', filename: path.join(d, `${n}.qcow2`) } }))).toEqual({ q: {}, o: {} });
+    }
+    const snap = (device: string, name: string): QmpObject => ({ type: 'blockdev-snapshot-internal-sync', data: { device, name } });
+    await sameError('transaction', () => ({ actions: [snap('ta', 't1'), { type: 'abort', data: {} }] }));
+    expect(await sameShape('transaction', () => ({ actions: [snap('ta', 't1'), snap('tb', 't1')] }))).toEqual({ q: {}, o: {} });
+    await sameError('transaction', () => ({ actions: [snap('ta', 't2'), snap('tb', 't1')] }));
+    await sameError('transaction', () => ({ actions: [snap('ta', 't4'), snap('ta', 't4')] }));
+    await sameError('transaction', () => ({ actions: [{ type: 'frob', data: {} }] }));
+    await sameError('transaction', () => ({ actions: [{ type: 'abort' }] }));
+    await sameError('transaction', () => ({ actions: [{ type: 'blockdev-snapshot-internal-sync', data: { device: 'ta' } }] }));
+    await sameError('transaction', () => ({ actions: [snap('ta', 't3')], properties: { 'completion-mode': 'grouped' } }));
+    await sameError('transaction', () => ({ actions: [snap('nosuch', 't3')] }));
+    expect(await sameShape('transaction', () => ({ actions: [] }))).toEqual({ q: {}, o: {} });
+    await compareNodes(false);
+    for (const n of ['ta', 'tb']) expect(await sameShape('blockdev-del', () => ({ 'node-name': n }))).toEqual({ q: {}, o: {} });
+    const names = (f: string): string[] =>
+      qemu('qemu-img', ['snapshot', '-l', f])
+        .split('\n')
+        .slice(2)
+        .map((l) => l.trim().split(/\s+/)[1] ?? '')
+        .filter((x) => x !== '');
+    for (const n of ['ta', 'tb']) {
+      expect(names(path.join(ourDir, `${n}.qcow2`))).toEqual(names(path.join(qsdDir, `${n}.qcow2`)));
+      expect(names(path.join(ourDir, `${n}.qcow2`))).toEqual(['t1']);
+      qemu('qemu-img', ['check', '-q', path.join(ourDir, `${n}.qcow2`)]);
+    }
   });
 
   it('blockdev-add refuses bad options with the same errors', async () => {

@@ -8,10 +8,11 @@ import { jobCommands } from './commands/jobs.js';
 import { miscCommands } from './commands/misc.js';
 import { sessionCommands } from './commands/session.js';
 import { snapshotJobCommands } from './commands/snapshot-jobs.js';
+import { transactionCommands } from './commands/transaction.js';
 import type { QmpCommand } from './types.js';
 
 /** The commands of a monitor; those that need a machine are left out where there is none. */
 export function qmpCommands(opts: { machine: boolean }): QmpCommand[] {
-  const all: QmpCommand[] = [...sessionCommands, ...miscCommands, ...blockCommands, ...jobCommands, ...blockJobCommands, ...snapshotJobCommands];
+  const all: QmpCommand[] = [...sessionCommands, ...miscCommands, ...blockCommands, ...jobCommands, ...blockJobCommands, ...transactionCommands, ...snapshotJobCommands];
   return all.filter((c) => opts.machine || c.needsMachine !== true);
 }

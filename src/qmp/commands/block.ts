@@ -136,6 +136,30 @@ const blockdevDel: QmpCommand = {
     ),
 };
 
+/** An internal snapshot checked and ready to be created: the node and the snapshot's record. */
+export interface InternalSnapshotPlan {
+  node: BlockNode;
+  info: SnapshotInfo;
+}
+
+/**
+ * blockdev-snapshot-internal-sync's checks, in QEMU's order: the device's root node, its op
+ * blockers, read-only, snapshot support, an empty name, a name that exists. Returns what to create.
+ * @locking global-state
+ */
+export async function planInternalSnapshot(bql: Bql, ctx: QmpContext, device: string, name: string): Promise<InternalSnapshotPlan> {
+  const node = rootNodeOf(bql, device);
+  refuseJobNode(bql, node);
+  if (node.readOnly) throw new QmpError('GenericError', `Device '${device}' is read only`);
+  if (!bdrvCanSnapshot(bql, node)) throw new QmpError('GenericError', `Block format '${node.driver.formatName}' used by device '${device}' does not support internal snapshots`);
+  if (name === '') throw new QmpError('GenericError', 'Name is empty');
+  if ((await findSnapshot(bql, node, undefined, name)) !== undefined) {
+    throw new QmpError('GenericError', `Snapshot with name '${name}' already exists on device '${device}'`);
+  }
+  const t = now();
+  return { node, info: { id: '', name, vmStateSize: 0, dateSec: t.dateSec, dateNsec: t.dateNsec, vmClockNsec: ctx.machine?.vmClockNsec ?? 0, icount: -1 } };
+}
+
 const snapshotInternal: QmpCommand = {
   name: 'blockdev-snapshot-internal-sync',
   doc: "Creates an internal snapshot `name` of a device's root node (a backend name or a node name), inside a drained section of the node. Refused on a read-only node, a node that is not a root (a backing image), a node a job works on, and when the name exists. Unlike QEMU, raw images take internal snapshots too (kept beside the image).",
@@ -148,18 +172,7 @@ const snapshotInternal: QmpCommand = {
     qmpErrors(() =>
       // the snapshot lock first (waited for without the BQL), so that a snapshot job runs alone
       withSnapshotLock(`blockdev-snapshot-internal-sync '${String(args['name'])}'`, () => withBql(async (bql) => {
-        const device = reqStr(args, 'device');
-        const name = reqStr(args, 'name');
-        const node = rootNodeOf(bql, device);
-        refuseJobNode(bql, node);
-        if (node.readOnly) throw new QmpError('GenericError', `Device '${device}' is read only`);
-        if (!bdrvCanSnapshot(bql, node)) throw new QmpError('GenericError', `Block format '${node.driver.formatName}' used by device '${device}' does not support internal snapshots`);
-        if (name === '') throw new QmpError('GenericError', 'Name is empty');
-        if ((await findSnapshot(bql, node, undefined, name)) !== undefined) {
-          throw new QmpError('GenericError', `Snapshot with name '${name}' already exists on device '${device}'`);
-        }
-        const t = now();
-        const info: SnapshotInfo = { id: '', name, vmStateSize: 0, dateSec: t.dateSec, dateNsec: t.dateNsec, vmClockNsec: ctx.machine?.vmClockNsec ?? 0, icount: -1 };
+        const { node, info } = await planInternalSnapshot(bql, ctx, reqStr(args, 'device'), reqStr(args, 'name'));
         await withDrained(bql, node, (d) => bdrvSnapshotCreate(bql, d, node, info));
         return {};
       })),
