@@ -22,7 +22,9 @@ import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { openImage } from '../src/image.js';
 import { Machine } from '../src/machine/machine.js';
 import { loadVmLocked, saveVm, saveVmLocked } from '../src/machine/savevm.js';
-import { snapshotJobCommands } from '../src/qmp/commands/snapshot-jobs.js';
+import { forwardMachineEvents, snapshotJobCommands } from '../src/qmp/commands/snapshot-jobs.js';
+import { onQmpEvent } from '../src/qmp/events.js';
+import { faultSwitch } from './helpers/faulty-driver.js';
 import type { QmpContext, QmpObject } from '../src/qmp/types.js';
 import { expectGuestConsistent, waitForWrites } from './helpers/guest.js';
 import { qemuStatus } from './helpers/qemu.js';
@@ -312,6 +314,38 @@ describe('snapshot jobs that do not hold the BQL for their whole run', () => {
     for (const f of ['c0.qcow2', 'c1.qcow2']) {
       const r = qemuStatus('qemu-img', ['check', path.join(dir, f)]);
       if (r.status !== -1 || process.env['CI'] === 'true') expect(r.status, r.stdout + r.stderr).toBe(0);
+    }
+  });
+});
+
+describe('machine events over QMP', () => {
+  it('STOP, RESUME and BLOCK_IO_ERROR (action report) reach the event bus once per event, while a bridge is held', async () => {
+    const m = new Machine({ guest: true, vcpus: 2, ramBytes: 4 * MiB, seed: 3 });
+    await withBql(async (bql) => {
+      await m.addDrive(bql, 'driver=raw,file.driver=faulty,file.tag=ioerr,file.file.driver=memory,file.file.size=4M,id=vd0,node-name=vd0');
+      await m.start(bql);
+    });
+    const seen: Array<{ event: string; data?: QmpObject }> = [];
+    const off = onQmpEvent((e) => seen.push(e));
+    const bridges = [forwardMachineEvents(m), forwardMachineEvents(m)]; // two servers of one machine
+    try {
+      await waitForWrites(m, 5);
+      await withBql((bql) => m.stop(bql));
+      await withBql((bql) => m.cont(bql));
+      faultSwitch('ioerr').failWrites = true;
+      for (let i = 0; i < 200 && !seen.some((e) => e.event === 'BLOCK_IO_ERROR'); i++) await sleep(10);
+      faultSwitch('ioerr').failWrites = false;
+      expect(seen.filter((e) => e.event === 'STOP').length).toBe(1);
+      expect(seen.filter((e) => e.event === 'RESUME').length).toBe(1);
+      const io = seen.find((e) => e.event === 'BLOCK_IO_ERROR');
+      expect(io?.data).toEqual({ device: 'vd0', 'node-name': 'vd0', operation: 'write', action: 'report', nospace: false, reason: 'Input/output error' });
+      for (const b of bridges) b();
+      const n = seen.length;
+      await withBql((bql) => m.stop(bql));
+      expect(seen.length, 'no events once every bridge is released').toBe(n);
+    } finally {
+      off();
+      await withBql((bql) => m.shutdown(bql));
     }
   });
 });

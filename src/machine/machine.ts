@@ -12,7 +12,7 @@ import { Worker } from 'node:worker_threads';
 import { blkDelete, blkFlush, blkNew, blkPread, blkPwrite, type BlockBackend } from '../block/backend.js';
 import { assertBql, type Bql } from '../block/bql.js';
 import { withDrained } from '../block/drain.js';
-import { BlockError } from '../block/errors.js';
+import { BlockError, type ErrorCode } from '../block/errors.js';
 import { closeNode, openNode } from '../block/graph.js';
 import { bdrvGetLength } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
@@ -52,6 +52,15 @@ export interface MachineDisk {
   /** The backend's root now (an external snapshot or an active commit changes it). */
   readonly node: BlockNode;
   readOnly: boolean;
+}
+
+/** A guest request that failed on one of the machine's disks. */
+export interface GuestIoError {
+  device: string;
+  nodeName: string | null;
+  operation: 'read' | 'write';
+  code: ErrorCode;
+  message: string;
 }
 
 /** What `info status` shows. */
@@ -94,6 +103,7 @@ export class Machine {
   /** Holds that keep the machine stopped (holdPaused): cont is refused while there is one. */
   private readonly pauseHolds = new Set<{ reason: string }>();
   private readonly runStateListeners = new Set<(state: RunState) => void>();
+  private readonly ioErrorListeners = new Set<(e: GuestIoError) => void>();
   /** What the start-up recovery did, until taken (reported once). */
   private recovered: string[] = [];
 
@@ -503,8 +513,38 @@ export class Machine {
     }
     p.then(
       () => this.complete(i, 0),
-      (e: unknown) => this.complete(i, e instanceof BlockError ? -e.errno : -5),
+      (e: unknown) => {
+        this.complete(i, e instanceof BlockError ? -e.errno : -5);
+        if (disk !== undefined) this.announceIoError(disk, op === OP_READ ? 'read' : 'write', e);
+      },
     );
+  }
+
+  /**
+   * Adds a listener called when a guest request fails on a disk (QMP's BLOCK_IO_ERROR; the error
+   * is reported to the guest, QEMU's default action); returns the function that removes it.
+   * @locking common
+   */
+  onIoError(listener: (e: GuestIoError) => void): () => void {
+    this.ioErrorListeners.add(listener);
+    return () => void this.ioErrorListeners.delete(listener);
+  }
+
+  private announceIoError(disk: MachineDisk, operation: 'read' | 'write', e: unknown): void {
+    let nodeName: string | null = null;
+    try {
+      nodeName = disk.node.nodeName;
+    } catch {
+      // no medium
+    }
+    const ev: GuestIoError = { device: disk.id, nodeName, operation, code: e instanceof BlockError ? e.code : 'EIO', message: e instanceof Error ? e.message : String(e) };
+    for (const l of [...this.ioErrorListeners]) {
+      try {
+        l(ev);
+      } catch {
+        // a listener's failure is not the machine's
+      }
+    }
   }
 
   private complete(i: number, status: number): void {

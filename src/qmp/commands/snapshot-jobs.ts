@@ -21,6 +21,7 @@ import { delVmLocked, loadVmLocked, saveVmLocked } from '../../machine/savevm.js
 import type { VmStepHooks } from '../../machine/vm-steps.js';
 import { emitQmpEvent } from '../events.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpObject } from '../types.js';
+import { strerror } from '../../commands/format.js';
 import { qmpErrors, reqStr } from './util.js';
 
 /** The machine of this monitor, or QEMU's refusal when it has none. */
@@ -82,13 +83,38 @@ const snapshotArgs = [
   { name: 'devices', type: { array: 'str' } },
 ] as const;
 
+const machineBridges = new Map<Machine, { users: number; stop: () => void }>();
+
 /**
- * Forwards the machine's run-state changes as QMP's STOP and RESUME events until the returned
- * function is called; a monitor that serves a machine calls it once.
+ * Forwards the machine's events to QMP until the returned function is called: run-state changes
+ * as STOP and RESUME, a failed guest request as BLOCK_IO_ERROR (action "report", QEMU's default:
+ * the error goes to the guest). Counted per machine, so two servers of one machine send each event
+ * once (as retainJobEventBridge does for jobs).
  * @locking common
  */
 export function forwardMachineEvents(m: Machine): () => void {
-  return m.onRunStateChange((state) => emitQmpEvent(state === 'paused' ? 'STOP' : 'RESUME'));
+  let b = machineBridges.get(m);
+  if (b === undefined) {
+    const offRun = m.onRunStateChange((state) => emitQmpEvent(state === 'paused' ? 'STOP' : 'RESUME'));
+    const offIo = m.onIoError((e) => {
+      const data: QmpObject = { device: e.device, operation: e.operation, action: 'report', nospace: e.code === 'ENOSPC', reason: strerror(e.code) };
+      if (e.nodeName !== null) data['node-name'] = e.nodeName;
+      emitQmpEvent('BLOCK_IO_ERROR', data);
+    });
+    b = { users: 0, stop: () => (offRun(), offIo()) };
+    machineBridges.set(m, b);
+  }
+  const bridge = b;
+  bridge.users++;
+  let released = false;
+  return () => {
+    if (released) return;
+    released = true;
+    if (--bridge.users === 0) {
+      bridge.stop();
+      machineBridges.delete(m);
+    }
+  };
 }
 
 /** The snapshot job commands. */
