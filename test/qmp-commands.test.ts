@@ -253,6 +253,34 @@ describe('jobs', () => {
     expect(statuses).toEqual(['created', 'running', 'waiting', 'pending', 'concluded', 'null']);
   });
 
+  it('shows a block job in query-block-jobs as BlockJobInfo, paused and resumed through block-job-*', async () => {
+    let release = (): void => undefined;
+    const gate = new Promise<void>((r) => (release = r));
+    const job = await withBql((bql) =>
+      jobStart(bql, 'bj1', 'stream', {
+        async run(j: Job): Promise<void> {
+          j.setProgress(0, 100);
+          while (!(await j.pausePoint())) {
+            if (await Promise.race([gate.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 5))])) break;
+          }
+          j.setProgress(100, 100);
+        },
+      }),
+    );
+    await new Promise((r) => setImmediate(r));
+    const list = async (): Promise<QmpObject[]> => arr(await run('query-block-jobs')).map(obj);
+    expect(await list()).toEqual([{ type: 'stream', device: 'bj1', len: 100, offset: 0, busy: true, paused: false, speed: 0, 'io-status': 'ok', ready: false, status: 'running', 'auto-finalize': true, 'auto-dismiss': true }]);
+    expect((await qmpFailure('block-job-pause', { device: 'nosuch' })).errorClass).toBe('DeviceNotActive');
+    await run('block-job-pause', { device: 'bj1' });
+    expect(obj((await list())[0])['paused']).toBe(true);
+    expect((await qmpFailure('block-job-complete', { device: 'bj1' })).desc).toMatch(/cannot accept command verb 'complete'/);
+    await run('block-job-set-speed', { device: 'bj1', speed: 1000 });
+    await run('block-job-resume', { device: 'bj1' });
+    release();
+    await job.whenConcluded();
+    expect(await list()).toEqual([]);
+  });
+
   it('keeps a job with auto-finalize off pending until job-finalize, and cancel then aborts another', async () => {
     const a = await heldJob('qj2', { autoFinalize: false });
     a.release();

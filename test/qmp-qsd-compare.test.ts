@@ -373,6 +373,14 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     shapeDiff(jobs.q, jobs.o, 'jobs', diffs);
     expect(diffs).toEqual([]);
     expect(jobs.o).toEqual(jobs.q);
+    const bjobs = await sameShape('query-block-jobs');
+    const bdiffs: string[] = [];
+    shapeDiff(bjobs.q, bjobs.o, 'block-jobs', bdiffs);
+    expect(bdiffs).toEqual([]);
+    expect(bjobs.o).toEqual(bjobs.q);
+    await sameError('block-job-pause', () => ({ device: 'st' }));
+    await sameError('block-job-set-speed', () => ({ device: 'st', speed: 0 }));
+    await sameError('block-job-cancel', () => ({ device: 'st' }));
     await sameError('job-pause', () => ({ id: 'st' }));
     await sameError('job-complete', () => ({ id: 'st' }));
     await sameError('job-finalize', () => ({ id: 'st' }));
@@ -383,6 +391,10 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
   });
 
   it('jobs and blockdev-del: the same refusals, then both close every node', async () => {
+    expect(await sameShape('query-block-jobs')).toEqual({ q: [], o: [] });
+    for (const verb of ['block-job-pause', 'block-job-resume', 'block-job-cancel', 'block-job-complete']) await sameError(verb, () => ({ device: 'nope' }));
+    for (const verb of ['block-job-finalize', 'block-job-dismiss']) await sameError(verb, () => ({ id: 'nope' }));
+    await sameError('block-job-set-speed', () => ({ device: 'nope', speed: 0 }));
     await sameError('job-cancel', () => ({ id: 'nope' }));
     await sameError('job-dismiss', () => ({ id: 'nope' }));
     await sameError('job-pause', () => ({ id: 'nope' }));

@@ -103,7 +103,8 @@ export class Job {
     readonly id: string,
     readonly type: string,
     private readonly driver: JobDriver,
-    private readonly autoDismiss: boolean,
+    /** Removed once concluded (QEMU's auto-dismiss). */
+    readonly autoDismiss: boolean,
   ) {
     this.#done = new Promise((resolve) => (this.#resolveDone = resolve));
   }
