@@ -284,7 +284,7 @@ function visitReference(name: string, member: string, value: string, prefix: str
   }
   // linking an existing node as a `file` child needs graph.ts support (openNode opens its file)
   if (!allNodes.has(value) && !allBackends.has(value)) fail(`Cannot find device='${value}' nor node-name='${value}'`);
-  fail(`Parameter '${name}': a reference to an existing node ('${value}') is not supported yet; give the ${member} as an object ({"driver": "file", "filename": ...})`);
+  fail(`Parameter '${name}': a reference to an existing node ('${value}') is not supported yet; give the ${member}'s options instead (${name}.driver=file,${name}.filename=PATH, or a nested object in JSON)`);
 }
 
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;
