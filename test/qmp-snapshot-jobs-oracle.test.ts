@@ -18,7 +18,6 @@ import { shutdownIOThreads, withBql } from '../src/index.js';
 import { Machine } from '../src/machine/machine.js';
 import { QmpClient, type QmpEvent } from '../src/qmp/client.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
-import { forwardMachineEvents } from '../src/qmp/commands/snapshot-jobs.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { SKIP_REPORT } from './helpers/qemu.js';
@@ -82,7 +81,6 @@ async function startOurs(dir: string): Promise<Peer> {
     for (const n of ['a', 'b']) await m.addDrive(bql, `file=${path.join(dir, `${n}.qcow2`)},format=qcow2,id=${n},node-name=${n}`);
     await m.start(bql);
   });
-  const stopEvents = forwardMachineEvents(m);
   const sock = path.join(dir, 'ours.sock');
   const server = await QmpServer.listen({ type: 'unix', path: sock }, { commands: qmpCommands({ machine: true }), machine: m, onQuit: () => undefined });
   const client = await QmpClient.connect({ path: sock });
@@ -92,7 +90,6 @@ async function startOurs(dir: string): Promise<Peer> {
     stop: async () => {
       await client.close();
       await server.close();
-      stopEvents();
       await withBql((bql) => m.shutdown(bql));
     },
   };

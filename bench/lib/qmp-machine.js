@@ -26,7 +26,6 @@ const { jobStart } = await load('block/job.js');
 const { Machine } = await load('machine/machine.js');
 const { saveVm } = await load('machine/savevm.js');
 const { qmpCommands } = await load('qmp/command-table.js');
-const { forwardMachineEvents } = await load('qmp/commands/snapshot-jobs.js');
 const { QmpServer } = await load('qmp/server.js');
 
 const m = new Machine({ guest: true, vcpus: 2, ramBytes: Number(opt('ram') ?? 256 * 1024 * 1024), seed: 1 });
@@ -34,7 +33,6 @@ await withBql(async (/** @type {unknown} */ bql) => {
   await m.addDrive(bql, `file=${opt('disk')},format=qcow2,id=disk0,node-name=disk0`);
   await m.start(bql);
 });
-forwardMachineEvents(m);
 /** @type {Array<{ name: string, doc: string, args: readonly unknown[], run: (ctx: unknown, args: Record<string, unknown>) => Promise<unknown> }>} */
 let commands = qmpCommands({ machine: true });
 if (argv.includes('--hold-bql')) {

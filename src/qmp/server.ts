@@ -16,6 +16,7 @@
  * - close() stops listening, lets each session's running command finish and send its reply, then
  *   closes every connection.
  */
+import { forwardMachineEvents } from './commands/snapshot-jobs.js';
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -144,6 +145,8 @@ export class QmpServer {
   readonly #sessions = new Set<QmpSession>();
   readonly #stopEvents: () => void;
   readonly #releaseBridge: () => void;
+  /** The machine's STOP / RESUME / BLOCK_IO_ERROR events, forwarded while the server runs. */
+  readonly #releaseMachineEvents: () => void;
   /** The unix socket's inode, to remove only our own file on close. */
   readonly #socketIno: number | null;
   #quit = false;
@@ -167,6 +170,7 @@ export class QmpServer {
       }
     });
     this.#releaseBridge = retainJobEventBridge();
+    this.#releaseMachineEvents = opts.machine === null ? () => undefined : forwardMachineEvents(opts.machine);
     server?.on('connection', (socket) => this.attach(socket));
   }
 
@@ -231,6 +235,7 @@ export class QmpServer {
     await stopped;
     this.#stopEvents();
     this.#releaseBridge();
+    this.#releaseMachineEvents();
     if (this.address.type === 'unix' && this.#socketIno !== null) {
       try {
         if (fs.statSync(this.address.path).ino === this.#socketIno) fs.unlinkSync(this.address.path);
