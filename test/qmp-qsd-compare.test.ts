@@ -252,6 +252,11 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
   it('blockdev-snapshot puts an overlay on a node: the same graph, refusals, and deletes', async () => {
     expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'xb', file: { driver: 'file', filename: path.join(d, 'xbase.qcow2') } }))).toEqual({ q: {}, o: {} });
     expect(await sameShape('blockdev-add', (d) => ({ driver: 'qcow2', 'node-name': 'xo', backing: null, file: { driver: 'file', filename: path.join(d, 'xov.qcow2') } }))).toEqual({ q: {}, o: {} });
+    await sameError('blockdev-snapshot-sync', (d) => ({ 'snapshot-file': path.join(d, 'never.qcow2') }));
+    await sameError('blockdev-snapshot-sync', (d) => ({ 'node-name': 'nosuch', 'snapshot-file': path.join(d, 'never.qcow2') }));
+    await sameError('blockdev-snapshot-sync', (d) => ({ 'node-name': 'xb', 'snapshot-file': path.join(d, 'never.qcow2') }));
+    await sameError('blockdev-snapshot-sync', (d) => ({ 'node-name': 'xb', 'snapshot-file': path.join(d, 'never.qcow2'), 'snapshot-node-name': 'nv', format: 'raw' }));
+    expect(fs.existsSync(path.join(ourDir, 'never.qcow2'))).toBe(false);
     await sameError('blockdev-snapshot', () => ({ node: 'nosuch', overlay: 'xo' }));
     await sameError('blockdev-snapshot', () => ({ node: 'xb', overlay: 'nosuch' }));
     expect(await sameShape('blockdev-snapshot', () => ({ node: 'xb', overlay: 'xo' }))).toEqual({ q: {}, o: {} });

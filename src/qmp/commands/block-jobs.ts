@@ -153,10 +153,14 @@ const blockdevSnapshotSync: QmpCommand = {
         if (optStr(args, 'mode') === 'existing') throw new QmpError('GenericError', "Parameter 'mode' value 'existing' is not supported by snapstack (absolute-paths)");
         const device = optStr(args, 'device');
         const nodeName = optStr(args, 'node-name');
-        if (device === undefined && nodeName === undefined) throw new QmpError('GenericError', 'Cannot find device= nor node-name=');
-        const backend = device ?? backendOfNode(bql, nodeName ?? '');
-        const snapshotNode = optStr(args, 'snapshot-node-name');
+        if (device === undefined && nodeName === undefined) throw new QmpError('GenericError', "Cannot find device='' nor node-name=''");
+        if (device === undefined) namedNode(bql, nodeName ?? '');
+        else lookupDevice(bql, device);
+        if (nodeName !== undefined && optStr(args, 'snapshot-node-name') === undefined) throw new QmpError('GenericError', 'New overlay node-name missing');
         const format = optStr(args, 'format');
+        if (format !== undefined && format !== 'qcow2') throw new QmpError('GenericError', `Backing file not supported for file format '${format}'`);
+        const backend = device !== undefined && allBackends.has(device) ? device : backendOfNode(bql, device ?? nodeName ?? '');
+        const snapshotNode = optStr(args, 'snapshot-node-name');
         await snapshotBlkdev(bql, {
           device: backend,
           snapshotFile: reqStr(args, 'snapshot-file'),
