@@ -260,10 +260,11 @@ export class Job {
    */
   cancel(bql: Bql): void {
     assertBql(bql, 'job-cancel');
-    if (this.#committed) throw new BlockError('EINVAL', `Job '${this.id}' has passed its commit point and can no longer be cancelled`, { op: 'job-cancel' });
+    // QEMU's verb check first: a concluded job says so, whatever it did before
     if (['aborting', 'concluded', 'null'].includes(this.#status) || (this.#status === 'pending' && this.#finalizeRequested === null)) {
       throw new BlockError('EINVAL', `Job '${this.id}' in state '${this.#status}' cannot accept command verb 'cancel'`, { op: 'job-cancel' });
     }
+    if (this.#committed) throw new BlockError('EINVAL', `Job '${this.id}' has passed its commit point and can no longer be cancelled`, { op: 'job-cancel' });
     this.#cancelled = true;
     this.#wakeUp?.();
     const pending = this.#finalizeRequested;
