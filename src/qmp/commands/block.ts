@@ -91,7 +91,8 @@ const queryNamedBlockNodes: QmpCommand = {
       withBql(async (bql) => {
         const flat = optBool(args, 'flat', false);
         const out: QmpObject[] = [];
-        for (const node of [...allNodes.values()]) out.push(await blockDeviceInfo(bql, node, flat));
+        // newest first, as QEMU 7.2 lists them
+        for (const node of [...allNodes.values()].reverse()) out.push(await blockDeviceInfo(bql, node, flat));
         return out;
       }),
     ),
