@@ -474,3 +474,24 @@ describe('a monitor with a machine (snapstack monitor -qmp)', () => {
     }
   });
 });
+
+describe('commands from several clients at once', () => {
+  it('serialise on the BQL: concurrent blockdev-add, queries and blockdev-del leave a consistent graph', async () => {
+    const names = Array.from({ length: 24 }, (_, i) => `cc${i}`);
+    const adds = names.map((n, i) => run('blockdev-add', i % 2 === 0 ? { driver: 'memory', 'node-name': n, size: 65536 } : { driver: 'raw', 'node-name': n, file: { driver: 'memory', size: 65536 } }));
+    const queries = names.map(() => run('query-named-block-nodes', { flat: true }));
+    const dup = run('blockdev-add', { driver: 'memory', 'node-name': 'cc0', size: 512 }).then(
+      () => 'added',
+      (e: unknown) => (e instanceof QmpError ? e.desc : String(e)),
+    );
+    await Promise.all([...adds, ...queries]);
+    expect(await dup).toBe("Duplicate nodes with node-name='cc0'");
+    const listed = new Set(arr(await run('query-named-block-nodes')).map((n) => String(obj(n)['node-name'])));
+    for (const n of names) expect(listed.has(n)).toBe(true);
+    await Promise.all(names.map((n) => run('blockdev-del', { 'node-name': n })));
+    const after = arr(await run('query-named-block-nodes')).map((n) => String(obj(n)['node-name']));
+    expect(after.filter((n) => n.startsWith('cc'))).toEqual([]);
+    // the raw nodes' anonymous memory children went with them
+    expect(after.filter((n) => n.startsWith('#'))).toEqual([]);
+  });
+});
