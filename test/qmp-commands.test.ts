@@ -95,6 +95,13 @@ describe('blockdev-add options', () => {
     expect(blockdevOptionsToNodeOptions({ driver: 'raw', 'node-name': 'r0', 'file.driver': 'memory', 'file.size': 512 })['file.size']).toBe('512');
   });
 
+  it('refuses (for now) a file given as the name of an open node, saying how to give it instead', async () => {
+    await run('blockdev-add', { driver: 'memory', 'node-name': 'ref-target', size: 4096 });
+    expect((await qmpFailure('blockdev-add', { driver: 'raw', 'node-name': 'ref-user', file: 'ref-target' })).desc).toMatch(/^Parameter 'file': a reference to an existing node \('ref-target'\) is not supported yet; give the file's options instead/);
+    expect((await qmpFailure('blockdev-add', { driver: 'raw', 'node-name': 'ref-user', file: 'nosuch' })).desc).toBe("Cannot find device='nosuch' nor node-name='nosuch'");
+    await run('blockdev-del', { 'node-name': 'ref-target' });
+  });
+
   it('refuses strings for booleans when strict (QMP), with QEMU\'s text', () => {
     expect(() => blockdevOptionsToNodeOptions({ driver: 'file', 'node-name': 'f', filename: 'x', 'read-only': 'on' }, { strict: true })).toThrow(
       "Invalid parameter type for 'read-only', expected: boolean",
