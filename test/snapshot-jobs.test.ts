@@ -14,7 +14,8 @@ import { acquireBql, releaseBql, withBqlSync } from '../src/block/bql.js';
 import { drainedBeginSet, drainedEndSet, runDrainedIo } from '../src/block/drain.js';
 import { isBlockError } from '../src/block/errors.js';
 import { closeNode, openNode } from '../src/block/graph.js';
-import { findJob, listJobs } from '../src/block/job.js';
+import { findJob, jobStart, listJobs } from '../src/block/job.js';
+import { snapshotBlkdev } from '../src/commands/snapshot-blkdev.js';
 import { queryBlock } from '../src/block/query.js';
 import { acquireSnapshotLock, releaseSnapshotLock, snapshotLockOwner, trySnapshotLock, withSnapshotLock } from '../src/block/snapshot-lock.js';
 import { bdrvSnapshotList } from '../src/block/snapshot.js';
@@ -314,6 +315,35 @@ describe('snapshot jobs that do not hold the BQL for their whole run', () => {
     for (const f of ['c0.qcow2', 'c1.qcow2']) {
       const r = qemuStatus('qemu-img', ['check', path.join(dir, f)]);
       if (r.status !== -1 || process.env['CI'] === 'true') expect(r.status, r.stdout + r.stderr).toBe(0);
+    }
+  });
+});
+
+describe('graph changes while a snapshot job works without the BQL', () => {
+  it('an external snapshot, a block job or a close of a disk in the job is refused (EBUSY) between its steps, and works after it', async () => {
+    const m = await machine(['g0', 'g1'], 16 * MiB);
+    try {
+      const nodes = m.disks.map((d) => d.node.nodeName);
+      await qmp(m, 'snapshot-save', { 'job-id': 'g', tag: 'g', vmstate: nodes[0] ?? '', devices: [nodes[0] ?? ''] });
+      const job = await withBql((bql) => findJob(bql, 'g'));
+      await withBql((bql) => job.pause(bql));
+      while (job.status !== 'paused') await sleep(1);
+      expect(job.progress.current).toBeGreaterThan(0);
+      expect(job.progress.current).toBeLessThan(job.progress.total);
+      const overlay = path.join(dir, 'g0-overlay.qcow2');
+      await expect(withBql((bql) => snapshotBlkdev(bql, { device: 'g0', snapshotFile: overlay }))).rejects.toThrow(/in use by a snapshot operation \(job 'g'/);
+      await expect(withBql((bql) => closeNode(bql, m.disks[0]?.node.children[0]?.child ?? m.disks[0]!.node))).rejects.toThrow(/in use/);
+      expect(() => withBqlSync((bql) => jobStart(bql, 'other', 'test', { run: async () => {} }, { nodes: [m.disks[0]!.node] }))).toThrow(/in use by a snapshot operation/);
+      // the disk outside the job is free
+      const overlay1 = path.join(dir, 'g1-overlay.qcow2');
+      await withBql((bql) => snapshotBlkdev(bql, { device: 'g1', snapshotFile: overlay1 }));
+      await withBql((bql) => job.resume(bql));
+      expect(await concluded('g')).toBeNull();
+      await dismiss('g');
+      await withBql((bql) => snapshotBlkdev(bql, { device: 'g0', snapshotFile: overlay }));
+      expect(m.disks.map((d) => d.node.filename)).toEqual([overlay, overlay1]);
+    } finally {
+      await withBql((bql) => m.shutdown(bql));
     }
   });
 });

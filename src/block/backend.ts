@@ -7,6 +7,7 @@
  * in order when the last drained section ends; a request already past the queue counts in the
  * backend's `inFlight`, which drain waits for.
  */
+import { refuseIfSnapshotClaimed } from './snapshot-lock.js';
 import { aioWaitKick } from './aio-wait.js';
 import { assertBql, type Bql } from './bql.js';
 import type { WriteZeroesFlags } from './driver.js';
@@ -217,6 +218,8 @@ export function blkList(bql: Bql): BlockBackend[] {
 export function blkReplaceRoot(bql: Bql, drained: DrainedAll, blk: BlockBackend, root: BlockNode): void {
   assertBql(bql, 'blkReplaceRoot');
   const old = rootOf(blk, 'replace-root');
+  refuseIfSnapshotClaimed(old, 'blkReplaceRoot');
+  refuseIfSnapshotClaimed(root, 'blkReplaceRoot');
   assertDrained(bql, drained, old, 'blkReplaceRoot');
   assertDrained(bql, drained, root, 'blkReplaceRoot');
   if (!blk.readOnly && root.readOnly) {
@@ -237,6 +240,7 @@ export function blkReplaceRoot(bql: Bql, drained: DrainedAll, blk: BlockBackend,
  */
 export function blkDelete(bql: Bql, blk: BlockBackend): void {
   assertBql(bql, 'blkDelete');
+  if (blk.root !== null) refuseIfSnapshotClaimed(blk.root, 'blkDelete');
   if (blk.inFlight > 0 || blk.queued.length > 0) {
     throw new BlockError('EBUSY', `Device '${blk.name}' has ${blk.inFlight} requests in flight and ${blk.queued.length} queued`, {
       node: blk.name,

@@ -5,6 +5,7 @@
  * Global-state code: every function takes the `Bql` proof; removing a node or an edge also takes
  * a drained proof, because no request may be in flight across an edge that disappears.
  */
+import { refuseIfSnapshotClaimed } from './snapshot-lock.js';
 import { backingChoice } from './backing.js';
 import { assertBql, type Bql } from './bql.js';
 import { assertDrained, callDrainedCallback, drainedBegin, drainedEnd, type DrainedProof } from './drain.js';
@@ -58,6 +59,8 @@ export function listNodes(bql: Bql): BlockNode[] {
  */
 export function attachChild(bql: Bql, parent: BlockNode, role: ChildRole, child: BlockNode): BdrvChild {
   assertBql(bql, 'attachChild');
+  refuseIfSnapshotClaimed(parent, 'attachChild');
+  refuseIfSnapshotClaimed(child, 'attachChild');
   if (parent === child) throw new BlockError('EINVAL', `Node '${parent.nodeName}' cannot be its own child`, { node: parent.nodeName });
   if (isAncestor(child, parent)) {
     throw new BlockError('EINVAL', `Making '${child.nodeName}' a child of '${parent.nodeName}' would create a cycle`, { node: parent.nodeName });
@@ -80,6 +83,8 @@ export function attachChild(bql: Bql, parent: BlockNode, role: ChildRole, child:
 export function detachChild(bql: Bql, drained: DrainedProof, edge: BdrvChild): void {
   assertBql(bql, 'detachChild');
   assertDrained(bql, drained, edge.parent, 'detachChild');
+  refuseIfSnapshotClaimed(edge.parent, 'detachChild');
+  refuseIfSnapshotClaimed(edge.child, 'detachChild');
   if (!edge.parent.children.includes(edge)) {
     throw new BlockError('ENOENT', `Node '${edge.parent.nodeName}' has no such '${edge.role}' child`, { node: edge.parent.nodeName });
   }
@@ -278,6 +283,7 @@ async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number
  */
 export async function closeNode(bql: Bql, node: BlockNode): Promise<void> {
   assertBql(bql, 'closeNode');
+  refuseIfSnapshotClaimed(node, 'closeNode');
   if (node.parents.size > 0) {
     const users = [...node.parents].map((p) => `'${p.parentName}'`).join(', ');
     throw new BlockError('EBUSY', `Node '${node.nodeName}' is in use by ${users}`, { node: node.nodeName, op: 'close' });

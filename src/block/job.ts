@@ -21,6 +21,7 @@
  *
  * Global-state code for the verbs (they take `Bql`); the body is I/O code.
  */
+import { refuseIfSnapshotClaimed } from './snapshot-lock.js';
 import { acquireBql, assertBql, releaseBql, type Bql } from './bql.js';
 import { BlockError } from './errors.js';
 import type { BlockNode } from './node.js';
@@ -372,6 +373,7 @@ export function jobStart(bql: Bql, id: string, type: string, driver: JobDriver, 
   if (id === '') throw new BlockError('EINVAL', 'A job needs an id', { op: 'job-start', field: 'job-id' });
   if (jobs.has(id)) throw new BlockError('EBUSY', `Job ID '${id}' already in use`, { op: 'job-start', field: 'job-id', value: id });
   const nodes = opts.nodes ?? [];
+  for (const node of nodes) refuseIfSnapshotClaimed(node, `job '${id}'`);
   for (const node of nodes) {
     const other = busy.get(node);
     if (other !== undefined) {

@@ -19,6 +19,7 @@
  * Common code: the lock itself needs no other lock.
  */
 import { BlockError } from './errors.js';
+import type { BlockNode } from './node.js';
 
 let mintSnapshotLocked: (serial: number, owner: string) => SnapshotLocked;
 let revokeSnapshotLocked: (p: SnapshotLocked) => void;
@@ -96,6 +97,7 @@ export function releaseSnapshotLock(p: SnapshotLocked): void {
   if (!p.live) throw new BlockError('EPERM', `releaseSnapshotLock: acquisition #${p.serial} was already released`, { op: 'releaseSnapshotLock' });
   if (state.holder !== p) throw new BlockError('EPERM', `releaseSnapshotLock: acquisition #${p.serial} does not hold the snapshot lock`, { op: 'releaseSnapshotLock' });
   revokeSnapshotLocked(p);
+  for (const [node, holder] of claims) if (holder === p) claims.delete(node);
   const next = state.waiters.shift();
   if (next === undefined) {
     state.holder = null;
@@ -135,4 +137,36 @@ export function assertSnapshotLocked(p: SnapshotLocked, op: string): void {
  */
 export function snapshotLockOwner(): string | null {
   return state.holder?.owner ?? null;
+}
+
+/** Nodes the holder works on between its BQL steps, and by which acquisition. */
+const claims = new Map<BlockNode, SnapshotLocked>();
+
+/**
+ * The holder claims `nodes` and everything below them until it releases the lock: graph changes
+ * that touch a claimed node (an edge to or from it, a backend's root, closing it, a block job on
+ * it) are refused with EBUSY while the holder does its I/O without the BQL. Call it with the BQL
+ * held, in the step that drains them.
+ * @locking snapshot
+ */
+export function claimNodes(snap: SnapshotLocked, nodes: readonly BlockNode[]): void {
+  assertSnapshotLocked(snap, 'claimNodes');
+  const stack = [...nodes];
+  while (stack.length > 0) {
+    const n = stack.pop() as BlockNode;
+    if (claims.get(n) === snap) continue;
+    claims.set(n, snap);
+    for (const c of n.children) stack.push(c.child);
+  }
+}
+
+/**
+ * Throws EBUSY when a snapshot operation has claimed `node` (claimNodes); graph changes call it.
+ * @locking common
+ */
+export function refuseIfSnapshotClaimed(node: BlockNode, op: string): void {
+  const holder = claims.get(node);
+  if (holder !== undefined && holder.live) {
+    throw new BlockError('EBUSY', `${op}: node '${node.nodeName}' is in use by a snapshot operation (${holder.owner})`, { node: node.nodeName, op });
+  }
 }

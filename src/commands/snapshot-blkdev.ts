@@ -9,6 +9,7 @@ import path from 'node:path';
 import { blkFind } from '../block/backend.js';
 import { assertBql, type Bql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
+import { refuseIfSnapshotClaimed } from '../block/snapshot-lock.js';
 import { blockdevSnapshot } from '../block/external-snapshot.js';
 import { closeNode, openNode } from '../block/graph.js';
 import { bdrvGetLength } from '../block/io.js';
@@ -54,6 +55,7 @@ export async function snapshotBlkdev(bql: Bql, o: SnapshotBlkdevOptions): Promis
   const blk = blkFind(bql, o.device);
   const root = blk.root;
   if (root === null) throw new BlockError('ENOMEDIUM', `Device '${o.device}' has no medium`, { node: o.device });
+  refuseIfSnapshotClaimed(root, 'snapshot_blkdev'); // before a file is made
   if (root.filename === '') {
     throw new BlockError('ENOTSUP', `Device '${o.device}': node '${root.nodeName}' has no file name an overlay could name as its backing file`, { node: root.nodeName });
   }

@@ -428,6 +428,7 @@ async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, o
     }
     const held = await holdMachine(bql, m, all, `savevm '${name}'`);
     try {
+      steps.claim(bql, held.disks.map((d) => d.node));
       const older = await runInDrainedSection(bql, held.drained, () => bdrvAllFindSnapshots(bql, held.disks, name));
       return { held, vmDisk, olderAll: [...older.values()].flat(), layout: m.saveStateLayout(bql) };
     } catch (e) {
@@ -584,6 +585,7 @@ async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: VmSnaps
     }
     const held = await holdMachine(bql, m, disks, `loadvm '${tag}'`);
     try {
+      steps.claim(bql, held.disks.map((d) => d.node));
       const reverted = await runInDrainedSection(bql, held.drained, () => revertDisks(bql, held.drained, m, writableOf(disks), tag, byDisk));
       return { held, vmDisk, sn, reverted };
     } catch (e) {

@@ -14,7 +14,7 @@ import { runDrainedIo, runInDrainedSection, type DrainedProof } from '../block/d
 import { BlockError } from '../block/errors.js';
 import { bdrvFlush, bdrvLoadVmstate, bdrvSaveVmstate } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
-import { assertSnapshotLocked, type SnapshotLocked } from '../block/snapshot-lock.js';
+import { assertSnapshotLocked, claimNodes, type SnapshotLocked } from '../block/snapshot-lock.js';
 import { VMSTATE_TRAILER_BYTES } from './vmstate.js';
 
 /** The VM state moves in pieces of this size (the BQL-free steps of a snapshot job). */
@@ -33,6 +33,12 @@ export interface VmSteps {
    * was cancelled; after it, a cancel is refused (the job's point of no return).
    */
   commit(bql: Bql): void;
+  /**
+   * Called (BQL held) once the nodes are drained: for the snapshot lock's holder, claims them
+   * (snapshot-lock.ts claimNodes) so that no graph change touches them between its steps; a
+   * caller that holds the BQL throughout needs no claim.
+   */
+  claim(bql: Bql, nodes: readonly BlockNode[]): void;
 }
 
 /** What a job gives the steps: where progress goes and whether it was cancelled. */
@@ -55,6 +61,7 @@ export function heldBqlSteps(bql: Bql): VmSteps {
     io: (proof, fn) => runInDrainedSection(bql, proof, fn),
     progress: async () => {},
     commit: () => {},
+    claim: () => {},
   };
 }
 
@@ -77,6 +84,10 @@ export function snapshotLockSteps(snap: SnapshotLocked, op: string, hooks: VmSte
     },
     commit: (bql) => {
       if (hooks.enterCommit !== undefined && !hooks.enterCommit(bql)) throw new BlockError('ECANCELED', `${op}: cancelled`, { op });
+    },
+    claim: (bql, nodes) => {
+      assertBql(bql, op);
+      claimNodes(snap, nodes);
     },
   };
 }
