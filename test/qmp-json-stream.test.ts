@@ -213,6 +213,17 @@ describe('formatQmpJson', () => {
     expect(formatQmpJson({ error: { desc: 'd', class: 'GenericError' }, id: 1 })).toBe('{"id": 1, "error": {"class": "GenericError", "desc": "d"}}');
   });
 
+  it('writes_back_a_big_integer_as_it_came_and_a_double_as_qemu_prints_it', () => {
+    const [item] = parseAll('{"a": 9223372036854775807, "b": 18446744073709551615, "c": 18446744073709551616, "d": [-9223372036854775808, 123456789012345678], "e": -0.0, "f": -0}');
+    const v = (item as { value: QmpObject }).value;
+    expect(formatQmpJson(v)).toBe(
+      '{"d": [-9223372036854775808, 123456789012345678], "e": -0, "a": 9223372036854775807, "f": 0, "b": 18446744073709551615, "c": 1.8446744073709552e+19}',
+    );
+    // A value changed since parsing is written as it is now.
+    v['a'] = 2 ** 60;
+    expect(formatQmpJson({ a: v['a'] })).toBe('{"a": 1.152921504606847e+18}');
+  });
+
   it('round_trips_through_the_parser', () => {
     fc.assert(
       fc.property(fc.jsonValue(), (v) => {

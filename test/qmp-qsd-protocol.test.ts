@@ -52,6 +52,12 @@ const AFTER_NEGOTIATION: Step[] = [
   { name: 'single quotes', send: ["{'execute': 'query-version', 'id': 'sq'}\n"], shapeOnly: true },
   { name: 'two requests on one line', send: ['{"execute": "query-version", "id": "p1"}{"execute": "query-version", "id": "p2"}\n'], shapeOnly: true },
   { name: 'a request split across writes', send: ['{"execute": "query-ver', 'sion", "id": "sp', 'lit"}\n'], shapeOnly: true },
+  {
+    name: 'numbers echoed in ids',
+    send: ['9223372036854775807', '18446744073709551615', '18446744073709551616', '-9223372036854775808', '-9223372036854775809', '123456789012345678', '0.1', '1.5e300', '-0.0', '-0', '1e-7', '2.5'].map(
+      (n) => `{"execute": "no-such-command", "id": ${n}}\n`,
+    ),
+  },
   { name: 'a stray character', send: ['@\n'] },
   { name: 'a stray character inside a request', send: ['{"execute": "query-version",@ "id": 18}\n'] },
   { name: 'an unknown keyword', send: ['foo\n'] },

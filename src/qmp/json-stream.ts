@@ -32,7 +32,8 @@
  * only its bracket counts, so memory stays bounded however long it is) and resume after it, or at
  * the next lexer error, exactly where QEMU would resynchronise. One oversized request, one reply.
  *
- * Numbers: integers in int64 range are exact up to 2^53 (JavaScript numbers); a number written
+ * Numbers are JavaScript numbers; an integer beyond 2^53 that QEMU holds exactly (int64, uint64)
+ * keeps its literal too, so that it is echoed as sent (an `id`), and a number written
  * with a fraction or exponent, or an integer outside int64, is remembered as "not an int64
  * literal" (isNonIntLiteral) so that an `int` argument refuses `1.0` as QEMU does.
  *
@@ -150,6 +151,36 @@ function markNonInt(container: object, key: string | number): void {
     Object.defineProperty(container, NON_INT, { value: set, enumerable: false });
   }
   set.add(key);
+}
+
+/** The literal text of the members whose integer is exact in QEMU (int64 or uint64) but not in a double. */
+const RAW_INT = Symbol('snapstack.qmp.rawInteger');
+
+type RawMarked = { [RAW_INT]?: Map<string | number, string> };
+
+function markRawInt(container: object, key: string | number, text: string): void {
+  const c = container as RawMarked;
+  let map = c[RAW_INT];
+  if (map === undefined) {
+    map = new Map();
+    Object.defineProperty(container, RAW_INT, { value: map, enumerable: false });
+  }
+  map.set(key, text);
+}
+
+/** The integer literal of `container[key]` when a double cannot hold it exactly (and it is still that number). */
+function rawIntText(container: object, key: string | number, v: number): string | undefined {
+  const text = (container as RawMarked)[RAW_INT]?.get(key);
+  return text !== undefined && Number(text) === v ? text : undefined;
+}
+
+/**
+ * Carries the exact literal of a big integer from `from[fromKey]` to `to[toKey]` (the session
+ * echoes a request's `id` that way: QEMU writes 9223372036854775807 back as it came).
+ */
+export function carryLiteral(from: object, fromKey: string, to: object, toKey: string): void {
+  const text = (from as RawMarked)[RAW_INT]?.get(fromKey);
+  if (text !== undefined) markRawInt(to, toKey, text);
 }
 
 /**
@@ -589,7 +620,7 @@ class Parser {
   }
 
   /** Parses a value; stores it in container[key] (so numbers can be marked). */
-  value(): { v: QmpValue; nonInt: boolean } {
+  value(): { v: QmpValue; nonInt: boolean; raw?: string } {
     const t = this.peek();
     switch (t.type) {
       case Tok.LCurly:
@@ -644,6 +675,7 @@ class Parser {
     // defineProperty: a key "__proto__" is a member like any other, not the prototype.
     Object.defineProperty(obj, key.v, { value: val.v, enumerable: true, writable: true, configurable: true });
     if (val.nonInt) markNonInt(obj, key.v);
+    if (val.raw !== undefined) markRawInt(obj, key.v, val.raw);
   }
 
   array(): QmpValue[] {
@@ -663,6 +695,7 @@ class Parser {
       first = false;
       const val = this.value();
       if (val.nonInt) markNonInt(arr, arr.length);
+      if (val.raw !== undefined) markRawInt(arr, arr.length, val.raw);
       arr.push(val.v);
     }
   }
@@ -671,11 +704,15 @@ class Parser {
 const INT64_MIN = -(2n ** 63n);
 const INT64_MAX = 2n ** 63n - 1n;
 
-function parseInteger(text: string): { v: number; nonInt: boolean } {
+const UINT64_MAX = 2n ** 64n - 1n;
+
+/** An integer literal: QEMU keeps int64 and uint64 exactly, anything wider becomes a double. */
+function parseInteger(text: string): { v: number; nonInt: boolean; raw?: string } {
   const n = Number(text);
   if (Number.isSafeInteger(n)) return { v: n === 0 ? 0 : n, nonInt: false };
   const big = BigInt(text);
-  return { v: n, nonInt: big < INT64_MIN || big > INT64_MAX };
+  const nonInt = big < INT64_MIN || big > INT64_MAX;
+  return big >= INT64_MIN && big <= UINT64_MAX ? { v: n, nonInt, raw: big.toString() } : { v: n, nonInt };
 }
 
 function parseMessage(tokens: readonly Token[]): JsonStreamItem {
@@ -853,7 +890,8 @@ function formatG17(x: number): string {
 function formatNumber(x: number): string {
   // QEMU would print inf/nan (not JSON); a reply must stay parseable.
   if (!Number.isFinite(x)) return 'null';
-  if (Number.isSafeInteger(x)) return String(x);
+  // -0 only comes from a float literal (an integer -0 is read as 0): QEMU prints the double's sign.
+  if (Number.isSafeInteger(x)) return Object.is(x, -0) ? '-0' : String(x);
   return formatG17(x);
 }
 
@@ -911,6 +949,15 @@ function formatString(s: string): string {
   return `${out}${s.slice(runStart)}"`;
 }
 
+/** One member: a big integer as the literal it came as, anything else as formatQmpJson writes it. */
+function formatMember(container: object, key: string | number, x: QmpValue | undefined): string {
+  if (typeof x === 'number' && !Number.isSafeInteger(x)) {
+    const raw = rawIntText(container, key, x);
+    if (raw !== undefined) return raw;
+  }
+  return formatQmpJson(x);
+}
+
 /** QEMU's QDict: 512 buckets, chosen by tdb_hash (qobject/qdict.c; re-derived). */
 const QDICT_BUCKETS = 512;
 
@@ -951,9 +998,9 @@ export function formatQmpJson(v: QmpValue | undefined): string {
     default:
       break;
   }
-  if (Array.isArray(v)) return `[${v.map((x) => formatQmpJson(x)).join(', ')}]`;
+  if (Array.isArray(v)) return `[${v.map((x, i) => formatMember(v, i, x)).join(', ')}]`;
   const parts: string[] = [];
   const keys = Object.keys(v).filter((k) => v[k] !== undefined);
-  for (const k of keys.length > 1 ? qdictOrder(keys) : keys) parts.push(`${formatString(k)}: ${formatQmpJson(v[k])}`);
+  for (const k of keys.length > 1 ? qdictOrder(keys) : keys) parts.push(`${formatString(k)}: ${formatMember(v, k, v[k])}`);
   return `{${parts.join(', ')}}`;
 }

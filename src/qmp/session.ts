@@ -39,7 +39,7 @@ import type { Machine } from '../machine/machine.js';
 import { qmpVersionInfo } from './commands/misc.js';
 import { QMP_CAPABILITIES_ARGS } from './commands/session.js';
 import { emitQmpEvent, type QmpEventMessage } from './events.js';
-import { formatQmpJson, JsonStream, qdictOrder, type JsonStreamItem, type JsonStreamLimits } from './json-stream.js';
+import { carryLiteral, formatQmpJson, JsonStream, qdictOrder, type JsonStreamItem, type JsonStreamLimits } from './json-stream.js';
 import { validateArguments } from './schema.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpErrorClass, type QmpObject, type QmpValue } from './types.js';
 
@@ -74,6 +74,21 @@ function isObject(v: QmpValue | undefined): v is QmpObject {
 
 function hasOwn(o: object, k: string): boolean {
   return Object.prototype.hasOwnProperty.call(o, k);
+}
+
+/** A request's `id`, when it had one, and the request (which keeps a big integer's literal). */
+interface RequestId {
+  has: boolean;
+  value: QmpValue;
+  from: QmpObject | null;
+}
+
+/** A reply with the request's id echoed, exactly as it came. */
+function withId(reply: QmpObject, id: RequestId): QmpObject {
+  if (!id.has) return reply;
+  reply['id'] = id.value;
+  if (id.from !== null) carryLiteral(id.from, 'id', reply, 'id');
+  return reply;
 }
 
 /** Any failure as QMP's error: a QmpError as it is, anything else as GenericError with its message's first line. */
@@ -242,7 +257,7 @@ export class QmpSession {
       .catch((e: unknown) => {
         // A bug of ours (a reply that cannot be encoded): the request still gets an answer and
         // the daemon keeps running.
-        this.#replyError({ has: false, value: null }, 'GenericError', `Internal error: ${asQmpError(e).desc}`);
+        this.#replyError({ has: false, value: null, from: null }, 'GenericError', `Internal error: ${asQmpError(e).desc}`);
       })
       .finally(() => {
         this.#running = null;
@@ -268,13 +283,13 @@ export class QmpSession {
     if (s.writableLength > OUTPUT_HIGH_WATER_BYTES) this.#flow();
   }
 
-  #replyError(id: { has: boolean; value: QmpValue }, errorClass: QmpErrorClass, desc: string): void {
+  #replyError(id: RequestId, errorClass: QmpErrorClass, desc: string): void {
     const error = { class: errorClass, desc };
-    this.#write(id.has ? { id: id.value, error } : { error });
+    this.#write(withId({ error }, id));
   }
 
   async #handle(item: JsonStreamItem): Promise<void> {
-    const noId = { has: false, value: null };
+    const noId: RequestId = { has: false, value: null, from: null };
     if (!item.ok) {
       this.#replyError(noId, 'GenericError', item.error);
       return;
@@ -284,7 +299,7 @@ export class QmpSession {
       this.#replyError(noId, 'GenericError', 'QMP input must be a JSON object');
       return;
     }
-    const id = hasOwn(req, 'id') ? { has: true, value: req['id'] as QmpValue } : noId;
+    const id: RequestId = hasOwn(req, 'id') ? { has: true, value: req['id'] as QmpValue, from: req } : noId;
 
     // The members, in QEMU's QDict order (qmp_dispatch_check_obj): it decides which problem is named.
     let execKey: string | null = null;
@@ -325,7 +340,7 @@ export class QmpSession {
     }
     let line: string;
     try {
-      line = formatQmpJson(id.has ? { return: result ?? {}, id: id.value } : { return: result ?? {} });
+      line = formatQmpJson(withId({ return: result ?? {} }, id));
     } catch {
       // A return value that is not JSON (a cycle): an error reply instead of a dead session.
       this.#replyError(id, 'GenericError', `Internal error: the reply of ${name} cannot be encoded`);
@@ -340,7 +355,7 @@ export class QmpSession {
   }
 
   /** Capabilities-negotiation mode: only qmp_capabilities exists. */
-  #negotiate(id: { has: boolean; value: QmpValue }, name: string, args: QmpObject): void {
+  #negotiate(id: RequestId, name: string, args: QmpObject): void {
     if (name !== 'qmp_capabilities') {
       // QEMU replaces the desc of every CommandNotFound in this mode with its hint.
       this.#replyError(id, 'CommandNotFound', "Expecting capabilities negotiation with 'qmp_capabilities'");
@@ -356,6 +371,6 @@ export class QmpSession {
     const enable = args['enable'];
     this.#oob = Array.isArray(enable) && enable.includes('oob');
     this.#negotiated = true;
-    this.#write(id.has ? { return: {}, id: id.value } : { return: {} });
+    this.#write(withId({ return: {} }, id));
   }
 }
