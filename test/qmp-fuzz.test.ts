@@ -140,6 +140,23 @@ describe('QMP fuzz', () => {
     await c.close();
   });
 
+  it('sixty_four_sessions_pipelining_get_every_reply_in_order_and_the_sixty_fifth_is_refused', async () => {
+    await expect.poll(() => srv.sessionCount).toBe(0);
+    const sessions = await Promise.all(Array.from({ length: 64 }, () => QmpClient.connect({ path: sock })));
+    const extra = await QmpClient.connect({ path: sock }).catch((e: unknown) => e);
+    expect(extra).toMatchObject({ code: 'protocol' });
+    const perSession = 100;
+    await Promise.all(
+      sessions.map(async (c, si) => {
+        // All requests written at once; replies must come back one per request, in order.
+        c.sendRaw(Array.from({ length: perSession }, (_, i) => `{"execute": "echo", "arguments": {"text": "${si}-${i}"}, "id": ${i}}\n`).join(''));
+        for (let i = 0; i < perSession; i++) expect(await c.readMessage()).toEqual({ return: { text: `${si}-${i}` }, id: i });
+      }),
+    );
+    await Promise.all(sessions.map((c) => c.close()));
+    await expect.poll(() => srv.sessionCount).toBe(0);
+  });
+
   it('a_peer_that_never_reads_stops_the_server_reading_instead_of_growing_it', async () => {
     const requests = 2000;
     const s = net.createConnection({ path: sock });
