@@ -38,6 +38,7 @@ import type { Duplex } from 'node:stream';
 import type { Machine } from '../machine/machine.js';
 import { qmpVersionInfo } from './commands/misc.js';
 import { QMP_CAPABILITIES_ARGS } from './commands/session.js';
+import { toQmpError } from './commands/util.js';
 import { emitQmpEvent, type QmpEventMessage } from './events.js';
 import { carryLiteral, formatQmpJson, JsonStream, qdictOrder, type JsonStreamItem, type JsonStreamLimits } from './json-stream.js';
 import { validateArguments } from './schema.js';
@@ -89,13 +90,6 @@ function withId(reply: QmpObject, id: RequestId): QmpObject {
   reply['id'] = id.value;
   if (id.from !== null) carryLiteral(id.from, 'id', reply, 'id');
   return reply;
-}
-
-/** Any failure as QMP's error: a QmpError as it is, anything else as GenericError with its message's first line. */
-function asQmpError(e: unknown): QmpError {
-  if (e instanceof QmpError) return e;
-  const message = e instanceof Error ? e.message : String(e);
-  return new QmpError('GenericError', message.split('\n')[0] ?? message);
 }
 
 /** One connection speaking QMP. */
@@ -257,7 +251,7 @@ export class QmpSession {
       .catch((e: unknown) => {
         // A bug of ours (a reply that cannot be encoded): the request still gets an answer and
         // the daemon keeps running.
-        this.#replyError({ has: false, value: null, from: null }, 'GenericError', `Internal error: ${asQmpError(e).desc}`);
+        this.#replyError({ has: false, value: null, from: null }, 'GenericError', `Internal error: ${toQmpError(e).desc}`);
       })
       .finally(() => {
         this.#running = null;
@@ -334,7 +328,7 @@ export class QmpSession {
       validateArguments(cmd.args, args);
       result = await cmd.run(this.#ctx, args);
     } catch (e) {
-      const err = asQmpError(e);
+      const err = toQmpError(e);
       this.#replyError(id, err.errorClass, err.desc);
       return;
     }
@@ -364,7 +358,7 @@ export class QmpSession {
     try {
       validateArguments(QMP_CAPABILITIES_ARGS, args);
     } catch (e) {
-      const err = asQmpError(e);
+      const err = toQmpError(e);
       this.#replyError(id, err.errorClass, err.desc);
       return;
     }
