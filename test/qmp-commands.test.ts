@@ -95,10 +95,16 @@ describe('blockdev-add options', () => {
     expect(blockdevOptionsToNodeOptions({ driver: 'raw', 'node-name': 'r0', 'file.driver': 'memory', 'file.size': 512 })['file.size']).toBe('512');
   });
 
-  it('refuses (for now) a file given as the name of an open node, saying how to give it instead', async () => {
+  it('links an open node given by name as the file (QSD\'s --blockdev ...,file=NODE); one parent per file node; the file outlives its user', async () => {
     await run('blockdev-add', { driver: 'memory', 'node-name': 'ref-target', size: 4096 });
-    expect((await qmpFailure('blockdev-add', { driver: 'raw', 'node-name': 'ref-user', file: 'ref-target' })).desc).toMatch(/^Parameter 'file': a reference to an existing node \('ref-target'\) is not supported yet; give the file's options instead/);
+    await run('blockdev-add', { driver: 'raw', 'node-name': 'ref-user', file: 'ref-target' });
+    const nodes = (await run('query-named-block-nodes', { flat: true })) as QmpObject[];
+    expect(nodes.map((n) => n['node-name'])).toEqual(expect.arrayContaining(['ref-user', 'ref-target']));
+    // a second format node over the same file would keep metadata of its own: refused
+    expect((await qmpFailure('blockdev-add', { driver: 'raw', 'node-name': 'ref-user2', file: 'ref-target' })).desc).toMatch(/Node 'ref-target' is already in use by 'ref-user'/);
     expect((await qmpFailure('blockdev-add', { driver: 'raw', 'node-name': 'ref-user', file: 'nosuch' })).desc).toBe("Cannot find device='nosuch' nor node-name='nosuch'");
+    expect((await qmpFailure('blockdev-del', { 'node-name': 'ref-target' })).desc).toMatch(/ref-target/);
+    await run('blockdev-del', { 'node-name': 'ref-user' });
     await run('blockdev-del', { 'node-name': 'ref-target' });
   });
 

@@ -28,7 +28,7 @@ const referencedNodes = new WeakSet<BlockNode>();
 const closing = new WeakSet<BlockNode>();
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]{0,127}$/;
 /** Options the generic layer consumes; the rest go to the driver. */
-const GENERIC_OPTIONS = new Set(['driver', 'format', 'node-name', 'read-only', 'readonly', 'iothread', 'file', 'backing']);
+const GENERIC_OPTIONS = new Set(['driver', 'format', 'node-name', 'read-only', 'readonly', 'iothread', 'file', 'file-node', 'backing']);
 /** How many backing files deep a chain may go (a loop of names would otherwise never end). */
 const MAX_BACKING_DEPTH = 64;
 
@@ -243,17 +243,35 @@ async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number
     if (opts['file'] !== undefined && opts['filename'] === undefined) opts['filename'] = opts['file'];
     return instantiate(bql, drv, opts, readOnly, ioThread, filename, null);
   }
-  // a format node (or one to probe): open its protocol child first
-  const fileOpts = subOptions(opts, 'file');
-  const fileName = opts['file'];
-  if (fileName !== undefined) fileOpts['filename'] ??= fileName;
-  fileOpts['driver'] ??= 'file';
-  if (fileOpts['filename'] === undefined && fileOpts['driver'] === 'file') {
-    throw new BlockError('EINVAL', `A '${driverName ?? 'format'}' node needs a file: give file=PATH or file.driver=...`, { field: 'file' });
+  // a format node (or one to probe): its protocol child is an open node (`file-node=NAME`, as
+  // blockdev-add's `"file": "NAME"`) or is opened first from the file options
+  const fileNode = opts['file-node'];
+  let file: BlockNode;
+  if (fileNode !== undefined) {
+    if (opts['file'] !== undefined || Object.keys(subOptions(opts, 'file')).length > 0) {
+      throw new BlockError('EINVAL', `Option 'file-node=${fileNode}' cannot be combined with 'file' options`, { field: 'file-node' });
+    }
+    file = findNode(bql, fileNode);
+    if (file.parents.size > 0) {
+      // two format nodes over one file would each keep their own metadata: corruption
+      const users = [...file.parents].map((p) => `'${p.parentName}'`).join(', ');
+      throw new BlockError('EBUSY', `Node '${fileNode}' is already in use by ${users}: a file node serves one parent`, { node: fileNode, field: 'file-node' });
+    }
+    if (!readOnly && file.readOnly) {
+      throw new BlockError('EACCES', `Node '${fileNode}' is read-only: a writable node cannot use it as its file`, { node: fileNode, field: 'file-node' });
+    }
+  } else {
+    const fileOpts = subOptions(opts, 'file');
+    const fileName = opts['file'];
+    if (fileName !== undefined) fileOpts['filename'] ??= fileName;
+    fileOpts['driver'] ??= 'file';
+    if (fileOpts['filename'] === undefined && fileOpts['driver'] === 'file') {
+      throw new BlockError('EINVAL', `A '${driverName ?? 'format'}' node needs a file: give file=PATH or file.driver=...`, { field: 'file' });
+    }
+    const childOpts: NodeOptions = { ...fileOpts, 'read-only': readOnly ? 'on' : 'off' };
+    if (ioThreadId !== undefined) childOpts['iothread'] = ioThreadId;
+    file = await openNode(bql, childOpts);
   }
-  const childOpts: NodeOptions = { ...fileOpts, 'read-only': readOnly ? 'on' : 'off' };
-  if (ioThreadId !== undefined) childOpts['iothread'] = ioThreadId;
-  const file = await openNode(bql, childOpts);
   let node: BlockNode;
   try {
     const formatDrv = drv ?? (await probeFormat(bql, file));
@@ -263,9 +281,11 @@ async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number
     const nodeOpts = { ...opts, driver: formatDrv.formatName };
     node = await instantiate(bql, formatDrv, nodeOpts, readOnly, ioThread, file.filename, file);
   } catch (e) {
-    await closeNode(bql, file);
+    if (fileNode === undefined) await closeNode(bql, file);
     throw e;
   }
+  // a node linked by name stays open when this one closes: its owner closes it
+  if (fileNode !== undefined) referencedNodes.add(file);
   try {
     await openBacking(bql, node, opts, depth);
   } catch (e) {

@@ -167,7 +167,8 @@ class IoWorker {
   /** Requests in the ring not worth polling for (completions come in order, so none is while one is there). */
   private slowPending = 0;
   private turnStart = 0;
-  private readonly pollMaxNs: number;
+  /** The worker's poll window (ns) before it sleeps. */
+  readonly pollMaxNs: number;
   /** Free staging areas by size: reused so that a request allocates (and zero-fills) none. */
   private readonly stagingPool = new Map<number, StagingArea[]>();
   private stagingPooledBytes = 0;
@@ -528,6 +529,11 @@ export class IOThread {
   /** Requests submitted to this IOThread and not yet completed. */
   get pending(): number {
     return this.worker.pending;
+  }
+
+  /** How long (ns) its worker polls for work before it sleeps (QEMU's poll-max-ns). */
+  get pollMaxNs(): number {
+    return this.worker.pollMaxNs;
   }
 }
 

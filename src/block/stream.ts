@@ -38,6 +38,8 @@ export interface BlockStreamOptions {
   base?: string;
   /** Remove the job when it concluded (default true). */
   autoDismiss?: boolean;
+  /** Finalize (the graph change) once done (default true); false: wait for job-finalize. */
+  autoFinalize?: boolean;
 }
 
 /** True when every byte of `buf` is zero. */
@@ -134,6 +136,6 @@ export function blockStream(bql: Bql, opts: BlockStreamOptions): Job {
         for (const n of removed) if (n.parents.size === 0) await closeNode(b, n);
       },
     },
-    { nodes: [top, ...removed, ...(base === null ? [] : [base])], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }) },
+    { nodes: [top, ...removed, ...(base === null ? [] : [base])], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }), ...(opts.autoFinalize === undefined ? {} : { autoFinalize: opts.autoFinalize }) },
   );
 }

@@ -282,9 +282,10 @@ function visitReference(name: string, member: string, value: string, prefix: str
     out[`${prefix}backing`] = value;
     return;
   }
-  // linking an existing node as a `file` child needs graph.ts support (openNode opens its file)
   if (!allNodes.has(value) && !allBackends.has(value)) fail(`Cannot find device='${value}' nor node-name='${value}'`);
-  fail(`Parameter '${name}': a reference to an existing node ('${value}') is not supported yet; give the ${member}'s options instead (${name}.driver=file,${name}.filename=PATH, or a nested object in JSON)`);
+  if (member !== 'file') fail(`Parameter '${name}': a reference to an existing node ('${value}') is not supported for '${member}'; give its options instead`);
+  // an open node as the file child (graph.ts `file-node`): it stays open when this node closes
+  out[`${prefix}file-node`] = value;
 }
 
 const NODE_NAME_RE = /^[A-Za-z][A-Za-z0-9_.-]*$/;

@@ -41,6 +41,8 @@ export interface BlockCommitOptions {
   base?: string;
   /** Remove the job when it concluded (default true). */
   autoDismiss?: boolean;
+  /** Finalize (the graph change) once done (default true); false: wait for job-finalize. */
+  autoFinalize?: boolean;
 }
 
 /** The node whose backing child is `node`, if a node (not a device) uses it so. */
@@ -112,6 +114,6 @@ export function blockCommit(bql: Bql, opts: BlockCommitOptions): Job {
         for (const n of removed) if (n.parents.size === 0) await closeNode(b, n);
       },
     },
-    { nodes: [...(overlay === null ? [] : [overlay]), ...removed, base], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }) },
+    { nodes: [...(overlay === null ? [] : [overlay]), ...removed, base], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }), ...(opts.autoFinalize === undefined ? {} : { autoFinalize: opts.autoFinalize }) },
   );
 }

@@ -35,7 +35,6 @@ function refuseUnsupported(args: QmpObject, extra: readonly string[]): void {
   }
   const onError = optStr(args, 'on-error');
   if (onError !== undefined && onError !== 'report') throw new QmpError('GenericError', `Parameter 'on-error' value '${onError}' is not supported by snapstack (report)`);
-  if (optBool(args, 'auto-finalize', true) === false) throw new QmpError('GenericError', "Parameter 'auto-finalize' false is not supported by block jobs yet");
 }
 
 /** The node a `*-node` argument names, or QEMU's "Cannot find device='' nor node-name='x'". */
@@ -82,7 +81,7 @@ const blockStreamCommand: QmpCommand = {
           base = b.nodeName;
         }
         const autoDismiss = optBool(args, 'auto-dismiss', true);
-        blockStream(bql, { jobId: optStr(args, 'job-id') ?? device, ...t, ...(base === undefined ? {} : { base }), autoDismiss });
+        blockStream(bql, { jobId: optStr(args, 'job-id') ?? device, ...t, ...(base === undefined ? {} : { base }), autoDismiss, autoFinalize: optBool(args, 'auto-finalize', true) });
         return {};
       }),
     ),
@@ -129,6 +128,7 @@ const blockCommitCommand: QmpCommand = {
           ...(top === undefined ? {} : { top }),
           ...(base === undefined ? {} : { base }),
           autoDismiss,
+          autoFinalize: optBool(args, 'auto-finalize', true),
         });
         return {};
       }),

@@ -40,10 +40,9 @@ export function qmpVersionInfo(): QmpObject {
   return { qemu: { major: 7, minor: 2, micro: 0 }, package: `snapstack ${snapstackVersion()}` };
 }
 
-/** The poll window of an IOThread's worker (IOThread exposes no getter yet; the field is private). */
+/** The poll window of an IOThread's worker. */
 function pollMaxNs(t: IOThread): number {
-  const v: unknown = (t.worker as unknown as Record<string, unknown>)['pollMaxNs'];
-  return typeof v === 'number' ? v : DEFAULT_POLL_MAX_NS;
+  return t.pollMaxNs;
 }
 
 const queryVersion: QmpCommand = {
