@@ -12,6 +12,7 @@
  * QSD does not.
  */
 import fc from 'fast-check';
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
@@ -283,6 +284,34 @@ describeQsd('QMP protocol: snapstack against qemu-storage-daemon 7.2', () => {
       { numRuns: 1500, seed: 13 },
     );
     await Promise.all([theirs.close(), mine.close()]);
+  });
+
+  it('writes_job_events_byte_for_byte_as_qsd_does', async () => {
+    /** A two-image chain in its own directory (each program locks its images). */
+    const chain = (name: string): { base: string; top: string } => {
+      const d = path.join(dir, name);
+      fs.mkdirSync(d, { recursive: true });
+      const base = path.join(d, 'base.qcow2');
+      const top = path.join(d, 'top.qcow2');
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', base, '1M']);
+      execFileSync('qemu-io', ['-c', 'write -P 7 0 64k', base], { stdio: 'ignore' });
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+      return { base, top };
+    };
+    const events = async (socket: string, files: { top: string }): Promise<string[]> => {
+      const lines: string[] = [];
+      const c = await QmpClient.connect({ path: socket }, { onLine: (l) => l.includes('"event"') && lines.push(l.replace(/"seconds": \d+, "microseconds": \d+/, '"seconds": S, "microseconds": US')) });
+      await c.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'ev-top', file: { driver: 'file', filename: files.top } });
+      await c.execute('block-stream', { device: 'ev-top', 'job-id': 'ev' });
+      await c.waitEvent('JOB_STATUS_CHANGE', (e) => e.data?.['status'] === 'null', 10_000);
+      await c.execute('blockdev-del', { 'node-name': 'ev-top' });
+      await c.close();
+      return lines;
+    };
+    const [theirs, mine] = await Promise.all([events(qsd.socket, chain('qsd-chain')), events(oursSocket, chain('our-chain'))]);
+    expect(theirs.filter((l) => l.includes('JOB_STATUS_CHANGE')).length).toBeGreaterThanOrEqual(5);
+    expect(theirs.some((l) => l.includes('BLOCK_JOB_COMPLETED'))).toBe(true);
+    expect(mine).toEqual(theirs);
   });
 
   it('gives_the_same_replies_to_the_same_bytes', async () => {

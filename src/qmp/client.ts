@@ -32,6 +32,8 @@ export interface QmpClientOptions {
   connectTimeoutMs?: number;
   /** The longest line accepted from the server; a longer one closes the client (default 64 MiB). */
   maxLineBytes?: number;
+  /** Sees every line the server sends, as sent (without CRLF), before it is sorted: for logs and byte-level tests. */
+  onLine?: (line: string) => void;
 }
 
 /** One event as QMP sends it. */
@@ -110,6 +112,7 @@ export class QmpClient {
 
   readonly #stream: Duplex;
   readonly #maxLineBytes: number;
+  readonly #onLineTap: ((line: string) => void) | undefined;
   #chunks: Buffer[] = [];
   #chunkBytes = 0;
   #nextId = 1;
@@ -124,9 +127,10 @@ export class QmpClient {
   #closed = false;
   readonly #closedPromise: Promise<void>;
 
-  private constructor(stream: Duplex, maxLineBytes: number) {
+  private constructor(stream: Duplex, maxLineBytes: number, onLine: ((line: string) => void) | undefined) {
     this.#stream = stream;
     this.#maxLineBytes = maxLineBytes;
+    this.#onLineTap = onLine;
     let onClosed: () => void = () => undefined;
     this.#closedPromise = new Promise<void>((resolve) => {
       onClosed = resolve;
@@ -166,7 +170,7 @@ export class QmpClient {
 
   /** Speaks QMP over an already-connected stream (a socket pair, a child's stdio). */
   static async fromStream(stream: Duplex, opts: QmpClientOptions = {}): Promise<QmpClient> {
-    const client = new QmpClient(stream, opts.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES);
+    const client = new QmpClient(stream, opts.maxLineBytes ?? DEFAULT_MAX_LINE_BYTES, opts.onLine);
     try {
       const line = await client.readRawLine(opts.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS);
       let greeting: unknown;
@@ -348,6 +352,7 @@ export class QmpClient {
   }
 
   #onLine(line: string): void {
+    this.#onLineTap?.(line);
     let msg: unknown = undefined;
     try {
       msg = JSON.parse(line);
