@@ -106,8 +106,10 @@ export const QMP_PROTOCOL_DOC = `## The protocol
 
 A session is one connection (\`snapstack daemon --chardev socket,id=c,path=P,server=on,wait=off
 --monitor chardev=c\`, or \`snapstack monitor -qmp unix:P,server=on,wait=off\`). It goes as with
-qemu-storage-daemon 7.2; test/qmp-qsd-protocol.test.ts sends the same bytes to both and compares
-the replies byte for byte.
+qemu-storage-daemon 7.2; test/qmp-qsd-protocol.test.ts sends the same bytes to both (a fixed
+sequence and 1500 random near-JSON inputs) and compares the replies and event lines byte for byte:
+member order (QEMU writes objects in its hash table's order), escapes, numbers, and which problem
+is named first when a request has several.
 
 1. The server greets: \`{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package":
    "snapstack X.Y.Z"}, "capabilities": ["oob"]}}\`.
@@ -116,9 +118,10 @@ the replies byte for byte.
    "Expecting capabilities negotiation with 'qmp_capabilities'", and no events are sent.
 3. Each request \`{"execute": NAME, "arguments": {...}, "id": ANY}\` gets one reply, \`{"return": ...,
    "id": ANY}\` or \`{"id": ANY, "error": {"class": ..., "desc": ...}}\`; \`id\` is optional and
-   echoed as sent. Requests of one session run one at a time, in order; sessions run side by side.
+   echoed as sent (integers up to 64 bits exactly). Requests of one session run one at a time, in order; sessions run side by side.
 4. Events \`{"timestamp": {"seconds": S, "microseconds": US}, "event": NAME, "data": {...}}\` arrive
-   between replies: JOB_STATUS_CHANGE for every job, the BLOCK_JOB_* events, SHUTDOWN after \`quit\`.
+   between replies: JOB_STATUS_CHANGE for every job, the BLOCK_JOB_* events, SHUTDOWN after \`quit\`
+   (as qemu-system-x86_64 sends it; qemu-storage-daemon sends none).
 5. Every line the server writes ends in CRLF; input need not be lines: \`{...}{...}\` is two requests.
 
 Bad input gets QEMU's replies: JSON errors ("JSON parse error, stray '@'", "... expecting value"),
