@@ -70,7 +70,7 @@ async function clearUnixPath(path: string): Promise<void> {
     st = fs.lstatSync(path);
   } catch (e) {
     if (systemCode(e) === 'ENOENT') return;
-    throw new BlockError(codeForSystemError(systemCode(e)), `Failed to bind socket to ${path}: ${(e as Error).message}`, { file: path, cause: e });
+    throw new BlockError(codeForSystemError(systemCode(e)), `Failed to bind socket to ${path}: ${e instanceof Error ? e.message : String(e)}`, { file: path, cause: e });
   }
   if (!st.isSocket()) {
     throw new BlockError('EINVAL', `Failed to bind socket to ${path}: the file exists and is not a socket (not replacing it)`, { file: path });
