@@ -49,9 +49,10 @@ function cell(s) {
  * Renders docs/qmp.md from the commands of a monitor with a machine (`machineOnly` names those
  * absent from the daemon).
  * @param {readonly import('../src/qmp/types.js').QmpCommand[]} commands
+ * @param {string} protocolDoc the protocol section (src/qmp/server.ts QMP_PROTOCOL_DOC: its limits come from the code)
  * @returns {string}
  */
-export function renderQmpDoc(commands) {
+export function renderQmpDoc(commands, protocolDoc = '') {
   const sorted = [...commands].sort((a, b) => a.name.localeCompare(b.name));
   const lines = [
     '# QMP commands',
@@ -79,6 +80,7 @@ export function renderQmpDoc(commands) {
     '<- {"timestamp": {"seconds": 1796174192, "microseconds": 870645}, "event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}}',
     '```',
     '',
+    ...(protocolDoc === '' ? [] : [protocolDoc.trimEnd(), '', '## The commands', '']),
     `| Command | What it does |`,
     `| --- | --- |`,
   ];
@@ -115,7 +117,9 @@ async function main(argv) {
   }
   /** @type {{ qmpCommands(opts: { machine: boolean }): import('../src/qmp/types.js').QmpCommand[] }} */
   const table = await import(pathToFileURL(built).href);
-  const text = renderQmpDoc(table.qmpCommands({ machine: true }));
+  /** @type {{ QMP_PROTOCOL_DOC: string }} */
+  const server = await import(pathToFileURL(path.join(REPO_ROOT, 'dist', 'qmp', 'server.js')).href);
+  const text = renderQmpDoc(table.qmpCommands({ machine: true }), server.QMP_PROTOCOL_DOC);
   const out = path.join(REPO_ROOT, OUTPUT_PATH);
   const onDisk = fs.existsSync(out) ? fs.readFileSync(out, 'utf8') : null;
   if (check) {

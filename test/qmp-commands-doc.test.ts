@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { renderQmpDoc, typeText } from '../scripts/gen-qmp-doc.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
+import { QMP_PROTOCOL_DOC } from '../src/qmp/server.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -18,7 +19,7 @@ describe('docs/qmp.md', () => {
   it('matches the command table (regenerate with `npm run build && npm run docs:qmp`)', () => {
     const file = path.join(REPO, 'docs', 'qmp.md');
     const onDisk = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
-    expect(onDisk, 'docs/qmp.md is stale: run `npm run build && npm run docs:qmp` and commit the result').toBe(renderQmpDoc(commands));
+    expect(onDisk, 'docs/qmp.md is stale: run `npm run build && npm run docs:qmp` and commit the result').toBe(renderQmpDoc(commands, QMP_PROTOCOL_DOC));
   });
 
   it('has a section for every command, with every argument and its type', () => {

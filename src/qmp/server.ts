@@ -16,13 +16,13 @@
  * - close() stops listening, lets each session's running command finish and send its reply, then
  *   closes every connection.
  */
-import { forwardMachineEvents } from './commands/snapshot-jobs.js';
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import { BlockError, codeForSystemError } from '../block/errors.js';
 import type { Machine } from '../machine/machine.js';
 import { sessionCommands } from './commands/session.js';
+import { forwardMachineEvents } from './commands/snapshot-jobs.js';
 import { onQmpEvent, retainJobEventBridge } from './events.js';
 import { DEFAULT_JSON_LIMITS, formatQmpJson, type JsonStreamLimits } from './json-stream.js';
 import { MAX_OUTPUT_BYTES, MAX_QUEUED_REQUESTS, OUTPUT_HIGH_WATER_BYTES, QmpSession } from './session.js';

@@ -53,13 +53,15 @@ function target(bql: Bql, device: string): { device?: string; node?: string } {
 const blockStreamCommand: QmpCommand = {
   name: 'block-stream',
   doc: "Starts a stream job: the data of the backing chain (down to `base-node`, or all of it) is copied into the device's image while the guest runs; at the end the image's backing file becomes the base. `device` is a backend or a node name; the job id defaults to it.",
+  // in QEMU's order (qapi/block-core.json): arguments are checked in it
   args: [
+    { name: 'job-id', type: 'str', optional: true },
     { name: 'device', type: 'str' },
     { name: 'base', type: 'str', optional: true },
     { name: 'base-node', type: 'str', optional: true },
     { name: 'backing-file', type: 'str', optional: true },
     { name: 'bottom', type: 'str', optional: true },
-    ...JOB_ARGS,
+    ...JOB_ARGS.filter((f) => f.name !== 'job-id'),
   ],
   example: { args: { device: 'disk0', 'job-id': 'stream0' }, returns: {} },
   run: (_ctx, args) =>
