@@ -36,6 +36,7 @@ export async function main(argv: string[]): Promise<number> {
         return await monitorMain(rest, out, err);
       case 'daemon':
         return await daemonMain(rest, out, err);
+      case 'nbd': return await (await import('./nbd.js')).nbdMain(rest, out, err);
       case '--help':
       case '-h':
         out(USAGE);

@@ -1,0 +1,125 @@
+/**
+ * A bounded byte reader over a stream socket, for the NBD server's two phases (handshake and
+ * transmission). Common code: main loop only, no lock.
+ *
+ * `read(n)` resolves with exactly n bytes, or null once the peer has closed (or the reader was
+ * cancelled) before n bytes arrived. Memory is bounded: the socket is paused as soon as more than
+ * `highWaterBytes` are buffered beyond what the pending read needs, so a client that floods us
+ * with requests is held back by TCP, not by our heap. `skip(n)` discards n bytes in slices and
+ * never holds more than one slice.
+ */
+import type { Socket } from 'node:net';
+
+interface Waiter {
+  n: number;
+  resolve: (b: Buffer | null) => void;
+}
+
+/** Reads exact byte counts from a socket, with backpressure. */
+export class SocketReader {
+  readonly #chunks: Buffer[] = [];
+  #buffered = 0;
+  #waiter: Waiter | null = null;
+  #ended = false;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly highWaterBytes = 4 * 1024 * 1024,
+  ) {
+    socket.on('data', (d: Buffer) => {
+      if (this.#ended) return;
+      this.#chunks.push(d);
+      this.#buffered += d.length;
+      this.wake();
+      if (this.#buffered > this.highWaterBytes + (this.#waiter?.n ?? 0)) socket.pause();
+    });
+    const end = (): void => this.cancel();
+    socket.on('end', end);
+    socket.on('close', end);
+    socket.on('error', end);
+  }
+
+  /** Bytes received and not yet consumed. */
+  get buffered(): number {
+    return this.#buffered;
+  }
+
+  /** True once the peer closed or the reader was cancelled. */
+  get ended(): boolean {
+    return this.#ended;
+  }
+
+  /** Ends the reader: a pending and every later read resolves with null. */
+  cancel(): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    this.#chunks.length = 0;
+    this.#buffered = 0;
+    const w = this.#waiter;
+    this.#waiter = null;
+    w?.resolve(null);
+  }
+
+  /** Exactly `n` bytes, or null when the stream ends first. One read at a time. */
+  read(n: number): Promise<Buffer | null> {
+    if (this.#waiter !== null) throw new Error('SocketReader: a read is already pending');
+    if (this.#ended) return Promise.resolve(null);
+    if (this.#buffered >= n) return Promise.resolve(this.take(n));
+    return new Promise<Buffer | null>((resolve) => {
+      this.#waiter = { n, resolve };
+      this.socket.resume();
+    });
+  }
+
+  /** Discards `n` bytes; false when the stream ended first. */
+  async skip(n: number): Promise<boolean> {
+    const slice = 1024 * 1024;
+    for (let left = n; left > 0; ) {
+      const step = Math.min(left, slice);
+      if ((await this.read(step)) === null) return false;
+      left -= step;
+    }
+    return true;
+  }
+
+  private wake(): void {
+    const w = this.#waiter;
+    if (w === null || this.#buffered < w.n) return;
+    this.#waiter = null;
+    w.resolve(this.take(w.n));
+  }
+
+  /** Removes the first `n` buffered bytes (zero-copy when they lie in one chunk). */
+  private take(n: number): Buffer {
+    this.#buffered -= n;
+    const first = this.#chunks[0];
+    if (first !== undefined && first.length >= n) {
+      if (first.length === n) this.#chunks.shift();
+      else this.#chunks[0] = first.subarray(n);
+      this.maybeResume();
+      return first.subarray(0, n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    let at = 0;
+    while (at < n) {
+      const c = this.#chunks[0];
+      if (c === undefined) throw new Error('SocketReader: buffered count out of step with chunks');
+      const want = n - at;
+      if (c.length <= want) {
+        out.set(c, at);
+        at += c.length;
+        this.#chunks.shift();
+      } else {
+        out.set(c.subarray(0, want), at);
+        this.#chunks[0] = c.subarray(want);
+        at += want;
+      }
+    }
+    this.maybeResume();
+    return out;
+  }
+
+  private maybeResume(): void {
+    if (this.#buffered <= this.highWaterBytes && this.socket.isPaused()) this.socket.resume();
+  }
+}
