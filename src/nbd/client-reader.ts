@@ -79,9 +79,10 @@ export class SocketReader {
 
   /** The next `n` bytes as a Buffer (a view when they lie in one chunk). */
   async read(n: number): Promise<Buffer> {
+    if (n === 0) return Buffer.alloc(0);
     await this.waitFor(n);
-    const c = this.chunks[0] as Buffer;
-    if (c.length - this.head >= n) {
+    const c = this.chunks[0];
+    if (c !== undefined && c.length - this.head >= n) {
       const out = c.subarray(this.head, this.head + n);
       this.consume(n);
       return out;
