@@ -11,6 +11,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { withBql } from '../src/block/bql.js';
+import { withDrained } from '../src/block/drain.js';
 import { openImage, type Image } from '../src/image.js';
 import * as P from '../src/nbd/protocol.js';
 import { NbdServer } from '../src/nbd/server.js';
@@ -352,6 +354,82 @@ describeInterop('NBD server: real clients and bad peers', () => {
     const [bs] = await s.chunks();
     expect(P.decodeBlockStatus(bs?.data ?? Buffer.alloc(4)).extents).toEqual([{ length: 65536, flags: 0 }]);
     s.end();
+  });
+
+  it('answers a write with a simple reply and the other commands as the spec says', async () => {
+    const c = await RawClient.connect(sock);
+    const { flags } = await c.go('disk', true);
+    const want = P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO | P.NBD_FLAG_CAN_MULTI_CONN | P.NBD_FLAG_SEND_DF;
+    expect(flags & want).toBe(want);
+    expect(flags & P.NBD_FLAG_READ_ONLY).toBe(0);
+    const base = 48 * MiB;
+    c.request(P.NBD_CMD_WRITE, base, 128 * 1024, 1n, P.NBD_CMD_FLAG_FUA, Buffer.alloc(128 * 1024, 0x77));
+    expect((await c.simpleReply()).error).toBe(0);
+    expect(Buffer.from(await rwImg.read(base, 128 * 1024)).every((b) => b === 0x77)).toBe(true);
+    // FAST_ZERO on data: refused (we cannot promise it is fast), the data stays
+    c.request(P.NBD_CMD_WRITE_ZEROES, base, 65536, 2n, P.NBD_CMD_FLAG_FAST_ZERO);
+    expect((await c.chunks()).map((ch) => [ch.type, P.decodeErrorChunk(ch.type, ch.data).error])).toEqual([[P.NBD_REPLY_TYPE_ERROR, P.NBD_ENOTSUP]]);
+    expect((await rwImg.read(base, 1))[0]).toBe(0x77);
+    c.request(P.NBD_CMD_WRITE_ZEROES, base, 65536, 3n, P.NBD_CMD_FLAG_NO_HOLE);
+    expect((await c.simpleReply()).error).toBe(0);
+    c.request(P.NBD_CMD_WRITE_ZEROES, base + 65536, 65536, 4n);
+    expect((await c.simpleReply()).error).toBe(0);
+    expect(Buffer.from(await rwImg.read(base, 128 * 1024)).every((b) => b === 0)).toBe(true);
+    // FAST_ZERO on a range that already reads as zeros: nothing to do, so it is fast
+    c.request(P.NBD_CMD_WRITE_ZEROES, base, 65536, 5n, P.NBD_CMD_FLAG_FAST_ZERO);
+    expect((await c.simpleReply()).error).toBe(0);
+    c.request(P.NBD_CMD_BLOCK_STATUS, base, 128 * 1024, 6n);
+    const [bs] = await c.chunks();
+    const ext = P.decodeBlockStatus(bs?.data ?? Buffer.alloc(4));
+    expect(ext.contextId).toBe(1);
+    expect(ext.extents.every((e) => (e.flags & P.NBD_STATE_ZERO) !== 0)).toBe(true);
+    expect(ext.extents.reduce((n, e) => n + e.length, 0)).toBe(128 * 1024);
+    c.request(P.NBD_CMD_TRIM, base, 65536, 7n);
+    expect((await c.simpleReply()).error).toBe(0);
+    // an error over structured replies carries a message
+    c.request(P.NBD_CMD_READ, 64 * MiB, 1, 8n);
+    const [err] = await c.chunks();
+    const e = P.decodeErrorChunk(err?.type ?? 0, err?.data ?? Buffer.alloc(6));
+    expect(e.error).toBe(P.NBD_EINVAL);
+    expect(e.message).toContain('runs past the end');
+    c.request(P.NBD_CMD_CACHE, 0, 4096, 9n);
+    expect(P.decodeErrorChunk(P.NBD_REPLY_TYPE_ERROR, (await c.chunks())[0]?.data ?? Buffer.alloc(6)).error).toBe(P.NBD_EINVAL);
+    c.end();
+  });
+
+  it('refuses BLOCK_STATUS without a meta context, and an oversized WRITE after throwing its payload away', async () => {
+    const c = await RawClient.connect(sock);
+    await c.go('disk');
+    c.request(P.NBD_CMD_BLOCK_STATUS, 0, 4096, 1n);
+    expect((await c.simpleReply()).error).toBe(P.NBD_EINVAL);
+    const big = 33 * MiB;
+    c.request(P.NBD_CMD_WRITE, 0, big, 2n, 0, Buffer.alloc(big, 0x99));
+    expect((await c.simpleReply()).error).toBe(P.NBD_EINVAL);
+    expect((await rwImg.read(0, 1))[0]).not.toBe(0x99);
+    // the stream is still in step: the next request is understood
+    c.request(P.NBD_CMD_READ, 0, 512, 3n);
+    expect((await c.simpleReply(512)).cookie).toBe(3n);
+    c.end();
+  });
+
+  it('holds export requests while the node is drained and answers them after', async () => {
+    const c = await RawClient.connect(sock);
+    await c.go('disk');
+    const root = rwImg.backend.root;
+    if (root === null) throw new Error('no root');
+    let answered = false;
+    await withBql((bql) =>
+      withDrained(bql, root, async () => {
+        c.request(P.NBD_CMD_READ, 0, 4096, 1n);
+        void c.simpleReply(4096).then(() => (answered = true));
+        await new Promise((r) => setTimeout(r, 100));
+        expect(answered).toBe(false);
+        expect(rwImg.backend.queuedCount).toBe(1);
+      }),
+    );
+    for (let i = 0; i < 100 && !answered; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(answered).toBe(true);
+    c.end();
   });
 
   it('serves 100 connections at once, each reading what the block layer holds', async () => {
