@@ -567,3 +567,89 @@ describeInterop('snapstack nbd (the command)', () => {
     expect(r.stderr).toContain('--fork is not supported');
   });
 });
+
+describeInterop('NBD server: connection limits, timeouts and shutdown', () => {
+  let dir: string;
+  let img: Image;
+  beforeAll(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-nbd-life-'));
+    img = await openImage('driver=memory,size=16M', { name: 'nbd.life' });
+  });
+  afterAll(async () => {
+    await img.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('with maxConnections 1 a second client waits until the first leaves, then is served', async () => {
+    const sock = path.join(dir, 'one.sock');
+    const server = new NbdServer({ exports: [{ name: '', backend: img.backend }], maxConnections: 1 });
+    await server.listen({ type: 'unix', path: sock });
+    try {
+      const a = await RawClient.connect(sock);
+      await a.go('');
+      const b = await RawClient.connect(sock);
+      let greeted = false;
+      const hello = b.hello().then(() => (greeted = true));
+      await new Promise((r) => setTimeout(r, 100));
+      expect(greeted).toBe(false);
+      expect(server.connectionCount).toBe(1);
+      a.request(P.NBD_CMD_DISC, 0, 0, 0n);
+      await hello;
+      expect(greeted).toBe(true);
+      b.end();
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('drops a client that does not finish the handshake in time', async () => {
+    const sock = path.join(dir, 'slow.sock');
+    const server = new NbdServer({ exports: [{ name: '', backend: img.backend }], handshakeTimeoutMs: 200 });
+    await server.listen({ type: 'unix', path: sock });
+    try {
+      const c = await RawClient.connect(sock);
+      await c.bytes(P.NBD_GREETING_SIZE);
+      expect(await c.waitClosed(3000)).toBe(true);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('listens on TCP (127.0.0.1, a free port) for qemu-img', async () => {
+    const server = new NbdServer({ exports: [{ name: 'tcp', backend: img.backend }] });
+    const addr = await server.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
+    try {
+      if (typeof addr === 'string') throw new Error('expected a TCP address');
+      const info = JSON.parse(await tool('qemu-img', ['info', '--output=json', `nbd://127.0.0.1:${addr.port}/tcp`])) as { 'virtual-size': number };
+      expect(info['virtual-size']).toBe(16 * MiB);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('close() answers the requests in flight before closing the connection, and removes the socket', async () => {
+    const sock = path.join(dir, 'close.sock');
+    const server = new NbdServer({ exports: [{ name: '', backend: img.backend }] });
+    await server.listen({ type: 'unix', path: sock });
+    const c = await RawClient.connect(sock);
+    await c.go('');
+    const root = img.backend.root;
+    if (root === null) throw new Error('no root');
+    // hold the write in the drain queue so that it is in flight when close() begins
+    let closing: Promise<void> | null = null;
+    await withBql((bql) =>
+      withDrained(bql, root, async () => {
+        c.request(P.NBD_CMD_WRITE, 0, 4096, 5n, 0, Buffer.alloc(4096, 0x31));
+        for (let i = 0; i < 100 && img.backend.queuedCount === 0; i++) await new Promise((r) => setTimeout(r, 5));
+        expect(img.backend.queuedCount).toBe(1);
+        closing = server.close();
+      }),
+    );
+    const r = await c.simpleReply();
+    expect(r).toMatchObject({ error: 0, cookie: 5n });
+    await closing;
+    expect(await c.waitClosed()).toBe(true);
+    expect(fs.existsSync(sock)).toBe(false);
+    expect((await img.read(0, 1))[0]).toBe(0x31);
+  });
+});
