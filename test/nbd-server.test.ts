@@ -432,6 +432,27 @@ describeInterop('NBD server: real clients and bad peers', () => {
     c.end();
   });
 
+  it('a client that shuts its write side after its requests still gets every reply', async () => {
+    const c = await RawClient.connect(sock);
+    await c.go('ro');
+    const root = roImg.backend.root;
+    if (root === null) throw new Error('no root');
+    // the reads wait in the drain queue until well after the server has seen the end of input
+    await withBql((bql) =>
+      withDrained(bql, root, async () => {
+        for (let i = 0; i < 8; i++) c.request(P.NBD_CMD_READ, i * 65536, 65536, BigInt(i));
+        c.socket.end();
+        await new Promise((r) => setTimeout(r, 100));
+      }),
+    );
+    for (let i = 0; i < 8; i++) {
+      const r = await c.simpleReply(65536);
+      expect(r.error).toBe(0);
+      expect(r.data.every((b) => b === 0x5a)).toBe(true);
+    }
+    expect(await c.waitClosed()).toBe(true);
+  });
+
   it('serves 100 connections at once, each reading what the block layer holds', async () => {
     const expected = Buffer.from(await rwImg.read(0, 65536));
     const clients = await Promise.all(Array.from({ length: 100 }, () => RawClient.connect(sock)));

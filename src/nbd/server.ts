@@ -129,7 +129,8 @@ export class NbdServer extends EventEmitter {
   /** Starts listening; resolves with the bound address (the port, when 0 was asked for). */
   async listen(addr: NbdListenAddress): Promise<net.AddressInfo | string> {
     if (this.#server !== null) throw new BlockError('EBUSY', 'the NBD server is already listening', { op: 'nbd-server-start' });
-    const server = net.createServer({ pauseOnConnect: true }, (s) => this.accept(s));
+    // half-open: a client that shuts its write side after its last request still gets the replies
+    const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (s) => this.accept(s));
     server.on('error', (e) => this.log(`nbd: listener error: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
       const fail = (e: NodeJS.ErrnoException): void => reject(new BlockError(e.code === 'EADDRINUSE' ? 'EBUSY' : 'EIO', `Failed to listen on ${describe(addr)}: ${e.message}`, { op: 'nbd-server-start', cause: e }));
