@@ -260,6 +260,35 @@ describeInterop('NBD server: real clients and bad peers', () => {
     expect(await c.waitClosed()).toBe(true);
   });
 
+  it('NBD_OPT_EXPORT_NAME answers size and flags, with the 124 zero bytes only for a client without NO_ZEROES', async () => {
+    for (const noZeroes of [true, false]) {
+      const c = await RawClient.connect(sock);
+      await c.hello(P.NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? P.NBD_FLAG_C_NO_ZEROES : 0));
+      c.socket.write(P.encodeOption(P.NBD_OPT_EXPORT_NAME, Buffer.from('ro')));
+      const r = await c.bytes(P.NBD_EXPORT_NAME_REPLY_SIZE + (noZeroes ? 0 : P.NBD_EXPORT_NAME_ZEROES));
+      expect(Number(r.readBigUInt64BE(0))).toBe(MiB);
+      expect(r.readUInt16BE(8) & P.NBD_FLAG_READ_ONLY).toBe(P.NBD_FLAG_READ_ONLY);
+      expect(r.subarray(10).every((b) => b === 0)).toBe(true);
+      // the next bytes are the reply to a request, not more padding
+      c.request(P.NBD_CMD_READ, 0, 16, 77n);
+      const rep = await c.simpleReply(16);
+      expect(rep.cookie).toBe(77n);
+      expect(rep.data.every((b) => b === 0x5a)).toBe(true);
+      c.end();
+    }
+    // an unknown name can only be refused by hanging up
+    const u = await RawClient.connect(sock);
+    await u.hello();
+    u.socket.write(P.encodeOption(P.NBD_OPT_EXPORT_NAME, Buffer.from('nope')));
+    expect(await u.waitClosed()).toBe(true);
+  });
+
+  it('closes a connection whose client flags hold unknown bits', async () => {
+    const c = await RawClient.connect(sock);
+    await c.hello(P.NBD_FLAG_C_FIXED_NEWSTYLE | 0x80);
+    expect(await c.waitClosed()).toBe(true);
+  });
+
   it('refuses an oversized option with ERR_TOO_BIG and drops the connection', async () => {
     const c = await RawClient.connect(sock);
     await c.hello();
