@@ -5,6 +5,7 @@
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 import { SKIP_REPORT } from './helpers/qemu.js';
@@ -97,4 +98,35 @@ export function firstDifference(a: Uint8Array, b: Uint8Array): number {
   const n = Math.min(a.length, b.length);
   for (let i = 0; i < n; i++) if (a[i] !== b[i]) return i;
   return a.length === b.length ? -1 : n;
+}
+
+/** qemu-nbd on TCP 127.0.0.1:`port` serving `file` (raw) as export `name`; resolves once it accepts connections. */
+export async function startQemuNbdTcp(file: string, name: string, port: number): Promise<ServerProcess> {
+  const proc = spawn('qemu-nbd', ['-b', '127.0.0.1', '-p', String(port), '-f', 'raw', '-x', name, '-t', file], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  proc.stderr?.on('data', (b: Buffer) => (err += b.toString()));
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`qemu-nbd exited with ${proc.exitCode}: ${err}`);
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect({ host: '127.0.0.1', port }, () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.on('error', () => resolve(false));
+    });
+    if (ok) break;
+    if (Date.now() > deadline) throw new Error(`qemu-nbd did not listen on port ${port} within 10 s: ${err}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return {
+    socket: `127.0.0.1:${port}`,
+    proc,
+    async stop(): Promise<void> {
+      if (proc.exitCode !== null || proc.signalCode !== null) return;
+      const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+      proc.kill('SIGTERM');
+      await exited;
+    },
+  };
 }

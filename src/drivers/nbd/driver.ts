@@ -194,10 +194,14 @@ class NbdInstance implements BlockDriverInstance {
   }
 }
 
-/** The `nbd` protocol driver. */
-export const nbdDriver: BlockDriver = {
+/**
+ * The `nbd` protocol driver. `protocolNames` are the file-name prefixes that select it (QEMU's
+ * protocol_name: nbd, nbd+tcp, nbd+unix), for the block layer's file-name lookup.
+ */
+export const nbdDriver: BlockDriver & { readonly protocolNames: readonly string[] } = {
   formatName: 'nbd',
   kind: 'protocol',
+  protocolNames: ['nbd', 'nbd+tcp', 'nbd+unix'],
   /**
    * Connects to the server and negotiates the export; a writable node needs a writable export.
    * @locking global-state
