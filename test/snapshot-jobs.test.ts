@@ -23,6 +23,7 @@ import { createQcow2File } from '../src/drivers/qcow2/create.js';
 import { openImage } from '../src/image.js';
 import { Machine } from '../src/machine/machine.js';
 import { loadVmLocked, saveVm, saveVmLocked } from '../src/machine/savevm.js';
+import { machineCommands } from '../src/qmp/commands/machine.js';
 import { forwardMachineEvents, snapshotJobCommands } from '../src/qmp/commands/snapshot-jobs.js';
 import { onQmpEvent } from '../src/qmp/events.js';
 import { faultSwitch } from './helpers/faulty-driver.js';
@@ -375,6 +376,73 @@ describe('machine events over QMP', () => {
       expect(seen.length, 'no events once every bridge is released').toBe(n);
     } finally {
       off();
+      await withBql((bql) => m.shutdown(bql));
+    }
+  });
+});
+
+describe('stop, cont and query-status over QMP', () => {
+  it('stop flushes every disk: another program reading the image right after it sees what the guest wrote', async () => {
+    const m = await machine(['f0'], 4 * MiB);
+    try {
+      await waitForWrites(m, 200);
+      const ctx = { ...ctxOf(m), commands: machineCommands };
+      const run = (name: string) => (machineCommands.find((c) => c.name === name) as (typeof machineCommands)[number]).run(ctx, {});
+      await run('stop');
+      expect(await run('query-status')).toEqual({ status: 'paused', singlestep: false, running: false });
+      // what the guest sees, read through our stack, against what qemu-img reads from the file
+      const disk = m.disks[0];
+      if (disk === undefined) throw new Error('no disk');
+      const raw = path.join(dir, 'f0-view.raw');
+      const buf = new Uint8Array(64 * MiB);
+      await blkPread(disk.blk, 0, buf);
+      fs.writeFileSync(raw, buf);
+      const r = qemuStatus('qemu-img', ['compare', '-U', '-f', 'qcow2', '-F', 'raw', path.join(dir, 'f0.qcow2'), raw]);
+      if (r.status !== -1 || process.env['CI'] === 'true') expect(r.stdout + r.stderr).toContain('Images are identical');
+      await run('cont');
+      expect(await run('query-status')).toEqual({ status: 'running', singlestep: false, running: true });
+    } finally {
+      await withBql((bql) => m.shutdown(bql));
+    }
+  });
+
+  it('a stop during a snapshot job is honoured when the job ends (the job does not resume the machine)', async () => {
+    const m = await machine(['h0'], 8 * MiB);
+    try {
+      const node = m.disks[0]?.node.nodeName ?? '';
+      await qmp(m, 'snapshot-save', { 'job-id': 'h', tag: 'h', vmstate: node, devices: [node] });
+      const job = await withBql((bql) => findJob(bql, 'h'));
+      await withBql((bql) => job.pause(bql));
+      while (job.status !== 'paused') await sleep(1);
+      const ctx = { ...ctxOf(m), commands: machineCommands };
+      const run = (name: string) => (machineCommands.find((c) => c.name === name) as (typeof machineCommands)[number]).run(ctx, {});
+      await expect(run('cont')).rejects.toThrow(/savevm 'h' is running/);
+      await run('stop');
+      await withBql((bql) => job.resume(bql));
+      expect(await concluded('h')).toBeNull();
+      await dismiss('h');
+      expect(m.runState, 'the user stopped it during the job').toBe('paused');
+      await run('cont');
+      expect(m.runState).toBe('running');
+      // without a stop, the job resumes the machine it stopped
+      await qmp(m, 'snapshot-save', { 'job-id': 'h2', tag: 'h2', vmstate: node, devices: [node] });
+      expect(await concluded('h2')).toBeNull();
+      await dismiss('h2');
+      expect(m.runState).toBe('running');
+    } finally {
+      await withBql((bql) => m.shutdown(bql));
+    }
+  });
+
+  it('job ids must be well formed, as QEMU\'s', async () => {
+    const m = await machine(['i0'], 4 * MiB, false);
+    try {
+      const node = m.disks[0]?.node.nodeName ?? '';
+      for (const id of ['a b', '1x', '-x']) await expect(qmp(m, 'snapshot-delete', { 'job-id': id, tag: 't', devices: [node] })).rejects.toThrow(`Invalid job ID '${id}'`);
+      await qmp(m, 'snapshot-save', { 'job-id': 'e', tag: 't', vmstate: node, devices: [] });
+      expect(await concluded('e')).toBe('At least one device is required for snapshot');
+      await dismiss('e');
+    } finally {
       await withBql((bql) => m.shutdown(bql));
     }
   });

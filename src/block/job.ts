@@ -371,6 +371,8 @@ export class Job {
 export function jobStart(bql: Bql, id: string, type: string, driver: JobDriver, opts: JobOptions = {}): Job {
   assertBql(bql, 'job-start');
   if (id === '') throw new BlockError('EINVAL', 'A job needs an id', { op: 'job-start', field: 'job-id' });
+  // QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'
+  if (!/^[A-Za-z][A-Za-z0-9._-]*$/.test(id)) throw new BlockError('EINVAL', `Invalid job ID '${id}'`, { op: 'job-start', field: 'job-id', value: id });
   if (jobs.has(id)) throw new BlockError('EBUSY', `Job ID '${id}' already in use`, { op: 'job-start', field: 'job-id', value: id });
   const nodes = opts.nodes ?? [];
   for (const node of nodes) refuseIfSnapshotClaimed(node, `job '${id}'`);

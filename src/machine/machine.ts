@@ -102,6 +102,8 @@ export class Machine {
   private intentStore: IntentStore | null = null;
   /** Holds that keep the machine stopped (holdPaused): cont is refused while there is one. */
   private readonly pauseHolds = new Set<{ reason: string }>();
+  /** A user's stop while a hold was active (see stop). */
+  private stopRequested = false;
   private readonly runStateListeners = new Set<(state: RunState) => void>();
   private readonly ioErrorListeners = new Set<(e: GuestIoError) => void>();
   /** What the start-up recovery did, until taken (reported once). */
@@ -284,11 +286,26 @@ export class Machine {
   /**
    * Pauses the vCPUs: returns once every vCPU sits in its pause and no guest request is in
    * flight (a request a vCPU had queued completes first: it is neither lost nor run twice).
+   * Then, as QEMU's vm_stop, flushes every writable disk, so that a stopped machine's images on
+   * disk hold everything the guest wrote (a copy taken now is consistent); a failed flush is
+   * thrown (the machine stays stopped). `flush: false` for the snapshot operations, whose commit
+   * writes the disks out itself. A stop while a snapshot operation holds the machine stopped is
+   * remembered: the operation then leaves it stopped.
    * @locking global-state
    */
-  async stop(bql: Bql): Promise<void> {
+  async stop(bql: Bql, opts: { flush?: boolean } = {}): Promise<void> {
     assertBql(bql, 'stop');
-    if (this.state === 'paused') return;
+    if (this.state === 'paused') {
+      if (this.pauseHolds.size > 0) {
+        // a snapshot operation holds the machine and drains its disks: a flush now would wait for
+        // its sections while this BQL holder keeps it from finishing; the stop (and its flush)
+        // takes effect when the operation lets the machine go
+        if (opts.flush !== false) this.stopRequested = true;
+        return;
+      }
+      if (opts.flush !== false) await this.flushDisks();
+      return;
+    }
     Atomics.store(this.control, CTL_RUN_STATE, STOP);
     Atomics.notify(this.control, CTL_RUN_STATE);
     for (let i = 0; i < this.workers.length; i++) {
@@ -301,6 +318,37 @@ export class Machine {
     this.vmClockBase = this.vmClockNsec;
     this.state = 'paused';
     this.announceRunState();
+    if (opts.flush !== false) await this.flushDisks();
+  }
+
+  /**
+   * Flushes every writable disk; the first failure is thrown after all were tried.
+   * @locking global-state
+   */
+  async flushDisks(bql?: Bql): Promise<void> {
+    if (bql !== undefined) assertBql(bql, 'flushDisks');
+    let first: unknown = null;
+    for (const d of this.disks) {
+      if (d.readOnly) continue;
+      try {
+        await blkFlush(d.blk);
+      } catch (e) {
+        first ??= e;
+      }
+    }
+    if (first !== null) throw first;
+  }
+
+  /**
+   * True once (and then false) when a user's stop came while a snapshot operation held the
+   * machine stopped: the operation must not resume it.
+   * @locking global-state
+   */
+  takeStopRequest(bql: Bql): boolean {
+    assertBql(bql, 'takeStopRequest');
+    const r = this.stopRequested;
+    this.stopRequested = false;
+    return r;
   }
 
   /**
@@ -441,7 +489,7 @@ export class Machine {
    */
   async checkGuest(bql: Bql): Promise<GuestCounters & { checked: number; mismatches: Array<{ disk: string; block: number }> }> {
     const wasRunning = this.state === 'running';
-    await this.stop(bql);
+    await this.stop(bql, { flush: false });
     try {
       const v = await this.verifyDisks();
       return { ...this.guestCounters(), ...v };

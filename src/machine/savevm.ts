@@ -136,7 +136,7 @@ function chosenDisks(m: Machine, devices: readonly string[] | undefined): GroupD
     if (d === undefined) throw new BlockError('ENOENT', `No block device node '${name}'`, { node: name, field: 'devices' });
     if (!out.includes(d)) out.push(d);
   }
-  if (out.length === 0) throw new BlockError('EINVAL', 'devices: the list of disks is empty', { field: 'devices' });
+  if (out.length === 0) throw new BlockError('EINVAL', 'At least one device is required for snapshot', { field: 'devices' });
   return out;
 }
 
@@ -394,7 +394,8 @@ interface HeldMachine {
 /** Stops the vCPUs, keeps them stopped and drains the machine's disks (one global-state step). */
 async function holdMachine(bql: Bql, m: Machine, disks: GroupDisk[], what: string): Promise<HeldMachine> {
   const wasRunning = m.runState === 'running';
-  await m.stop(bql);
+  await m.stop(bql, { flush: false });
+  m.takeStopRequest(bql); // a stop from before this operation is not one made during it
   const release = m.holdPaused(bql, what);
   try {
     const drained = await drainedBeginSet(bql, disks.map((d) => d.node));
@@ -407,10 +408,13 @@ async function holdMachine(bql: Bql, m: Machine, disks: GroupDisk[], what: strin
 }
 
 /** Ends what holdMachine began: the drained sections, the hold, and resumes a machine that ran. */
-function letMachineGo(bql: Bql, m: Machine, h: HeldMachine): void {
+async function letMachineGo(bql: Bql, m: Machine, h: HeldMachine): Promise<void> {
   drainedEndSet(bql, h.drained);
   h.release();
-  resume(bql, m, h.wasRunning);
+  // a user's stop during the operation is honoured now: the machine stays stopped and its disks
+  // are flushed (as QEMU runs the stop after the operation)
+  if (m.takeStopRequest(bql)) await m.flushDisks(bql);
+  else resume(bql, m, h.wasRunning);
 }
 
 async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, opts: VmSnapshotOptions): Promise<SavevmResult> {
@@ -432,7 +436,7 @@ async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, o
       const older = await runInDrainedSection(bql, held.drained, () => bdrvAllFindSnapshots(bql, held.disks, name));
       return { held, vmDisk, olderAll: [...older.values()].flat(), layout: m.saveStateLayout(bql) };
     } catch (e) {
-      letMachineGo(bql, m, held);
+      await letMachineGo(bql, m, held);
       throw e;
     }
   });
@@ -589,7 +593,7 @@ async function loadVmWith(steps: VmSteps, m: Machine, tag: string, opts: VmSnaps
       const reverted = await runInDrainedSection(bql, held.drained, () => revertDisks(bql, held.drained, m, writableOf(disks), tag, byDisk));
       return { held, vmDisk, sn, reverted };
     } catch (e) {
-      letMachineGo(bql, m, held);
+      await letMachineGo(bql, m, held);
       throw e;
     }
   });

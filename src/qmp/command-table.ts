@@ -8,11 +8,12 @@ import { blockJobVerbCommands, jobCommands } from './commands/jobs.js';
 import { miscCommands } from './commands/misc.js';
 import { sessionCommands } from './commands/session.js';
 import { snapshotJobCommands } from './commands/snapshot-jobs.js';
+import { machineCommands } from './commands/machine.js';
 import { transactionCommands } from './commands/transaction.js';
 import type { QmpCommand } from './types.js';
 
 /** The commands of a monitor; those that need a machine are left out where there is none. */
 export function qmpCommands(opts: { machine: boolean }): QmpCommand[] {
-  const all: QmpCommand[] = [...sessionCommands, ...miscCommands, ...blockCommands, ...jobCommands, ...blockJobCommands, ...blockJobVerbCommands, ...transactionCommands, ...snapshotJobCommands];
+  const all: QmpCommand[] = [...sessionCommands, ...miscCommands, ...blockCommands, ...jobCommands, ...blockJobCommands, ...blockJobVerbCommands, ...transactionCommands, ...snapshotJobCommands, ...machineCommands];
   return all.filter((c) => opts.machine || c.needsMachine !== true);
 }

@@ -132,7 +132,8 @@ const queryJobs: QmpCommand = {
   doc: "Lists the jobs that exist (not yet dismissed) as QEMU's JobInfo: id, type, status, current-progress, total-progress, and error once one failed.",
   args: [],
   example: { returns: [{ id: 'job0', type: 'stream', status: 'running', 'current-progress': 524288, 'total-progress': 67108864 }] },
-  run: () => qmpErrors(() => withBql((bql) => listJobs(bql).map(jobInfo))),
+  // newest first, as QEMU lists them
+  run: () => qmpErrors(() => withBql((bql) => listJobs(bql).reverse().map(jobInfo))),
 };
 
 const queryBlockJobs: QmpCommand = {
@@ -140,7 +141,7 @@ const queryBlockJobs: QmpCommand = {
   doc: "Lists the block jobs (stream, commit) as QEMU's BlockJobInfo: device (the job id), type, len, offset, busy, paused, speed, io-status, ready, status, auto-finalize, auto-dismiss.",
   args: [],
   example: { returns: [{ type: 'stream', device: 'job0', len: 67108864, offset: 524288, busy: true, paused: false, speed: 0, 'io-status': 'ok', ready: false, status: 'running', 'auto-finalize': true, 'auto-dismiss': true }] },
-  run: () => qmpErrors(() => withBql((bql) => listJobs(bql).filter((j) => BLOCK_JOB_TYPES.has(j.type)).map(blockJobInfo))),
+  run: () => qmpErrors(() => withBql((bql) => listJobs(bql).reverse().filter((j) => BLOCK_JOB_TYPES.has(j.type)).map(blockJobInfo))),
 };
 
 /** The states in which QEMU's set-speed verb is accepted. */

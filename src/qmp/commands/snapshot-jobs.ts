@@ -42,6 +42,7 @@ function deviceList(args: QmpObject): string[] {
  * the VM-state disk among them; QEMU's texts when one is not there.
  */
 function resolveDisks(m: Machine, devices: readonly string[], vmstate: string | null): { devices: string[]; vmstate?: string } {
+  if (devices.length === 0) throw new BlockError('EINVAL', 'At least one device is required for snapshot', { field: 'devices' });
   const idOf = (name: string): string | undefined => m.disks.find((d) => d.node.nodeName === name || d.id === name)?.id;
   const ids: string[] = [];
   for (const name of devices) {
@@ -63,8 +64,11 @@ function startSnapshotJob(bql: Bql, id: string, type: string, work: (job: Job) =
     type,
     {
       run: async (job) => {
-        await work(job);
-        if (job.progress.total === 0) job.setProgress(1, 1); // as QEMU's: 1 of 1 once done
+        try {
+          await work(job);
+        } finally {
+          if (job.progress.total === 0) job.setProgress(1, 1); // as QEMU's: 1 of 1 once done, failed or not
+        }
       },
     },
     { autoDismiss: false },
