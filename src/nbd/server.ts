@@ -36,6 +36,7 @@ import { blkFlush, blkGetLength, blkPdiscard, blkPread, blkPwrite, blkPwriteZero
 import { BlockError, isBlockError } from '../block/errors.js';
 import { exportExtents } from './extents.js';
 import * as P from './protocol.js';
+import { MIN_POOLED_BYTES, SharedBufferPool } from './buffer-pool.js';
 import { SocketReader } from './socket-reader.js';
 
 /** The largest option payload accepted during the handshake. */
@@ -95,6 +96,8 @@ export class NbdServer extends EventEmitter {
   readonly maxInFlight: number;
   readonly handshakeTimeoutMs: number;
   readonly log: (line: string) => void;
+  /** Shared-memory buffers for large reads and writes (no staging copy in the IOThread pool). */
+  readonly pool = new SharedBufferPool();
 
   /** Makes a server for `opts.exports`; call listen() to start it. */
   constructor(opts: NbdServerOptions) {
@@ -292,15 +295,22 @@ class NbdConnection {
     setTimeout(() => this.socket.destroy(), 5000).unref();
   }
 
-  private send(bufs: readonly Uint8Array[]): void {
+  /** Writes one reply whole; `pooled` buffers go back to the pool once the socket is done with them. */
+  private send(bufs: readonly Uint8Array[], pooled: readonly Buffer[] = []): void {
     if (this.socket.destroyed || !this.socket.writable) return;
+    const done = pooled.length === 0 ? undefined : (): void => pooled.forEach((b) => this.server.pool.release(b));
     if (bufs.length === 1) {
-      this.socket.write(bufs[0] as Uint8Array);
+      this.socket.write(bufs[0] as Uint8Array, done);
       return;
     }
     this.socket.cork();
-    for (const b of bufs) this.socket.write(b);
+    bufs.forEach((b, i) => this.socket.write(b, i === bufs.length - 1 ? done : undefined));
     this.socket.uncork();
+  }
+
+  /** A buffer for a transfer of `n` bytes: shared memory from the pool when large. */
+  private buffer(n: number): Buffer {
+    return n >= MIN_POOLED_BYTES ? this.server.pool.get(n) : Buffer.allocUnsafe(n);
   }
 
   // ---- handshake ---------------------------------------------------------------------------
@@ -510,7 +520,7 @@ class NbdConnection {
           continue;
         }
         await this.slot(req.length);
-        payload = req.length === 0 ? Buffer.alloc(0) : await this.#reader.read(req.length);
+        payload = req.length === 0 ? Buffer.alloc(0) : await this.#reader.read(req.length, req.length >= MIN_POOLED_BYTES ? (n) => this.server.pool.get(n) : undefined);
         // EOF inside a write: nothing of it was applied
         if (payload === null) return;
       } else {
@@ -520,6 +530,8 @@ class NbdConnection {
       this.#inFlight++;
       this.#inFlightBytes += bytes;
       void this.handle(exp, req, payload).finally(() => {
+        // a pooled payload is free again once its write is done (release ignores other buffers)
+        if (payload !== null) this.server.pool.release(payload);
         this.#inFlight--;
         this.#inFlightBytes -= bytes;
         this.wakeReader();
@@ -620,10 +632,15 @@ class NbdConnection {
     this.checkRange(exp, req, 'read');
     if (!this.#structured) {
       // header and data in one buffer, one write
-      const out = Buffer.allocUnsafe(P.NBD_SIMPLE_REPLY_SIZE + req.length);
-      await blkPread(exp.backend, req.offset, out.subarray(P.NBD_SIMPLE_REPLY_SIZE));
+      const out = this.buffer(P.NBD_SIMPLE_REPLY_SIZE + req.length);
+      try {
+        await blkPread(exp.backend, req.offset, out.subarray(P.NBD_SIMPLE_REPLY_SIZE));
+      } catch (e) {
+        this.server.pool.release(out);
+        throw e;
+      }
       P.writeSimpleReply(out, 0, 0, req.cookie);
-      this.send([out]);
+      this.send([out], [out]);
       return;
     }
     if (req.length === 0) {
@@ -636,6 +653,7 @@ class NbdConnection {
     const covered = extents.reduce((n, e) => n + e.length, 0);
     if (covered < req.length) extents.push({ length: req.length - covered, flags: 0 });
     const chunks: Buffer[] = [];
+    const pooled: Buffer[] = [];
     let lastHeader: Buffer | null = null;
     let at = req.offset;
     for (const e of extents) {
@@ -645,8 +663,14 @@ class NbdConnection {
         lastHeader = P.encodeChunkHeader({ flags: 0, type: P.NBD_REPLY_TYPE_OFFSET_HOLE, cookie: req.cookie, length: 12 });
         chunks.push(lastHeader, P.encodeOffsetHole(at, len));
       } else {
-        const c = Buffer.allocUnsafe(P.NBD_STRUCTURED_REPLY_HEADER_SIZE + 8 + len);
-        await blkPread(exp.backend, at, c.subarray(P.NBD_STRUCTURED_REPLY_HEADER_SIZE + 8));
+        const c = this.buffer(P.NBD_STRUCTURED_REPLY_HEADER_SIZE + 8 + len);
+        pooled.push(c);
+        try {
+          await blkPread(exp.backend, at, c.subarray(P.NBD_STRUCTURED_REPLY_HEADER_SIZE + 8));
+        } catch (e) {
+          pooled.forEach((b) => this.server.pool.release(b));
+          throw e;
+        }
         P.writeChunkHeader(c, 0, { flags: 0, type: P.NBD_REPLY_TYPE_OFFSET_DATA, cookie: req.cookie, length: 8 + len });
         c.set(P.encodeOffset(at), P.NBD_STRUCTURED_REPLY_HEADER_SIZE);
         chunks.push(c);
@@ -657,7 +681,7 @@ class NbdConnection {
     if (lastHeader === null) throw new BlockError('EIO', 'a read produced no chunk', { op: 'read' });
     // the last chunk carries DONE (no NONE chunk needed); the flags are bytes 4-5 of its header
     lastHeader.writeUInt16BE(P.NBD_REPLY_FLAG_DONE, 4);
-    this.send(chunks);
+    this.send(chunks, pooled);
   }
 
   private async blockStatus(exp: NbdExport, req: P.NbdRequest): Promise<void> {

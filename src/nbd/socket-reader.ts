@@ -13,6 +13,7 @@ import type { Socket } from 'node:net';
 interface Waiter {
   n: number;
   resolve: (b: Buffer | null) => void;
+  alloc: ((n: number) => Buffer) | undefined;
 }
 
 /** Reads exact byte counts from a socket, with backpressure. */
@@ -60,13 +61,17 @@ export class SocketReader {
     w?.resolve(null);
   }
 
-  /** Exactly `n` bytes, or null when the stream ends first. One read at a time. */
-  read(n: number): Promise<Buffer | null> {
+  /**
+   * Exactly `n` bytes, or null when the stream ends first. One read at a time. When the bytes
+   * span several chunks they are gathered into `alloc(n)` (a fresh Buffer by default); when they
+   * lie in one chunk, a view of it comes back.
+   */
+  read(n: number, alloc?: (n: number) => Buffer): Promise<Buffer | null> {
     if (this.#waiter !== null) throw new Error('SocketReader: a read is already pending');
     if (this.#ended) return Promise.resolve(null);
-    if (this.#buffered >= n) return Promise.resolve(this.take(n));
+    if (this.#buffered >= n) return Promise.resolve(this.take(n, alloc));
     return new Promise<Buffer | null>((resolve) => {
-      this.#waiter = { n, resolve };
+      this.#waiter = { n, resolve, alloc };
       this.socket.resume();
     });
   }
@@ -86,11 +91,11 @@ export class SocketReader {
     const w = this.#waiter;
     if (w === null || this.#buffered < w.n) return;
     this.#waiter = null;
-    w.resolve(this.take(w.n));
+    w.resolve(this.take(w.n, w.alloc));
   }
 
   /** Removes the first `n` buffered bytes (zero-copy when they lie in one chunk). */
-  private take(n: number): Buffer {
+  private take(n: number, alloc?: (n: number) => Buffer): Buffer {
     this.#buffered -= n;
     const first = this.#chunks[0];
     if (first !== undefined && first.length >= n) {
@@ -99,7 +104,7 @@ export class SocketReader {
       this.maybeResume();
       return first.subarray(0, n);
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = alloc === undefined ? Buffer.allocUnsafe(n) : alloc(n);
     let at = 0;
     while (at < n) {
       const c = this.#chunks[0];
