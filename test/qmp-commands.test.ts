@@ -395,6 +395,36 @@ describeInterop('QMP commands on images qemu-img made', () => {
     qemu('qemu-img', ['check', top]);
   });
 
+  it('an active commit of a node the monitor added keeps that node for blockdev-del (as QSD does), into the bottommost image by default', async () => {
+    const acBase = path.join(dir, 'ac-base.qcow2');
+    const acMid = path.join(dir, 'ac-mid.qcow2');
+    const acTop = path.join(dir, 'ac-top.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', acBase, '1M']);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', acBase, '-F', 'qcow2', acMid]);
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', acMid, '-F', 'qcow2', acTop]);
+    qemu('qemu-io', ['-c', 'write -P 5 0 64k', acMid]);
+    qemu('qemu-io', ['-c', 'write -P 6 64k 64k', acTop]);
+    const file = (f: string) => ({ driver: 'file', filename: f });
+    await run('blockdev-add', {
+      driver: 'qcow2', 'node-name': 'ac', file: file(acTop),
+      backing: { driver: 'qcow2', 'node-name': 'acm', 'read-only': false, file: file(acMid), backing: { driver: 'qcow2', 'node-name': 'acb', 'read-only': false, file: file(acBase) } },
+    });
+    const stop = forwardJobEvents(ctx.emitEvent);
+    events.length = 0;
+    await run('block-commit', { device: 'ac', 'job-id': 'acj' });
+    for (let i = 0; i < 400 && !events.some((e) => e.event === 'BLOCK_JOB_READY'); i++) await new Promise((r) => setTimeout(r, 10));
+    await run('job-complete', { id: 'acj' });
+    for (let i = 0; i < 400 && !events.some((e) => e.event === 'JOB_STATUS_CHANGE' && e.data['status'] === 'null'); i++) await new Promise((r) => setTimeout(r, 10));
+    stop();
+    expect(events.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data['error']).toBeUndefined();
+    const names = arr(await run('query-named-block-nodes', { flat: true })).map(obj).map((n) => n['node-name']);
+    expect(names).toContain('ac');
+    await run('blockdev-del', { 'node-name': 'ac' });
+    // both images' data went into the bottommost one (QEMU's default base), not just into the mid one
+    expect(qemu('qemu-io', ['-c', 'read -P 5 0 64k', '-c', 'read -P 6 64k 64k', acBase])).not.toMatch(/Pattern verification failed/);
+    qemu('qemu-img', ['check', '-q', acBase]);
+  });
+
   it('adds a raw image over a file node and deletes it', async () => {
     await run('blockdev-add', { driver: 'raw', 'node-name': 'r0', file: { driver: 'file', filename: raw } });
     const info = await nodeInfo('r0');
@@ -445,7 +475,7 @@ describeInterop('QMP commands on a device (a backend, as the machine has)', () =
     expect(inserted['backing_file_depth']).toBe(2);
     const stop = forwardJobEvents(ctx.emitEvent);
     events.length = 0;
-    await run('block-commit', { device: 'vd0', 'job-id': 'cm0' });
+    await run('block-commit', { device: 'vd0', 'job-id': 'cm0', 'base-node': 'devtop' });
     for (let i = 0; i < 400 && !events.some((e) => e.event === 'BLOCK_JOB_READY'); i++) await new Promise((r) => setTimeout(r, 10));
     expect(obj(arr(await run('query-jobs')).map(obj).find((j) => j['id'] === 'cm0'))['status']).toBe('ready');
     await run('job-complete', { id: 'cm0' });

@@ -387,3 +387,35 @@ function sealProofCallbacks(node: BlockNode, inst: BlockDriverInstance): void {
     };
   }
 }
+
+/** Nodes a user holds (the monitor's blockdev-add): a job that drops them from a chain leaves them open. */
+const retainedNodes = new WeakSet<BlockNode>();
+
+/**
+ * Marks `node` as held by a user (QMP's blockdev-add: the monitor's reference): a block job that
+ * takes it out of a chain leaves it open for the user's blockdev-del, as QEMU keeps such nodes.
+ * @locking global-state
+ */
+export function retainNode(bql: Bql, node: BlockNode): void {
+  assertBql(bql, 'retainNode');
+  retainedNodes.add(node);
+}
+
+/**
+ * Ends a user's hold on `node` (blockdev-del).
+ * @locking global-state
+ */
+export function releaseNode(bql: Bql, node: BlockNode): void {
+  assertBql(bql, 'releaseNode');
+  retainedNodes.delete(node);
+}
+
+/**
+ * Closes `node` once nothing uses it and no user holds it: what a job does with the images it took
+ * out of a chain.
+ * @locking global-state
+ */
+export async function closeNodeIfUnused(bql: Bql, node: BlockNode): Promise<void> {
+  assertBql(bql, 'closeNodeIfUnused');
+  if (node.parents.size === 0 && !retainedNodes.has(node) && allNodes.get(node.nodeName) === node) await closeNode(bql, node);
+}

@@ -19,7 +19,7 @@ import { allocatedAbove } from './commit.js';
 import { withDrained, withDrainedAll } from './drain.js';
 import { BlockError } from './errors.js';
 import { bdrvSetBacking } from './graph-change.js';
-import { closeNode, findNode } from './graph.js';
+import { closeNodeIfUnused, findNode } from './graph.js';
 import { bdrvBlockStatus, bdrvFlush, bdrvGetLength, bdrvPread, bdrvPwrite, bdrvPwriteZeroes } from './io.js';
 import { jobStart, type Job } from './job.js';
 import type { BlockNode } from './node.js';
@@ -133,7 +133,7 @@ export function blockStream(bql: Bql, opts: BlockStreamOptions): Job {
           await changeBackingFile(b, d, top, base === null ? null : backingNameFor(top, base), base === null ? null : base.driver.formatName);
           bdrvSetBacking(b, d, top, base);
         });
-        for (const n of removed) if (n.parents.size === 0) await closeNode(b, n);
+        for (const n of removed) await closeNodeIfUnused(b, n);
       },
     },
     { nodes: [top, ...removed, ...(base === null ? [] : [base])], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }), ...(opts.autoFinalize === undefined ? {} : { autoFinalize: opts.autoFinalize }) },

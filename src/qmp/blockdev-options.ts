@@ -17,7 +17,7 @@
  */
 import { assertBql, type Bql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
-import { findNode, openNode } from '../block/graph.js';
+import { findNode, openNode, releaseNode, retainNode } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { parseSize, type NodeOptions } from '../block/options.js';
 import { allBackends, allNodes } from '../block/registry.js';
@@ -351,6 +351,7 @@ export async function blockdevAdd(bql: Bql, options: QmpObject, opts: BlockdevAd
     throw openFailure(e);
   }
   monitorOwned.add(node);
+  retainNode(bql, node);
   return node;
 }
 
@@ -369,6 +370,7 @@ export function isMonitorOwned(node: BlockNode): boolean {
 export function dropMonitorOwnership(bql: Bql, node: BlockNode): void {
   assertBql(bql, 'blockdev-del');
   monitorOwned.delete(node);
+  releaseNode(bql, node);
 }
 
 /**

@@ -24,7 +24,7 @@ import { commitAll, commitStep, COMMIT_STEP, growBaseForCommit } from '../commit
 import { withDrainedAll } from '../drain.js';
 import { BlockError } from '../errors.js';
 import { bdrvSetBacking, replaceNode } from '../graph-change.js';
-import { closeNode, findNode } from '../graph.js';
+import { closeNodeIfUnused, findNode } from '../graph.js';
 import { bdrvFlush, bdrvGetLength } from '../io.js';
 import { jobStart, type Job } from '../job.js';
 import { BdrvChild, type BlockNode } from '../node.js';
@@ -111,7 +111,7 @@ export function blockCommit(bql: Bql, opts: BlockCommitOptions): Job {
             replaceNode(b, d, top, base);
           }
         });
-        for (const n of removed) if (n.parents.size === 0) await closeNode(b, n);
+        for (const n of removed) await closeNodeIfUnused(b, n);
       },
     },
     { nodes: [...(overlay === null ? [] : [overlay]), ...removed, base], ...(opts.autoDismiss === undefined ? {} : { autoDismiss: opts.autoDismiss }), ...(opts.autoFinalize === undefined ? {} : { autoFinalize: opts.autoFinalize }) },

@@ -91,7 +91,7 @@ const blockStreamCommand: QmpCommand = {
 
 const blockCommitCommand: QmpCommand = {
   name: 'block-commit',
-  doc: "Starts a commit job: the data of `top-node` (default: the device's active image, an active commit that becomes ready and waits for job-complete) and the images between is copied into `base-node` (default: top's backing image), which then replaces them.",
+  doc: "Starts a commit job: the data of `top-node` (default: the device's active image, an active commit that becomes ready and waits for job-complete) and the images between is copied into `base-node` (default: the bottommost image of the chain, as in QEMU), which then replaces them. The base must be open writable (`backing.read-only: false`): snapstack does not reopen it (QEMU does).",
   args: [
     { name: 'device', type: 'str' },
     { name: 'base-node', type: 'str', optional: true },
@@ -124,11 +124,15 @@ const blockCommitCommand: QmpCommand = {
           if (b === undefined) throw new QmpError('GenericError', `'${baseNodeFound.nodeName}' is not in this backing file chain`);
         }
         const autoDismiss = optBool(args, 'auto-dismiss', true);
+        // QEMU's default base is the bottommost image of the chain (not the top's backing file)
+        let bottom = topNode?.backing;
+        while (bottom?.backing !== undefined) bottom = bottom.backing;
+        const baseName = base ?? bottom?.nodeName;
         blockCommit(bql, {
           jobId: optStr(args, 'job-id') ?? device,
           ...(found.blk !== null ? { device } : {}),
           ...(top === undefined ? {} : { top }),
-          ...(base === undefined ? {} : { base }),
+          ...(baseName === undefined ? {} : { base: baseName }),
           autoDismiss,
           autoFinalize: optBool(args, 'auto-finalize', true),
         });
