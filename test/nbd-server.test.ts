@@ -17,6 +17,7 @@ import { openImage, type Image } from '../src/image.js';
 import * as P from '../src/nbd/protocol.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { SocketReader } from '../src/nbd/socket-reader.js';
+import { prng } from './helpers/prng.js';
 import { describeInterop } from './helpers/qemu.js';
 
 const run = promisify(execFile);
@@ -481,6 +482,40 @@ describeInterop('NBD server: real clients and bad peers', () => {
     }
     expect(await c.waitClosed()).toBe(true);
   });
+
+  it('survives 200 connections that send random bytes at every phase, while a client keeps reading', async () => {
+    const rnd = prng(14);
+    const bytes = (n: number): Buffer => Buffer.from(Array.from({ length: n }, () => Math.floor(rnd() * 256)));
+    const good = await RawClient.connect(sock);
+    await good.go('ro', true);
+    for (let i = 0; i < 200; i++) {
+      const c = await RawClient.connect(sock);
+      const phase = i % 4;
+      if (phase === 0) c.socket.write(bytes(1 + Math.floor(rnd() * 64)));
+      else if (phase === 1) {
+        await c.hello();
+        c.socket.write(Buffer.concat([P.encodeOption(Math.floor(rnd() * 16), bytes(Math.floor(rnd() * 32))), bytes(Math.floor(rnd() * 64))]));
+      } else {
+        await c.go(rnd() < 0.5 ? 'disk' : 'ro', rnd() < 0.5);
+        // a valid header with random type, flags and range, then noise; or noise alone
+        const h = P.encodeRequest({ type: Math.floor(rnd() * 12), flags: Math.floor(rnd() * 64), cookie: BigInt(i), offset: Math.floor(rnd() * 2 * MiB), length: Math.floor(rnd() * 65536) });
+        c.socket.write(phase === 2 ? Buffer.concat([h, bytes(Math.floor(rnd() * 256))]) : bytes(28 + Math.floor(rnd() * 256)));
+      }
+      await new Promise((r) => setTimeout(r, 2));
+      c.end();
+      if (i % 20 === 0) {
+        good.request(P.NBD_CMD_READ, 0, 4096, BigInt(i));
+        const [chunk] = await good.chunks();
+        expect(chunk?.type).toBe(P.NBD_REPLY_TYPE_OFFSET_DATA);
+        expect(chunk?.data.subarray(8).every((b) => b === 0x5a)).toBe(true);
+      }
+    }
+    good.end();
+    // the read-only image is untouched and the server still takes new clients
+    expect(Buffer.from(await roImg.read(0, MiB)).every((b) => b === 0x5a)).toBe(true);
+    const info = JSON.parse(await tool('qemu-img', ['info', '--output=json', `nbd+unix:///ro?socket=${sock}`])) as { 'virtual-size': number };
+    expect(info['virtual-size']).toBe(MiB);
+  }, 60_000);
 
   it('serves 100 connections at once, each reading what the block layer holds', async () => {
     const expected = Buffer.from(await rwImg.read(0, 65536));
