@@ -712,6 +712,37 @@ describeInterop('NBD server: connection limits, timeouts and shutdown', () => {
     }
   });
 
+  it('exports are added and removed while serving: safe refuses while in use, hard closes the clients', async () => {
+    const sock = path.join(dir, 'exports.sock');
+    const server = new NbdServer({ exports: [], maxConnections: 4 });
+    await server.listen({ type: 'unix', path: sock });
+    try {
+      const probe = await RawClient.connect(sock);
+      await probe.hello();
+      expect((await probe.option(P.NBD_OPT_GO, P.encodeInfoRequest('late'))).at(-1)?.type).toBe(P.NBD_REP_ERR_UNKNOWN);
+      server.addExport({ name: 'late', backend: img.backend });
+      expect(() => server.addExport({ name: 'late', backend: img.backend })).toThrow(/already exists/);
+      expect((await probe.option(P.NBD_OPT_GO, P.encodeInfoRequest('late'))).at(-1)?.type).toBe(P.NBD_REP_ACK);
+      probe.request(P.NBD_CMD_DISC, 0, 0, 0n);
+      expect(await probe.waitClosed()).toBe(true);
+      const c = await RawClient.connect(sock);
+      await c.go('late');
+      expect(server.clientsOf('late')).toBe(1);
+      await expect(server.removeExport('late', 'safe')).rejects.toThrow(/has 1 connection/);
+      c.request(P.NBD_CMD_READ, 0, 512, 1n);
+      expect((await c.simpleReply(512)).error).toBe(0);
+      await server.removeExport('late', 'hard');
+      expect(await c.waitClosed()).toBe(true);
+      const d = await RawClient.connect(sock);
+      await d.hello();
+      expect((await d.option(P.NBD_OPT_GO, P.encodeInfoRequest('late'))).at(-1)?.type).toBe(P.NBD_REP_ERR_UNKNOWN);
+      d.end();
+      await expect(server.removeExport('late')).rejects.toThrow(/not found/);
+    } finally {
+      await server.close();
+    }
+  });
+
   it('close() answers the requests in flight before closing the connection, and removes the socket', async () => {
     const sock = path.join(dir, 'close.sock');
     const server = new NbdServer({ exports: [{ name: '', backend: img.backend }] });

@@ -102,16 +102,41 @@ export class NbdServer extends EventEmitter {
   /** Makes a server for `opts.exports`; call listen() to start it. */
   constructor(opts: NbdServerOptions) {
     super();
-    for (const e of opts.exports) {
-      if (Buffer.byteLength(e.name, 'utf8') > P.NBD_MAX_STRING_BYTES) throw new BlockError('EINVAL', `NBD export name longer than ${P.NBD_MAX_STRING_BYTES} bytes`, { field: 'name' });
-      if (this.#exports.has(e.name)) throw new BlockError('EINVAL', `NBD export '${e.name}' is given twice`, { field: 'name', value: e.name });
-      this.#exports.set(e.name, e);
-    }
+    for (const e of opts.exports) this.addExport(e);
     this.maxConnections = positive(opts.maxConnections ?? 1, 'maxConnections');
     this.maxPending = opts.maxPending ?? 256;
     this.maxInFlight = positive(opts.maxInFlight ?? 32, 'maxInFlight');
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
     this.log = opts.log ?? (() => undefined);
+  }
+
+  /** Adds an export; new clients can choose it at once. EINVAL for a name too long or taken. */
+  addExport(e: NbdExport): void {
+    if (Buffer.byteLength(e.name, 'utf8') > P.NBD_MAX_STRING_BYTES) throw new BlockError('EINVAL', `NBD export name longer than ${P.NBD_MAX_STRING_BYTES} bytes`, { field: 'name' });
+    if (this.#exports.has(e.name)) throw new BlockError('EINVAL', `NBD export '${e.name}' already exists`, { field: 'name', value: e.name });
+    this.#exports.set(e.name, e);
+  }
+
+  /**
+   * Removes the export `name` (QMP block-export-del): `safe` refuses with EBUSY while clients use
+   * it; `hard` lets their requests in flight finish and closes their connections. New clients no
+   * longer see it either way. Resolves once no connection uses it.
+   */
+  async removeExport(name: string, mode: 'safe' | 'hard' = 'safe'): Promise<void> {
+    const e = this.#exports.get(name);
+    if (e === undefined) throw new BlockError('ENOENT', `Export '${name}' is not found`, { field: 'id', value: name });
+    const users = [...this.#conns].filter((c) => c.export === e);
+    if (mode === 'safe' && users.length > 0) {
+      throw new BlockError('EBUSY', `Export '${name}' has ${users.length} connection${users.length === 1 ? '' : 's'}; remove it with mode=hard to close them`, { field: 'mode', value: mode });
+    }
+    this.#exports.delete(name);
+    await Promise.all(users.map((c) => c.shutdown()));
+  }
+
+  /** How many connections are transmitting on the export `name`. */
+  clientsOf(name: string): number {
+    const e = this.#exports.get(name);
+    return e === undefined ? 0 : [...this.#conns].filter((c) => c.export === e).length;
   }
 
   /** Connections being served (past the wait for a slot). */
@@ -253,6 +278,11 @@ class NbdConnection {
   ) {
     this.#reader = new SocketReader(socket);
     socket.resume();
+  }
+
+  /** The export this connection transmits on, or null while it haggles. */
+  get export(): NbdExport | null {
+    return this.#export;
   }
 
   /** Stops reading new requests; run() then finishes the ones in flight and closes. */
