@@ -74,6 +74,7 @@ export class NbdConnection {
   private dead: string | null = null;
   private disconnecting = false;
   private finished = false;
+  private corked = false;
   /** Settles when the socket has closed. */
   private readonly closed: Promise<void>;
 
@@ -114,15 +115,20 @@ export class NbdConnection {
     this.inFlight.set(cookie, req);
     const hdr = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
     encodeRequest(hdr, req.flags, req.type, cookie, req.offset, req.length);
-    if (req.type === NBD_CMD_WRITE && req.data !== null) {
+    // requests sent in one tick leave in one writev (QEMU's plug/unplug)
+    if (!this.corked) {
+      this.corked = true;
       this.socket.cork();
-      this.socket.write(hdr);
-      this.socket.write(req.data);
-      process.nextTick(() => this.socket.uncork());
-    } else {
-      this.socket.write(hdr);
+      process.nextTick(this.uncork);
     }
+    this.socket.write(hdr);
+    if (req.type === NBD_CMD_WRITE && req.data !== null) this.socket.write(req.data);
   }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
 
   /**
    * Sends NBD_CMD_DISC (the spec's clean close) once nothing is in flight, and ends the socket.
@@ -169,6 +175,12 @@ export class NbdConnection {
     }
   }
 
+  /** A read's destination (a read always has one: the client makes it so). */
+  private dataOf(req: NbdRequest): Uint8Array {
+    if (req.data === null) throw new ProtocolError(`internal error: ${this.reqText(req)} has no buffer`);
+    return req.data;
+  }
+
   private reqText(req: NbdRequest): string {
     return `${commandName(req.type)} of ${req.length} bytes at offset ${req.offset}`;
   }
@@ -191,17 +203,25 @@ export class NbdConnection {
   }
 
   private async readReply(): Promise<void> {
-    const m = await this.reader.read(4);
-    const magic = m.readUInt32BE(0);
+    // a simple reply is 16 bytes, a structured chunk header 20: take 16 at once when they are
+    // there; otherwise check the magic first, so that garbage fails at once instead of waiting
+    let h16: Buffer;
+    if (this.reader.buffered >= 16) h16 = await this.reader.read(16);
+    else {
+      const m = Buffer.from(await this.reader.read(4));
+      const mg = m.readUInt32BE(0);
+      if (mg !== NBD_SIMPLE_REPLY_MAGIC && mg !== NBD_STRUCTURED_REPLY_MAGIC) throw new ProtocolError(`bad reply magic 0x${mg.toString(16).padStart(8, '0')}`);
+      h16 = Buffer.concat([m, await this.reader.read(12)]);
+    }
+    const magic = h16.readUInt32BE(0);
     if (magic === NBD_SIMPLE_REPLY_MAGIC) {
-      const h = await this.reader.read(12);
-      const errno = h.readUInt32BE(0);
-      const hi = h.readUInt32BE(4);
-      const lo = h.readUInt32BE(8);
+      const errno = h16.readUInt32BE(4);
+      const hi = h16.readUInt32BE(8);
+      const lo = h16.readUInt32BE(12);
       const req = this.take(hi, lo, true);
       if (errno === 0 && req.type === NBD_CMD_READ) {
         if (this.info.structuredReplies) throw new ProtocolError(`a simple reply with data to a ${this.reqText(req)} after structured replies were agreed`);
-        await this.reader.readInto(req.data as Uint8Array, 0, req.length);
+        await this.reader.readInto(this.dataOf(req), 0, req.length);
       }
       if (errno === 0 && req.type === NBD_CMD_BLOCK_STATUS) throw new ProtocolError(`a simple reply to ${this.reqText(req)} (block status needs a structured reply)`);
       this.take(hi, lo, false);
@@ -211,14 +231,15 @@ export class NbdConnection {
     }
     if (magic !== NBD_STRUCTURED_REPLY_MAGIC) throw new ProtocolError(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
     if (!this.info.structuredReplies) throw new ProtocolError('a structured reply although structured replies were not agreed');
-    const h = await this.reader.read(16);
-    const flags = h.readUInt16BE(0);
-    const type = h.readUInt16BE(2);
-    const length = h.readUInt32BE(12);
+    // h16 may be a view into the reader's chunk: take what is needed before the next read
+    const flagsType = h16.readUInt32BE(4);
+    const cookieHi = h16.readUInt32BE(8);
+    const cookieLo = h16.readUInt32BE(12);
+    const length = (await this.reader.read(4)).readUInt32BE(0);
+    const flags = flagsType >>> 16;
+    const type = flagsType & 0xffff;
     const done = (flags & NBD_REPLY_FLAG_DONE) !== 0;
-    const req = this.take(h.readUInt32BE(4), h.readUInt32BE(8), true);
-    const cookieHi = h.readUInt32BE(4);
-    const cookieLo = h.readUInt32BE(8);
+    const req = this.take(cookieHi, cookieLo, true);
     const bad = (what: string): ProtocolError => new ProtocolError(`${what} in the reply to ${this.reqText(req)}`);
     if (type === NBD_REPLY_TYPE_OFFSET_DATA) {
       if (req.type !== NBD_CMD_READ) throw bad('a data chunk');
@@ -226,7 +247,7 @@ export class NbdConnection {
       const off = Number((await this.reader.read(8)).readBigUInt64BE(0));
       const n = length - 8;
       if (off < req.offset || off + n > req.offset + req.length) throw bad(`a data chunk at offset ${off} (${n} bytes) past the request`);
-      await this.reader.readInto(req.data as Uint8Array, off - req.offset, n);
+      await this.reader.readInto(this.dataOf(req), off - req.offset, n);
       req.covered += n;
     } else if (type === NBD_REPLY_TYPE_OFFSET_HOLE) {
       if (req.type !== NBD_CMD_READ) throw bad('a hole chunk');
@@ -235,7 +256,7 @@ export class NbdConnection {
       const off = Number(b.readBigUInt64BE(0));
       const n = b.readUInt32BE(8);
       if (n === 0 || off < req.offset || off + n > req.offset + req.length) throw bad(`a hole at offset ${off} (${n} bytes) past the request`);
-      (req.data as Uint8Array).fill(0, off - req.offset, off - req.offset + n);
+      this.dataOf(req).fill(0, off - req.offset, off - req.offset + n);
       req.covered += n;
     } else if (type === NBD_REPLY_TYPE_BLOCK_STATUS) {
       if (req.type !== NBD_CMD_BLOCK_STATUS) throw bad('a block-status chunk');

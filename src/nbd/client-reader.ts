@@ -41,6 +41,11 @@ export class SocketReader {
     socket.on('error', (e: Error) => this.close(e.message));
   }
 
+  /** Bytes that arrived and were not read yet. */
+  get buffered(): number {
+    return this.avail;
+  }
+
   /** Marks the stream finished; waiting and later reads fail with `reason` (the first one wins). */
   close(reason: string): void {
     if (this.closedReason === null) this.closedReason = reason;
