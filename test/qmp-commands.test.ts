@@ -203,6 +203,23 @@ describe('human-monitor-command', () => {
     expect(await run('human-monitor-command', { 'command-line': '' })).toBe('');
   });
 
+  it('runs qemu-io on a node name (as QEMU\'s HMP); writes only to a node nothing else uses', async () => {
+    await run('blockdev-add', { driver: 'memory', 'node-name': 'hio-f', size: 1048576 });
+    await run('blockdev-add', { driver: 'raw', 'node-name': 'hio', file: 'hio-f' });
+    const out = String(await run('human-monitor-command', { 'command-line': 'qemu-io hio "write -P 0x5a 0 64k"' }));
+    expect(out).toMatch(/wrote 65536\/65536 bytes at offset 0/);
+    expect(String(await run('human-monitor-command', { 'command-line': 'qemu-io hio "read -P 0x5a 0 64k"' }))).toMatch(/read 65536\/65536 bytes/);
+    // the file node is used by 'hio': read, never written behind its back
+    expect(String(await run('human-monitor-command', { 'command-line': 'qemu-io hio-f "read -P 0x5a 0 64k"' }))).toMatch(/read 65536\/65536 bytes/);
+    expect(String(await run('human-monitor-command', { 'command-line': 'qemu-io hio-f "write -P 1 0 4k"' }))).not.toMatch(/wrote/);
+    expect(String(await run('human-monitor-command', { 'command-line': 'qemu-io hio "read -P 0x5a 0 4k"' }))).toMatch(/read 4096\/4096 bytes/);
+    expect(String(await run('human-monitor-command', { 'command-line': 'qemu-io nosuch "read 0 4k"' }))).toMatch(/Device 'nosuch' not found/);
+    // no backend is left behind
+    expect(arr(await run('query-block')).map(obj).map((b) => String(b['device']))).not.toContain(expect.stringMatching(/^qemu-io-node/));
+    await run('blockdev-del', { 'node-name': 'hio' });
+    await run('blockdev-del', { 'node-name': 'hio-f' });
+  });
+
   it('refuses a cpu-index without a machine', async () => {
     expect((await qmpFailure('human-monitor-command', { 'command-line': 'info iothreads', 'cpu-index': 0 })).desc).toBe("Parameter 'cpu-index' expects a CPU number");
   });

@@ -309,6 +309,8 @@ describeQsd('QMP replies compared with qemu-storage-daemon 7.2', () => {
     await sameError('query-named-block-nodes', () => ({ flat: 'yes' }));
     await sameError('frob', () => ({}));
     await sameError('blockdev-add', (d) => ({ driver: 'file', 'node-name': 'disk', filename: path.join(d, 'disk.raw') }));
+    // an internal snapshot of a bare protocol node: QEMU's refusal (a raw format node over it is our extension)
+    await sameError('blockdev-snapshot-internal-sync', () => ({ device: 'disk-file', name: 'x' }));
     await sameError('blockdev-add', (d) => ({ driver: 'nope', 'node-name': 'x', filename: path.join(d, 'disk.raw') }));
     await sameError('blockdev-add', (d) => ({ driver: 'file', filename: path.join(d, 'disk.raw') }));
     await sameError('blockdev-add', (d) => ({ 'node-name': 'x', file: { driver: 'file', filename: path.join(d, 'disk.raw') } }));

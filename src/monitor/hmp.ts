@@ -8,7 +8,8 @@
  * snapshot_blkdev, block_stream, block_commit, block_job_pause/resume/cancel/complete, info
  * block-jobs, stop, cont, quit. Each is a thin layer over a library call (src/machine, src/block).
  */
-import { blkFind } from '../block/backend.js';
+import { blkDelete, blkFind, blkNew } from '../block/backend.js';
+import { allBackends, allNodes } from '../block/registry.js';
 import { withBql } from '../block/bql.js';
 import { BlockError } from '../block/errors.js';
 import { listIOThreads } from '../block/iothread.js';
@@ -23,6 +24,9 @@ import { snapshotHeader, snapshotRow } from '../commands/snapshot-format.js';
 import type { Machine } from '../machine/machine.js';
 import { withSnapshotLock } from '../block/snapshot-lock.js';
 import { delVmLocked, listVmSnapshots, loadVmLocked, recoverVmSnapshots, saveVmLocked } from '../machine/savevm.js';
+
+/** Backends made for qemu-io commands on a node name, counted for unique names. */
+let qemuIoBackends = 0;
 
 interface CommandSpec {
   args: string;
@@ -341,7 +345,19 @@ export class Monitor {
     if (device === undefined || command === undefined || extra.length > 0) {
       throw new BlockError('EINVAL', 'usage: qemu-io DEVICE "COMMAND" (quote the command)', { op: 'qemu-io' });
     }
-    const blk = await withBql((bql) => blkFind(bql, device));
-    await runQemuIoCommand(blk, command, this.out);
+    // a device, or (as QEMU's HMP) a node name: then a backend of its own for this command, which
+    // may write only a node nothing else uses (a backing or file node is read here, never written)
+    const { blk, temporary } = await withBql((bql) => {
+      if (allBackends.has(device)) return { blk: blkFind(bql, device), temporary: false };
+      const node = allNodes.get(device);
+      if (node === undefined) return { blk: blkFind(bql, device), temporary: false }; // Device 'x' not found
+      const readOnly = node.readOnly || node.parents.size > 0;
+      return { blk: blkNew(bql, `qemu-io-node-${++qemuIoBackends}`, node, { readOnly }), temporary: true };
+    });
+    try {
+      await runQemuIoCommand(blk, command, this.out);
+    } finally {
+      if (temporary) await withBql((bql) => blkDelete(bql, blk));
+    }
   }
 }

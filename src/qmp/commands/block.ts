@@ -152,7 +152,9 @@ export async function planInternalSnapshot(bql: Bql, ctx: QmpContext, device: st
   const node = rootNodeOf(bql, device);
   refuseJobNode(bql, node);
   if (node.readOnly) throw new QmpError('GenericError', `Device '${device}' is read only`);
-  if (!bdrvCanSnapshot(bql, node)) throw new QmpError('GenericError', `Block format '${node.driver.formatName}' used by device '${device}' does not support internal snapshots`);
+  // a protocol node is not an image format: QEMU refuses it (snapstack's raw format node over a
+  // file takes internal snapshots, beside the image; a bare file node does not, as in QEMU)
+  if (node.driver.kind === 'protocol' || !bdrvCanSnapshot(bql, node)) throw new QmpError('GenericError', `Block format '${node.driver.formatName}' used by device '${device}' does not support internal snapshots`);
   if (name === '') throw new QmpError('GenericError', 'Name is empty');
   if ((await findSnapshot(bql, node, undefined, name)) !== undefined) {
     throw new QmpError('GenericError', `Snapshot with name '${name}' already exists on device '${device}'`);
