@@ -25,10 +25,12 @@ import {
   NBD_FLAG_SEND_TRIM,
   NBD_FLAG_SEND_WRITE_ZEROES,
   NBD_INFO_BLOCK_SIZE,
+  NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
+  NBD_REP_ERR_TLS_REQD,
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
   NBD_REP_META_CONTEXT,
@@ -57,7 +59,11 @@ export type Misbehaviour =
   | 'error-chunk'
   | 'close-on-request'
   | 'reverse-order'
-  | 'silent-handshake';
+  | 'silent-handshake'
+  /** Knows neither structured replies nor NBD_OPT_GO: the client falls back to NBD_OPT_EXPORT_NAME and simple replies. */
+  | 'old-server'
+  /** Answers every option with NBD_REP_ERR_TLS_REQD. */
+  | 'tls-required';
 
 /** A fake server's state, visible to the test. */
 export interface FakeServer {
@@ -141,6 +147,21 @@ async function serve(s: net.Socket, st: FakeServer): Promise<void> {
     const opt = h.readUInt32BE(8);
     const len = h.readUInt32BE(12);
     await r.read(len);
+    if (st.misbehave === 'tls-required') {
+      s.write(encodeOptionReply(opt, NBD_REP_ERR_TLS_REQD, Buffer.from('TLS is required on this server')));
+      continue;
+    }
+    if (st.misbehave === 'old-server') {
+      if (opt === NBD_OPT_EXPORT_NAME) {
+        const b = Buffer.alloc(10);
+        b.writeBigUInt64BE(BigInt(st.data.length), 0);
+        b.writeUInt16BE(flags, 8);
+        s.write(b); // NO_ZEROES was agreed: no 124 zero bytes
+        break;
+      }
+      s.write(encodeOptionReply(opt, NBD_REP_ERR_UNSUP));
+      continue;
+    }
     if (opt === NBD_OPT_STRUCTURED_REPLY) {
       if (st.misbehave === 'huge-option-reply') {
         const b = encodeOptionReply(opt, NBD_REP_ACK);
@@ -197,7 +218,8 @@ async function serve(s: net.Socket, st: FakeServer): Promise<void> {
     let reply: Buffer;
     if (type === NBD_CMD_READ) {
       const bytes = st.data.subarray(off, off + len);
-      if (m === 'chunk-past-request') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([u64(off + 4096), bytes]));
+      if (m === 'old-server') reply = Buffer.concat([simple(cookie, 0), bytes]);
+      else if (m === 'chunk-past-request') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([u64(off + 4096), bytes]));
       else if (m === 'huge-error-chunk') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, Buffer.alloc(6), 0xfffffff0);
       else if (m === 'short-read') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([u64(off), bytes.subarray(0, Math.floor(len / 2))]));
       else if (m === 'error-chunk') {

@@ -92,6 +92,24 @@ describe('the NBD client and a well-behaved server', () => {
     expect(c.connectionState).toBe('connected');
   });
 
+  it('falls back to NBD_OPT_EXPORT_NAME and simple replies on a server without NBD_OPT_GO and structured replies', async () => {
+    const data = pattern(6, 1024 * 1024);
+    const s = await fake('old-server', data.length, data.slice());
+    const c = await connect(s);
+    expect(c.info).toMatchObject({ sizeBytes: data.length, structuredReplies: false, baseAllocationId: null });
+    const buf = new Uint8Array(70_000);
+    await c.read(3, buf);
+    expect(firstDifference(buf, data.subarray(3, 70_003))).toBe(-1);
+    await c.write(5, pattern(7, 100));
+    expect(firstDifference(s.data.subarray(5, 105), pattern(7, 100))).toBe(-1);
+    expect(await c.blockStatus(0, 4096)).toBeNull();
+  });
+
+  it('says that the server requires TLS, which this client does not do (ENOTSUP)', async () => {
+    const s = await fake('tls-required');
+    await expect(connect(s)).rejects.toMatchObject({ code: 'ENOTSUP', message: expect.stringMatching(/requires TLS \(TLS required: TLS is required on this server\); tls-creds is not supported/) });
+  });
+
   it('refuses a write past the end of the export with ENOSPC (an export cannot grow)', async () => {
     const s = await fake();
     const c = await connect(s);
