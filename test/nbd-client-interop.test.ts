@@ -11,6 +11,9 @@ import path from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { bdrvBlockStatus, openImage, shutdownIOThreads, withBql, type Image } from '../src/index.js';
 import '../src/drivers/nbd/driver.js';
+import { Machine } from '../src/machine/machine.js';
+import { loadVm, saveVm } from '../src/machine/savevm.js';
+import { expectGuestConsistent, waitForWrites } from './helpers/guest.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 import { describeWithTool, firstDifference, pattern, startNbdkit, startQemuNbd, startServer, type ServerProcess } from './nbd-client-helpers.js';
 
@@ -344,5 +347,38 @@ describeWithTool('nbdkit', 'apt-get install nbdkit', 'our NBD client under load'
       expectSame(await img.read(0, size), ref, `after round ${round}`);
     }
     await img.close();
+  });
+});
+
+describeInterop('a machine whose disk is a qcow2 image on an NBD export', () => {
+  it('runs the guest on it, savevm and loadvm restore RAM and disk together, and qemu-img sees the snapshot', async () => {
+    const file = path.join(dir, 'vm-on-nbd.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', file, '16M']);
+    fs.truncateSync(file, 64 * MiB); // room for clusters, snapshots and VM state: an export cannot grow
+    const srv = await track(startQemuNbd(file, 'raw', 'vm', sock('qnbd-vm')));
+    const m = new Machine({ guest: true, vcpus: 2, ramBytes: 4 * MiB });
+    await withBql(async (bql) => {
+      await m.addDrive(bql, `driver=qcow2,id=d0,file.driver=nbd,file.server.type=unix,file.server.path=${srv.socket},file.export=vm`);
+      await m.start(bql);
+    });
+    try {
+      await waitForWrites(m, 100);
+      await withBql((bql) => saveVm(bql, m, 'over-nbd'));
+      const atSave = m.guestCounters().writes;
+      await waitForWrites(m, 200);
+      await withBql((bql) => loadVm(bql, m, 'over-nbd'));
+      await expectGuestConsistent(m);
+      expect(m.guestCounters().writes).toBeLessThan(atSave + 200);
+      await withBql((bql) => m.stop(bql));
+      await expectGuestConsistent(m);
+    } finally {
+      await withBql((bql) => m.shutdown(bql));
+    }
+    await srv.stop();
+    const info = JSON.parse(qemu('qemu-img', ['info', '--output=json', file])) as { snapshots?: Array<{ name: string; 'vm-state-size': number }> };
+    expect(info.snapshots?.map((s) => s.name)).toEqual(['over-nbd']);
+    expect(info.snapshots?.[0]?.['vm-state-size'] ?? 0).toBeGreaterThan(0);
+    const chk = qemuStatus('qemu-img', ['check', file]);
+    expect(`${chk.stdout}${chk.stderr}exit ${chk.status}`).toMatch(/No errors were found on the image\.[\s\S]*exit 0$/);
   });
 });
