@@ -646,6 +646,39 @@ describeInterop('snapstack nbd (the command)', () => {
     expect(cmp.code).toBe(0);
   });
 
+  itLibnbd('-A: qemu:allocation-depth and base:allocation of a backing chain read exactly as qemu-nbd -A serves them', async () => {
+    const base = path.join(dir, 'depth-base.qcow2');
+    const top = path.join(dir, 'depth-top.qcow2');
+    await tool('qemu-img', ['create', '-q', '-f', 'qcow2', base, '4M']);
+    await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 0 64k', '-c', 'write -P 2 2M 64k', base]);
+    await tool('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top, '4M']);
+    await tool('qemu-io', ['-f', 'qcow2', '-c', 'write -P 3 1M 64k', '-c', 'write -P 4 2M 4k', top]);
+    const maps = async (sock: string): Promise<string[]> => [
+      await tool('nbdinfo', ['--map=qemu:allocation-depth', '--json', `nbd+unix:///?socket=${sock}`]),
+      await tool('nbdinfo', ['--map', '--json', `nbd+unix:///?socket=${sock}`]),
+      await tool('nbdinfo', ['--list', '--json', `nbd+unix:///?socket=${sock}`]).then((j) => JSON.stringify((JSON.parse(j) as { exports: Array<{ contexts: string[] }> }).exports[0]?.contexts)),
+    ];
+    const qs = path.join(dir, 'depth-q.sock');
+    const q = spawn('qemu-nbd', ['-t', '-A', '-r', '-f', 'qcow2', '-k', qs, top], { stdio: 'ignore' });
+    let want: string[];
+    try {
+      for (let i = 0; i < 200 && !fs.existsSync(qs); i++) await new Promise((r) => setTimeout(r, 25));
+      want = await maps(qs);
+    } finally {
+      q.kill('SIGTERM');
+      await exited(q);
+    }
+    const ss = path.join(dir, 'depth-s.sock');
+    const { proc } = await startCli(['-t', '-A', '-r', '-f', 'qcow2', '-k', ss, top], ss);
+    try {
+      expect(await maps(ss)).toEqual(want);
+      expect(want[0]).toContain('backing depth 2');
+    } finally {
+      proc.kill('SIGTERM');
+      await exited(proc);
+    }
+  });
+
   it('refuses options it does not have, naming them', async () => {
     const r = spawnSync(process.execPath, [BIN, 'nbd', '--fork', 'x.img'], { encoding: 'utf8' });
     expect(r.status).toBe(1);

@@ -27,6 +27,7 @@ Connection properties:
   -t, --persistent          don't exit on the last connection
   -x, --export-name=NAME    expose export by name (default is empty string)
   -D, --description=TEXT    export a human-readable description
+  -A, --allocation-depth    expose the allocation depth (qemu:allocation-depth)
 General purpose options:
       --pid-file=PATH       store the server's process ID in the given file
 Block device options:
@@ -38,7 +39,7 @@ Block device options:
                             'snapshot.id=[ID],snapshot.name=[NAME]', or '[ID_OR_NAME]'
       --cache=MODE          writeback (default), writethrough or unsafe
       --aio=MODE            threads (default) or sync
-Not built: --fork, -c/--connect, --tls-creds, -o/--offset, -s/--snapshot, -A, -B, --image-opts.`;
+Not built: --fork, -c/--connect, --tls-creds, -o/--offset, -s/--snapshot, -B, --image-opts.`;
 
 /** What the command line asks for. */
 export interface NbdCliOptions {
@@ -56,6 +57,7 @@ export interface NbdCliOptions {
   aio: 'threads' | 'sync';
   snapshot?: string;
   pidFile?: string;
+  allocationDepth: boolean;
 }
 
 const WITH_VALUE: Record<string, string> = {
@@ -84,10 +86,12 @@ const SWITCHES: Record<string, string> = {
   '--read-only': 'read-only',
   '-t': 'persistent',
   '--persistent': 'persistent',
+  '-A': 'allocation-depth',
+  '--allocation-depth': 'allocation-depth',
   '-h': 'help',
   '--help': 'help',
 };
-const NOT_BUILT = new Set(['--fork', '-c', '--connect', '-d', '--disconnect', '--tls-creds', '--tls-authz', '-o', '--offset', '-s', '--snapshot', '-A', '--allocation-depth', '-B', '--bitmap', '--image-opts', '-L', '--list', '-n', '--nocache', '--object', '--discard', '--detect-zeroes']);
+const NOT_BUILT = new Set(['--fork', '-c', '--connect', '-d', '--disconnect', '--tls-creds', '--tls-authz', '-o', '--offset', '-s', '--snapshot', '-B', '--bitmap', '--image-opts', '-L', '--list', '-n', '--nocache', '--object', '--discard', '--detect-zeroes']);
 
 /** Which snapshot `-l` names: `snapshot.name=X`, `snapshot.id=X`, or a bare ID-or-name. */
 function snapshotParam(text: string): string {
@@ -139,6 +143,7 @@ export function parseNbdArgs(argv: string[]): NbdCliOptions | null {
     exportName: values.get('export-name') ?? '',
     readOnly: switches.has('read-only'),
     persistent: switches.has('persistent'),
+    allocationDepth: switches.has('allocation-depth'),
     shared,
     cache,
     aio,
@@ -214,7 +219,7 @@ export async function nbdMain(argv: string[], out: Out, err: Out): Promise<numbe
       }
     }
     server = new NbdServer({
-      exports: [{ name: opts.exportName, backend: img.backend, cache: opts.cache, ...(opts.description === undefined ? {} : { description: opts.description }) }],
+      exports: [{ name: opts.exportName, backend: img.backend, cache: opts.cache, allocationDepth: opts.allocationDepth, ...(opts.description === undefined ? {} : { description: opts.description }) }],
       maxConnections: opts.shared,
       log: (line) => err(`${P}: ${line}`),
     });

@@ -27,14 +27,14 @@
  * connection, is then durable) — what the spec asks of a server that sets the flag.
  *
  * Not built: TLS (NBD_OPT_STARTTLS is refused with NBD_REP_ERR_POLICY), extended headers,
- * NBD_CMD_CACHE / NBD_CMD_RESIZE (not advertised), `qemu:allocation-depth`.
+ * NBD_CMD_CACHE / NBD_CMD_RESIZE (not advertised), `qemu:dirty-bitmap:*`.
  */
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import { blkFlush, blkGetLength, blkPdiscard, blkPread, blkPwrite, blkPwriteZeroes, type BlockBackend } from '../block/backend.js';
 import { BlockError, isBlockError } from '../block/errors.js';
-import { exportExtents } from './extents.js';
+import { exportExtents, type ExtentContext } from './extents.js';
 import * as P from './protocol.js';
 import { MIN_POOLED_BYTES, SharedBufferPool } from './buffer-pool.js';
 import { SocketReader } from './socket-reader.js';
@@ -51,7 +51,9 @@ export const MAX_INFLIGHT_BYTES = 64 * 1024 * 1024;
 export const MAX_EXTENTS = 65536;
 /** Reads at least this long are answered sparsely (OFFSET_HOLE for zero ranges) over structured replies. */
 export const SPARSE_READ_MIN_BYTES = 64 * 1024;
-const META_CONTEXT_ID_BASE_ALLOCATION = 1;
+/** The meta contexts and the ids this server gives them. */
+const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+const META_CONTEXT_IDS: Readonly<Record<ExtentContext, number>> = { 'base:allocation': 1, 'qemu:allocation-depth': 2 };
 
 /** One export: a name and the backend its requests go through. */
 export interface NbdExport {
@@ -63,6 +65,8 @@ export interface NbdExport {
    * before it is acknowledged), `unsafe` (flushes are acknowledged without flushing).
    */
   cache?: 'writeback' | 'writethrough' | 'unsafe';
+  /** Offer the `qemu:allocation-depth` meta context (qemu-nbd's -A). */
+  allocationDepth?: boolean;
 }
 
 /** Where the server listens. */
@@ -264,8 +268,8 @@ class NbdConnection {
   readonly #reader: SocketReader;
   #noZeroes = false;
   #structured = false;
-  /** The export `base:allocation` was selected for by SET_META_CONTEXT, or null. */
-  #metaExport: string | null = null;
+  /** The meta contexts SET_META_CONTEXT selected, and for which export; null when none. */
+  #meta: { exportName: string; contexts: ExtentContext[] } | null = null;
   #export: NbdExport | null = null;
   #inFlight = 0;
   #inFlightBytes = 0;
@@ -471,7 +475,7 @@ class NbdConnection {
     this.optReply(option, P.NBD_REP_ACK);
     if (option === P.NBD_OPT_INFO) return 'continue';
     // the meta context selected belongs to the export it was selected for
-    if (this.#metaExport !== exp.name) this.#metaExport = null;
+    if (this.#meta !== null && this.#meta.exportName !== exp.name) this.#meta = null;
     return exp;
   }
 
@@ -486,14 +490,17 @@ class NbdConnection {
       this.optReply(option, P.NBD_REP_ERR_INVALID, `${P.optionName(option)} needs structured replies (NBD_OPT_STRUCTURED_REPLY) first`);
       return;
     }
-    if (this.server.findExport(req.exportName) === undefined) {
+    const exp = this.server.findExport(req.exportName);
+    if (exp === undefined) {
       this.optReply(option, P.NBD_REP_ERR_UNKNOWN, `export '${req.exportName}' not present`);
       return;
     }
-    const matches = (q: string): boolean => q === P.NBD_META_BASE_ALLOCATION || (!set && q === 'base:');
-    const selected = (!set && req.queries.length === 0) || req.queries.some(matches);
-    if (set) this.#metaExport = selected ? req.exportName : null;
-    if (selected) this.optReply(option, P.NBD_REP_META_CONTEXT, P.encodeMetaContextReply(set ? META_CONTEXT_ID_BASE_ALLOCATION : 0, P.NBD_META_BASE_ALLOCATION));
+    const offered: ExtentContext[] = exp.allocationDepth === true ? [P.NBD_META_BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH] : [P.NBD_META_BASE_ALLOCATION];
+    // LIST: no query lists them all, a namespace ('base:', 'qemu:') lists its own; SET: exact names
+    const matches = (ctx: ExtentContext, q: string): boolean => q === ctx || (!set && q.endsWith(':') && ctx.startsWith(q));
+    const selected = offered.filter((ctx) => (!set && req.queries.length === 0) || req.queries.some((q) => matches(ctx, q)));
+    if (set) this.#meta = selected.length > 0 ? { exportName: req.exportName, contexts: selected } : null;
+    for (const ctx of selected) this.optReply(option, P.NBD_REP_META_CONTEXT, P.encodeMetaContextReply(set ? META_CONTEXT_IDS[ctx] : 0, ctx));
     this.optReply(option, P.NBD_REP_ACK);
   }
 
@@ -715,15 +722,22 @@ class NbdConnection {
   }
 
   private async blockStatus(exp: NbdExport, req: P.NbdRequest): Promise<void> {
-    if (!this.#structured || this.#metaExport !== exp.name) {
-      throw new RequestRefused(P.NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS needs the base:allocation meta context (NBD_OPT_SET_META_CONTEXT)');
+    const meta = this.#meta;
+    if (!this.#structured || meta === null || meta.exportName !== exp.name) {
+      throw new RequestRefused(P.NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS needs a meta context (NBD_OPT_SET_META_CONTEXT)');
     }
     if (req.length === 0) throw new RequestRefused(P.NBD_EINVAL, 'NBD_CMD_BLOCK_STATUS of length 0');
     this.checkRange(exp, req, 'block status');
     const one = (req.flags & P.NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const extents = await exportExtents(exp.backend, req.offset, req.length, one ? 1 : MAX_EXTENTS);
-    if (one && extents[0] !== undefined) extents[0].length = Math.min(extents[0].length, req.length);
-    const body = P.encodeBlockStatus(META_CONTEXT_ID_BASE_ALLOCATION, extents);
-    this.send([P.encodeChunkHeader({ flags: P.NBD_REPLY_FLAG_DONE, type: P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie: req.cookie, length: body.length }), body]);
+    // one chunk per selected context, the last one DONE, all written together
+    const out: Buffer[] = [];
+    for (const [i, ctx] of meta.contexts.entries()) {
+      const extents = await exportExtents(exp.backend, req.offset, req.length, one ? 1 : MAX_EXTENTS, ctx);
+      if (one && extents[0] !== undefined) extents[0].length = Math.min(extents[0].length, req.length);
+      const body = P.encodeBlockStatus(META_CONTEXT_IDS[ctx], extents);
+      const done = i === meta.contexts.length - 1 ? P.NBD_REPLY_FLAG_DONE : 0;
+      out.push(P.encodeChunkHeader({ flags: done, type: P.NBD_REPLY_TYPE_BLOCK_STATUS, cookie: req.cookie, length: body.length }), body);
+    }
+    this.send(out);
   }
 }
