@@ -12,7 +12,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { BlockError, openImage } from '../src/index.js';
 import '../src/drivers/nbd/driver.js';
 import { formatNbdUrl, parseNbdFilename } from '../src/drivers/nbd/url.js';
-import { NbdClient } from '../src/nbd/client.js';
+import { MAX_IN_FLIGHT, NbdClient } from '../src/nbd/client.js';
 import { NBD_CMD_READ } from '../src/nbd/protocol.js';
 import { startFakeServer, type FakeServer, type Misbehaviour } from './nbd-client-fake-server.js';
 import { firstDifference, pattern } from './nbd-client-helpers.js';
@@ -70,6 +70,19 @@ describe('the NBD client and a well-behaved server', () => {
     await Promise.all(offsets.map((o, i) => c.read(o, bufs[i] as Uint8Array)));
     offsets.forEach((o, i) => expect(firstDifference(bufs[i] as Uint8Array, data.subarray(o, o + 5000))).toBe(-1));
     expect(s.seen.filter((t) => t === NBD_CMD_READ)).toHaveLength(4);
+  });
+
+  it('keeps at most MAX_IN_FLIGHT requests on the wire and queues the rest in order', async () => {
+    const data = pattern(8, 1024 * 1024);
+    const s = await fake('none', data.length, data.slice());
+    const c = await connect(s);
+    const bufs = Array.from({ length: 200 }, () => new Uint8Array(512));
+    const all = bufs.map((b, i) => c.read(i * 512, b));
+    expect(c.inFlightCount).toBe(MAX_IN_FLIGHT);
+    expect(c.queuedCount).toBe(200 - MAX_IN_FLIGHT);
+    await Promise.all(all);
+    bufs.forEach((b, i) => expect(firstDifference(b, data.subarray(i * 512, i * 512 + 512))).toBe(-1));
+    expect(c.queuedCount).toBe(0);
   });
 
   it('splits a read at the maximum block size the server announced', async () => {

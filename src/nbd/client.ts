@@ -68,6 +68,11 @@ export interface NbdZeroFlags extends NbdWriteFlags {
   mayUnmap?: boolean;
 }
 
+/**
+ * Requests in flight on the connection at most; more wait in the client's queue, in order
+ * (QEMU's client keeps 16; a deeper pipe keeps a fast server busy without an unbounded one).
+ */
+export const MAX_IN_FLIGHT = 64;
 const MAX_RETRY_PAUSE_MS = 2000;
 const FIRST_RETRY_PAUSE_MS = 100;
 /** The longest trim / write-zeroes / block-status request (QEMU's INT_MAX, aligned down). */
@@ -153,17 +158,56 @@ export class NbdClient {
 
   // ---- requests ----
 
+  /** Requests on the wire now. */
+  get inFlightCount(): number {
+    return this.conn?.inFlightCount ?? 0;
+  }
+
+  /** Requests waiting in the client: behind MAX_IN_FLIGHT others, or for a reconnect. */
+  get queuedCount(): number {
+    return this.waiting.length;
+  }
+
   private submit(type: number, flags: number, offset: number, length: number, data: Uint8Array | null): Promise<ExtentReply | null> {
     return new Promise<ExtentReply | null>((resolve, reject) => {
-      const req: NbdRequest = { type, flags, offset, length, data, resolve, reject, covered: 0, error: null, extent: null };
+      const req: NbdRequest = {
+        type,
+        flags,
+        offset,
+        length,
+        data,
+        resolve: (x) => {
+          resolve(x);
+          this.pump();
+        },
+        reject: (e) => {
+          reject(e);
+          this.pump();
+        },
+        covered: 0,
+        error: null,
+        extent: null,
+      };
       this.dispatch(req);
     });
+  }
+
+  /** Sends queued requests while the connection has room. */
+  private pump(): void {
+    const conn = this.conn;
+    if (this.state !== 'connected' || conn === null) return;
+    // a connection that dies meanwhile hands its requests back (onLost): stop feeding it
+    while (this.conn === conn && conn.alive && conn.inFlightCount < MAX_IN_FLIGHT) {
+      const r = this.waiting.shift();
+      if (r === undefined) break;
+      conn.send(r);
+    }
   }
 
   private dispatch(req: NbdRequest): void {
     switch (this.state) {
       case 'connected':
-        if (this.conn !== null) this.conn.send(req);
+        if (this.conn !== null && this.conn.inFlightCount < MAX_IN_FLIGHT && this.waiting.length === 0) this.conn.send(req);
         else this.waiting.push(req);
         return;
       case 'reconnecting':
@@ -410,6 +454,7 @@ export class NbdClient {
     if (delay <= 0) {
       this.state = 'failed';
       for (const r of pending) r.reject(this.lostError());
+      this.failWaiting();
       return;
     }
     this.waiting.unshift(...pending);
@@ -465,9 +510,7 @@ export class NbdClient {
           this.state = 'connected';
           if (this.deadlineTimer !== null) clearTimeout(this.deadlineTimer);
           this.deadlineTimer = null;
-          const w = this.waiting;
-          this.waiting = [];
-          for (const r of w) conn.send(r);
+          this.pump();
           return;
         }
         await new Promise<void>((resolve) => {
