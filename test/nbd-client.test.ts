@@ -229,6 +229,24 @@ describe('reconnect-delay', () => {
     await eio(c.read(0, new Uint8Array(512)), /connection lost: test: cable pulled \(reconnect-delay=0: no reconnect\)/);
   });
 
+  it('open-timeout tries the first connection again until the server listens', async () => {
+    const sockPath = path.join(dir, 'late.sock');
+    const late = new Promise<FakeServer>((resolve) => setTimeout(() => void startFakeServer(sockPath, 65536).then(resolve), 400));
+    const img = await openImage(`driver=nbd,server.type=unix,server.path=${sockPath},open-timeout=10`);
+    servers.push(await late);
+    expect(img.size).toBe(65536);
+    await img.close();
+  });
+
+  it('open-timeout gives up after its time with EIO saying so', async () => {
+    const t0 = Date.now();
+    await expect(openImage(`driver=nbd,server.type=unix,server.path=${path.join(dir, 'never.sock')},open-timeout=1`)).rejects.toMatchObject({
+      code: 'EIO',
+      message: expect.stringMatching(/Failed to connect.*still failing after open-timeout=1 s/),
+    });
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(500);
+  });
+
   it('stops retrying when the server comes back with a different export', async () => {
     const s = await fake('none', 1024 * 1024);
     const c = await connect(s, 5);

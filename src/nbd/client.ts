@@ -54,6 +54,11 @@ export interface NbdClientOptions {
   reconnectDelaySec?: number;
   /** How long a connection and its handshake may take before the attempt fails (default 30 s). */
   connectTimeoutMs?: number;
+  /**
+   * Seconds during which a failing first connection is tried again (QEMU's open-timeout); 0,
+   * the default: one attempt. A refusal in the handshake (no such export, TLS required) is final.
+   */
+  openTimeoutSec?: number;
 }
 
 /** Flags of a write. */
@@ -126,9 +131,26 @@ export class NbdClient {
    */
   static async connect(opts: NbdClientOptions): Promise<NbdClient> {
     let client: NbdClient | null = null;
-    const conn = await establish(opts, (c, reason, pending) => client?.lost(c, reason, pending));
-    client = new NbdClient(opts, conn);
-    return client;
+    const deadline = Date.now() + (opts.openTimeoutSec ?? 0) * 1000;
+    let pause = FIRST_RETRY_PAUSE_MS;
+    for (;;) {
+      try {
+        const conn = await establish(opts, (c, reason, pending) => client?.lost(c, reason, pending));
+        client = new NbdClient(opts, conn);
+        return client;
+      } catch (e) {
+        // only a connection that failed is tried again, not a server's refusal
+        const retry = e instanceof BlockError && e.code === 'EIO' && Date.now() + pause < deadline;
+        if (!retry) {
+          if (e instanceof BlockError && (opts.openTimeoutSec ?? 0) > 0 && e.code === 'EIO') {
+            throw new BlockError('EIO', `${e.message} (still failing after open-timeout=${opts.openTimeoutSec ?? 0} s)`, { op: 'nbd-connect', cause: e });
+          }
+          throw e;
+        }
+      }
+      await new Promise((r) => setTimeout(r, pause));
+      pause = Math.min(MAX_RETRY_PAUSE_MS, pause * 2);
+    }
   }
 
   /** The export's size in bytes. */

@@ -3,7 +3,8 @@
  * client in src/nbd/client.ts.
  *
  * Options, as QEMU's: `server.type=inet|unix`, `server.host`, `server.port` (default 10809),
- * `server.path`, `export` (default ''), `reconnect-delay` (seconds, default 0), `tls-creds`
+ * `server.path`, `export` (default ''), `reconnect-delay` and `open-timeout` (seconds, default
+ * 0: a lost connection fails at once, a first connection is tried once), `tls-creds`
  * (refused: TLS is not built); or `filename=` an NBD URL (`nbd://host:port/export`,
  * `nbd+unix:///export?socket=PATH`), which may not be combined with `server.*` / `export`.
  *
@@ -25,8 +26,8 @@ import { NbdClient, type NbdAddress } from '../../nbd/client.js';
 import { formatNbdUrl, isNbdFilename, parseNbdFilename, type NbdTarget } from './url.js';
 
 /** Options the driver knows; `aio`, `locking` and `force-share` are file options the easy API may pass on, and mean nothing here. */
-const KNOWN = new Set(['filename', 'server.type', 'server.host', 'server.port', 'server.path', 'export', 'reconnect-delay', 'tls-creds', 'aio', 'locking', 'force-share']);
-/** QEMU's upper bound on reconnect-delay (seconds). */
+const KNOWN = new Set(['filename', 'server.type', 'server.host', 'server.port', 'server.path', 'export', 'reconnect-delay', 'open-timeout', 'tls-creds', 'aio', 'locking', 'force-share']);
+/** The largest reconnect-delay / open-timeout accepted (seconds). */
 const MAX_RECONNECT_DELAY_SEC = 3600;
 
 function optError(node: BlockNode, field: string, why: string, value?: string): BlockError {
@@ -73,14 +74,14 @@ export function nbdTargetFromOptions(node: BlockNode, opts: NodeOptions): NbdTar
 }
 
 /**
- * The reconnect-delay option in seconds (0 when absent).
+ * A whole-seconds option (reconnect-delay, open-timeout): 0 when absent.
  * @locking common
  */
-export function reconnectDelay(node: BlockNode, opts: NodeOptions): number {
-  const text = opts['reconnect-delay'];
+export function secondsOption(node: BlockNode, opts: NodeOptions, key: 'reconnect-delay' | 'open-timeout'): number {
+  const text = opts[key];
   if (text === undefined) return 0;
   if (!/^\d+$/.test(text) || Number(text) > MAX_RECONNECT_DELAY_SEC) {
-    throw optError(node, 'reconnect-delay', `Invalid reconnect-delay '${text}': whole seconds from 0 to ${MAX_RECONNECT_DELAY_SEC}`, text);
+    throw optError(node, key, `Invalid ${key} '${text}': whole seconds from 0 to ${MAX_RECONNECT_DELAY_SEC}`, text);
   }
   return Number(text);
 }
@@ -209,8 +210,12 @@ export const nbdDriver: BlockDriver & { readonly protocolNames: readonly string[
   async open(bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
     assertBql(bql, `nbd open (node '${node.nodeName}')`);
     const target = nbdTargetFromOptions(node, opts);
-    const delay = reconnectDelay(node, opts);
-    const client = await NbdClient.connect({ address: target.address, exportName: target.exportName, reconnectDelaySec: delay });
+    const client = await NbdClient.connect({
+      address: target.address,
+      exportName: target.exportName,
+      reconnectDelaySec: secondsOption(node, opts, 'reconnect-delay'),
+      openTimeoutSec: secondsOption(node, opts, 'open-timeout'),
+    });
     if (client.readOnly && !node.readOnly) {
       await client.close();
       throw new BlockError('EACCES', `NBD export ${client.where} is read-only: open node '${node.nodeName}' with read-only=on`, { node: node.nodeName, field: 'read-only' });
