@@ -472,18 +472,25 @@ export function encodeRequest(req: NbdRequest): Buffer {
 /** Parses a request header; null when the magic is wrong (the server then drops the connection). */
 export function decodeRequest(buf: Uint8Array, at = 0): NbdRequest | null {
   need(buf, at, NBD_REQUEST_SIZE, 'a request');
-  const v = view(buf);
-  if (v.getUint32(at) !== NBD_REQUEST_MAGIC) return null;
-  return { flags: v.getUint16(at + 4), type: v.getUint16(at + 6), cookie: v.getBigUint64(at + 8), offset: readU64(buf, at + 16), length: v.getUint32(at + 24) };
+  // Buffer's own readers where we can: no DataView per request on the server's hot path
+  const b = Buffer.isBuffer(buf) ? buf : Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+  if (b.readUInt32BE(at) !== NBD_REQUEST_MAGIC) return null;
+  return {
+    flags: b.readUInt16BE(at + 4),
+    type: b.readUInt16BE(at + 6),
+    cookie: b.readBigUInt64BE(at + 8),
+    offset: b.readUInt32BE(at + 16) * 0x1_0000_0000 + b.readUInt32BE(at + 20),
+    length: b.readUInt32BE(at + 24),
+  };
 }
 
 /** Writes a simple reply header into `out` at `at` (16 bytes). */
 export function writeSimpleReply(out: Uint8Array, at: number, error: number, cookie: bigint): void {
   need(out, at, NBD_SIMPLE_REPLY_SIZE, 'a simple reply');
-  const v = view(out);
-  v.setUint32(at, NBD_SIMPLE_REPLY_MAGIC);
-  v.setUint32(at + 4, error);
-  v.setBigUint64(at + 8, cookie);
+  const b = Buffer.isBuffer(out) ? out : Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+  b.writeUInt32BE(NBD_SIMPLE_REPLY_MAGIC, at);
+  b.writeUInt32BE(error, at + 4);
+  b.writeBigUInt64BE(cookie, at + 8);
 }
 
 /** A simple reply header as a new buffer. */

@@ -539,7 +539,8 @@ class NbdConnection {
   private async transmission(exp: NbdExport): Promise<void> {
     for (;;) {
       if (this.#stopping) return;
-      const h = await this.#reader.read(P.NBD_REQUEST_SIZE);
+      // the hot path: a pipelined request is usually buffered already; read it without a promise
+      const h = this.#reader.tryRead(P.NBD_REQUEST_SIZE) ?? (await this.#reader.read(P.NBD_REQUEST_SIZE));
       if (h === null) return;
       const req = P.decodeRequest(h);
       if (req === null) {

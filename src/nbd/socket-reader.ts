@@ -76,6 +76,12 @@ export class SocketReader {
     });
   }
 
+  /** Exactly `n` bytes when they are already buffered (no promise, no microtask), else null. */
+  tryRead(n: number): Buffer | null {
+    if (this.#waiter !== null || this.#ended || this.#buffered < n) return null;
+    return this.take(n);
+  }
+
   /** Discards `n` bytes; false when the stream ended first. */
   async skip(n: number): Promise<boolean> {
     const slice = 1024 * 1024;
