@@ -60,6 +60,9 @@ export type Misbehaviour =
   | 'close-on-request'
   | 'reverse-order'
   | 'silent-handshake'
+  | 'oversized-data-chunk'
+  | 'wrong-context'
+  | 'structured-reply-to-nothing'
   /** Knows neither structured replies nor NBD_OPT_GO: the client falls back to NBD_OPT_EXPORT_NAME and simple replies. */
   | 'old-server'
   /** Answers every option with NBD_REP_ERR_TLS_REQD. */
@@ -218,7 +221,8 @@ async function serve(s: net.Socket, st: FakeServer): Promise<void> {
     let reply: Buffer;
     if (type === NBD_CMD_READ) {
       const bytes = st.data.subarray(off, off + len);
-      if (m === 'old-server') reply = Buffer.concat([simple(cookie, 0), bytes]);
+      if (m === 'oversized-data-chunk') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, u64(off), 0x7ffffff0);
+      else if (m === 'old-server') reply = Buffer.concat([simple(cookie, 0), bytes]);
       else if (m === 'chunk-past-request') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([u64(off + 4096), bytes]));
       else if (m === 'huge-error-chunk') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR, Buffer.alloc(6), 0xfffffff0);
       else if (m === 'short-read') reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([u64(off), bytes.subarray(0, Math.floor(len / 2))]));
@@ -244,10 +248,11 @@ async function serve(s: net.Socket, st: FakeServer): Promise<void> {
       st.data.fill(0, off, off + len);
       reply = simple(cookie, 0);
     } else if (type === NBD_CMD_FLUSH) {
-      reply = simple(cookie, 0);
+      // a data chunk is no answer to a flush
+      reply = m === 'structured-reply-to-nothing' ? chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, Buffer.concat([u64(0), Buffer.alloc(8)])) : simple(cookie, 0);
     } else if (type === NBD_CMD_BLOCK_STATUS) {
       const p = Buffer.alloc(12);
-      p.writeUInt32BE(CONTEXT_ID, 0);
+      p.writeUInt32BE(m === 'wrong-context' ? CONTEXT_ID + 1 : CONTEXT_ID, 0);
       p.writeUInt32BE(len, 4);
       p.writeUInt32BE(st.data.subarray(off, off + len).every((b) => b === 0) ? 3 : 0, 8);
       reply = chunk(cookie, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_BLOCK_STATUS, p);

@@ -149,6 +149,24 @@ describe('a server that answers garbage', () => {
     });
   }
 
+  it('fails with EIO when a data chunk is longer than the read, without reading it', async () => {
+    const s = await fake('oversized-data-chunk');
+    const c = await connect(s);
+    await eio(c.read(0, new Uint8Array(512)), /protocol error: a data chunk of 2147483632 bytes in the reply to read of 512 bytes/);
+  });
+
+  it('fails with EIO when block status names a meta context that was not agreed', async () => {
+    const s = await fake('wrong-context');
+    const c = await connect(s);
+    await eio(c.blockStatus(0, 4096), /block status for meta context 8, which was not agreed/);
+  });
+
+  it('fails with EIO when a flush gets a data chunk', async () => {
+    const s = await fake('structured-reply-to-nothing');
+    const c = await connect(s);
+    await eio(c.flush(), /protocol error: a data chunk in the reply to flush/);
+  });
+
   it('fails every request in flight when the connection breaks, not only the one that broke it', async () => {
     const s = await fake('bad-reply-magic');
     const c = await connect(s);
