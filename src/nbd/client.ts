@@ -479,14 +479,12 @@ export class NbdClient {
       this.failWaiting();
       return;
     }
+    // the current connection exists only while connected: the requests wait from here on, for
+    // `delay` seconds at most, and are sent again on the next connection
     this.waiting.unshift(...pending);
-    if (this.state !== 'failed') {
-      this.state = 'reconnecting';
-      this.deadlineTimer = setTimeout(() => this.reconnectDeadline(), delay * 1000);
-      this.deadlineTimer.unref();
-    } else {
-      this.failWaiting();
-    }
+    this.state = 'reconnecting';
+    this.deadlineTimer = setTimeout(() => this.reconnectDeadline(), delay * 1000);
+    this.deadlineTimer.unref();
     void this.reconnectLoop();
   }
 
