@@ -776,6 +776,33 @@ describeInterop('NBD server: connection limits, timeouts and shutdown', () => {
     }
   });
 
+  it('bounds the payload bytes in flight over all connections, and every request completes', async () => {
+    const sock = path.join(dir, 'budget.sock');
+    const server = new NbdServer({ exports: [{ name: '', backend: img.backend }], maxConnections: 2, maxInFlightBytes: MiB });
+    await server.listen({ type: 'unix', path: sock });
+    try {
+      const clients = [await RawClient.connect(sock), await RawClient.connect(sock)];
+      for (const c of clients) await c.go('');
+      const root = img.backend.root;
+      if (root === null) throw new Error('no root');
+      await withBql((bql) =>
+        withDrained(bql, root, async () => {
+          clients.forEach((c, k) => [0, 1].forEach((j) => c.request(P.NBD_CMD_WRITE, (2 * k + j) * MiB, MiB, BigInt(j), 0, Buffer.alloc(MiB, 0x40 + 2 * k + j))));
+          await new Promise((r) => setTimeout(r, 200));
+          // one write is let in (nothing else was in flight); the other three wait unread
+          expect(server.inFlightBytes).toBe(MiB);
+          expect(img.backend.queuedCount).toBe(1);
+        }),
+      );
+      for (const c of clients) for (let j = 0; j < 2; j++) expect((await c.simpleReply()).error).toBe(0);
+      expect(server.inFlightBytes).toBe(0);
+      for (let i = 0; i < 4; i++) expect((await img.read(i * MiB, 1))[0]).toBe(0x40 + i);
+      for (const c of clients) c.end();
+    } finally {
+      await server.close();
+    }
+  });
+
   it('close() answers the requests in flight before closing the connection, and removes the socket', async () => {
     const sock = path.join(dir, 'close.sock');
     const server = new NbdServer({ exports: [{ name: '', backend: img.backend }] });

@@ -47,6 +47,8 @@ export const MAX_OPTIONS = 1024;
 export const MAX_REQUEST_BYTES = P.NBD_MAX_PAYLOAD_BYTES;
 /** Payload bytes one connection may hold in flight (reads being answered, writes being done). */
 export const MAX_INFLIGHT_BYTES = 64 * 1024 * 1024;
+/** Payload bytes all connections together may hold in flight (default of `maxInFlightBytes`). */
+export const MAX_SERVER_INFLIGHT_BYTES = 512 * 1024 * 1024;
 /** The most extents one BLOCK_STATUS reply carries. */
 export const MAX_EXTENTS = 65536;
 /** Reads at least this long are answered sparsely (OFFSET_HOLE for zero ranges) over structured replies. */
@@ -83,6 +85,8 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** The handshake must end within this many ms (QEMU's 10 s). */
   handshakeTimeoutMs?: number;
+  /** Payload bytes in flight over all connections; past it, readers wait (default 512 MiB). */
+  maxInFlightBytes?: number;
   /** Called with a line about each connection's fate (errors the client caused), for logs. */
   log?: (line: string) => void;
 }
@@ -99,7 +103,10 @@ export class NbdServer extends EventEmitter {
   readonly maxPending: number;
   readonly maxInFlight: number;
   readonly handshakeTimeoutMs: number;
+  readonly maxInFlightBytes: number;
   readonly log: (line: string) => void;
+  #inFlightBytes = 0;
+  readonly #budgetWaiters = new Set<() => void>();
   /** Shared-memory buffers for large reads and writes (no staging copy in the IOThread pool). */
   readonly pool = new SharedBufferPool();
 
@@ -111,6 +118,7 @@ export class NbdServer extends EventEmitter {
     this.maxPending = opts.maxPending ?? 256;
     this.maxInFlight = positive(opts.maxInFlight ?? 32, 'maxInFlight');
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
+    this.maxInFlightBytes = positive(opts.maxInFlightBytes ?? MAX_SERVER_INFLIGHT_BYTES, 'maxInFlightBytes');
     this.log = opts.log ?? (() => undefined);
   }
 
@@ -141,6 +149,32 @@ export class NbdServer extends EventEmitter {
   clientsOf(name: string): number {
     const e = this.#exports.get(name);
     return e === undefined ? 0 : [...this.#conns].filter((c) => c.export === e).length;
+  }
+
+  /** Payload bytes in flight over all connections. */
+  get inFlightBytes(): number {
+    return this.#inFlightBytes;
+  }
+
+  /** True when `bytes` more fit in the server's budget (always, when nothing is in flight: progress). */
+  fitsBudget(bytes: number): boolean {
+    return this.#inFlightBytes === 0 || this.#inFlightBytes + bytes <= this.maxInFlightBytes;
+  }
+
+  /** Counts `bytes` in (positive) or out (negative); a release wakes the connections waiting for room. */
+  chargeBudget(bytes: number): void {
+    this.#inFlightBytes += bytes;
+    if (this.#inFlightBytes < 0) throw new BlockError('EIO', 'NBD server: in-flight byte count went negative', { op: 'nbd' });
+    if (bytes < 0 && this.#budgetWaiters.size > 0) {
+      const waiters = [...this.#budgetWaiters];
+      this.#budgetWaiters.clear();
+      for (const w of waiters) w();
+    }
+  }
+
+  /** Calls `wake` at the next release of budget. */
+  waitBudget(wake: () => void): void {
+    this.#budgetWaiters.add(wake);
   }
 
   /** Connections being served (past the wait for a slot). */
@@ -509,7 +543,10 @@ class NbdConnection {
   /** Waits until a request of `bytes` payload may start (bounded in-flight count and bytes). */
   private async slot(bytes: number): Promise<void> {
     const fits = (): boolean =>
-      this.#inFlight < this.server.maxInFlight && (this.#inFlight === 0 || this.#inFlightBytes + bytes <= MAX_INFLIGHT_BYTES) && !this.socket.writableNeedDrain;
+      this.#inFlight < this.server.maxInFlight &&
+      (this.#inFlight === 0 || this.#inFlightBytes + bytes <= MAX_INFLIGHT_BYTES) &&
+      this.server.fitsBudget(bytes) &&
+      !this.socket.writableNeedDrain;
     while (!fits() && !this.socket.destroyed) {
       if (this.socket.writableNeedDrain) {
         await new Promise<void>((resolve) => {
@@ -521,7 +558,13 @@ class NbdConnection {
           this.socket.on('drain', done);
           this.socket.on('close', done);
         });
-      } else await new Promise<void>((resolve) => (this.#wake = resolve));
+      } else {
+        // woken by this connection's own completions, or by room made by any connection
+        await new Promise<void>((resolve) => {
+          this.#wake = resolve;
+          if (!this.server.fitsBudget(bytes)) this.server.waitBudget(resolve);
+        });
+      }
     }
   }
 
@@ -549,31 +592,36 @@ class NbdConnection {
         return;
       }
       if (req.type === P.NBD_CMD_DISC) return;
-      let payload: Buffer | null = null;
-      if (req.type === P.NBD_CMD_WRITE) {
-        if (req.length > MAX_REQUEST_BYTES) {
-          // the payload cannot be trusted to be buffered: throw it away in slices, then refuse
-          if (!(await this.#reader.skip(req.length))) return;
-          this.reply(req, new RequestRefused(P.NBD_EINVAL, `write of ${req.length} bytes is larger than the maximum of ${MAX_REQUEST_BYTES}`));
-          continue;
-        }
-        await this.slot(req.length);
-        payload = req.length === 0 ? Buffer.alloc(0) : await this.#reader.read(req.length, req.length >= MIN_POOLED_BYTES ? (n) => this.server.pool.get(n) : undefined);
-        // EOF inside a write: nothing of it was applied
-        if (payload === null) return;
-      } else {
-        await this.slot(req.type === P.NBD_CMD_READ ? Math.min(req.length, MAX_REQUEST_BYTES) : 0);
+      if (req.type === P.NBD_CMD_WRITE && req.length > MAX_REQUEST_BYTES) {
+        // the payload cannot be trusted to be buffered: throw it away in slices, then refuse
+        if (!(await this.#reader.skip(req.length))) return;
+        this.reply(req, new RequestRefused(P.NBD_EINVAL, `write of ${req.length} bytes is larger than the maximum of ${MAX_REQUEST_BYTES}`));
+        continue;
       }
-      const bytes = payload?.length ?? (req.type === P.NBD_CMD_READ ? Math.min(req.length, MAX_REQUEST_BYTES) : 0);
+      const bytes = req.type === P.NBD_CMD_WRITE ? req.length : req.type === P.NBD_CMD_READ ? Math.min(req.length, MAX_REQUEST_BYTES) : 0;
+      // the room is taken before a write's payload is read, so that no other reader can take it meanwhile
+      await this.slot(bytes);
       this.#inFlight++;
       this.#inFlightBytes += bytes;
-      void this.handle(exp, req, payload).finally(() => {
+      this.server.chargeBudget(bytes);
+      let payload: Buffer | null = null;
+      const done = (): void => {
         // a pooled payload is free again once its write is done (release ignores other buffers)
         if (payload !== null) this.server.pool.release(payload);
         this.#inFlight--;
         this.#inFlightBytes -= bytes;
+        this.server.chargeBudget(-bytes);
         this.wakeReader();
-      });
+      };
+      if (req.type === P.NBD_CMD_WRITE) {
+        payload = req.length === 0 ? Buffer.alloc(0) : await this.#reader.read(req.length, req.length >= MIN_POOLED_BYTES ? (n) => this.server.pool.get(n) : undefined);
+        if (payload === null) {
+          // EOF inside a write: nothing of it was applied
+          done();
+          return;
+        }
+      }
+      void this.handle(exp, req, payload).finally(done);
     }
   }
 
