@@ -327,6 +327,7 @@ describe('graph changes while a snapshot job works without the BQL', () => {
       const nodes = m.disks.map((d) => d.node.nodeName);
       await qmp(m, 'snapshot-save', { 'job-id': 'g', tag: 'g', vmstate: nodes[0] ?? '', devices: [nodes[0] ?? ''] });
       const job = await withBql((bql) => findJob(bql, 'g'));
+      while (job.progress.current < MiB && job.status === 'running') await sleep(0);
       await withBql((bql) => job.pause(bql));
       while (job.status !== 'paused') await sleep(1);
       expect(job.progress.current).toBeGreaterThan(0);
@@ -412,6 +413,7 @@ describe('stop, cont and query-status over QMP', () => {
       const node = m.disks[0]?.node.nodeName ?? '';
       await qmp(m, 'snapshot-save', { 'job-id': 'h', tag: 'h', vmstate: node, devices: [node] });
       const job = await withBql((bql) => findJob(bql, 'h'));
+      while (job.progress.current < MiB && job.status === 'running') await sleep(0);
       await withBql((bql) => job.pause(bql));
       while (job.status !== 'paused') await sleep(1);
       const ctx = { ...ctxOf(m), commands: machineCommands };

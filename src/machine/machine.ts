@@ -504,6 +504,9 @@ export class Machine {
    */
   async shutdown(bql: Bql): Promise<void> {
     assertBql(bql, 'machine shutdown');
+    // a snapshot operation between its steps holds the machine and drains its disks: closing them
+    // now would wait for it while this BQL holder keeps it from finishing (cancel its job first)
+    for (const h of this.pauseHolds) throw new BlockError('EBUSY', `machine shutdown: ${h.reason} is running; cancel it first`, { op: 'shutdown' });
     if (this.started) await this.stop(bql);
     this.quitting = true;
     Atomics.store(this.control, CTL_QUIT, 1);

@@ -103,16 +103,29 @@ export async function writeVmStateStream(
   node: BlockNode,
   layout: { prefix: Uint8Array; ram: Uint8Array; total: number },
 ): Promise<number> {
-  const buf = new Uint8Array(Math.min(VMSTATE_CHUNK_BYTES, layout.total));
+  // two buffers: the next chunk is copied (and its CRC computed) while the last one is written
+  const size = Math.min(VMSTATE_CHUNK_BYTES, layout.total);
+  const bufs = [new Uint8Array(size), new Uint8Array(size)] as const;
+  let cur = 0;
+  let buf: Uint8Array = bufs[0];
   let fill = 0;
   let pos = 0;
   let crc = 0;
+  let inflight: Promise<void> | null = null;
   const writeOut = async (): Promise<void> => {
     const piece = buf.subarray(0, fill);
-    await steps.io(proof, () => bdrvSaveVmstate(node, piece, pos));
+    const at = pos;
     pos += fill;
     fill = 0;
-    await steps.progress(pos, layout.total);
+    // the previous chunk's write must be done: its buffer is the one filled next
+    if (inflight !== null) await inflight;
+    inflight = null;
+    await steps.progress(at, layout.total);
+    const w = steps.io(proof, () => bdrvSaveVmstate(node, piece, at));
+    w.catch(() => undefined); // awaited below; not an unhandled rejection meanwhile
+    inflight = w;
+    cur ^= 1;
+    buf = bufs[cur] as Uint8Array;
   };
   for (const seg of [layout.prefix, layout.ram]) {
     for (let off = 0; off < seg.length; ) {
@@ -131,6 +144,8 @@ export async function writeVmStateStream(
   new DataView(buf.buffer, buf.byteOffset).setUint32(fill, crc);
   fill += VMSTATE_TRAILER_BYTES;
   await writeOut();
+  if (inflight !== null) await inflight;
+  await steps.progress(pos, layout.total);
   // written back here, outside the BQL: the snapshot's commit flushes again, and finds little left
   await steps.io(proof, () => bdrvFlush(node));
   return pos;
