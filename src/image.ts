@@ -20,7 +20,7 @@ import { closeNode, openNode } from './block/graph.js';
 import type { BlockNode } from './block/node.js';
 import { parseOptions, type NodeOptions } from './block/options.js';
 import { queryBlock, type BackendInfo } from './block/query.js';
-import type { SnapshotInfo } from './block/driver.js';
+import { findProtocolDriver, type SnapshotInfo } from './block/driver.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
 import './drivers/index.js';
 
@@ -244,14 +244,16 @@ export class Image {
  */
 export async function openImage(target: string, opts: OpenImageOptions = {}): Promise<Image> {
   const nodeOpts: NodeOptions = {};
-  if (target.includes('=')) Object.assign(nodeOpts, parseOptions(target, 'driver'));
+  // an option string has '='; so may a URL (nbd+unix:///e?socket=PATH), which is a file name
+  const isOptions = target.includes('=') && findProtocolDriver(target) === null;
+  if (isOptions) Object.assign(nodeOpts, parseOptions(target, 'driver'));
   else nodeOpts['file'] = target;
   if (opts.format !== undefined) nodeOpts['driver'] = opts.format;
   if (opts.readOnly === true) nodeOpts['read-only'] = 'on';
   if (opts.iothread !== undefined) nodeOpts['iothread'] = opts.iothread;
-  if (opts.aio !== undefined && !target.includes('=')) nodeOpts['file.aio'] = opts.aio;
-  if (opts.forceShare === true && !target.includes('=')) nodeOpts['file.force-share'] = 'on';
-  if (opts.locking !== undefined && !target.includes('=')) nodeOpts['file.locking'] = opts.locking;
+  if (opts.aio !== undefined && !isOptions) nodeOpts['file.aio'] = opts.aio;
+  if (opts.forceShare === true && !isOptions) nodeOpts['file.force-share'] = 'on';
+  if (opts.locking !== undefined && !isOptions) nodeOpts['file.locking'] = opts.locking;
   if (opts.noBacking === true) nodeOpts['backing'] = 'null';
   if (opts.nodeOptions !== undefined) Object.assign(nodeOpts, opts.nodeOptions);
   const waitMs = opts.bqlWaitMs ?? DEFAULT_BQL_WAIT_MS;

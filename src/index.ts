@@ -54,3 +54,10 @@ export {
   type GroupDisk,
 } from './block/snapshot-group.js';
 export { bdrvSaveVmstate, bdrvLoadVmstate, bdrvBlockStatus } from './block/io.js';
+export { saveVmLocked, loadVmLocked, delVmLocked, type VmSnapshotOptions } from './machine/savevm.js';
+export { acquireSnapshotLock, releaseSnapshotLock, trySnapshotLock, withSnapshotLock, SnapshotLocked } from './block/snapshot-lock.js';
+export { QmpServer, type QmpListenAddress, type QmpServerOptions } from './qmp/server.js';
+export { QmpClient } from './qmp/client.js';
+export { qmpCommands } from './qmp/command-table.js';
+export { QmpError, type QmpCommand, type QmpContext, type QmpValue, type QmpObject } from './qmp/types.js';
+export { NbdServer, type NbdExport, type NbdListenAddress } from './nbd/server.js';

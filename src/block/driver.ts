@@ -189,6 +189,11 @@ export interface BlockDriver {
    */
   readonly kind: 'protocol' | 'format' | 'filter';
   /**
+   * For protocol drivers reached through a file name: the prefixes before ':' that select them
+   * (`nbd`, `nbd+unix`), as QEMU's protocol_name.
+   */
+  readonly protocolNames?: readonly string[];
+  /**
    * For format drivers: 0..100, how sure the first bytes of a file are this format.
    * @locking common
    */
@@ -225,6 +230,19 @@ export function findDriver(name: string): BlockDriver {
     throw new BlockError('ENOENT', `Unknown driver '${name}' (known: ${known})`, { field: 'driver', value: name });
   }
   return drv;
+}
+
+/**
+ * The protocol driver a file name selects by its prefix (`nbd://h/e` -> nbd), or null for a host
+ * file, as QEMU's bdrv_find_protocol; a prefix no driver claims is a host file's name.
+ * @locking common
+ */
+export function findProtocolDriver(filename: string): BlockDriver | null {
+  const m = /^([A-Za-z][A-Za-z0-9+.-]*):/.exec(filename);
+  if (m === null) return null;
+  const prefix = m[1] ?? '';
+  for (const drv of registry.values()) if (drv.kind === 'protocol' && drv.protocolNames?.includes(prefix) === true) return drv;
+  return null;
 }
 
 /**

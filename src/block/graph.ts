@@ -9,7 +9,7 @@ import { refuseIfSnapshotClaimed } from './snapshot-lock.js';
 import { backingChoice } from './backing.js';
 import { assertBql, type Bql } from './bql.js';
 import { assertDrained, callDrainedCallback, drainedBegin, drainedEnd, type DrainedProof } from './drain.js';
-import { findDriver, probingDrivers, type BlockDriver, type BlockDriverInstance } from './driver.js';
+import { findDriver, findProtocolDriver, probingDrivers, type BlockDriver, type BlockDriverInstance } from './driver.js';
 import { BlockError } from './errors.js';
 import { bdrvPread } from './io.js';
 import { findIOThread, type IOThread } from './iothread.js';
@@ -264,6 +264,9 @@ async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number
     const fileOpts = subOptions(opts, 'file');
     const fileName = opts['file'];
     if (fileName !== undefined) fileOpts['filename'] ??= fileName;
+    // a file name with a protocol prefix (nbd://, nbd+unix://) selects its protocol driver
+    const protocol = fileOpts['driver'] === undefined && fileOpts['filename'] !== undefined ? findProtocolDriver(fileOpts['filename']) : null;
+    if (protocol !== null) fileOpts['driver'] = protocol.formatName;
     fileOpts['driver'] ??= 'file';
     if (fileOpts['filename'] === undefined && fileOpts['driver'] === 'file') {
       throw new BlockError('EINVAL', `A '${driverName ?? 'format'}' node needs a file: give file=PATH or file.driver=...`, { field: 'file' });

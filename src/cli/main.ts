@@ -14,6 +14,7 @@ commands:
   io FILE -c CMD ...      run qemu-io commands on an image
   monitor [options]       the HMP-like monitor (--drive, --object iothread, --demo, -qmp)
   daemon [options]        a storage daemon with QMP, in qemu-storage-daemon's syntax
+  nbd [options] FILE      export an image over NBD, in qemu-nbd's syntax
 run 'snapstack <command> --help' for a command's options`;
 
 /** Runs the command line `argv` (without node and script); returns the exit status. */

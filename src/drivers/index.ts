@@ -6,6 +6,7 @@ import './file/driver.js';
 import './memory.js';
 import './raw.js';
 import './qcow2/driver.js';
+import './nbd/driver.js';
 
 export { createRawFile } from './file/driver.js';
 export { createQcow2File, createQcow2OnNode, type Qcow2CreateOptions } from './qcow2/create.js';

@@ -7,9 +7,9 @@
  */
 import { assertBql, type Bql } from '../block/bql.js';
 import { assertDrained, type DrainedProof } from '../block/drain.js';
-import { registerDriver, type BlockDriver, type BlockDriverInstance, type WriteZeroesFlags } from '../block/driver.js';
+import { registerDriver, type BlockDriver, type BlockDriverInstance, type BlockStatus, type WriteZeroesFlags } from '../block/driver.js';
 import { BlockError } from '../block/errors.js';
-import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../block/io.js';
+import { bdrvBlockStatus, bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
 import type { NodeOptions } from '../block/options.js';
 
@@ -48,6 +48,14 @@ class RawInstance implements BlockDriverInstance {
   /** The child's length. */
   getLength(): number {
     return bdrvGetLength(this.file);
+  }
+
+  /**
+   * The child's status at the same offset (a protocol's holes and zeros show through raw).
+   * @locking io
+   */
+  blockStatus(offset: number, bytes: number): Promise<BlockStatus> {
+    return bdrvBlockStatus(this.file, offset, bytes);
   }
 
   /** Resizes the child. */
