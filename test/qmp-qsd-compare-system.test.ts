@@ -17,29 +17,11 @@ import { QmpClient } from '../src/qmp/client.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
-import { qemu, SKIP_REPORT } from './helpers/qemu.js';
+import { describeNeeding, qemu } from './helpers/qemu.js';
 import { tempDir } from './qmp-helpers.js';
 
 const QEMU = 'qemu-system-x86_64';
-const hasQemu = spawnSync(QEMU, ['--version'], { stdio: 'ignore' }).status === 0 && spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0;
-const inCi = process.env['CI'] !== undefined && process.env['CI'] !== '' && process.env['CI'] !== 'false';
-
-/** A describe() that needs qemu-system-x86_64: runs, fails in CI when it is missing, or skips and says so. */
-function describeQemuSystem(name: string, fn: () => void): void {
-  if (hasQemu) return void describe(name, fn);
-  const why = `${QEMU} or qemu-img not found (apt-get install qemu-system-x86 qemu-utils)`;
-  if (inCi) {
-    describe(name, () => {
-      it('has the qemu-system-x86_64 oracle it needs in CI', () => {
-        throw new Error(`suite '${name}' cannot run in CI: ${why}`);
-      });
-    });
-    return;
-  }
-  fs.mkdirSync(path.dirname(SKIP_REPORT), { recursive: true });
-  fs.appendFileSync(SKIP_REPORT, `${name}: ${why}\n`);
-  describe.skip(name, fn);
-}
+const describeQemuSystem = (name: string, fn: () => void): void => describeNeeding(name, [QEMU, 'qemu-img'], 'apt-get install qemu-system-x86 qemu-utils', fn);
 
 function kind(v: QmpValue | undefined): string {
   if (v === undefined) return 'missing';

@@ -20,27 +20,10 @@ import { QmpClient, type QmpEvent } from '../src/qmp/client.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
-import { SKIP_REPORT } from './helpers/qemu.js';
+import { describeNeeding } from './helpers/qemu.js';
 
 const QEMU = 'qemu-system-x86_64';
-const hasQemu = spawnSync(QEMU, ['--version'], { stdio: 'ignore' }).status === 0 && spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status === 0;
-const inCi = process.env['CI'] !== undefined && process.env['CI'] !== '' && process.env['CI'] !== 'false';
-
-function describeQemuSystem(name: string, fn: () => void): void {
-  if (hasQemu) return void describe(name, fn);
-  const why = `${QEMU} or qemu-img not found (apt-get install qemu-system-x86 qemu-utils)`;
-  if (inCi) {
-    describe(name, () => {
-      it('has the qemu-system-x86_64 oracle it needs in CI', () => {
-        throw new Error(`suite '${name}' cannot run in CI: ${why}`);
-      });
-    });
-    return;
-  }
-  fs.mkdirSync(path.dirname(SKIP_REPORT), { recursive: true });
-  fs.appendFileSync(SKIP_REPORT, `${name}: ${why}\n`);
-  describe.skip(name, fn);
-}
+const describeQemuSystem = (name: string, fn: () => void): void => describeNeeding(name, [QEMU, 'qemu-img'], 'apt-get install qemu-system-x86 qemu-utils', fn);
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 

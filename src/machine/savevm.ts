@@ -447,31 +447,30 @@ async function saveVmWith(steps: VmSteps, m: Machine, tag: string | undefined, o
       await writeVmStateStream(steps, drained, vmDisk.node, layout);
     } catch (e) {
       const why = isBlockError(e, 'ECANCELED') ? 'cancelled while saving the VM state' : `could not save the VM state on '${vmDisk.name}': ${message(e)}`;
-      throw new VmSnapshotError(codeOf(e), `savevm '${name}': ${why}; no snapshot was made, the older ones of the tag are kept`, {
-        undoKept: [],
-        leftovers: [],
-        disks: new Map(),
-        committed: false,
-        pending: false,
-      }, e);
+      throw nothingSaved(name, why, e);
     }
     return await steps.gs((bql) => {
       try {
         steps.commit(bql);
       } catch (e) {
-        throw new VmSnapshotError(codeOf(e), `savevm '${name}': cancelled before its commit; no snapshot was made, the older ones of the tag are kept`, {
-          undoKept: [],
-          leftovers: [],
-          disks: new Map(),
-          committed: false,
-          pending: false,
-        }, e);
+        throw nothingSaved(name, 'cancelled before its commit', e);
       }
       return runInDrainedSection(bql, drained, () => commitSavevm(bql, drained, m, name, held.disks, vmDisk, olderAll, layout.total));
     });
   } finally {
     await steps.gs((bql) => letMachineGo(bql, m, held));
   }
+}
+
+/** The error of a savevm that stopped before its commit: nothing was made, nothing is left. */
+function nothingSaved(name: string, why: string, cause: unknown): VmSnapshotError {
+  return new VmSnapshotError(codeOf(cause), `savevm '${name}': ${why}; no snapshot was made, the older ones of the tag are kept`, {
+    undoKept: [],
+    leftovers: [],
+    disks: new Map(),
+    committed: false,
+    pending: false,
+  }, cause);
 }
 
 /** savevm's commit on the drained disks once the VM state is written: create, then drop older ones. */

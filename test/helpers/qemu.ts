@@ -46,3 +46,27 @@ export function qemuStatus(tool: 'qemu-img' | 'qemu-io', args: string[]): { stat
   const r = spawnSync(tool, args, { encoding: 'utf8' });
   return { status: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
+
+/**
+ * A describe() that needs the peer `tools` (installed by `install`): runs, fails in CI when one is
+ * missing, or skips and records the skip for `npm test`'s report.
+ */
+export function describeNeeding(name: string, tools: readonly string[], install: string, fn: () => void): void {
+  const absent = tools.filter((t) => !has(t));
+  if (absent.length === 0) {
+    describe(name, fn);
+    return;
+  }
+  const why = `${absent.join(' and ')} not found (${install})`;
+  if (process.env['CI'] !== undefined && process.env['CI'] !== '' && process.env['CI'] !== 'false') {
+    describe(name, () => {
+      it(`has the peers it needs in CI (${absent.join(', ')})`, () => {
+        throw new Error(`suite '${name}' cannot run in CI: ${why}`);
+      });
+    });
+    return;
+  }
+  fs.mkdirSync(path.dirname(SKIP_REPORT), { recursive: true });
+  fs.appendFileSync(SKIP_REPORT, `${name}: ${why}\n`);
+  describe.skip(name, fn);
+}

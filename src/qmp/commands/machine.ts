@@ -5,15 +5,10 @@
  * back; a stop that arrives while a snapshot job holds the machine is honoured when the job ends.
  */
 import { withBql } from '../../block/bql.js';
-import type { Machine } from '../../machine/machine.js';
 import { recoverVmSnapshots } from '../../machine/savevm.js';
-import { QmpError, type QmpCommand, type QmpContext } from '../types.js';
-import { qmpErrors } from './util.js';
+import type { QmpCommand } from '../types.js';
+import { machineOf, qmpErrors } from './util.js';
 
-function machineOf(ctx: QmpContext): Machine {
-  if (ctx.machine === null) throw new QmpError('CommandNotFound', 'this monitor runs no machine');
-  return ctx.machine;
-}
 
 /** stop, cont and query-status. */
 export const machineCommands: QmpCommand[] = [

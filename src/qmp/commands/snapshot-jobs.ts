@@ -15,20 +15,15 @@
 import { withBql, type Bql } from '../../block/bql.js';
 import { BlockError } from '../../block/errors.js';
 import { jobStart, type Job } from '../../block/job.js';
-import { withSnapshotLock } from '../../block/snapshot-lock.js';
+import { withSnapshotLock, type SnapshotLocked } from '../../block/snapshot-lock.js';
 import type { Machine } from '../../machine/machine.js';
 import { delVmLocked, loadVmLocked, saveVmLocked } from '../../machine/savevm.js';
 import type { VmStepHooks } from '../../machine/vm-steps.js';
 import { emitQmpEvent } from '../events.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpObject } from '../types.js';
 import { strerror } from '../../commands/format.js';
-import { qmpErrors, reqStr } from './util.js';
+import { machineOf, qmpErrors, reqStr } from './util.js';
 
-/** The machine of this monitor, or QEMU's refusal when it has none. */
-function machineOf(ctx: QmpContext): Machine {
-  if (ctx.machine === null) throw new QmpError('CommandNotFound', 'this monitor runs no machine');
-  return ctx.machine;
-}
 
 /** `devices`: a list of node names, as QEMU's strList. */
 function deviceList(args: QmpObject): string[] {
@@ -121,6 +116,28 @@ export function forwardMachineEvents(m: Machine): () => void {
   };
 }
 
+/**
+ * The body shared by the three commands: checks the arguments under the BQL and starts job
+ * `job-id` of `type`, whose body runs `work` with the snapshot lock.
+ */
+function startVmSnapshotJob(
+  ctx: QmpContext,
+  args: QmpObject,
+  type: string,
+  work: (snap: SnapshotLocked, m: Machine, tag: string, devices: string[], job: Job) => Promise<unknown>,
+): Promise<QmpObject> {
+  return qmpErrors(() =>
+    withBql((bql) => {
+      const m = machineOf(ctx);
+      const id = reqStr(args, 'job-id');
+      const tag = reqStr(args, 'tag');
+      const devices = deviceList(args);
+      startSnapshotJob(bql, id, type, (job) => withSnapshotLock(`job '${id}' (${type} '${tag}')`, (snap) => work(snap, m, tag, devices, job)));
+      return {};
+    }),
+  );
+}
+
 /** The snapshot job commands. */
 export const snapshotJobCommands: QmpCommand[] = [
   {
@@ -130,18 +147,8 @@ export const snapshotJobCommands: QmpCommand[] = [
     needsMachine: true,
     example: { args: { 'job-id': 'save0', tag: 'my-snap', vmstate: 'disk0', devices: ['disk0', 'disk1'] }, returns: {} },
     run: (ctx, args) =>
-      qmpErrors(() =>
-        withBql((bql) => {
-          const m = machineOf(ctx);
-          const id = reqStr(args, 'job-id');
-          const tag = reqStr(args, 'tag');
-          const devices = deviceList(args);
-          const vmstate = reqStr(args, 'vmstate');
-          startSnapshotJob(bql, id, 'snapshot-save', (job) =>
-            withSnapshotLock(`job '${id}' (snapshot-save '${tag}')`, (snap) => saveVmLocked(snap, m, tag, { ...resolveDisks(m, devices, vmstate), overwrite: false }, hooksOf(job))),
-          );
-          return {};
-        }),
+      startVmSnapshotJob(ctx, args, 'snapshot-save', (snap, m, tag, devices, job) =>
+        saveVmLocked(snap, m, tag, { ...resolveDisks(m, devices, reqStr(args, 'vmstate')), overwrite: false }, hooksOf(job)),
       ),
   },
   {
@@ -151,19 +158,7 @@ export const snapshotJobCommands: QmpCommand[] = [
     needsMachine: true,
     example: { args: { 'job-id': 'load0', tag: 'my-snap', vmstate: 'disk0', devices: ['disk0', 'disk1'] }, returns: {} },
     run: (ctx, args) =>
-      qmpErrors(() =>
-        withBql((bql) => {
-          const m = machineOf(ctx);
-          const id = reqStr(args, 'job-id');
-          const tag = reqStr(args, 'tag');
-          const devices = deviceList(args);
-          const vmstate = reqStr(args, 'vmstate');
-          startSnapshotJob(bql, id, 'snapshot-load', (job) =>
-            withSnapshotLock(`job '${id}' (snapshot-load '${tag}')`, (snap) => loadVmLocked(snap, m, tag, resolveDisks(m, devices, vmstate), hooksOf(job))),
-          );
-          return {};
-        }),
-      ),
+      startVmSnapshotJob(ctx, args, 'snapshot-load', (snap, m, tag, devices, job) => loadVmLocked(snap, m, tag, resolveDisks(m, devices, reqStr(args, 'vmstate')), hooksOf(job))),
   },
   {
     name: 'snapshot-delete',
@@ -172,18 +167,9 @@ export const snapshotJobCommands: QmpCommand[] = [
     needsMachine: true,
     example: { args: { 'job-id': 'delete0', tag: 'my-snap', devices: ['disk0', 'disk1'] }, returns: {} },
     run: (ctx, args) =>
-      qmpErrors(() =>
-        withBql((bql) => {
-          const m = machineOf(ctx);
-          const id = reqStr(args, 'job-id');
-          const tag = reqStr(args, 'tag');
-          const devices = deviceList(args);
-          startSnapshotJob(bql, id, 'snapshot-delete', async (job) => {
-            const failures = await withSnapshotLock(`job '${id}' (snapshot-delete '${tag}')`, (snap) => delVmLocked(snap, m, tag, resolveDisks(m, devices, null), hooksOf(job)));
-            if (failures.length > 0) throw new BlockError('EIO', failures.join('; '), { op: 'snapshot-delete', value: tag });
-          });
-          return {};
-        }),
-      ),
+      startVmSnapshotJob(ctx, args, 'snapshot-delete', async (snap, m, tag, devices, job) => {
+        const failures = await delVmLocked(snap, m, tag, resolveDisks(m, devices, null), hooksOf(job));
+        if (failures.length > 0) throw new BlockError('EIO', failures.join('; '), { op: 'snapshot-delete', value: tag });
+      }),
   },
 ];

@@ -10,7 +10,8 @@ import { assertBql, type Bql } from '../../block/bql.js';
 import { BlockError } from '../../block/errors.js';
 import { BdrvChild, type BlockNode } from '../../block/node.js';
 import { allBackends, allNodes } from '../../block/registry.js';
-import { QmpError, type QmpObject } from '../types.js';
+import type { Machine } from '../../machine/machine.js';
+import { QmpError, type QmpContext, type QmpObject } from '../types.js';
 
 /**
  * The string argument `name` (the schema checked its type); undefined when left out.
@@ -112,4 +113,13 @@ export function rootNodeOf(bql: Bql, device: string): BlockNode {
  */
 export function hasCode(e: unknown, code: BlockError['code']): boolean {
   return e instanceof BlockError && e.code === code;
+}
+
+/**
+ * The machine of this monitor, or CommandNotFound when it runs none (the daemon).
+ * @locking common
+ */
+export function machineOf(ctx: QmpContext): Machine {
+  if (ctx.machine === null) throw new QmpError('CommandNotFound', 'this monitor runs no machine');
+  return ctx.machine;
 }
