@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 import { SKIP_REPORT } from './helpers/qemu.js';
+import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 
 const QSD = 'qemu-storage-daemon';
 
@@ -88,4 +89,36 @@ export async function startQsd(dir: string, extraArgs: string[] = []): Promise<Q
       clearTimeout(timer);
     },
   };
+}
+
+/** A JSON value's kind for shape comparisons: 'missing', 'null', 'array' or its typeof. */
+export function kind(v: QmpValue | undefined): string {
+  if (v === undefined) return 'missing';
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'array';
+  return typeof v;
+}
+
+/** True for a JSON object. */
+export function isObj(v: QmpValue | undefined): v is QmpObject {
+  return kind(v) === 'object';
+}
+
+/**
+ * Differences of shape between `a` (the peer, named `peer`) and `b` (snapstack): key sets and JSON
+ * types, recursively, pushed to `out` with the path where they are.
+ */
+export function shapeDiff(a: QmpValue | undefined, b: QmpValue | undefined, at: string, out: string[], peer = 'QSD'): void {
+  if (kind(a) !== kind(b)) {
+    out.push(`${at}: ${peer} has ${kind(a)}, snapstack ${kind(b)}`);
+    return;
+  }
+  if (Array.isArray(a) && Array.isArray(b)) {
+    if (a.length !== b.length) out.push(`${at}: ${peer} has ${a.length} elements, snapstack ${b.length}`);
+    for (let i = 0; i < Math.min(a.length, b.length); i++) shapeDiff(a[i], b[i], `${at}[${i}]`, out, peer);
+    return;
+  }
+  if (isObj(a) && isObj(b)) {
+    for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) shapeDiff(a[k], b[k], `${at}.${k}`, out, peer);
+  }
 }

@@ -18,35 +18,13 @@ import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { describeNeeding, qemu } from './helpers/qemu.js';
-import { tempDir } from './qmp-helpers.js';
+import { isObj, shapeDiff as peerShapeDiff, tempDir } from './qmp-helpers.js';
+
+const shapeDiff = (a: QmpValue | undefined, b: QmpValue | undefined, at: string, out: string[]): void => peerShapeDiff(a, b, at, out, 'QEMU');
 
 const QEMU = 'qemu-system-x86_64';
 const describeQemuSystem = (name: string, fn: () => void): void => describeNeeding(name, [QEMU, 'qemu-img'], 'apt-get install qemu-system-x86 qemu-utils', fn);
 
-function kind(v: QmpValue | undefined): string {
-  if (v === undefined) return 'missing';
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'array';
-  return typeof v;
-}
-
-function isObj(v: QmpValue | undefined): v is QmpObject {
-  return kind(v) === 'object';
-}
-
-/** Differences of key sets and JSON types between `a` (QEMU) and `b` (snapstack). */
-function shapeDiff(a: QmpValue | undefined, b: QmpValue | undefined, at: string, out: string[]): void {
-  if (kind(a) !== kind(b)) {
-    out.push(`${at}: QEMU has ${kind(a)}, snapstack ${kind(b)}`);
-    return;
-  }
-  if (Array.isArray(a) && Array.isArray(b)) {
-    if (a.length !== b.length) out.push(`${at}: QEMU has ${a.length} elements, snapstack ${b.length}`);
-    for (let i = 0; i < Math.min(a.length, b.length); i++) shapeDiff(a[i], b[i], `${at}[${i}]`, out);
-    return;
-  }
-  if (isObj(a) && isObj(b)) for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) shapeDiff(a[k], b[k], `${at}.${k}`, out);
-}
 
 function normalise(v: QmpValue, dir: string): QmpValue {
   if (typeof v === 'string') return v.split(dir).join('<dir>');

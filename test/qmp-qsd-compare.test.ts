@@ -18,7 +18,7 @@ import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { qemu } from './helpers/qemu.js';
-import { describeQsd, startQsd, tempDir, type Qsd } from './qmp-helpers.js';
+import { describeQsd, isObj, shapeDiff, startQsd, tempDir, type Qsd } from './qmp-helpers.js';
 
 /** One side's reply: the `return` value, or the error's class and text. */
 type Reply = { ok: true; value: QmpValue } | { ok: false; errorClass: string; desc: string };
@@ -28,33 +28,6 @@ async function reply(client: QmpClient, name: string, args: QmpObject = {}): Pro
   const err = reply['error'];
   if (typeof err === 'object' && err !== null && !Array.isArray(err)) return { ok: false, errorClass: String(err['class']), desc: String(err['desc']) };
   return { ok: true, value: reply['return'] ?? null };
-}
-
-function kind(v: QmpValue | undefined): string {
-  if (v === undefined) return 'missing';
-  if (v === null) return 'null';
-  if (Array.isArray(v)) return 'array';
-  return typeof v;
-}
-
-function isObj(v: QmpValue | undefined): v is QmpObject {
-  return kind(v) === 'object';
-}
-
-/** Differences of shape between `a` (QSD) and `b` (snapstack): key sets and JSON types, recursively. */
-function shapeDiff(a: QmpValue | undefined, b: QmpValue | undefined, at: string, out: string[]): void {
-  if (kind(a) !== kind(b)) {
-    out.push(`${at}: QSD has ${kind(a)}, snapstack ${kind(b)}`);
-    return;
-  }
-  if (Array.isArray(a) && Array.isArray(b)) {
-    if (a.length !== b.length) out.push(`${at}: QSD has ${a.length} elements, snapstack ${b.length}`);
-    for (let i = 0; i < Math.min(a.length, b.length); i++) shapeDiff(a[i], b[i], `${at}[${i}]`, out);
-    return;
-  }
-  if (isObj(a) && isObj(b)) {
-    for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) shapeDiff(a[k], b[k], `${at}.${k}`, out);
-  }
 }
 
 /** Replaces each side's directory by <dir> in every string, so that file names compare. */
