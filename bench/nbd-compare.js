@@ -36,6 +36,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
+import { parseSize } from '../dist/index.js';
 import { readCommandLine, usageFail } from './lib/args.js';
 import { qemuStrideBlocks } from './lib/peers.js';
 import { renderTable } from './lib/table.js';
@@ -59,7 +60,8 @@ const a = readCommandLine(SCRIPT, CMD, SPEC);
 if (a === null) process.exit();
 
 const MiB = 1024 * 1024;
-const size = Number(a['size']);
+// a default is not converted by the parser: '1G' arrives as the string
+const size = typeof a['size'] === 'string' ? parseSize(a['size'], 'size') : Number(a['size']);
 const runtime = Number(a['runtime']);
 const reps = Number(a['reps']);
 const formats = String(a['formats']).split(',');
