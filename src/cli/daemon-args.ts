@@ -127,8 +127,20 @@ snapstack storage daemon: qemu-storage-daemon's command line, QMP on snapstack's
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
 
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,writable=on|off][,description=<text>][,allocation-depth=on|off]
+           [,writethrough=on|off][,iothread=<id>]
+                         export the specified block node over NBD
+                         (the NBD server must be started first)
+
   --monitor [chardev=]name[,mode=control]
                          configure a QMP monitor
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               [,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+                         start an NBD server for exporting block nodes
+                         (tls-creds: not built)
 
   --object help          list object types that can be added
   --object <type>,help   list properties for the given object type
@@ -137,7 +149,7 @@ snapstack storage daemon: qemu-storage-daemon's command line, QMP on snapstack's
 
   --pidfile <path>       write process ID to a file after startup
 
---export and --nbd-server (NBD, FUSE, vhost-user exports) are not built yet.
+FUSE, vhost-user-blk and vduse-blk exports and NBD over TLS are not built.
 SIGTERM, SIGINT, SIGHUP and the QMP command 'quit' shut the daemon down cleanly.`;
 
 /** snapstack's version from its package.json (src/cli and dist/cli both sit two levels below it). */

@@ -2,11 +2,13 @@
  * `snapstack daemon`: qemu-storage-daemon's command line over snapstack's block layer, with QMP
  * monitors on sockets. Main-loop code: each option is applied in order, as QSD applies them
  * (`--blockdev` opens its node under the BQL through blockdev-add's code, `--object iothread`
- * starts an IOThread, `--chardev` binds its socket, `--monitor` serves QMP on it); then the
+ * starts an IOThread, `--chardev` binds its socket, `--monitor` serves QMP on it, `--nbd-server`
+ * starts the NBD server, `--export type=nbd` exports a node on it); then the
  * pidfile is written and the daemon is ready (with `--daemonize`, the parent returns then).
  *
  * Shutdown (SIGTERM, SIGINT, SIGHUP, QMP `quit`): the monitors stop accepting and let their
- * running commands finish, running jobs are cancelled and waited for, devices and nodes are
+ * running commands finish, the NBD server stops (its clients' requests in flight finish, then
+ * they are disconnected), running jobs are cancelled and waited for, devices and nodes are
  * closed (image locks released), IOThreads stopped, the pidfile and the sockets removed; exit 0.
  * qemu-storage-daemon 7.2 dies on SIGHUP without cleaning up; snapstack treats it as SIGTERM.
  *
@@ -24,7 +26,10 @@ import { closeNode, listNodes } from '../block/graph.js';
 import { createIOThread, listIOThreads } from '../block/iothread.js';
 import { listJobs } from '../block/job.js';
 import '../drivers/index.js';
+import { blockExportAdd, closeNbdExports, nbdServerStart, type BlockExportOptions } from '../nbd/exports.js';
+import type { NbdListenAddress } from '../nbd/server.js';
 import { blockdevAdd } from '../qmp/blockdev-options.js';
+import { listenAddressOf } from '../qmp/commands/nbd-exports.js';
 import { qmpCommands } from '../qmp/command-table.js';
 import { JsonStream } from '../qmp/json-stream.js';
 import { QmpError, type QmpObject, type QmpValue } from '../qmp/types.js';
@@ -64,8 +69,8 @@ function scalar(o: QmpObject, key: string, expected: string): string | undefined
   return v;
 }
 
-/** `--blockdev`: JSON when it starts with '{' (QMP's strict types), else keyval (strings). */
-export function parseBlockdevOption(text: string): { options: QmpObject; strict: boolean } {
+/** An option's object: JSON when it starts with '{' (QMP's strict types), else keyval (strings). */
+function parseStructuredOption(text: string, impliedKey: string | null): { options: QmpObject; strict: boolean } {
   if (text.startsWith('{')) {
     const stream = new JsonStream();
     const items = [...stream.push(Buffer.from(text, 'utf8')), ...stream.end()];
@@ -77,9 +82,92 @@ export function parseBlockdevOption(text: string): { options: QmpObject; strict:
     if (typeof v !== 'object' || v === null || Array.isArray(v)) fail('Invalid parameter type, expected: object');
     return { options: v, strict: true };
   }
-  const { value, help } = parseKeyval(text, 'driver');
+  const { value, help } = parseKeyval(text, impliedKey);
   if (help) fail('Help is not available for this option');
   return { options: value, strict: false };
+}
+
+/** `--blockdev`: JSON when it starts with '{' (QMP's strict types), else keyval (strings). */
+export function parseBlockdevOption(text: string): { options: QmpObject; strict: boolean } {
+  return parseStructuredOption(text, 'driver');
+}
+
+/** A boolean member: on/off (and QEMU's yes/no, true/false) in keyval, a JSON boolean in JSON. */
+function flag(o: QmpObject, key: string, strict: boolean): boolean | undefined {
+  const v = o[key];
+  if (v === undefined) return undefined;
+  if (strict) {
+    if (typeof v !== 'boolean') fail(`Invalid parameter type for '${key}', expected: boolean`);
+    return v;
+  }
+  if (v === 'on' || v === 'yes' || v === 'true') return true;
+  if (v === 'off' || v === 'no' || v === 'false') return false;
+  return fail(`Parameter '${key}' expects 'on' or 'off'`);
+}
+
+/** What `--nbd-server` asks: the listen address and the server's options. */
+export interface NbdServerRequest {
+  addr: NbdListenAddress;
+  maxConnections?: number;
+  tlsCreds?: string;
+}
+
+/** `--nbd-server addr.type=unix,addr.path=P` or `addr.type=inet,addr.host=H,addr.port=N` (QSD's NbdServerOptions; JSON too). */
+export function parseNbdServerOption(text: string): NbdServerRequest {
+  const { options: o, strict } = parseStructuredOption(text, null);
+  for (const key of Object.keys(o)) if (!['addr', 'max-connections', 'tls-creds', 'tls-authz'].includes(key)) fail(`Parameter '${key}' is unexpected`);
+  const addr = o['addr'];
+  if (addr === undefined) fail("Parameter 'addr' is missing");
+  if (typeof addr !== 'object' || addr === null || Array.isArray(addr)) fail("Invalid parameter type for 'addr', expected: object");
+  let listen: NbdListenAddress;
+  try {
+    listen = listenAddressOf(addr, 'addr');
+  } catch (e) {
+    fail(messageOf(e));
+  }
+  const req: NbdServerRequest = { addr: listen };
+  const max = o['max-connections'];
+  if (max !== undefined) {
+    const n = strict ? max : Number(max);
+    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0 || n > 0xffffffff || (!strict && !/^\d+$/.test(String(max)))) fail("Parameter 'max-connections' expects uint32");
+    req.maxConnections = n;
+  }
+  const tls = scalar(o, 'tls-creds', 'string');
+  if (tls !== undefined) req.tlsCreds = tls;
+  if (scalar(o, 'tls-authz', 'string') !== undefined && tls === undefined) fail("'tls-authz' requires that 'tls-creds' is set");
+  return req;
+}
+
+const EXPORT_KEYS = ['type', 'id', 'node-name', 'name', 'description', 'writable', 'writethrough', 'allocation-depth', 'iothread', 'fixed-iothread', 'bitmaps'];
+
+/** `--export [type=]nbd,id=E,node-name=N[,name=NAME][,writable=on][,description=..][,allocation-depth=on]` (JSON too). */
+export function parseExportOption(text: string): BlockExportOptions {
+  const { options: o, strict } = parseStructuredOption(text, 'type');
+  const type = scalar(o, 'type', 'string');
+  if (type === undefined) fail("Parameter 'type' is missing");
+  if (!['nbd', 'vhost-user-blk', 'fuse', 'vduse-blk'].includes(type)) fail(`Parameter 'type' does not accept value '${type}'`);
+  if (type !== 'nbd') fail(`Block export type '${type}' is not supported by snapstack (nbd is)`);
+  for (const key of Object.keys(o)) if (!EXPORT_KEYS.includes(key)) fail(`Parameter '${key}' is unexpected`);
+  if (o['bitmaps'] !== undefined) fail('Exporting dirty bitmaps (qemu:dirty-bitmap:*) is not supported by snapstack');
+  const id = scalar(o, 'id', 'string');
+  if (id === undefined) fail("Parameter 'id' is missing");
+  const nodeName = scalar(o, 'node-name', 'string');
+  if (nodeName === undefined) fail("Parameter 'node-name' is missing");
+  const out: BlockExportOptions = { id, nodeName };
+  const name = scalar(o, 'name', 'string');
+  if (name !== undefined) out.name = name;
+  const description = scalar(o, 'description', 'string');
+  if (description !== undefined) out.description = description;
+  const iothread = scalar(o, 'iothread', 'string');
+  if (iothread !== undefined) out.iothread = iothread;
+  const writable = flag(o, 'writable', strict);
+  if (writable !== undefined) out.writable = writable;
+  const writethrough = flag(o, 'writethrough', strict);
+  if (writethrough !== undefined) out.writethrough = writethrough;
+  const depth = flag(o, 'allocation-depth', strict);
+  if (depth !== undefined) out.allocationDepth = depth;
+  flag(o, 'fixed-iothread', strict);
+  return out;
 }
 
 /** What an --object asks: an IOThread, or help text to print. */
@@ -188,6 +276,8 @@ class DaemonState {
   /** Everything the daemon opened, closed again. */
   async shutdown(): Promise<void> {
     await Promise.all([...this.chardevs.values()].map((c) => c.close()));
+    // the NBD server first: its clients' requests in flight finish before the nodes close
+    await withBql((bql) => closeNbdExports(bql)).catch(() => undefined);
     await closeBlockLayer();
     if (this.pidfile !== null && this.pidfileWritten) {
       try {
@@ -223,9 +313,22 @@ async function applyOption(state: DaemonState, o: DaemonOption, err: (s: string)
     case 'pidfile':
       state.pidfile = o.value;
       return null;
-    case 'export':
-    case 'nbd-server':
-      return fail('NBD, FUSE and vhost-user exports are not built yet in snapstack (issue 14)');
+    case 'nbd-server': {
+      const req = parseNbdServerOption(o.value);
+      await withBql((bql) =>
+        nbdServerStart(bql, req.addr, {
+          ...(req.maxConnections === undefined ? {} : { maxConnections: req.maxConnections }),
+          ...(req.tlsCreds === undefined ? {} : { tlsCreds: req.tlsCreds }),
+          log: (line) => err(`${P}: ${line}`),
+        }),
+      );
+      return null;
+    }
+    case 'export': {
+      const req = parseExportOption(o.value);
+      await withBql((bql) => blockExportAdd(bql, req));
+      return null;
+    }
     case 'blockdev': {
       const { options, strict } = parseBlockdevOption(o.value);
       await withBql((bql) => blockdevAdd(bql, options, { strict }));

@@ -6,6 +6,7 @@ import { blockJobCommands } from './commands/block-jobs.js';
 import { blockCommands } from './commands/block.js';
 import { blockJobVerbCommands, jobCommands } from './commands/jobs.js';
 import { miscCommands } from './commands/misc.js';
+import { nbdExportCommands } from './commands/nbd-exports.js';
 import { sessionCommands } from './commands/session.js';
 import { snapshotJobCommands } from './commands/snapshot-jobs.js';
 import { machineCommands } from './commands/machine.js';
@@ -14,6 +15,6 @@ import type { QmpCommand } from './types.js';
 
 /** The commands of a monitor; those that need a machine are left out where there is none. */
 export function qmpCommands(opts: { machine: boolean }): QmpCommand[] {
-  const all: QmpCommand[] = [...sessionCommands, ...miscCommands, ...blockCommands, ...jobCommands, ...blockJobCommands, ...blockJobVerbCommands, ...transactionCommands, ...snapshotJobCommands, ...machineCommands];
+  const all: QmpCommand[] = [...sessionCommands, ...miscCommands, ...blockCommands, ...jobCommands, ...blockJobCommands, ...blockJobVerbCommands, ...transactionCommands, ...snapshotJobCommands, ...machineCommands, ...nbdExportCommands];
   return all.filter((c) => opts.machine || c.needsMachine !== true);
 }
