@@ -1,0 +1,276 @@
+/**
+ * NBD exports of `snapstack daemon` (bin/snapstack.js, built by `npm run build`): from the command
+ * line (--blockdev, --nbd-server, --export) and over QMP (nbd-server-start, block-export-add,
+ * query-block-exports, block-export-del safe/hard, nbd-server-stop), read and written by qemu-io
+ * and qemu-img through `nbd+unix://`; the error replies compared with qemu-storage-daemon 7.2's;
+ * after SIGTERM the image checks clean and is unlocked.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parseExportOption, parseNbdServerOption } from '../src/cli/daemon.js';
+import { QmpClient } from '../src/qmp/client.js';
+import type { QmpObject, QmpValue } from '../src/qmp/types.js';
+import { describeNeeding, qemu, qemuStatus } from './helpers/qemu.js';
+import { startQsd, tempDir } from './qmp-helpers.js';
+
+const BIN = path.resolve('bin/snapstack.js');
+let dir = '';
+const children: ChildProcess[] = [];
+
+beforeAll(() => {
+  dir = tempDir('snapstack-nbd-exports-');
+});
+afterAll(() => {
+  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+interface Daemon {
+  proc: ChildProcess;
+  stderr: () => string;
+  exited: Promise<number | null>;
+}
+
+function startDaemon(args: string[]): Daemon {
+  const proc = spawn(process.execPath, [BIN, 'daemon', ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: dir });
+  children.push(proc);
+  let err = '';
+  proc.stderr?.on('data', (d: Buffer) => (err += d.toString()));
+  proc.stdout?.resume();
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  return { proc, stderr: () => err, exited };
+}
+
+async function waitFor(file: string, d: Daemon, timeoutMs = 15_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!fs.existsSync(file)) {
+    if (d.proc.exitCode !== null) throw new Error(`the daemon exited (${d.proc.exitCode}): ${d.stderr()}`);
+    if (Date.now() > deadline) throw new Error(`${file} did not appear: ${d.stderr()}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+function url(name: string, socket: string): string {
+  return `nbd+unix:///${name}?socket=${socket}`;
+}
+
+/** A qcow2 image and a raw twin (the reference) with the same pattern written by qemu-io. */
+function makeImage(name: string): { img: string; ref: string } {
+  const img = path.join(dir, `${name}.qcow2`);
+  const ref = path.join(dir, `${name}.ref.raw`);
+  qemu('qemu-img', ['create', '-q', '-f', 'qcow2', img, '4M']);
+  qemu('qemu-img', ['create', '-q', '-f', 'raw', ref, '4M']);
+  for (const f of [[img, 'qcow2'], [ref, 'raw']] as const) qemu('qemu-io', ['-f', f[1], '-c', 'write -P 0x11 0 1M', f[0]]);
+  return { img, ref };
+}
+
+/** The same writes, to the export and to the reference. */
+function writeBoth(target: string, ref: string): void {
+  const cmds = ['-c', 'write -P 0xa5 512k 1M', '-c', 'write -z 3M 64k', '-c', 'write -P 0x3c 4032k 64k'];
+  qemu('qemu-io', ['-f', 'raw', ...cmds, target]);
+  qemu('qemu-io', ['-f', 'raw', ...cmds, ref]);
+}
+
+function errorOf(reply: QmpObject): { class: QmpValue; desc: QmpValue } | null {
+  const e = reply['error'];
+  if (typeof e !== 'object' || e === null || Array.isArray(e)) return null;
+  return { class: e['class'] ?? null, desc: e['desc'] ?? null };
+}
+
+describe('the daemon options --nbd-server and --export', () => {
+  it('reads a unix and an inet address in keyval and JSON', () => {
+    expect(parseNbdServerOption('addr.type=unix,addr.path=/tmp/x.sock')).toEqual({ addr: { type: 'unix', path: '/tmp/x.sock' } });
+    expect(parseNbdServerOption('addr.type=inet,addr.host=127.0.0.1,addr.port=10809,max-connections=4')).toEqual({ addr: { type: 'inet', host: '127.0.0.1', port: 10809 }, maxConnections: 4 });
+    expect(parseNbdServerOption('{"addr":{"type":"unix","path":"/s"},"max-connections":2}')).toEqual({ addr: { type: 'unix', path: '/s' }, maxConnections: 2 });
+  });
+
+  it('refuses a missing address, an unknown key and a bad port with a message naming it', () => {
+    expect(() => parseNbdServerOption('max-connections=1')).toThrow("Parameter 'addr' is missing");
+    expect(() => parseNbdServerOption('addr.type=unix,addr.path=/s,bogus=1')).toThrow("Parameter 'bogus' is unexpected");
+    expect(() => parseNbdServerOption('addr.type=unix')).toThrow("Parameter 'addr.path' is missing");
+    expect(() => parseNbdServerOption('addr.type=inet,addr.host=h,addr.port=99999')).toThrow("'addr.port'");
+    expect(() => parseNbdServerOption('addr.type=unix,addr.path=/s,max-connections=-1')).toThrow("Parameter 'max-connections' expects uint32");
+  });
+
+  it('reads an export with type implied, writable and a name', () => {
+    expect(parseExportOption('nbd,id=e0,node-name=d0,name=disk,writable=on,allocation-depth=on')).toEqual({ id: 'e0', nodeName: 'd0', name: 'disk', writable: true, allocationDepth: true });
+    expect(parseExportOption('{"type":"nbd","id":"e0","node-name":"d0","writable":false}')).toEqual({ id: 'e0', nodeName: 'd0', writable: false });
+    expect(() => parseExportOption('type=fuse,id=e0,node-name=d0')).toThrow("Block export type 'fuse' is not supported");
+    expect(() => parseExportOption('type=nbd,node-name=d0')).toThrow("Parameter 'id' is missing");
+    expect(() => parseExportOption('type=nbd,id=e0,node-name=d0,writable=maybe')).toThrow("Parameter 'writable' expects 'on' or 'off'");
+  });
+});
+
+describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qemu-storage-daemon', ['qemu-img', 'qemu-io', 'qemu-storage-daemon'], 'apt-get install qemu-utils qemu-system-common', () => {
+  it('exports a node from the command line: qemu-io writes, qemu-img compare matches, SIGTERM leaves it clean and unlocked', async () => {
+    const { img, ref } = makeImage('cli');
+    const nbd = path.join(dir, 'cli-nbd.sock');
+    const pidfile = path.join(dir, 'cli.pid');
+    const d = startDaemon([
+      '--blockdev', `driver=file,filename=${img},node-name=f0`,
+      '--blockdev', 'driver=qcow2,file=f0,node-name=d0',
+      '--nbd-server', `addr.type=unix,addr.path=${nbd}`,
+      '--export', 'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
+      '--pidfile', pidfile,
+    ]);
+    await waitFor(pidfile, d);
+    writeBoth(url('disk', nbd), ref);
+    expect(qemuStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', url('disk', nbd), ref])).toMatchObject({ status: 0 });
+    // the daemon holds the image's lock while it runs
+    expect(qemuStatus('qemu-io', ['-c', 'write 0 512', img]).status).not.toBe(0);
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+    expect(d.stderr()).toBe('');
+    expect(fs.existsSync(nbd)).toBe(false);
+    expect(qemuStatus('qemu-img', ['check', img]).status).toBe(0);
+    expect(qemuStatus('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', img, ref])).toMatchObject({ status: 0 });
+    expect(qemuStatus('qemu-io', ['-c', 'write 0 512', img]).status).toBe(0);
+  });
+
+  it('a read-only export (writable left out) refuses qemu-io writes and serves reads', async () => {
+    const { img, ref } = makeImage('ro');
+    const nbd = path.join(dir, 'ro-nbd.sock');
+    const pidfile = path.join(dir, 'ro.pid');
+    const d = startDaemon(['--blockdev', `qcow2,node-name=d0,file.driver=file,file.filename=${img}`, '--nbd-server', `{"addr":{"type":"unix","path":"${nbd}"}}`, '--export', 'nbd,id=e0,node-name=d0', '--pidfile', pidfile]);
+    await waitFor(pidfile, d);
+    const w = qemuStatus('qemu-io', ['-f', 'raw', '-c', 'write 0 512', url('d0', nbd)]);
+    expect(w.status).not.toBe(0);
+    expect(w.stderr).toContain('Permission denied');
+    expect(qemuStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', url('d0', nbd), ref])).toMatchObject({ status: 0 });
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+  });
+
+  it('fails the startup with the reason when --export comes before --nbd-server', async () => {
+    const { img } = makeImage('order');
+    const d = startDaemon(['--blockdev', `qcow2,node-name=d0,file.driver=file,file.filename=${img}`, '--export', 'nbd,id=e0,node-name=d0', '--nbd-server', `addr.type=unix,addr.path=${path.join(dir, 'order.sock')}`]);
+    expect(await d.exited).toBe(1);
+    expect(d.stderr()).toBe('snapstack daemon: --export nbd,id=e0,node-name=d0: NBD server not running\n');
+    expect(qemuStatus('qemu-io', ['-c', 'write 0 512', img]).status).toBe(0);
+  });
+
+  it('over QMP: start, export, query, blockdev-del refused, safe delete refused with a client, hard delete disconnects it, stop', async () => {
+    const { img, ref } = makeImage('qmp');
+    const mon = path.join(dir, 'qmp-mon.sock');
+    const nbd = path.join(dir, 'qmp-nbd.sock');
+    const pidfile = path.join(dir, 'qmp.pid');
+    const d = startDaemon(['--blockdev', `driver=file,filename=${img},node-name=f0`, '--blockdev', 'driver=qcow2,file=f0,node-name=d0', '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
+    await waitFor(pidfile, d);
+    const c = await QmpClient.connect({ path: mon });
+    try {
+      expect(await c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } })).toEqual({});
+      expect(await c.execute('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'd0', writable: true, name: 'disk' })).toEqual({});
+      expect(await c.execute('query-block-exports')).toEqual([{ id: 'e0', type: 'nbd', 'node-name': 'd0', 'shutting-down': false }]);
+      expect(errorOf(await c.request('blockdev-del', { 'node-name': 'd0' }))).toEqual({ class: 'GenericError', desc: 'Node d0 is in use' });
+      writeBoth(url('disk', nbd), ref);
+      expect(qemuStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', url('disk', nbd), ref])).toMatchObject({ status: 0 });
+
+      // a client that stays connected
+      const holder = spawn('qemu-io', ['-f', 'raw', '-c', 'sleep 20000', url('disk', nbd)], { stdio: 'ignore' });
+      children.push(holder);
+      let safe: QmpObject = {};
+      for (let i = 0; i < 200; i++) {
+        safe = await c.request('block-export-del', { id: 'e0', mode: 'safe' });
+        if (errorOf(safe) !== null) break;
+        // the client had not connected yet: the export is gone, add it back and try again
+        await c.execute('block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'd0', writable: true, name: 'disk' });
+        await new Promise((r) => setTimeout(r, 25));
+      }
+      expect(errorOf(safe)).toEqual({ class: 'GenericError', desc: "export 'e0' still in use" });
+      expect(await c.execute('query-block-exports')).toHaveLength(1);
+      const deleted = c.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data?.['id'] === 'e0');
+      expect(await c.execute('block-export-del', { id: 'e0', mode: 'hard' })).toEqual({});
+      await deleted;
+      // qemu-io notices the disconnect only after its sleep: it is not waited for
+      holder.kill('SIGKILL');
+      expect(await c.execute('query-block-exports')).toEqual([]);
+      expect(qemuStatus('qemu-io', ['-f', 'raw', '-c', 'read 0 512', url('disk', nbd)]).status).not.toBe(0);
+
+      // nbd-server-stop removes the exports left
+      expect(await c.execute('block-export-add', { type: 'nbd', id: 'e1', 'node-name': 'd0' })).toEqual({});
+      const gone = c.waitEvent('BLOCK_EXPORT_DELETED', (e) => e.data?.['id'] === 'e1');
+      expect(await c.execute('nbd-server-stop')).toEqual({});
+      await gone;
+      expect(await c.execute('query-block-exports')).toEqual([]);
+      expect(fs.existsSync(nbd)).toBe(false);
+      expect(await c.execute('blockdev-del', { 'node-name': 'd0' })).toEqual({});
+    } finally {
+      await c.close();
+    }
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+    expect(qemuStatus('qemu-img', ['check', img]).status).toBe(0);
+    expect(qemuStatus('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', img, ref])).toMatchObject({ status: 0 });
+  });
+
+  it('answers a sequence of export commands with the replies and errors of qemu-storage-daemon 7.2', async () => {
+    const sequence = (nbd: string): Array<[string, QmpObject | undefined]> => [
+      ['block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'd0' }],
+      ['nbd-server-stop', undefined],
+      ['block-export-del', { id: 'e0' }],
+      ['block-export-add', { type: 'nbd', id: 'e9', 'node-name': 'ro', writable: true }],
+      ['block-export-add', { type: 'nbd', id: 'e9', 'node-name': 'nope' }],
+      ['nbd-server-start', { addr: { type: 'unix', path: nbd } }],
+      ['nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'x' }],
+      ['nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } }],
+      ['nbd-server-start', { addr: { type: 'unix', data: { path: `${nbd}.2` } } }],
+      ['block-export-add', { type: 'nbd', id: 'bad id', 'node-name': 'd0' }],
+      ['block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'nope' }],
+      ['block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'd0', writable: true }],
+      ['block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'ro' }],
+      ['block-export-add', { type: 'nbd', id: 'e1', 'node-name': 'd0' }],
+      ['block-export-add', { type: 'nbd', id: 'e2', 'node-name': 'ro', writable: true }],
+      ['block-export-add', { type: 'nbd', id: 'e3', 'node-name': 'ro', iothread: 'nope' }],
+      ['block-export-add', { type: 'nbd', id: 'e4', 'node-name': 'ro', name: 'other', description: 'a disk' }],
+      ['query-block-exports', undefined],
+      ['blockdev-del', { 'node-name': 'd0' }],
+      ['block-export-del', { id: 'nope' }],
+      ['block-export-del', { id: 'e4', mode: 'safe' }],
+      ['query-block-exports', undefined],
+      ['nbd-server-stop', undefined],
+      ['query-block-exports', undefined],
+      ['nbd-server-stop', undefined],
+    ];
+    const run = async (socket: string, nbd: string): Promise<QmpValue[]> => {
+      const c = await QmpClient.connect({ path: socket });
+      try {
+        const out: QmpValue[] = [];
+        for (const [cmd, args] of sequence(nbd)) {
+          const reply = await c.request(cmd, args);
+          out.push(errorOf(reply) ?? reply['return'] ?? null);
+        }
+        return out;
+      } finally {
+        await c.close();
+      }
+    };
+    const blockdevs = (tag: string): string[] => {
+      const { img } = makeImage(`seq-${tag}`);
+      const raw = path.join(dir, `seq-${tag}.raw`);
+      qemu('qemu-img', ['create', '-q', '-f', 'raw', raw, '1M']);
+      return ['--blockdev', `driver=file,filename=${img},node-name=f0`, '--blockdev', 'driver=qcow2,file=f0,node-name=d0', '--blockdev', `driver=file,filename=${raw},node-name=ro,read-only=on`];
+    };
+    const qdir = tempDir('snapstack-nbd-exports-qsd-');
+    const qsd = await startQsd(qdir, blockdevs('qsd'));
+    let theirs: QmpValue[];
+    try {
+      theirs = await run(qsd.socket, path.join(qdir, 'n.sock'));
+    } finally {
+      await qsd.stop();
+      fs.rmSync(qdir, { recursive: true, force: true });
+    }
+    const mon = path.join(dir, 'seq-mon.sock');
+    const pidfile = path.join(dir, 'seq.pid');
+    const d = startDaemon([...blockdevs('ours'), '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
+    await waitFor(pidfile, d);
+    const ours = await run(mon, path.join(dir, 'seq-n.sock'));
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+    expect(ours).toEqual(theirs);
+    // what the sequence pins down, in case both change together
+    expect(theirs[0]).toEqual({ class: 'GenericError', desc: 'NBD server not running' });
+    expect(theirs[18]).toEqual({ class: 'GenericError', desc: 'Node d0 is in use' });
+  });
+});
