@@ -222,6 +222,8 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
       // a client that stays connected
       const holder = spawn('qemu-io', ['-f', 'raw', '-c', 'sleep 20000', url('disk', nbd)], { stdio: 'ignore' });
       children.push(holder);
+      // give it time to connect: a retry below that removes the export under a connecting client would fail it
+      await new Promise((r) => setTimeout(r, 400));
       let safe: QmpObject = {};
       for (let i = 0; i < 200; i++) {
         safe = await c.request('block-export-del', { id: 'e0', mode: 'safe' });
