@@ -358,7 +358,11 @@ class NbdConnection {
 
   private close(): void {
     if (this.socket.destroyed) return;
-    this.socket.end();
+    // when the server stops (close, a hard export delete), the socket goes once our last replies
+    // are out; otherwise the peer closes its side
+    this.socket.end(() => {
+      if (this.#stopping) this.socket.destroy();
+    });
     // a peer that never reads its last replies must not hold the connection open
     setTimeout(() => this.socket.destroy(), 5000).unref();
   }
