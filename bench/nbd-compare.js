@@ -352,7 +352,8 @@ try {
           if (a['client'] === true && kind === 'qemu-nbd' && fmt === formats[0]) {
             for (const qd of [1, 32]) {
               const count = clientCount(qd);
-              const tools = /** @type {const} */ (r % 2 === 0 ? ['snapstack', 'qemu-img'] : ['qemu-img', 'snapstack']);
+              /** @type {Array<'snapstack' | 'qemu-img'>} */
+              const tools = r % 2 === 0 ? ['snapstack', 'qemu-img'] : ['qemu-img', 'snapstack'];
               for (const tool of tools) put(results, `client: img bench 4k read QD${qd} on qemu-nbd ${fmt} (IOPS)`, tool, clientBench(tool, qd, count));
             }
           }
