@@ -12,6 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../src/qmp/client.js';
+import { startDaemon as startDaemonIn, type Daemon } from './helpers/daemon.js';
 import type { QmpObject } from '../src/qmp/types.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 import { describeQsd } from './qmp-helpers.js';
@@ -38,22 +39,7 @@ afterAll(() => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-/** A daemon started in the foreground, with its output and a promise of its exit status. */
-interface Daemon {
-  proc: ChildProcess;
-  stderr: () => string;
-  exited: Promise<number | null>;
-}
-
-function startDaemon(args: string[]): Daemon {
-  const proc = spawn(process.execPath, [BIN, 'daemon', ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: dir });
-  children.push(proc);
-  let err = '';
-  proc.stderr?.on('data', (d: Buffer) => (err += d.toString()));
-  proc.stdout?.resume();
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  return { proc, stderr: () => err, exited };
-}
+const startDaemon = (args: string[]): Daemon => startDaemonIn(args, dir, children);
 
 /** Waits until `file` exists (the pidfile is written last: the daemon is ready then). */
 async function waitFor(file: string, d: Daemon | null, timeoutMs = 15_000): Promise<void> {

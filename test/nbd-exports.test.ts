@@ -12,6 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseExportOption, parseNbdServerOption } from '../src/cli/daemon.js';
 import { QmpClient } from '../src/qmp/client.js';
+import { startDaemon as startDaemonIn, type Daemon } from './helpers/daemon.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { describeNeeding, qemu, qemuStatus } from './helpers/qemu.js';
 import { startQsd, tempDir } from './qmp-helpers.js';
@@ -28,21 +29,7 @@ afterAll(() => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-interface Daemon {
-  proc: ChildProcess;
-  stderr: () => string;
-  exited: Promise<number | null>;
-}
-
-function startDaemon(args: string[]): Daemon {
-  const proc = spawn(process.execPath, [BIN, 'daemon', ...args], { stdio: ['ignore', 'pipe', 'pipe'], cwd: dir });
-  children.push(proc);
-  let err = '';
-  proc.stderr?.on('data', (d: Buffer) => (err += d.toString()));
-  proc.stdout?.resume();
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  return { proc, stderr: () => err, exited };
-}
+const startDaemon = (args: string[]): Daemon => startDaemonIn(args, dir, children);
 
 async function waitFor(file: string, d: Daemon, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;

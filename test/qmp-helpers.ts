@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 import { SKIP_REPORT } from './helpers/qemu.js';
+import { QmpClient } from '../src/qmp/client.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 
 const QSD = 'qemu-storage-daemon';
@@ -121,4 +122,25 @@ export function shapeDiff(a: QmpValue | undefined, b: QmpValue | undefined, at: 
   if (isObj(a) && isObj(b)) {
     for (const k of new Set([...Object.keys(a), ...Object.keys(b)])) shapeDiff(a[k], b[k], `${at}.${k}`, out, peer);
   }
+}
+
+/**
+ * Starts qemu-system-x86_64 with `args` and a QMP monitor on `sock`, connects and negotiates;
+ * `stop` quits it and waits for its exit.
+ */
+export async function startQemuSystem(args: string[], sock: string): Promise<{ client: QmpClient; stop(): Promise<void> }> {
+  const proc = spawn('qemu-system-x86_64', [...args, '-qmp', `unix:${sock},server=on,wait=off`], { stdio: 'ignore' });
+  for (let i = 0; i < 500 && !fs.existsSync(sock); i++) {
+    if (proc.exitCode !== null) throw new Error(`qemu-system-x86_64 exited with ${proc.exitCode}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const client = await QmpClient.connect({ path: sock });
+  return {
+    client,
+    stop: async () => {
+      await client.execute('quit').catch(() => undefined);
+      await client.close();
+      if (proc.exitCode === null) await new Promise((r) => proc.once('exit', r));
+    },
+  };
 }

@@ -18,7 +18,7 @@ import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { describeNeeding, qemu } from './helpers/qemu.js';
-import { isObj, shapeDiff as peerShapeDiff, tempDir } from './qmp-helpers.js';
+import { isObj, shapeDiff as peerShapeDiff, startQemuSystem, tempDir } from './qmp-helpers.js';
 
 const shapeDiff = (a: QmpValue | undefined, b: QmpValue | undefined, at: string, out: string[]): void => peerShapeDiff(a, b, at, out, 'QEMU');
 
@@ -67,26 +67,11 @@ interface Peer {
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 async function startQemu(dir: string): Promise<Peer> {
-  const sock = path.join(dir, 'qemu.sock');
-  const proc: ChildProcess = spawn(
-    QEMU,
-    ['-machine', 'q35', '-S', '-nodefaults', '-display', 'none', '-accel', 'tcg', '-drive', `if=none,id=d0,file=${path.join(dir, 'top.qcow2')},format=qcow2,node-name=n0`, '-device', 'virtio-blk-pci,drive=d0,id=d0', '-qmp', `unix:${sock},server=on,wait=off`],
-    { stdio: 'ignore' },
+  const q = await startQemuSystem(
+    ['-machine', 'q35', '-S', '-nodefaults', '-display', 'none', '-accel', 'tcg', '-drive', `if=none,id=d0,file=${path.join(dir, 'top.qcow2')},format=qcow2,node-name=n0`, '-device', 'virtio-blk-pci,drive=d0,id=d0'],
+    path.join(dir, 'qemu.sock'),
   );
-  for (let i = 0; i < 500 && !fs.existsSync(sock); i++) {
-    if (proc.exitCode !== null) throw new Error(`${QEMU} exited with ${proc.exitCode}`);
-    await sleep(20);
-  }
-  const client = await QmpClient.connect({ path: sock });
-  return {
-    client,
-    dir,
-    stop: async () => {
-      await client.execute('quit').catch(() => undefined);
-      await client.close();
-      if (proc.exitCode === null) await new Promise((r) => proc.once('exit', r));
-    },
-  };
+  return { ...q, dir };
 }
 
 async function startOurs(dir: string): Promise<Peer> {

@@ -21,6 +21,7 @@ import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { describeNeeding } from './helpers/qemu.js';
+import { startQemuSystem } from './qmp-helpers.js';
 
 const QEMU = 'qemu-system-x86_64';
 const describeQemuSystem = (name: string, fn: () => void): void => describeNeeding(name, [QEMU, 'qemu-img'], 'apt-get install qemu-system-x86 qemu-utils', fn);
@@ -34,28 +35,10 @@ interface Peer {
   stop(): Promise<void>;
 }
 
-async function waitForSocket(file: string, proc: ChildProcess | null): Promise<void> {
-  for (let i = 0; i < 500 && !fs.existsSync(file); i++) {
-    if (proc !== null && proc.exitCode !== null) throw new Error(`${QEMU} exited with ${proc.exitCode}`);
-    await sleep(20);
-  }
-}
-
 async function startQemu(dir: string): Promise<Peer> {
-  const sock = path.join(dir, 'qemu.sock');
   const blockdevs = ['a', 'b'].flatMap((n) => ['-blockdev', `driver=file,node-name=f${n},filename=${path.join(dir, `${n}.qcow2`)}`, '-blockdev', `driver=qcow2,node-name=${n},file=f${n}`]);
-  const proc = spawn(QEMU, ['-machine', 'none', '-nodefaults', '-display', 'none', '-accel', 'tcg', ...blockdevs, '-qmp', `unix:${sock},server=on,wait=off`], { stdio: 'ignore' });
-  await waitForSocket(sock, proc);
-  const client = await QmpClient.connect({ path: sock });
-  return {
-    client,
-    dir,
-    stop: async () => {
-      await client.execute('quit').catch(() => undefined);
-      await client.close();
-      if (proc.exitCode === null) await new Promise((r) => proc.once('exit', r));
-    },
-  };
+  const q = await startQemuSystem(['-machine', 'none', '-nodefaults', '-display', 'none', '-accel', 'tcg', ...blockdevs], path.join(dir, 'qemu.sock'));
+  return { ...q, dir };
 }
 
 async function startOurs(dir: string): Promise<Peer> {
