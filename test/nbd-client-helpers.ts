@@ -9,6 +9,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 import { SKIP_REPORT } from './helpers/qemu.js';
+import { waitForListening } from './helpers/socket.js';
 
 /** A server process and its socket. */
 export interface ServerProcess {
@@ -42,22 +43,13 @@ export function describeWithTool(tool: string, installHint: string, name: string
   describe.skip(name, fn);
 }
 
-async function waitForSocket(socket: string, proc: ChildProcess, what: string, stderr: () => string): Promise<void> {
-  const deadline = Date.now() + 10_000;
-  while (!fs.existsSync(socket)) {
-    if (proc.exitCode !== null) throw new Error(`${what} exited with ${proc.exitCode}: ${stderr()}`);
-    if (Date.now() > deadline) throw new Error(`${what} did not create ${socket} within 10 s: ${stderr()}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-}
-
-/** Starts a server command that listens on `socket`; resolves once the socket exists. */
+/** Starts a server command that listens on `socket`; resolves once it accepts connections. */
 export async function startServer(cmd: string, args: string[], socket: string): Promise<ServerProcess> {
   fs.rmSync(socket, { force: true });
   const proc = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   proc.stderr?.on('data', (b: Buffer) => (err += b.toString()));
-  await waitForSocket(socket, proc, `${cmd} ${args.join(' ')}`, () => err);
+  await waitForListening(socket, proc, `${cmd} ${args.join(' ')}`, () => err);
   return {
     socket,
     proc,

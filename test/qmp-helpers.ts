@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { describe, it } from 'vitest';
 import { SKIP_REPORT } from './helpers/qemu.js';
+import { waitForListening } from './helpers/socket.js';
 import { QmpClient } from '../src/qmp/client.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 
@@ -66,14 +67,11 @@ export async function startQsd(dir: string, extraArgs: string[] = []): Promise<Q
   proc.stderr?.on('data', (d: Buffer) => {
     stderr += d.toString();
   });
-  const deadline = Date.now() + 10_000;
-  while (!fs.existsSync(socket)) {
-    if (proc.exitCode !== null) throw new Error(`qemu-storage-daemon exited (${proc.exitCode}): ${stderr}`);
-    if (Date.now() > deadline) {
-      proc.kill('SIGKILL');
-      throw new Error(`qemu-storage-daemon did not create ${socket}: ${stderr}`);
-    }
-    await new Promise((r) => setTimeout(r, 20));
+  try {
+    await waitForListening(socket, proc, 'qemu-storage-daemon', () => stderr);
+  } catch (e) {
+    proc.kill('SIGKILL');
+    throw e;
   }
   const exited = new Promise<void>((resolve) => {
     if (proc.exitCode !== null) resolve();
@@ -129,11 +127,10 @@ export function shapeDiff(a: QmpValue | undefined, b: QmpValue | undefined, at: 
  * `stop` quits it and waits for its exit.
  */
 export async function startQemuSystem(args: string[], sock: string): Promise<{ client: QmpClient; stop(): Promise<void> }> {
-  const proc = spawn('qemu-system-x86_64', [...args, '-qmp', `unix:${sock},server=on,wait=off`], { stdio: 'ignore' });
-  for (let i = 0; i < 500 && !fs.existsSync(sock); i++) {
-    if (proc.exitCode !== null) throw new Error(`qemu-system-x86_64 exited with ${proc.exitCode}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  const proc = spawn('qemu-system-x86_64', [...args, '-qmp', `unix:${sock},server=on,wait=off`], { stdio: ['ignore', 'ignore', 'pipe'] });
+  let stderr = '';
+  proc.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+  await waitForListening(sock, proc, 'qemu-system-x86_64', () => stderr);
   const client = await QmpClient.connect({ path: sock });
   return {
     client,
