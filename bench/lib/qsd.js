@@ -36,16 +36,28 @@ export async function startQsd(dir, libDir) {
   let stderr = '';
   proc.stderr?.on('data', (d) => (stderr += String(d)));
   const exited = new Promise((resolve) => proc.once('exit', resolve));
+  // the socket file appears at bind(), before listen(): retry the connect until it is accepted
   const deadline = Date.now() + 10_000;
-  while (!fs.existsSync(socket)) {
+  let client;
+  for (;;) {
     if (proc.exitCode !== null) throw new Error(`${QSD} exited (${proc.exitCode}): ${stderr}`);
+    try {
+      if (fs.existsSync(socket)) {
+        client = await QmpClient.connect({ path: socket });
+        break;
+      }
+    } catch (e) {
+      if (Date.now() > deadline) {
+        proc.kill('SIGKILL');
+        throw new Error(`${QSD} did not accept on ${socket}: ${e instanceof Error ? e.message : String(e)} ${stderr}`);
+      }
+    }
     if (Date.now() > deadline) {
       proc.kill('SIGKILL');
       throw new Error(`${QSD} did not create ${socket}: ${stderr}`);
     }
     await new Promise((r) => setTimeout(r, 20));
   }
-  const client = await QmpClient.connect({ path: socket });
   return {
     client,
     stop: async () => {
