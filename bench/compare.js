@@ -4,7 +4,7 @@
  * `npm run bench:compare`: snapstack against `qemu-img bench`, `fio` and a bare fs.*Sync loop, on
  * the same files in the same run.
  *
- *   npm run build && npm run bench:compare -- [--runtime 2] [--reps 3] [--size 1G] [--only PATTERN] [--quick]
+ *   npm run build && npm run bench:compare -- [--runtime 2] [--reps 3] [--size 1G] [--only PATTERN] [--quick] [--busy N]
  *
  * The matrix: 4 KiB random read and write at queue depth 1 and 32, 64 KiB and 1 MiB sequential
  * read and write at queue depth 8 (--seq-depth), each on a raw and a qcow2 image (fully written
@@ -14,6 +14,10 @@
  * the per-repetition ratios), latency and CPU per request, and writes bench/results/<timestamp>.json
  * and .svg (--out DIR to put them elsewhere). Installs nothing: a missing tool is named and its
  * column left empty.
+ *
+ * --busy N: a busy host. N child processes each keep a core busy (bench/lib/busy.js) from before
+ * the first tool (image preparation excluded) to after the last, the same for every tool; they are
+ * killed on exit and on Ctrl-C. The figure is in the output header and in the JSON (options.busy).
  */
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -23,6 +27,7 @@ import { fileURLToPath } from 'node:url';
 import { checkQcow2File, shutdownIOThreads, withBql } from '../dist/index.js';
 import { formatSize, readCommandLine, usageFail as failUsage } from './lib/args.js';
 import { barChartSvg } from './lib/chart.js';
+import { startBusy } from './lib/busy.js';
 import { liveTempDirs, prepareImage, removeTempDirs, runBenchmark, warnIfDistStale } from './lib/engine.js';
 import { detectTool, fioRun, probeFioEngine, probeQemuIoUring, qemuImgBenchTimed, qemuStrideBlocks, syncLoop } from './lib/peers.js';
 import { renderTable } from './lib/table.js';
@@ -41,6 +46,7 @@ const SPEC = {
   ramp: { type: 'number', metavar: 'SEC', help: 'warm-up before each snapstack and sync-loop measurement (default min(0.5, runtime/4))' },
   aio: { type: 'string', default: 'threads', choices: ['threads', 'sync'], help: "snapstack's file aio mode" },
   iothreads: { type: 'number', default: 0, metavar: 'N', help: "snapstack's IOThreads (0: the default pool)" },
+  busy: { type: 'number', default: 0, metavar: 'N', help: 'a busy host: N processes spin on a core each for the whole run, the same for every tool' },
   out: { type: 'string', metavar: 'DIR', help: 'where the JSON and SVG go (default bench/results)' },
   markdown: { type: 'flag', help: 'print the tables as Markdown' },
   from: { type: 'string', metavar: 'FILE', help: 'measure nothing: print the tables of an earlier results JSON (with --markdown for docs)' },
@@ -141,7 +147,7 @@ function fmtUs(v) {
 
 /**
  * @typedef {object} ResultsDoc what bench/results/<timestamp>.json holds
- * @property {{ date: string, wallSec: number, machine: { cpu: string, cores: number, kernel: string, node: string, memGiB: number }, options: { runtime: number, reps: number, size: number, ramp: number, seqDepth: number, aio: string, iothreads: number, only: unknown, quick: boolean, tools: string[] }, tools: { 'qemu-img': import('./lib/peers.js').ToolInfo, 'qemu-img io_uring': import('./lib/peers.js').ToolInfo, fio: import('./lib/peers.js').ToolInfo & { ioengine: string | null, note: string } }, prepareSec: Record<string, number>, qcow2Check?: string | null, qemuStrideBlocks: number }} meta
+ * @property {{ date: string, wallSec: number, machine: { cpu: string, cores: number, kernel: string, node: string, memGiB: number }, options: { runtime: number, reps: number, size: number, ramp: number, seqDepth: number, aio: string, iothreads: number, only: unknown, quick: boolean, tools: string[], busy?: number }, loadavg?: { before: number[], after: number[] }, tools: { 'qemu-img': import('./lib/peers.js').ToolInfo, 'qemu-img io_uring': import('./lib/peers.js').ToolInfo, fio: import('./lib/peers.js').ToolInfo & { ioengine: string | null, note: string } }, prepareSec: Record<string, number>, qcow2Check?: string | null, qemuStrideBlocks: number }} meta
  * @property {string[]} notes
  * @property {ResultRow[]} rows
  */
@@ -193,6 +199,9 @@ function renderText(doc, markdown) {
   out.push(
     `# ${formatSize(options.size)} images in the page cache; ${options.reps} repetition(s) x ${options.runtime} s per measurement; ${tools['qemu-img'].available ? tools['qemu-img'].version : 'qemu-img: missing'}; ${tools.fio.available ? `${tools.fio.version} (${tools.fio.ioengine})` : 'fio: missing'}`,
   );
+  const busy = options.busy ?? 0;
+  if (busy > 0) out.push(`# busy host: ${busy} process(es) spinning on a core each for the whole run (--busy ${busy})`);
+  if (doc.meta.loadavg !== undefined) out.push(`# load average (1/5/15 min) before the run: ${doc.meta.loadavg.before.map((x) => x.toFixed(2)).join(' ')}, after: ${doc.meta.loadavg.after.map((x) => x.toFixed(2)).join(' ')}`);
   out.push('');
   out.push(`Throughput, median of ${options.reps} (IOPS for 4k rows, MB/s = 10^6 B/s for sequential rows)`);
   out.push(
@@ -254,11 +263,13 @@ async function main() {
   const seqDepth = Math.max(1, Math.round(/** @type {number} */ (a['seq-depth'])));
   const aio = /** @type {'threads' | 'sync'} */ (a['aio']);
   const iothreads = Math.round(/** @type {number} */ (a['iothreads']));
+  const busyCount = /** @type {number} */ (a['busy']);
   const outDir = path.resolve(/** @type {string | undefined} */ (a['out']) ?? path.join(HERE, 'results'));
   const markdown = a['markdown'] === true;
   const wanted = new Set(String(a['tools']).split(',').map((s) => s.trim()).filter((s) => s !== ''));
   for (const t of wanted) if (!['snapstack', 'qemu-img', 'fio', 'sync'].includes(t)) return usageFail(`--tools: unknown tool '${t}'`);
   if (!(runtime > 0)) return usageFail('--runtime must be > 0');
+  if (!Number.isSafeInteger(busyCount) || busyCount > 64) return usageFail('--busy must be a whole number of processes, 0..64');
   if (size % (1 << 20) !== 0) return usageFail('--size must be a whole number of MiB');
   /** @type {RegExp[]} */
   let only = [];
@@ -294,11 +305,15 @@ async function main() {
 
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-compare-'));
   liveTempDirs.add(dir);
-  process.once('SIGINT', () => {
-    removeTempDirs();
-    process.exit(130);
-  });
+  for (const [sig, code] of /** @type {const} */ ([['SIGINT', 130], ['SIGTERM', 143]])) {
+    process.once(sig, () => {
+      removeTempDirs();
+      process.exit(code); // the 'exit' hook of bench/lib/busy.js stops the spinners
+    });
+  }
   const files = { raw: path.join(dir, 'disk.raw'), qcow2: path.join(dir, 'disk.qcow2') };
+  /** @type {import('./lib/busy.js').BusyLoad | null} */
+  let busy = null;
   try {
     const needRaw = rows.some((r) => r.format === 'raw') || wanted.has('sync') || fio.available || qemu.available;
     const needQcow2 = rows.some((r) => r.format === 'qcow2');
@@ -353,6 +368,12 @@ async function main() {
       }
     };
 
+    // --- the busy host: spinners from before the warm-up to after the last measurement --------
+    const loadBefore = os.loadavg();
+    if (busyCount > 0) status(`starting ${busyCount} busy process(es)...`);
+    busy = await startBusy(busyCount);
+    if (busyCount > 0) log(`busy host: ${busyCount} spinning process(es), pid ${busy.pids.join(', ')}`);
+
     // --- warm-up: start snapstack's workers and let the JIT settle before anything is timed --
     if (wanted.has('snapstack')) {
       const warm = /** @type {Row} */ (rows[0]);
@@ -397,6 +418,8 @@ async function main() {
     }
     clearStatus();
     const wallSec = (Date.now() - t0) / 1000;
+    const loadAfter = os.loadavg();
+    busy.stop();
 
     // every tool wrote into the same qcow2 image: check that it is still consistent
     /** @type {string | null} */
@@ -466,6 +489,9 @@ async function main() {
       `fio runs on the raw file only (--ioengine=${fioEngine.ioengine ?? '-'} --iodepth=QD --direct=0 --norandommap --invalidate=0, no ramp: it has no JIT to warm); its latency is lat (submission to completion, --lat_percentiles=1), as snapstack's. Its CPU per request is the whole process tree's CPU time (as for qemu-img): fio's own usr/sys figures miss the io_uring kernel workers that do buffered writes (they are kept in the JSON as fioCpuUsPerOp).`,
       `fs sync loop: a bare fs.readSync / fs.writeSync loop at QD1, uniform random 4 KiB offsets, on the raw file, in this process, nothing timed per request: the limit for one request at a time from Node. The qcow2 4k QD1 rows are compared with the same raw-file loop.`,
       `snapstack: in this process (bench/lib/engine.js), aio=${aio}, ${iothreads === 0 ? 'the default pool' : `${iothreads} IOThread(s)`}, SharedArrayBuffer buffers, ${ramp} s warm-up not counted; latency is from the call to the settled promise (queueing included); CPU per request is process.cpuUsage() (all threads) / requests.`,
+      ...(busyCount > 0
+        ? [`Busy host (--busy ${busyCount}): ${busyCount} child process(es) each spin on a core (bench/lib/busy.js) from before the warm-up to after the last measurement, the same for every tool; on this ${os.cpus().length}-core machine that leaves ${Math.max(0, os.cpus().length - busyCount)} core(s) to the tool measured.`]
+        : []),
       `Ratios are snapstack / peer per repetition (the tools of a row run back to back, their order rotated each repetition); shown as median (min-max) over ${reps} repetition(s).`,
     ];
     const date = startedAt.toISOString();
@@ -475,7 +501,8 @@ async function main() {
         date,
         wallSec,
         machine,
-        options: { runtime, reps, size, ramp, seqDepth, aio, iothreads, only: a['only'] ?? null, quick, tools: [...wanted] },
+        options: { runtime, reps, size, ramp, seqDepth, aio, iothreads, only: a['only'] ?? null, quick, tools: [...wanted], busy: busyCount },
+        loadavg: { before: loadBefore, after: loadAfter },
         tools: {
           'qemu-img': qemu,
           'qemu-img io_uring': qemuIoUring,
@@ -498,6 +525,7 @@ async function main() {
     if (a['json'] === true) process.stdout.write(`${JSON.stringify(doc, null, 2)}\n`);
     else process.stdout.write(`${renderText(doc, markdown)}\nwrote ${path.relative(process.cwd(), jsonPath)} and ${path.relative(process.cwd(), svgPath)} (${Math.round(wallSec)} s)\n`);
   } finally {
+    busy?.stop();
     await withBql((bql) => shutdownIOThreads(bql));
     fs.rmSync(dir, { recursive: true, force: true });
     liveTempDirs.delete(dir);
