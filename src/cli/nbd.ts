@@ -4,13 +4,18 @@
  * after the export), then served by src/nbd/server.ts until the first client has gone (qemu-nbd's
  * default) or, with -t, until SIGTERM/SIGINT/SIGHUP. Shutdown finishes the requests in flight,
  * closes the image (its lock is released) and removes the unix socket and the pid file.
+ *
+ * TLS as qemu-nbd: `--object tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]`
+ * makes the credentials, `--tls-creds ID` makes every client use TLS (src/nbd/tls-creds.ts).
  */
 import fs from 'node:fs';
 import { BlockError, isBlockError } from '../block/errors.js';
 import { openImage, type Image } from '../image.js';
 import { NbdServer, type NbdListenAddress } from '../nbd/server.js';
 import { NBD_DEFAULT_PORT } from '../nbd/protocol.js';
+import { addTlsCreds, findTlsCreds, loadTlsCredsX509, type TlsCredsX509 } from '../nbd/tls-creds.js';
 import type { Out } from './img-usage.js';
+import { parseKeyval } from './keyval.js';
 
 const P = 'snapstack nbd';
 
@@ -30,6 +35,13 @@ Connection properties:
   -A, --allocation-depth    expose the allocation depth (qemu:allocation-depth)
 General purpose options:
       --pid-file=PATH       store the server's process ID in the given file
+      --object type,id=ID,...   define an object such as 'tls-creds-x509'
+                            (tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]:
+                            DIR holds ca-cert.pem, server-cert.pem, server-key.pem)
+      --tls-creds=ID        use id of an earlier --object to provide TLS; every
+                            client must then negotiate TLS (NBD_OPT_STARTTLS) and,
+                            with verify-peer=on (the default), show a certificate
+                            signed by DIR/ca-cert.pem
 Block device options:
   -f, --format=FORMAT       set image format (raw, qcow2)
   -r, --read-only           export read-only
@@ -39,7 +51,7 @@ Block device options:
                             'snapshot.id=[ID],snapshot.name=[NAME]', or '[ID_OR_NAME]'
       --cache=MODE          writeback (default), writethrough or unsafe
       --aio=MODE            threads (default) or sync
-Not built: --fork, -c/--connect, --tls-creds, -o/--offset, -s/--snapshot, -B, --image-opts.`;
+Not built: --fork, -c/--connect, --tls-authz, --tls-hostname, -o/--offset, -s/--snapshot, -B, --image-opts.`;
 
 /** What the command line asks for. */
 export interface NbdCliOptions {
@@ -58,6 +70,9 @@ export interface NbdCliOptions {
   snapshot?: string;
   pidFile?: string;
   allocationDepth: boolean;
+  /** `--object` texts, in order (tls-creds-x509 only). */
+  objects: string[];
+  tlsCreds?: string;
 }
 
 const WITH_VALUE: Record<string, string> = {
@@ -80,6 +95,7 @@ const WITH_VALUE: Record<string, string> = {
   '--pid-file': 'pid-file',
   '-D': 'description',
   '--description': 'description',
+  '--tls-creds': 'tls-creds',
 };
 const SWITCHES: Record<string, string> = {
   '-r': 'read-only',
@@ -91,7 +107,7 @@ const SWITCHES: Record<string, string> = {
   '-h': 'help',
   '--help': 'help',
 };
-const NOT_BUILT = new Set(['--fork', '-c', '--connect', '-d', '--disconnect', '--tls-creds', '--tls-authz', '-o', '--offset', '-s', '--snapshot', '-B', '--bitmap', '--image-opts', '-L', '--list', '-n', '--nocache', '--object', '--discard', '--detect-zeroes']);
+const NOT_BUILT = new Set(['--fork', '-c', '--connect', '-d', '--disconnect', '--tls-authz', '--tls-hostname', '-o', '--offset', '-s', '--snapshot', '-B', '--bitmap', '--image-opts', '-L', '--list', '-n', '--nocache', '--discard', '--detect-zeroes']);
 
 /** Which snapshot `-l` names: `snapshot.name=X`, `snapshot.id=X`, or a bare ID-or-name. */
 function snapshotParam(text: string): string {
@@ -107,11 +123,18 @@ export function parseNbdArgs(argv: string[]): NbdCliOptions | null {
   const values = new Map<string, string>();
   const switches = new Set<string>();
   const files: string[] = [];
+  const objects: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i] as string;
     const eq = a.startsWith('--') ? a.indexOf('=') : -1;
     const flag = eq > 0 ? a.slice(0, eq) : a;
     if (NOT_BUILT.has(flag)) throw new BlockError('ENOTSUP', `${flag} is not supported by snapstack nbd`, { field: flag });
+    if (flag === '--object') {
+      const v = eq > 0 ? a.slice(eq + 1) : argv[++i];
+      if (v === undefined) throw new BlockError('EINVAL', `option '${flag}' requires an argument`, { field: flag });
+      objects.push(v);
+      continue;
+    }
     const key = WITH_VALUE[flag];
     if (key !== undefined) {
       const v = eq > 0 ? a.slice(eq + 1) : argv[++i];
@@ -147,7 +170,10 @@ export function parseNbdArgs(argv: string[]): NbdCliOptions | null {
     shared,
     cache,
     aio,
+    objects,
   };
+  const tlsCreds = values.get('tls-creds');
+  if (tlsCreds !== undefined) o.tlsCreds = tlsCreds;
   const portText = values.get('port');
   if (portText !== undefined) {
     const port = Number(portText);
@@ -172,6 +198,26 @@ export function parseNbdArgs(argv: string[]): NbdCliOptions | null {
     throw new BlockError('EINVAL', '-k/--socket and -p/--port or -b/--bind are mutually exclusive', { field: '--socket' });
   }
   return o;
+}
+
+/**
+ * Makes the TLS credentials object an `--object` text describes (`tls-creds-x509,id=..,dir=..`)
+ * and registers it; other object types are refused by name. Reads the certificate files.
+ */
+export function addTlsCredsObject(text: string): TlsCredsX509 {
+  const { value, help } = parseKeyval(text, 'qom-type');
+  const type = value['qom-type'];
+  if (help) throw new BlockError('EINVAL', 'Help is not available for this option', { field: '--object' });
+  if (type === undefined) throw new BlockError('EINVAL', "Parameter 'qom-type' is missing", { field: 'qom-type' });
+  if (type !== 'tls-creds-x509') throw new BlockError('ENOTSUP', `object type '${typeof type === 'string' ? type : '?'}' is not supported here (tls-creds-x509 is)`, { field: 'qom-type' });
+  const props: Record<string, string> = {};
+  for (const [k, v] of Object.entries(value)) {
+    if (typeof v !== 'string') throw new BlockError('EINVAL', `Invalid parameter type for '${k}', expected: string`, { field: k });
+    props[k] = v;
+  }
+  const creds = loadTlsCredsX509(props);
+  addTlsCreds(creds);
+  return creds;
 }
 
 /** A backend name made from the export name (backend names are letters, digits, '-', '.', '_'). */
@@ -201,6 +247,14 @@ export async function nbdMain(argv: string[], out: Out, err: Out): Promise<numbe
     out(NBD_USAGE);
     return 0;
   }
+  let tls: TlsCredsX509 | undefined;
+  try {
+    for (const text of o.objects) addTlsCredsObject(text);
+    if (o.tlsCreds !== undefined) tls = findTlsCreds(o.tlsCreds, 'server');
+  } catch (e) {
+    err(`${P}: ${e instanceof Error ? e.message : String(e)}`);
+    return 1;
+  }
   let img: Image;
   try {
     img = await openImage(o.file, { readOnly: o.readOnly, aio: o.aio, name: backendName(o.exportName), ...(o.format === undefined ? {} : { format: o.format }) });
@@ -222,6 +276,7 @@ export async function nbdMain(argv: string[], out: Out, err: Out): Promise<numbe
       exports: [{ name: opts.exportName, backend: img.backend, cache: opts.cache, allocationDepth: opts.allocationDepth, ...(opts.description === undefined ? {} : { description: opts.description }) }],
       maxConnections: opts.shared,
       log: (line) => err(`${P}: ${line}`),
+      ...(tls === undefined ? {} : { tls }),
     });
     const addr: NbdListenAddress = opts.socket !== undefined ? { type: 'unix', path: opts.socket } : { type: 'inet', host: opts.bind ?? '127.0.0.1', port: opts.port ?? NBD_DEFAULT_PORT };
     if (addr.type === 'unix') removeStaleSocket(addr.path);

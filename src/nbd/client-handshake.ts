@@ -1,6 +1,7 @@
 /**
  * The client side of the NBD fixed newstyle handshake (doc/proto.md, "Newstyle negotiation"):
- * greeting, client flags, NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT base:allocation,
+ * greeting, client flags, NBD_OPT_STARTTLS and the TLS handshake when the client has TLS
+ * credentials (the rest then runs inside TLS), NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT base:allocation,
  * then NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE (NBD_OPT_EXPORT_NAME when the server does not
  * know GO). What it learns is an ExportInfo.
  *
@@ -12,6 +13,8 @@
  */
 import type { Socket } from 'node:net';
 import { BlockError, type ErrorCode } from '../block/errors.js';
+import type { TlsCredsX509 } from './tls-creds.js';
+import { tlsClientHandshake } from './tls-session.js';
 import {
   BASE_ALLOCATION,
   DEFAULT_MAX_PAYLOAD_BYTES,
@@ -31,6 +34,7 @@ import {
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_GO,
   NBD_OPT_SET_META_CONTEXT,
+  NBD_OPT_STARTTLS,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_OPTS_MAGIC,
   NBD_REP_ACK,
@@ -44,7 +48,7 @@ import {
   NBD_REP_META_CONTEXT,
   optionReplyName,
 } from './client-proto.js';
-import { ReaderClosed, type SocketReader } from './client-reader.js';
+import { ReaderClosed, SocketReader } from './client-reader.js';
 
 /** What the handshake learnt about the export. */
 export interface ExportInfo {
@@ -58,6 +62,25 @@ export interface ExportInfo {
   structuredReplies: boolean;
   /** The id of base:allocation, or null when the server has no such context (or no structured replies). */
   baseAllocationId: number | null;
+}
+
+/** TLS for a connection: the credentials (a client endpoint) and the name the server's certificate must carry. */
+export interface ClientTls {
+  creds: TlsCredsX509;
+  /** QEMU's tls-hostname (or the inet host); undefined: the name is not checked. */
+  hostname: string | undefined;
+}
+
+/** The connection after the handshake: what was learnt, and the socket (the TLS one, with TLS) to transmit on. */
+export interface Negotiated {
+  info: ExportInfo;
+  socket: Socket;
+  reader: SocketReader;
+}
+
+/** The refusal of a server that requires TLS, to a client without credentials. */
+function tlsRequired(r: OptionReply): string {
+  return `the server requires TLS (${errorText(r)}); give the nbd node tls-creds=ID (a tls-creds-x509 object with endpoint=client)`;
 }
 
 /** Fails the handshake: EIO (or `code`) with the server named. */
@@ -104,20 +127,22 @@ function checkBlockSizes(where: string, min: number, pref: number, max: number):
  * Runs the fixed newstyle handshake on a connected socket and enters transmission.
  * @locking io
  */
-export async function negotiate(socket: Socket, reader: SocketReader, exportName: string, where: string): Promise<ExportInfo> {
+export async function negotiate(socket: Socket, reader: SocketReader, exportName: string, where: string, tls?: ClientTls): Promise<Negotiated> {
   const nameBytes = Buffer.from(exportName, 'utf8');
   if (nameBytes.length > NBD_MAX_STRING_BYTES) {
     throw new BlockError('EINVAL', `NBD export name of ${nameBytes.length} bytes: at most ${NBD_MAX_STRING_BYTES}`, { field: 'export' });
   }
   try {
-    return await negotiateInner(socket, reader, nameBytes, exportName, where);
+    return await negotiateInner(socket, reader, nameBytes, exportName, where, tls);
   } catch (e) {
     if (e instanceof ReaderClosed) throw fail(where, `${e.message} during the handshake`, 'EIO', e);
     throw e;
   }
 }
 
-async function negotiateInner(socket: Socket, reader: SocketReader, nameBytes: Buffer, exportName: string, where: string): Promise<ExportInfo> {
+async function negotiateInner(rawSocket: Socket, rawReader: SocketReader, nameBytes: Buffer, exportName: string, where: string, tls: ClientTls | undefined): Promise<Negotiated> {
+  let socket = rawSocket;
+  let reader = rawReader;
   const greeting = await reader.read(16);
   if (greeting.readBigUInt64BE(0) !== NBD_INIT_MAGIC) throw fail(where, 'not an NBD server (no NBDMAGIC greeting)');
   const second = greeting.readBigUInt64BE(8);
@@ -130,10 +155,26 @@ async function negotiateInner(socket: Socket, reader: SocketReader, nameBytes: B
   cflags.writeUInt32BE(NBD_FLAG_C_FIXED_NEWSTYLE | (noZeroes ? NBD_FLAG_C_NO_ZEROES : 0), 0);
   socket.write(cflags);
 
+  if (tls !== undefined) {
+    socket.write(encodeOption(NBD_OPT_STARTTLS, Buffer.alloc(0)));
+    const st = await readOptionReply(reader, where, NBD_OPT_STARTTLS);
+    if (st.type !== NBD_REP_ACK) {
+      if ((st.type & NBD_REP_FLAG_ERROR) === 0) throw fail(where, `unexpected reply ${st.type} to NBD_OPT_STARTTLS`);
+      const code: ErrorCode = st.type === NBD_REP_ERR_UNSUP || st.type === NBD_REP_ERR_POLICY ? 'ENOTSUP' : 'EIO';
+      throw fail(where, `the server refused NBD_OPT_STARTTLS (${errorText(st)}): it does not offer TLS, and tls-creds '${tls.creds.id}' asks for it`, code);
+    }
+    // the server's TLS bytes must reach the TLS socket, not this reader
+    const left = reader.detach();
+    socket.pause();
+    if (left !== null) socket.unshift(left);
+    socket = await tlsClientHandshake(socket, tls.creds, tls.hostname, where);
+    reader = new SocketReader(socket);
+  }
+
   // structured replies: sparse reads and block status need them
   socket.write(encodeOption(NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)));
   const sr = await readOptionReply(reader, where, NBD_OPT_STRUCTURED_REPLY);
-  if (sr.type === NBD_REP_ERR_TLS_REQD) throw fail(where, `the server requires TLS (${errorText(sr)}); tls-creds is not supported by this client`, 'ENOTSUP');
+  if (sr.type === NBD_REP_ERR_TLS_REQD) throw fail(where, tlsRequired(sr), 'ENOTSUP');
   if (sr.type !== NBD_REP_ACK && (sr.type & NBD_REP_FLAG_ERROR) === 0) throw fail(where, `unexpected reply ${sr.type} to NBD_OPT_STRUCTURED_REPLY`);
   const structuredReplies = sr.type === NBD_REP_ACK;
 
@@ -175,9 +216,9 @@ async function negotiateInner(socket: Socket, reader: SocketReader, nameBytes: B
     if (i > MAX_OPTION_REPLIES) throw fail(where, `more than ${MAX_OPTION_REPLIES} replies to NBD_OPT_GO`);
     const r = await readOptionReply(reader, where, NBD_OPT_GO);
     if (r.type === NBD_REP_ACK) break;
-    if (r.type === NBD_REP_ERR_UNSUP) return exportNameFallback(socket, reader, nameBytes, where, noZeroes, structuredReplies, baseAllocationId);
+    if (r.type === NBD_REP_ERR_UNSUP) return { info: await exportNameFallback(socket, reader, nameBytes, where, noZeroes, structuredReplies, baseAllocationId), socket, reader };
     if (r.type === NBD_REP_ERR_UNKNOWN) throw fail(where, `export '${exportName}' not found (${errorText(r)})`, 'ENOENT');
-    if (r.type === NBD_REP_ERR_TLS_REQD) throw fail(where, `the server requires TLS (${errorText(r)}); tls-creds is not supported by this client`, 'ENOTSUP');
+    if (r.type === NBD_REP_ERR_TLS_REQD) throw fail(where, tlsRequired(r), 'ENOTSUP');
     if (r.type === NBD_REP_ERR_POLICY) throw fail(where, `export '${exportName}' refused (${errorText(r)})`, 'EACCES');
     if ((r.type & NBD_REP_FLAG_ERROR) !== 0) throw fail(where, `export '${exportName}': ${errorText(r)}`);
     if (r.type !== NBD_REP_INFO || r.data.length < 2) throw fail(where, `unexpected reply ${r.type} to NBD_OPT_GO`);
@@ -199,7 +240,7 @@ async function negotiateInner(socket: Socket, reader: SocketReader, nameBytes: B
   }
   if (sizeBytes === null) throw fail(where, 'NBD_OPT_GO succeeded without NBD_INFO_EXPORT (no size)');
   if ((flags & NBD_FLAG_HAS_FLAGS) === 0) flags = 0;
-  return { sizeBytes, flags, minBlockBytes, preferredBlockBytes, maxBlockBytes, structuredReplies, baseAllocationId };
+  return { info: { sizeBytes, flags, minBlockBytes, preferredBlockBytes, maxBlockBytes, structuredReplies, baseAllocationId }, socket, reader };
 }
 
 /** NBD_OPT_EXPORT_NAME, for servers without NBD_OPT_GO: no error reply is possible, a refusal closes. */

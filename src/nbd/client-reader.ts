@@ -26,19 +26,41 @@ export class SocketReader {
   private wake: (() => void) | null = null;
   private paused = false;
 
+  private readonly onData = (b: Buffer): void => {
+    this.chunks.push(b);
+    this.avail += b.length;
+    if (this.avail > HIGH_WATER_BYTES && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    }
+    this.kick();
+  };
+  private readonly onEnd = (): void => this.close('the server closed the connection');
+  private readonly onClose = (): void => this.close('the connection closed');
+  private readonly onError = (e: Error): void => this.close(e.message);
+
   constructor(private readonly socket: Socket) {
-    socket.on('data', (b: Buffer) => {
-      this.chunks.push(b);
-      this.avail += b.length;
-      if (this.avail > HIGH_WATER_BYTES && !this.paused) {
-        this.paused = true;
-        socket.pause();
-      }
-      this.kick();
-    });
-    socket.on('end', () => this.close('the server closed the connection'));
-    socket.on('close', () => this.close('the connection closed'));
-    socket.on('error', (e: Error) => this.close(e.message));
+    socket.on('data', this.onData);
+    socket.on('end', this.onEnd);
+    socket.on('close', this.onClose);
+    socket.on('error', this.onError);
+  }
+
+  /**
+   * Stops listening to the socket (it goes to TLS after NBD_OPT_STARTTLS); returns the bytes
+   * that had arrived unread (the server's first TLS bytes, in a hurry), or null.
+   */
+  detach(): Buffer | null {
+    this.socket.off('data', this.onData);
+    this.socket.off('end', this.onEnd);
+    this.socket.off('close', this.onClose);
+    this.socket.off('error', this.onError);
+    const first = this.chunks[0];
+    const left = this.avail === 0 || first === undefined ? null : Buffer.concat([first.subarray(this.head), ...this.chunks.slice(1)]);
+    this.chunks.length = 0;
+    this.avail = 0;
+    this.head = 0;
+    return left;
   }
 
   /** Bytes that arrived and were not read yet. */

@@ -22,7 +22,7 @@
 import net from 'node:net';
 import { BlockError } from '../block/errors.js';
 import { NbdConnection, type ExtentReply, type NbdRequest } from './client-conn.js';
-import { negotiate, type ExportInfo } from './client-handshake.js';
+import { negotiate, type ExportInfo, type Negotiated } from './client-handshake.js';
 import {
   DEFAULT_MAX_PAYLOAD_BYTES,
   NBD_CMD_BLOCK_STATUS,
@@ -41,6 +41,7 @@ import {
   NBD_FLAG_SEND_WRITE_ZEROES,
 } from './client-proto.js';
 import { SocketReader } from './client-reader.js';
+import type { TlsCredsX509 } from './tls-creds.js';
 
 /** Where the server listens. */
 export type NbdAddress = { type: 'unix'; path: string } | { type: 'inet'; host: string; port: number };
@@ -59,6 +60,13 @@ export interface NbdClientOptions {
    * the default: one attempt. A refusal in the handshake (no such export, TLS required) is final.
    */
   openTimeoutSec?: number;
+  /**
+   * TLS (QEMU's tls-creds, a client endpoint): NBD_OPT_STARTTLS right after the greeting, on
+   * every connection including reconnects. The server's certificate must name `tlsHostname`
+   * (default: the host of an inet address; a unix socket checks no name unless given one).
+   */
+  tls?: TlsCredsX509;
+  tlsHostname?: string;
 }
 
 /** Flags of a write. */
@@ -605,9 +613,10 @@ async function establish(opts: NbdClientOptions, onLost: (c: NbdConnection, reas
   if (opts.address.type === 'inet') socket.setNoDelay(true);
   // from here on the reader reports the socket's errors (it listens for them)
   const reader = new SocketReader(socket);
-  let info: ExportInfo;
+  let neg: Negotiated;
+  const hostname = opts.tlsHostname ?? (opts.address.type === 'inet' ? opts.address.host : undefined);
   try {
-    info = await negotiate(socket, reader, opts.exportName, where);
+    neg = await negotiate(socket, reader, opts.exportName, where, opts.tls === undefined ? undefined : { creds: opts.tls, hostname });
   } catch (e) {
     socket.destroy();
     if (timedOut) throw new BlockError('EIO', `NBD handshake with ${where} failed: no answer within ${timeoutMs} ms`, { op: 'nbd-connect', cause: e });
@@ -615,8 +624,9 @@ async function establish(opts: NbdClientOptions, onLost: (c: NbdConnection, reas
   } finally {
     clearTimeout(timer);
   }
+  const info: ExportInfo = neg.info;
   let conn: NbdConnection | null = null;
-  conn = new NbdConnection(socket, reader, info, where, (reason, pending) => {
+  conn = new NbdConnection(neg.socket, neg.reader, info, where, (reason, pending) => {
     if (conn !== null) onLost(conn, reason, pending);
   });
   return conn;

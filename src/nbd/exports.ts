@@ -17,6 +17,7 @@ import { findIOThread } from '../block/iothread.js';
 import { allNodes } from '../block/registry.js';
 import { NbdServer, type NbdListenAddress } from './server.js';
 import { NBD_MAX_STRING_BYTES } from './protocol.js';
+import { findTlsCreds } from './tls-creds.js';
 
 /** What block-export-add (type nbd) asks for. */
 export interface BlockExportOptions {
@@ -53,7 +54,7 @@ interface ExportEntry {
 export interface NbdServerStartOptions {
   /** Clients served at once; 0 or left out: no limit (QEMU's default). */
   maxConnections?: number;
-  /** A TLS credentials object: refused, snapstack's daemon has none. */
+  /** The id of a tls-creds-x509 object (endpoint=server): every client must then use TLS. */
   tlsCreds?: string;
   log?: (line: string) => void;
 }
@@ -81,10 +82,10 @@ function wellFormedId(id: string): boolean {
 export async function nbdServerStart(bql: Bql, addr: NbdListenAddress, opts: NbdServerStartOptions = {}): Promise<void> {
   assertBql(bql, 'nbdServerStart');
   if (server !== null) fail('NBD server already running', 'EBUSY');
-  if (opts.tlsCreds !== undefined) fail(`No TLS credentials with id '${opts.tlsCreds}'`, 'ENOENT');
+  const tls = opts.tlsCreds === undefined ? undefined : findTlsCreds(opts.tlsCreds, 'server');
   const max = opts.maxConnections ?? 0;
   if (!Number.isSafeInteger(max) || max < 0) fail("Parameter 'max-connections' expects uint32");
-  const s = new NbdServer({ exports: [], maxConnections: max === 0 ? UNLIMITED_CONNECTIONS : max, ...(opts.log === undefined ? {} : { log: opts.log }) });
+  const s = new NbdServer({ exports: [], maxConnections: max === 0 ? UNLIMITED_CONNECTIONS : max, ...(opts.log === undefined ? {} : { log: opts.log }), ...(tls === undefined ? {} : { tls }) });
   // claimed before the await: a second start while this one binds is refused too
   server = s;
   try {

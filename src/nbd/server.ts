@@ -26,8 +26,16 @@
  * a FLUSH on any connection flushes the node (every write completed before it, from any
  * connection, is then durable) — what the spec asks of a server that sets the flag.
  *
- * Not built: TLS (NBD_OPT_STARTTLS is refused with NBD_REP_ERR_POLICY), extended headers,
- * NBD_CMD_CACHE / NBD_CMD_RESIZE (not advertised), `qemu:dirty-bitmap:*`.
+ * TLS (`tls`, a tls-creds-x509 object for a server endpoint): QEMU's forced-TLS mode. Before
+ * NBD_OPT_STARTTLS every option but STARTTLS and ABORT is answered NBD_REP_ERR_TLS_REQD (and
+ * NBD_OPT_EXPORT_NAME, which has no error reply, closes the connection); STARTTLS is acknowledged
+ * and the TLS handshake runs on the same socket within the handshake timeout, then haggling goes
+ * on inside TLS and transmission runs over the TLS socket unchanged. A failed handshake (garbage
+ * for a ClientHello, a certificate the CA did not sign) closes that connection only. Without
+ * `tls`, STARTTLS is refused with NBD_REP_ERR_POLICY.
+ *
+ * Not built: extended headers, NBD_CMD_CACHE / NBD_CMD_RESIZE (not advertised),
+ * `qemu:dirty-bitmap:*`, TLS authorization (tls-authz).
  */
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
@@ -38,6 +46,8 @@ import { exportExtents, type ExtentContext } from './extents.js';
 import * as P from './protocol.js';
 import { MIN_POOLED_BYTES, SharedBufferPool } from './buffer-pool.js';
 import { SocketReader } from './socket-reader.js';
+import type { TlsCredsX509 } from './tls-creds.js';
+import { tlsServerHandshake } from './tls-session.js';
 
 /** The largest option payload accepted during the handshake. */
 export const MAX_OPTION_BYTES = 64 * 1024;
@@ -89,6 +99,8 @@ export interface NbdServerOptions {
   maxInFlightBytes?: number;
   /** Called with a line about each connection's fate (errors the client caused), for logs. */
   log?: (line: string) => void;
+  /** TLS credentials (a server endpoint): every client must then use TLS (QEMU's forced mode). */
+  tls?: TlsCredsX509;
 }
 
 /** Events: `client-closed` (the number of connections still open) after each connection ends. */
@@ -105,6 +117,8 @@ export class NbdServer extends EventEmitter {
   readonly handshakeTimeoutMs: number;
   readonly maxInFlightBytes: number;
   readonly log: (line: string) => void;
+  /** The TLS credentials every client must use, or null (plaintext only). */
+  readonly tls: TlsCredsX509 | null;
   #inFlightBytes = 0;
   readonly #budgetWaiters = new Set<() => void>();
   /** Shared-memory buffers for large reads and writes (no staging copy in the IOThread pool). */
@@ -120,6 +134,10 @@ export class NbdServer extends EventEmitter {
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 10_000;
     this.maxInFlightBytes = positive(opts.maxInFlightBytes ?? MAX_SERVER_INFLIGHT_BYTES, 'maxInFlightBytes');
     this.log = opts.log ?? (() => undefined);
+    if (opts.tls !== undefined && opts.tls.endpoint !== 'server') {
+      throw new BlockError('EINVAL', `Expected TLS credentials for a server endpoint (tls-creds '${opts.tls.id}' is for a ${opts.tls.endpoint})`, { field: 'tls-creds', value: opts.tls.id });
+    }
+    this.tls = opts.tls ?? null;
   }
 
   /** Adds an export; new clients can choose it at once. EINVAL for a name too long or taken. */
@@ -299,7 +317,9 @@ class RequestRefused extends Error {
 
 /** One client connection. */
 class NbdConnection {
-  readonly #reader: SocketReader;
+  #reader: SocketReader;
+  /** True once STARTTLS succeeded: `socket` is then the TLS socket. */
+  #tlsDone = false;
   #noZeroes = false;
   #structured = false;
   /** The meta contexts SET_META_CONTEXT selected, and for which export; null when none. */
@@ -309,10 +329,11 @@ class NbdConnection {
   #inFlightBytes = 0;
   #wake: (() => void) | null = null;
   #stopping = false;
+  #tlsRefusedLogged = false;
 
   constructor(
     private readonly server: NbdServer,
-    private readonly socket: net.Socket,
+    private socket: net.Socket,
   ) {
     this.#reader = new SocketReader(socket);
     socket.resume();
@@ -418,12 +439,71 @@ class NbdConnection {
         // plain newstyle has no error replies: the only way to refuse is to hang up
         return null;
       }
+      if (this.server.tls !== null) {
+        const t = await this.tlsGate(option, data);
+        if (t === 'close') return null;
+        if (t === 'handled') continue;
+      }
       const r = this.option(option, data);
       if (r === 'close') return null;
       if (r !== 'continue') return r;
     }
     this.server.log(`nbd: more than ${MAX_OPTIONS} options; closing`);
     return null;
+  }
+
+  /**
+   * Forced TLS: before TLS only STARTTLS and ABORT are honoured; STARTTLS upgrades the socket.
+   * 'pass' lets option() handle the option (TLS is up, or ABORT).
+   */
+  private async tlsGate(option: number, data: Buffer): Promise<'handled' | 'close' | 'pass'> {
+    const creds = this.server.tls;
+    if (creds === null) return 'pass';
+    if (this.#tlsDone) {
+      if (option !== P.NBD_OPT_STARTTLS) return 'pass';
+      this.optReply(option, P.NBD_REP_ERR_INVALID, 'TLS is already negotiated');
+      return 'handled';
+    }
+    switch (option) {
+      case P.NBD_OPT_ABORT:
+        return 'pass';
+      case P.NBD_OPT_EXPORT_NAME:
+        // no error reply exists for it: hang up
+        this.server.log('nbd: NBD_OPT_EXPORT_NAME before TLS (the server requires TLS); closing');
+        return 'close';
+      case P.NBD_OPT_STARTTLS:
+        break;
+      default:
+        this.optReply(option, P.NBD_REP_ERR_TLS_REQD, `Option 0x${option.toString(16)} (${P.optionName(option)}) not permitted before TLS`);
+        if (!this.#tlsRefusedLogged) {
+          this.#tlsRefusedLogged = true;
+          this.server.log(`nbd: a client sent ${P.optionName(option)} without TLS; refused with NBD_REP_ERR_TLS_REQD (the server requires TLS)`);
+        }
+        return 'handled';
+    }
+    if (data.length !== 0) {
+      this.optReply(option, P.NBD_REP_ERR_INVALID, 'NBD_OPT_STARTTLS takes no data');
+      return 'handled';
+    }
+    // nothing more is read from the plain socket: what arrives now is the ClientHello, kept in
+    // the socket's own buffer (paused) for the TLS socket to take
+    const raw = this.socket;
+    const left = this.#reader.detach();
+    raw.pause();
+    if (left !== null) raw.unshift(left);
+    await new Promise<void>((resolve) => raw.write(P.encodeOptionReply(option, P.NBD_REP_ACK, new Uint8Array(0)), () => resolve()));
+    if (raw.destroyed) return 'close';
+    let secure: net.Socket;
+    try {
+      secure = await tlsServerHandshake(raw, creds);
+    } catch (e) {
+      this.server.log(`nbd: ${e instanceof Error ? e.message : String(e)}; closing`);
+      return 'close';
+    }
+    this.socket = secure;
+    this.#reader = new SocketReader(secure);
+    this.#tlsDone = true;
+    return 'handled';
   }
 
   private optReply(option: number, type: number, payload: Uint8Array | string = new Uint8Array(0)): void {
@@ -468,7 +548,7 @@ class NbdConnection {
         this.optReply(option, P.NBD_REP_ACK);
         return 'continue';
       case P.NBD_OPT_STARTTLS:
-        this.optReply(option, P.NBD_REP_ERR_POLICY, 'TLS is not configured on this server (snapstack has no NBD TLS yet)');
+        this.optReply(option, P.NBD_REP_ERR_POLICY, 'TLS not configured (start the server with tls-creds)');
         return 'continue';
       case P.NBD_OPT_STRUCTURED_REPLY:
         if (data.length !== 0) this.optReply(option, P.NBD_REP_ERR_INVALID, 'NBD_OPT_STRUCTURED_REPLY takes no data');

@@ -6,7 +6,7 @@
  * cancelled) before n bytes arrived. Memory is bounded: the socket is paused as soon as more than
  * `highWaterBytes` are buffered beyond what the pending read needs, so a client that floods us
  * with requests is held back by TCP, not by our heap. `skip(n)` discards n bytes in slices and
- * never holds more than one slice.
+ * never holds more than one slice. `detach()` lets the socket go to TLS (NBD_OPT_STARTTLS).
  */
 import type { Socket } from 'node:net';
 
@@ -23,21 +23,39 @@ export class SocketReader {
   #waiter: Waiter | null = null;
   #ended = false;
 
+  readonly #onData = (d: Buffer): void => {
+    if (this.#ended) return;
+    this.#chunks.push(d);
+    this.#buffered += d.length;
+    this.wake();
+    if (this.#buffered > this.highWaterBytes + (this.#waiter?.n ?? 0)) this.socket.pause();
+  };
+  readonly #onEnd = (): void => this.cancel();
+
   constructor(
     private readonly socket: Socket,
     private readonly highWaterBytes = 4 * 1024 * 1024,
   ) {
-    socket.on('data', (d: Buffer) => {
-      if (this.#ended) return;
-      this.#chunks.push(d);
-      this.#buffered += d.length;
-      this.wake();
-      if (this.#buffered > this.highWaterBytes + (this.#waiter?.n ?? 0)) socket.pause();
-    });
-    const end = (): void => this.cancel();
-    socket.on('end', end);
-    socket.on('close', end);
-    socket.on('error', end);
+    socket.on('data', this.#onData);
+    socket.on('end', this.#onEnd);
+    socket.on('close', this.#onEnd);
+    socket.on('error', this.#onEnd);
+  }
+
+  /**
+   * Stops listening to the socket (NBD_OPT_STARTTLS hands it to TLS); returns the bytes that
+   * were buffered and not read (a client that sent its ClientHello before our ACK), or null.
+   */
+  detach(): Buffer | null {
+    this.socket.off('data', this.#onData);
+    this.socket.off('end', this.#onEnd);
+    this.socket.off('close', this.#onEnd);
+    this.socket.off('error', this.#onEnd);
+    const left = this.#buffered === 0 ? null : Buffer.concat(this.#chunks);
+    this.#chunks.length = 0;
+    this.#buffered = 0;
+    this.#ended = true;
+    return left;
   }
 
   /** Bytes received and not yet consumed. */

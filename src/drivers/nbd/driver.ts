@@ -4,9 +4,12 @@
  *
  * Options, as QEMU's: `server.type=inet|unix`, `server.host`, `server.port` (default 10809),
  * `server.path`, `export` (default ''), `reconnect-delay` and `open-timeout` (seconds, default
- * 0: a lost connection fails at once, a first connection is tried once), `tls-creds`
- * (refused: TLS is not built); or `filename=` an NBD URL (`nbd://host:port/export`,
- * `nbd+unix:///export?socket=PATH`), which may not be combined with `server.*` / `export`.
+ * 0: a lost connection fails at once, a first connection is tried once), `tls-creds=ID` (a
+ * tls-creds-x509 object with endpoint=client, made by `--object`: every connection, reconnects
+ * too, starts with NBD_OPT_STARTTLS) and `tls-hostname` (the name the server's certificate must
+ * carry; default the inet host; a unix socket checks the CA only); or `filename=` an NBD URL
+ * (`nbd://host:port/export`, `nbd+unix:///export?socket=PATH`), which may not be combined with
+ * `server.*` / `export` (tls-creds may).
  *
  * The export's size is fixed: writes past it fail with ENOSPC, reads past it return zeros
  * (as the file driver's), truncate to another size is refused. A read-only export opens only
@@ -23,10 +26,11 @@ import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/options.js';
 import { NBD_DEFAULT_PORT, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../../nbd/client-proto.js';
 import { NbdClient, type NbdAddress } from '../../nbd/client.js';
+import { findTlsCreds, type TlsCredsX509 } from '../../nbd/tls-creds.js';
 import { formatNbdUrl, isNbdFilename, parseNbdFilename, type NbdTarget } from './url.js';
 
 /** Options the driver knows; `aio`, `locking` and `force-share` are file options the easy API may pass on, and mean nothing here. */
-const KNOWN = new Set(['filename', 'server.type', 'server.host', 'server.port', 'server.path', 'export', 'reconnect-delay', 'open-timeout', 'tls-creds', 'aio', 'locking', 'force-share']);
+const KNOWN = new Set(['filename', 'server.type', 'server.host', 'server.port', 'server.path', 'export', 'reconnect-delay', 'open-timeout', 'tls-creds', 'tls-hostname', 'aio', 'locking', 'force-share']);
 /** The largest reconnect-delay / open-timeout accepted (seconds). */
 const MAX_RECONNECT_DELAY_SEC = 3600;
 
@@ -40,9 +44,6 @@ function optError(node: BlockNode, field: string, why: string, value?: string): 
  */
 export function nbdTargetFromOptions(node: BlockNode, opts: NodeOptions): NbdTarget {
   for (const k of Object.keys(opts)) if (!KNOWN.has(k)) throw optError(node, k, `Invalid parameter '${k}'`, k);
-  if (opts['tls-creds'] !== undefined) {
-    throw new BlockError('ENOTSUP', `tls-creds is not supported by snapstack's NBD client (node '${node.nodeName}'): TLS is not built`, { node: node.nodeName, field: 'tls-creds' });
-  }
   const filename = opts['filename'];
   const serverKeys = Object.keys(opts).filter((k) => k.startsWith('server.') || k === 'export');
   if (filename !== undefined && filename !== '') {
@@ -71,6 +72,25 @@ export function nbdTargetFromOptions(node: BlockNode, opts: NodeOptions): NbdTar
     throw optError(node, 'server.type', `Invalid server.type '${type}': inet or unix (fd and vsock are not supported)`, type);
   }
   return { address, exportName: opts['export'] ?? '' };
+}
+
+/**
+ * The TLS credentials `tls-creds` names (a client endpoint) and `tls-hostname`, or undefined.
+ * @locking common
+ */
+export function tlsFromOptions(node: BlockNode, opts: NodeOptions): { creds: TlsCredsX509; hostname: string | undefined } | undefined {
+  const id = opts['tls-creds'];
+  const hostname = opts['tls-hostname'];
+  if (id === undefined || id === '') {
+    if (hostname !== undefined) throw optError(node, 'tls-hostname', "Parameter 'tls-hostname' needs 'tls-creds'");
+    return undefined;
+  }
+  try {
+    return { creds: findTlsCreds(id, 'client'), hostname: hostname === '' ? undefined : hostname };
+  } catch (e) {
+    if (e instanceof BlockError) throw new BlockError(e.code, `${e.message} (driver 'nbd', node '${node.nodeName}', option tls-creds)`, { node: node.nodeName, field: 'tls-creds', value: id });
+    throw e;
+  }
 }
 
 /**
@@ -210,9 +230,11 @@ export const nbdDriver: BlockDriver & { readonly protocolNames: readonly string[
   async open(bql: Bql, node: BlockNode, opts: NodeOptions): Promise<BlockDriverInstance> {
     assertBql(bql, `nbd open (node '${node.nodeName}')`);
     const target = nbdTargetFromOptions(node, opts);
+    const tls = tlsFromOptions(node, opts);
     const client = await NbdClient.connect({
       address: target.address,
       exportName: target.exportName,
+      ...(tls === undefined ? {} : { tls: tls.creds, ...(tls.hostname === undefined ? {} : { tlsHostname: tls.hostname }) }),
       reconnectDelaySec: secondsOption(node, opts, 'reconnect-delay'),
       openTimeoutSec: secondsOption(node, opts, 'open-timeout'),
     });
