@@ -20,7 +20,7 @@ import { closeNode, openNode } from './block/graph.js';
 import type { BlockNode } from './block/node.js';
 import { parseOptions, type NodeOptions } from './block/options.js';
 import { queryBlock, type BackendInfo } from './block/query.js';
-import { findProtocolDriver, type SnapshotInfo } from './block/driver.js';
+import { findProtocolDriver, type SnapshotInfo, type WriteFlags } from './block/driver.js';
 import { bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotGoto, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
 import './drivers/index.js';
 
@@ -130,14 +130,14 @@ export class Image {
     return buf;
   }
 
-  /** Writes `data` at `offset`. */
-  write(offset: number, data: Uint8Array): Promise<void> {
-    return blkPwrite(this.backend, offset, data);
+  /** Writes `data` at `offset`; with `{ fua: true }` it is durable when the promise resolves. */
+  write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    return blkPwrite(this.backend, offset, data, flags);
   }
 
-  /** Makes `length` bytes at `offset` read as zeros. */
-  writeZeroes(offset: number, length: number): Promise<void> {
-    return blkPwriteZeroes(this.backend, offset, length);
+  /** Makes `length` bytes at `offset` read as zeros (durable on return with `{ fua: true }`). */
+  writeZeroes(offset: number, length: number, flags?: WriteFlags): Promise<void> {
+    return blkPwriteZeroes(this.backend, offset, length, flags);
   }
 
   /** Discards a range (a hint). */

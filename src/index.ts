@@ -35,7 +35,7 @@ export { resolveBackingFilename } from './block/backing.js';
 export { snapshotBlkdev, type SnapshotBlkdevOptions } from './commands/snapshot-blkdev.js';
 export { queryBlock, queryNamedBlockNodes, formatInfoBlock, type NodeInfo, type BackendInfo } from './block/query.js';
 export { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotGoto, bdrvSnapshotDelete, bdrvSnapshotList, bdrvSnapshotLoadTmp } from './block/snapshot.js';
-export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteZeroesFlags } from './block/driver.js';
+export { registerDriver, findDriver, type BlockDriver, type BlockDriverInstance, type SnapshotInfo, type WriteFlags, type WriteZeroesFlags } from './block/driver.js';
 export { parseOptions, parseSize, type NodeOptions } from './block/options.js';
 export { createRawFile } from './drivers/file/driver.js';
 export { createQcow2File, type Qcow2CreateOptions } from './drivers/qcow2/create.js';

@@ -35,7 +35,7 @@ import {
   withDrained,
   type DrainedProof,
 } from '../src/block/drain.js';
-import type { BlockDriver, BlockDriverInstance, SnapshotInfo, WriteZeroesFlags } from '../src/block/driver.js';
+import type { BlockDriver, BlockDriverInstance, SnapshotInfo, WriteFlags, WriteZeroesFlags } from '../src/block/driver.js';
 import { attachChild, closeNode, detachChild, openNode } from '../src/block/graph.js';
 import { bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes } from '../src/block/io.js';
 import { createIOThread, shutdownIOThreads, type IOThreadOptions } from '../src/block/iothread.js';
@@ -219,15 +219,15 @@ test('driver snapshot callbacks demand the BQL and a drained proof', () => {
 
 test('I/O functions take no proof', () => {
   expectTypeOf(blkPread).parameters.toEqualTypeOf<[BlockBackend, number, Uint8Array]>();
-  expectTypeOf(blkPwrite).parameters.toEqualTypeOf<[BlockBackend, number, Uint8Array]>();
+  expectTypeOf(blkPwrite).parameters.toEqualTypeOf<[BlockBackend, number, Uint8Array, WriteFlags?]>();
   expectTypeOf(blkPwriteZeroes).parameters.toEqualTypeOf<[BlockBackend, number, number, WriteZeroesFlags?]>();
   expectTypeOf(blkPdiscard).parameters.toEqualTypeOf<[BlockBackend, number, number]>();
   expectTypeOf(bdrvPread).parameters.toEqualTypeOf<[BlockNode, number, Uint8Array]>();
-  expectTypeOf(bdrvPwrite).parameters.toEqualTypeOf<[BlockNode, number, Uint8Array]>();
+  expectTypeOf(bdrvPwrite).parameters.toEqualTypeOf<[BlockNode, number, Uint8Array, WriteFlags?]>();
   expectTypeOf(bdrvPwriteZeroes).parameters.toEqualTypeOf<[BlockNode, number, number, WriteZeroesFlags?]>();
   expectTypeOf(bdrvPdiscard).parameters.toEqualTypeOf<[BlockNode, number, number]>();
   expectTypeOf<BlockDriverInstance['preadv']>().parameters.toEqualTypeOf<[number, Uint8Array]>();
-  expectTypeOf<BlockDriverInstance['pwritev']>().parameters.toEqualTypeOf<[number, Uint8Array]>();
+  expectTypeOf<BlockDriverInstance['pwritev']>().parameters.toEqualTypeOf<[number, Uint8Array, WriteFlags?]>();
   expectTypeOf<BlockDriverInstance['pwriteZeroes']>().parameters.toEqualTypeOf<[number, number, WriteZeroesFlags]>();
 });
 

@@ -10,7 +10,7 @@
 import { refuseIfSnapshotClaimed } from './snapshot-lock.js';
 import { aioWaitKick } from './aio-wait.js';
 import { assertBql, type Bql } from './bql.js';
-import type { WriteZeroesFlags } from './driver.js';
+import type { WriteFlags, WriteZeroesFlags } from './driver.js';
 import { assertDrained, type DrainedAll } from './drain.js';
 import { BlockError } from './errors.js';
 import { bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteCompressed, bdrvPwriteZeroes, bdrvTruncate } from './io.js';
@@ -297,16 +297,16 @@ export async function blkPread(blk: BlockBackend, offset: number, buf: Uint8Arra
 }
 
 /**
- * Writes `buf` at `offset` of the device.
+ * Writes `buf` at `offset` of the device; with `flags.fua` it is durable when this resolves.
  * @locking io
  */
-export async function blkPwrite(blk: BlockBackend, offset: number, buf: Uint8Array): Promise<void> {
+export async function blkPwrite(blk: BlockBackend, offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void> {
   const wait = blk.enter();
   if (wait !== null) await wait;
   try {
     const root = rootOf(blk, 'write');
     checkByteRequest(blk, root, 'write', offset, buf.length, true);
-    await bdrvPwrite(root, offset, buf);
+    await bdrvPwrite(root, offset, buf, flags);
   } finally {
     blk.leave();
   }

@@ -33,8 +33,18 @@ export interface SnapshotInfo {
   icount: number;
 }
 
+/** Flags of a write request (QEMU's BdrvRequestFlags for writes). */
+export interface WriteFlags {
+  /**
+   * Force unit access (BDRV_REQ_FUA): the written bytes are durable when the request completes.
+   * A driver that does not set `supportsFua` never sees it: the block layer writes, then flushes
+   * the node, as QEMU's bdrv_driver_pwritev does.
+   */
+  fua?: boolean;
+}
+
 /** Flags of a write-zeroes request. */
-export interface WriteZeroesFlags {
+export interface WriteZeroesFlags extends WriteFlags {
   /** The driver may deallocate the range instead of writing zeros (BDRV_REQ_MAY_UNMAP). */
   mayUnmap?: boolean;
 }
@@ -61,10 +71,17 @@ export interface BlockDriverInstance {
    */
   preadv(offset: number, buf: Uint8Array): Promise<void>;
   /**
-   * Writes `buf` at `offset`.
+   * Writes `buf` at `offset`. `flags.fua` reaches the driver only when it sets `supportsFua`.
    * @locking io
    */
-  pwritev(offset: number, buf: Uint8Array): Promise<void>;
+  pwritev(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void>;
+  /**
+   * The driver honours `fua` in pwritev and pwriteZeroes itself (the NBD client sends
+   * NBD_CMD_FLAG_FUA; raw passes it to its file). Absent or false: the block layer emulates FUA
+   * with a flush of the node after the write (QEMU's supported_write_flags).
+   * @locking io
+   */
+  readonly supportsFua?: boolean;
   /**
    * Writes whole clusters compressed (qemu-img convert -c): `offset` and `buf.length` are
    * cluster-aligned, except that the last cluster of the disk may be short.

@@ -10,7 +10,7 @@
  * neither the section's owner nor a parent's in-flight request made, until the section ends.
  */
 import { aioWaitKick } from './aio-wait.js';
-import type { BlockStatus, WriteZeroesFlags } from './driver.js';
+import type { BlockStatus, WriteFlags, WriteZeroesFlags } from './driver.js';
 import { BlockError } from './errors.js';
 import { nodeRequestBegin, nodeRequestEnd, type BlockNode } from './node.js';
 import { gateRequest } from './request-gate.js';
@@ -71,17 +71,28 @@ export async function bdrvPread(node: BlockNode, offset: number, buf: Uint8Array
   }
 }
 
+/** The flags of a FUA write, made once (the write path allocates nothing per request). */
+const FUA: WriteFlags = Object.freeze({ fua: true });
+
 /**
- * Writes `buf` at `offset` of `node`.
+ * Writes `buf` at `offset` of `node`; with `flags.fua` the bytes are durable when it resolves
+ * (passed to a driver that supports FUA, else the node is flushed after the write).
  * @locking io
  */
-export async function bdrvPwrite(node: BlockNode, offset: number, buf: Uint8Array): Promise<void> {
+export async function bdrvPwrite(node: BlockNode, offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void> {
   const gate = gateRequest(node, 'write');
   if (gate !== null) await gate;
   checkRequest(node, 'write', offset, buf.length, true);
   nodeRequestBegin(node);
   try {
-    await node.drv.pwritev(offset, buf);
+    const drv = node.drv;
+    if (flags?.fua !== true) await drv.pwritev(offset, buf);
+    else if (drv.supportsFua === true) await drv.pwritev(offset, buf, FUA);
+    else {
+      // FUA emulated as QEMU does: the write, then a flush of the node within the same request
+      await drv.pwritev(offset, buf);
+      await drv.flush();
+    }
   } finally {
     decInFlight(node);
   }
@@ -113,7 +124,7 @@ export async function bdrvPwriteCompressed(node: BlockNode, offset: number, buf:
 }
 
 /**
- * Makes `bytes` bytes at `offset` of `node` read as zeros.
+ * Makes `bytes` bytes at `offset` of `node` read as zeros; `flags.fua` as for bdrvPwrite.
  * @locking io
  */
 export async function bdrvPwriteZeroes(node: BlockNode, offset: number, bytes: number, flags: WriteZeroesFlags = {}): Promise<void> {
@@ -122,7 +133,12 @@ export async function bdrvPwriteZeroes(node: BlockNode, offset: number, bytes: n
   checkRequest(node, 'write-zeroes', offset, bytes, true);
   nodeRequestBegin(node);
   try {
-    await node.drv.pwriteZeroes(offset, bytes, flags);
+    const drv = node.drv;
+    if (flags.fua !== true || drv.supportsFua === true) await drv.pwriteZeroes(offset, bytes, flags);
+    else {
+      await drv.pwriteZeroes(offset, bytes, { ...flags, fua: false });
+      await drv.flush();
+    }
   } finally {
     decInFlight(node);
   }

@@ -1,5 +1,5 @@
 /**
- * qemu-io's commands on a BlockBackend: `read [-P pat] [-v] [-q] OFF LEN`, `write [-P pat | -z]
+ * qemu-io's commands on a BlockBackend: `read [-P pat] [-v] [-q] OFF LEN`, `write [-P pat | -z [-u]] [-f]
  * [-q] OFF LEN`, `discard OFF LEN`, `flush`, `length`, `truncate SIZE`, printing what qemu-io
  * prints. Used by `snapstack io` and the monitor's `qemu-io` command.
  *
@@ -124,15 +124,16 @@ export async function runQemuIoCommand(blk: BlockBackend, line: string, out: (s:
         return ok;
       }
       case 'write': {
-        const { flags, rest } = parseFlags(args, 'P', 'zqu', 'write');
+        const { flags, rest } = parseFlags(args, 'P', 'zquf', 'write');
         const [off, len] = offLen(rest, 'write', ' without -n');
         const pat = flags.get('P');
         if (flags.has('z') && pat !== undefined) throw new BlockError('EINVAL', 'write: -z and -P cannot be given together', { field: '-z' });
         const fill = typeof pat === 'string' ? parsePattern(pat, 'write') : 0xcd;
         const t0 = performance.now();
         try {
-          if (flags.has('z')) await blkPwriteZeroes(blk, off, len, { mayUnmap: flags.has('u') });
-          else await blkPwrite(blk, off, new Uint8Array(len).fill(fill));
+          const fua = flags.has('f');
+          if (flags.has('z')) await blkPwriteZeroes(blk, off, len, { mayUnmap: flags.has('u'), fua });
+          else await blkPwrite(blk, off, new Uint8Array(len).fill(fill), { fua });
         } catch (e) {
           out(`write failed: ${describeError(e)}`);
           return false;

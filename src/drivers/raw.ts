@@ -7,7 +7,7 @@
  */
 import { assertBql, type Bql } from '../block/bql.js';
 import { assertDrained, type DrainedProof } from '../block/drain.js';
-import { registerDriver, type BlockDriver, type BlockDriverInstance, type BlockStatus, type WriteZeroesFlags } from '../block/driver.js';
+import { registerDriver, type BlockDriver, type BlockDriverInstance, type BlockStatus, type WriteFlags, type WriteZeroesFlags } from '../block/driver.js';
 import { BlockError } from '../block/errors.js';
 import { bdrvBlockStatus, bdrvFlush, bdrvGetLength, bdrvPdiscard, bdrvPread, bdrvPwrite, bdrvPwriteZeroes, bdrvTruncate } from '../block/io.js';
 import type { BlockNode } from '../block/node.js';
@@ -25,9 +25,12 @@ class RawInstance implements BlockDriverInstance {
     return bdrvPread(this.file, offset, buf);
   }
 
-  /** Writes to the child at the same offset. */
-  pwritev(offset: number, buf: Uint8Array): Promise<void> {
-    return bdrvPwrite(this.file, offset, buf);
+  /** FUA goes down with the request: the child's own write path honours or emulates it. */
+  readonly supportsFua = true;
+
+  /** Writes to the child at the same offset, with the request's flags. */
+  pwritev(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void> {
+    return bdrvPwrite(this.file, offset, buf, flags);
   }
 
   /** Write-zeroes on the child. */
