@@ -37,6 +37,12 @@ export class BlockBackend implements DrainParent {
     readonly name: string,
     root: BlockNode | null,
     readonly readOnly: boolean,
+    /**
+     * Made by the block layer for its own use (an NBD export, a monitor command's temporary
+     * backend), not a device: query-block and `info block` leave it out, as QEMU lists only
+     * monitor-owned and attached backends.
+     */
+    readonly internal = false,
   ) {
     this.#root = root;
   }
@@ -168,7 +174,7 @@ export class BlockBackend implements DrainParent {
  * Creates the backend `name` on `root`; EINVAL when the name is taken or invalid.
  * @locking global-state
  */
-export function blkNew(bql: Bql, name: string, root: BlockNode, opts: { readOnly?: boolean } = {}): BlockBackend {
+export function blkNew(bql: Bql, name: string, root: BlockNode, opts: { readOnly?: boolean; internal?: boolean } = {}): BlockBackend {
   assertBql(bql, 'blkNew');
   if (!/^[A-Za-z][A-Za-z0-9_.-]*$/.test(name)) {
     throw new BlockError('EINVAL', `Invalid device name '${name}': it must start with a letter and hold letters, digits, '-', '.', '_'`, {
@@ -181,7 +187,7 @@ export function blkNew(bql: Bql, name: string, root: BlockNode, opts: { readOnly
   if (!readOnly && root.readOnly) {
     throw new BlockError('EACCES', `Device '${name}' cannot be writable over read-only node '${root.nodeName}'`, { node: root.nodeName });
   }
-  const blk = new BlockBackend(name, root, readOnly);
+  const blk = new BlockBackend(name, root, readOnly, opts.internal === true);
   // a backend attached to a drained node starts drained, so its requests queue
   attachBackend(bql, blk, root);
   allBackends.set(name, blk);

@@ -6,6 +6,7 @@
  */
 import { assertBql, type Bql } from './bql.js';
 import type { BlockNode } from './node.js';
+import type { BlockBackend } from './backend.js';
 import { allBackends, allNodes } from './registry.js';
 
 /** One node as query-named-block-nodes reports it. */
@@ -57,6 +58,11 @@ function describeNode(node: BlockNode): NodeInfo {
   return info;
 }
 
+/** The backends a user sees as devices: all but the internal ones. */
+export function deviceBackends(): BlockBackend[] {
+  return [...allBackends.values()].filter((blk) => !blk.internal);
+}
+
 /**
  * Every node of the graph (query-named-block-nodes).
  * @locking global-state
@@ -67,12 +73,13 @@ export function queryNamedBlockNodes(bql: Bql): NodeInfo[] {
 }
 
 /**
- * Every backend with the node inserted in it (info block / query-block).
+ * Every device's backend with the node inserted in it (info block / query-block); the block
+ * layer's internal backends (NBD exports, temporary ones) are left out, as in QEMU.
  * @locking global-state
  */
 export function queryBlock(bql: Bql): BackendInfo[] {
   assertBql(bql, 'queryBlock');
-  return [...allBackends.values()].map((blk) => ({
+  return deviceBackends().map((blk) => ({
     device: blk.name,
     inserted: blk.root === null ? null : describeNode(blk.root),
     readOnly: blk.readOnly,

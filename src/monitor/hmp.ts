@@ -352,7 +352,7 @@ export class Monitor {
       const node = allNodes.get(device);
       if (node === undefined) return { blk: blkFind(bql, device), temporary: false }; // Device 'x' not found
       const readOnly = node.readOnly || node.parents.size > 0;
-      return { blk: blkNew(bql, `qemu-io-node-${++qemuIoBackends}`, node, { readOnly }), temporary: true };
+      return { blk: blkNew(bql, `qemu-io-node-${++qemuIoBackends}`, node, { readOnly, internal: true }), temporary: true };
     });
     try {
       await runQemuIoCommand(blk, command, this.out);

@@ -20,6 +20,7 @@ import { BdrvChild, type BlockNode } from '../../block/node.js';
 import { withSnapshotLock } from '../../block/snapshot-lock.js';
 import { bdrvCanSnapshot, bdrvSnapshotCreate, bdrvSnapshotDelete, bdrvSnapshotList } from '../../block/snapshot.js';
 import { allBackends, allNodes } from '../../block/registry.js';
+import { deviceBackends } from '../../block/query.js';
 import { blockdevAdd, blockdevAddFields, dropMonitorOwnership, findNodeForQmp, isMonitorOwned } from '../blockdev-options.js';
 import { blockDeviceInfo, blockInfo, snapshotInfoToQmp } from '../blockdev-info.js';
 import { QmpError, type QmpCommand, type QmpContext, type QmpObject } from '../types.js';
@@ -56,7 +57,7 @@ const queryBlock: QmpCommand = {
   doc: 'Lists the block devices (backends) with the node inserted in each and its image chain. The daemon has none, as qemu-storage-daemon; `snapstack monitor -qmp` lists the machine\'s disks.',
   args: [],
   example: { returns: [] },
-  run: () => qmpErrors(() => withBql(async (bql) => Promise.all([...allBackends.values()].map((blk) => blockInfo(bql, blk))))),
+  run: () => qmpErrors(() => withBql(async (bql) => Promise.all(deviceBackends().map((blk) => blockInfo(bql, blk))))),
 };
 
 const queryNamedBlockNodes: QmpCommand = {
