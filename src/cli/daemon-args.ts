@@ -137,19 +137,24 @@ snapstack storage daemon: qemu-storage-daemon's command line, QMP on snapstack's
                          configure a QMP monitor
 
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
-               [,max-connections=<n>]
-  --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+               [,tls-creds=<id>][,max-connections=<n>]
+  --nbd-server addr.type=unix,addr.path=<path>
+               [,tls-creds=<id>][,max-connections=<n>]
                          start an NBD server for exporting block nodes
-                         (tls-creds: not built)
+                         (with tls-creds every client must use TLS)
 
   --object help          list object types that can be added
   --object <type>,help   list properties for the given object type
   --object iothread,id=<id>[,poll-max-ns=<ns>]
                          create an IOThread
+  --object tls-creds-x509,id=<id>,dir=<dir>,endpoint=server|client
+           [,verify-peer=on|off]
+                         load x509 TLS credentials from <dir> (ca-cert.pem,
+                         server-cert.pem/-key.pem or client-cert.pem/-key.pem)
 
   --pidfile <path>       write process ID to a file after startup
 
-FUSE, vhost-user-blk and vduse-blk exports and NBD over TLS are not built.
+FUSE, vhost-user-blk and vduse-blk exports and NBD tls-authz are not built.
 SIGTERM, SIGINT, SIGHUP and the QMP command 'quit' shut the daemon down cleanly.`;
 
 /** snapstack's version from its package.json (src/cli and dist/cli both sit two levels below it). */

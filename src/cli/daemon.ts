@@ -28,6 +28,7 @@ import { listJobs } from '../block/job.js';
 import '../drivers/index.js';
 import { blockExportAdd, closeNbdExports, nbdServerStart, type BlockExportOptions } from '../nbd/exports.js';
 import type { NbdListenAddress } from '../nbd/server.js';
+import { addTlsCreds, loadTlsCredsX509 } from '../nbd/tls-creds.js';
 import { blockdevAdd } from '../qmp/blockdev-options.js';
 import { listenAddressOf } from '../qmp/commands/nbd-exports.js';
 import { qmpCommands } from '../qmp/command-table.js';
@@ -135,6 +136,7 @@ export function parseNbdServerOption(text: string): NbdServerRequest {
   const tls = scalar(o, 'tls-creds', 'string');
   if (tls !== undefined) req.tlsCreds = tls;
   if (scalar(o, 'tls-authz', 'string') !== undefined && tls === undefined) fail("'tls-authz' requires that 'tls-creds' is set");
+  if (scalar(o, 'tls-authz', 'string') !== undefined) fail('tls-authz is not supported by snapstack (tls-creds with verify-peer=on accepts every client certificate the CA signed)');
   return req;
 }
 
@@ -171,16 +173,29 @@ export function parseExportOption(text: string): BlockExportOptions {
 }
 
 /** What an --object asks: an IOThread, or help text to print. */
-type ObjectRequest = { kind: 'iothread'; id: string; pollMaxNs: number | undefined } | { kind: 'help'; text: string };
+type ObjectRequest = { kind: 'iothread'; id: string; pollMaxNs: number | undefined } | { kind: 'tls-creds-x509'; props: Record<string, string> } | { kind: 'help'; text: string };
+/** tls-creds-x509's properties (QEMU's; priority and passwordid are refused when the object is made). */
+const TLS_X509_PROPS = ['dir', 'endpoint', 'verify-peer', 'sanity-check', 'loaded', 'priority', 'passwordid'];
 
 /** `--object iothread,id=ID[,poll-max-ns=N]` (and `help`, `iothread,help`), with QEMU's messages. */
 export function parseObjectOption(text: string): ObjectRequest {
   const { value: o, help } = parseKeyval(text, 'qom-type');
   const type = scalar(o, 'qom-type', 'string');
-  if (help && type === undefined) return { kind: 'help', text: 'List of user creatable objects:\n  iothread' };
+  if (help && type === undefined) return { kind: 'help', text: 'List of user creatable objects:\n  iothread\n  tls-creds-x509' };
   if (type === undefined) fail("Parameter 'qom-type' is missing");
+  if (type === 'tls-creds-x509') {
+    if (help) return { kind: 'help', text: `tls-creds-x509 options:\n${TLS_X509_PROPS.map((p) => `  ${p}=<${p === 'endpoint' ? 'client|server' : p === 'dir' || p === 'priority' || p === 'passwordid' ? 'str' : 'bool'}>`).join('\n')}` };
+    const props: Record<string, string> = {};
+    for (const key of Object.keys(o)) {
+      if (key === 'qom-type') continue;
+      if (key !== 'id' && !TLS_X509_PROPS.includes(key)) fail(`Parameter '${key}' is unexpected`);
+      props[key] = scalar(o, key, 'string') ?? '';
+    }
+    if (props['id'] === undefined) fail("Parameter 'id' is missing");
+    return { kind: 'tls-creds-x509', props };
+  }
   if (type !== 'iothread') {
-    if (QEMU_OBJECT_TYPES.includes(type)) fail(`object type '${type}' is not supported by snapstack (it has iothread objects only)`);
+    if (QEMU_OBJECT_TYPES.includes(type)) fail(`object type '${type}' is not supported by snapstack (it has iothread and tls-creds-x509 objects only)`);
     fail(`Parameter 'qom-type' does not accept value '${type}'`);
   }
   if (help) return { kind: 'help', text: `iothread options:\n${IOTHREAD_PROPS.map((p) => `  ${p}=<int>`).join('\n')}` };
@@ -337,6 +352,11 @@ async function applyOption(state: DaemonState, o: DaemonOption, err: (s: string)
     case 'object': {
       const req = parseObjectOption(o.value);
       if (req.kind === 'help') return req.text;
+      if (req.kind === 'tls-creds-x509') {
+        // the files are read now, as QEMU does: a missing one fails the option, named
+        addTlsCreds(loadTlsCredsX509(req.props));
+        return null;
+      }
       await withBql((bql) => {
         if (listIOThreads(bql).some((t) => t.id === req.id)) fail(`attempt to add duplicate property '${req.id}' to object (type 'container')`);
         createIOThread(bql, req.id, req.pollMaxNs === undefined ? {} : { pollMaxNs: req.pollMaxNs });

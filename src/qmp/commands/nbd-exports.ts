@@ -56,7 +56,7 @@ function legacyAddress(args: QmpObject): NbdListenAddress {
 
 const nbdServerStartCommand: QmpCommand = {
   name: 'nbd-server-start',
-  doc: "Starts the process's NBD server on `addr` (QEMU 7.2's SocketAddressLegacy: `{type: unix, data: {path}}` or `{type: inet, data: {host, port}}`; port is a string). `max-connections` bounds the clients served at once (0, the default: no bound). `tls-creds` is refused (snapstack has no TLS credentials objects); vsock and fd addresses are not built.",
+  doc: "Starts the process's NBD server on `addr` (QEMU 7.2's SocketAddressLegacy: `{type: unix, data: {path}}` or `{type: inet, data: {host, port}}`; port is a string). `max-connections` bounds the clients served at once (0, the default: no bound). `tls-creds` names a tls-creds-x509 object with endpoint=server (the daemon's `--object`): every client must then negotiate TLS (QEMU's forced mode). `tls-authz`, vsock and fd addresses are not built.",
   args: [
     { name: 'addr', type: 'any' },
     { name: 'tls-creds', type: 'str', optional: true },
@@ -70,6 +70,7 @@ const nbdServerStartCommand: QmpCommand = {
         const addr = legacyAddress(args);
         const tlsCreds = optStr(args, 'tls-creds');
         if (optStr(args, 'tls-authz') !== undefined && tlsCreds === undefined) throw new QmpError('GenericError', "'tls-authz' requires that 'tls-creds' is set");
+        if (optStr(args, 'tls-authz') !== undefined) throw new QmpError('GenericError', 'tls-authz is not supported by snapstack (tls-creds with verify-peer=on accepts every client certificate the CA signed)');
         const maxConnections = optInt(args, 'max-connections');
         await nbdServerStart(bql, addr, { ...(tlsCreds === undefined ? {} : { tlsCreds }), ...(maxConnections === undefined ? {} : { maxConnections }) });
         return {};
