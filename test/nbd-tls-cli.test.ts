@@ -1,0 +1,144 @@
+/**
+ * NBD over TLS from the command lines: `snapstack nbd --object tls-creds-x509,... --tls-creds ID`
+ * (qemu-nbd's spelling) and `snapstack daemon --object tls-creds-x509,... --nbd-server
+ * ...,tls-creds=ID`, and QMP nbd-server-start with tls-creds, read and written by qemu-img and
+ * qemu-io with TLS; plaintext clients refused (and logged); the option errors name what is wrong.
+ * Runs bin/snapstack.js on dist/ (npm run build first).
+ */
+import { execFile, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { QmpClient } from '../src/qmp/client.js';
+import { startDaemon } from './helpers/daemon.js';
+import { describeNeeding } from './helpers/qemu.js';
+import { waitForListening } from './helpers/socket.js';
+import { startServer, type ServerProcess } from './nbd-client-helpers.js';
+import { makeTlsDirs, type TlsDirs } from './nbd-tls-helpers.js';
+
+const run = promisify(execFile);
+const BIN = path.resolve('bin/snapstack.js');
+let dir: string;
+let certs: TlsDirs;
+const procs: ServerProcess[] = [];
+const children: ChildProcess[] = [];
+
+async function toolStatus(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const r = await run(cmd, args, { encoding: 'utf8' });
+    return { code: 0, stdout: r.stdout, stderr: r.stderr };
+  } catch (e) {
+    const x = e as { code?: number; stdout?: string; stderr?: string };
+    return { code: typeof x.code === 'number' ? x.code : -1, stdout: x.stdout ?? '', stderr: x.stderr ?? '' };
+  }
+}
+
+function tlsImageOpts(socket: string, exportName: string): string[] {
+  return ['--object', `tls-creds-x509,id=tls0,dir=${certs.client},endpoint=client`, '--image-opts', `driver=nbd,server.type=unix,server.path=${socket},export=${exportName},tls-creds=tls0,tls-hostname=localhost`];
+}
+
+function snapstack(args: string[]): { status: number | null; stderr: string } {
+  const r = spawnSync(process.execPath, [BIN, ...args], { encoding: 'utf8', timeout: 20_000 });
+  return { status: r.status, stderr: r.stderr };
+}
+
+describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], 'apt-get install qemu-utils', () => {
+  beforeAll(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-nbd-tls-cli-'));
+    certs = makeTlsDirs(path.join(dir, 'certs'));
+  });
+  afterAll(async () => {
+    for (const p of procs) await p.stop();
+    for (const c of children) if (c.exitCode === null) c.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('snapstack nbd --object tls-creds-x509 --tls-creds serves qemu-io over TLS and refuses plaintext', async () => {
+    const file = path.join(dir, 'nbd.qcow2');
+    expect(spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, '4M']).status).toBe(0);
+    const s = path.join(dir, 'nbd.sock');
+    const srv = await startServer(process.execPath, [BIN, 'nbd', '--object', `tls-creds-x509,id=tls0,dir=${certs.server},endpoint=server`, '--tls-creds', 'tls0', '-t', '-f', 'qcow2', '-x', 'e', '-k', s, file], s);
+    procs.push(srv);
+    let err = '';
+    srv.proc.stderr?.on('data', (b: Buffer) => (err += b.toString()));
+    const w = await toolStatus('qemu-io', ['-c', 'write -P 0x6b 4096 65536', '-c', 'read -P 0x6b 4096 65536', ...tlsImageOpts(s, 'e')]);
+    expect(w, w.stderr).toMatchObject({ code: 0 });
+    expect(w.stdout).toMatch(/read 65536\/65536 bytes/);
+    const plain = await toolStatus('qemu-img', ['info', `nbd+unix:///e?socket=${s}`]);
+    expect(plain.code).not.toBe(0);
+    expect(plain.stderr).toMatch(/TLS negotiation required/);
+    await new Promise((r) => setTimeout(r, 100));
+    expect(err).toMatch(/without TLS; refused with NBD_REP_ERR_TLS_REQD/);
+    await srv.stop();
+    // the data is in the image
+    const check = spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x6b 4096 65536', file], { encoding: 'utf8' });
+    expect(check.stdout).toMatch(/read 65536\/65536 bytes/);
+  });
+
+  it('snapstack nbd names a missing certificate file, an unknown id, a client endpoint, and refuses --tls-authz', () => {
+    const img = path.join(dir, 'x.raw');
+    fs.writeFileSync(img, Buffer.alloc(65536));
+    const empty = path.join(dir, 'empty');
+    fs.mkdirSync(empty, { recursive: true });
+    const s = path.join(dir, 'never.sock');
+    expect(snapstack(['nbd', '--object', `tls-creds-x509,id=t,dir=${empty},endpoint=server`, '--tls-creds', 't', '-k', s, img])).toMatchObject({ status: 1, stderr: expect.stringContaining(`Unable to access credentials ${empty}/ca-cert.pem: No such file or directory`) });
+    expect(snapstack(['nbd', '--tls-creds', 'nope', '-k', s, img])).toMatchObject({ status: 1, stderr: expect.stringContaining("No TLS credentials with id 'nope'") });
+    expect(snapstack(['nbd', '--object', `tls-creds-x509,id=t,dir=${certs.client},endpoint=client`, '--tls-creds', 't', '-k', s, img])).toMatchObject({ status: 1, stderr: expect.stringContaining('Expected TLS credentials for a server endpoint') });
+    expect(snapstack(['nbd', '--tls-authz', 'a', '-k', s, img])).toMatchObject({ status: 1, stderr: expect.stringContaining('--tls-authz is not supported') });
+    expect(snapstack(['nbd', '--help']).status).toBe(0);
+    expect(spawnSync(process.execPath, [BIN, 'nbd', '--help'], { encoding: 'utf8' }).stdout).toMatch(/--tls-creds=ID/);
+  });
+
+  it('the daemon serves a TLS export from --object and --nbd-server tls-creds, and QMP nbd-server-start takes tls-creds', async () => {
+    const file = path.join(dir, 'd.qcow2');
+    expect(spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, '4M']).status).toBe(0);
+    const nbd = path.join(dir, 'd-nbd.sock');
+    const qmp = path.join(dir, 'd-qmp.sock');
+    const d = startDaemon(
+      [
+        '--object',
+        `tls-creds-x509,id=tls0,dir=${certs.server},endpoint=server`,
+        '--blockdev',
+        `driver=file,node-name=f,filename=${file}`,
+        '--blockdev',
+        'driver=qcow2,node-name=q,file=f',
+        '--nbd-server',
+        `addr.type=unix,addr.path=${nbd},tls-creds=tls0`,
+        '--export',
+        'type=nbd,id=e,node-name=q,name=disk,writable=on',
+        '--chardev',
+        `socket,id=c0,path=${qmp},server=on,wait=off`,
+        '--monitor',
+        'chardev=c0',
+      ],
+      dir,
+      children,
+    );
+    await waitForListening(nbd, d.proc, 'snapstack daemon', d.stderr);
+    const w = await toolStatus('qemu-io', ['-c', 'write -P 0x3c 0 8192', '-c', 'read -P 0x3c 0 8192', ...tlsImageOpts(nbd, 'disk')]);
+    expect(w, w.stderr + d.stderr()).toMatchObject({ code: 0 });
+    expect((await toolStatus('qemu-img', ['info', `nbd+unix:///disk?socket=${nbd}`])).stderr).toMatch(/TLS negotiation required/);
+    // QMP: stop, start again with tls-creds, export again
+    await waitForListening(qmp, d.proc, 'snapstack daemon QMP', d.stderr);
+    const c = await QmpClient.connect({ path: qmp });
+    await c.execute('nbd-server-stop');
+    await expect(c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'nope' })).rejects.toThrow("No TLS credentials with id 'nope'");
+    await expect(c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'tls0', 'tls-authz': 'a' })).rejects.toThrow(/tls-authz is not supported/);
+    await c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'tls0' });
+    await c.execute('block-export-add', { type: 'nbd', id: 'e2', 'node-name': 'q', name: 'disk' });
+    const r = await toolStatus('qemu-io', ['-r', '-c', 'read -P 0x3c 0 8192', ...tlsImageOpts(nbd, 'disk')]);
+    expect(r, r.stderr + d.stderr()).toMatchObject({ code: 0 });
+    expect((await toolStatus('qemu-img', ['info', `nbd+unix:///disk?socket=${nbd}`])).stderr).toMatch(/TLS negotiation required/);
+    await c.execute('quit').catch(() => undefined);
+    await c.close();
+    expect(await d.exited).toBe(0);
+  });
+
+  it('the daemon names a missing certificate file of --object tls-creds-x509', async () => {
+    const d = startDaemon(['--object', `tls-creds-x509,id=t,dir=${path.join(dir, 'nowhere')},endpoint=server`], dir, children);
+    expect(await d.exited).toBe(1);
+    expect(d.stderr()).toContain(`Unable to access credentials ${path.join(dir, 'nowhere')}/ca-cert.pem: No such file or directory`);
+  });
+});
