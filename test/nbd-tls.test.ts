@@ -238,6 +238,33 @@ describeNeeding('NBD over TLS (x509)', ['qemu-img', 'qemu-io', 'qemu-nbd', 'qemu
     await good.close();
   });
 
+  it('bounds the TLS handshake by the handshake timeout (a client silent after the ACK, or stalled in its ClientHello)', async () => {
+    const slowLogs: string[] = [];
+    const slow = new NbdServer({ exports: [{ name: 'disk', backend: img.backend }], maxConnections: 4, handshakeTimeoutMs: 300, log: (l) => slowLogs.push(l), tls: findTlsCreds('srv', 'server') });
+    const s = path.join(dir, 'slow.sock');
+    await slow.listen({ type: 'unix', path: s });
+    try {
+      const a = await rawHaggle(s);
+      a.s.write(P.encodeOption(P.NBD_OPT_STARTTLS, Buffer.alloc(0)));
+      expect(await optionReply(a.r)).toMatchObject({ type: P.NBD_REP_ACK });
+      a.r.detach();
+      const t0 = Date.now();
+      // the first bytes of a TLS record header, then nothing
+      a.s.write(Buffer.from([0x16, 0x03, 0x01]));
+      await until(a.closed, 3000);
+      expect(Date.now() - t0).toBeLessThan(2000);
+      expect(slowLogs.some((l) => /handshake timed out/.test(l))).toBe(true);
+      // a good client still gets in
+      const c = await NbdClient.connect({ address: { type: 'unix', path: s }, exportName: 'disk', tls: findTlsCreds('cli', 'client') });
+      const b = new Uint8Array(4096);
+      await c.read(0, b);
+      expectSame(b, ref.subarray(0, 4096), 'read through the slow-timeout server');
+      await c.close();
+    } finally {
+      await slow.close();
+    }
+  });
+
   it('refuses a client certificate from another CA, and a client without a certificate', async () => {
     logs.length = 0;
     await expect(openImage(`driver=nbd,server.type=unix,server.path=${sock},export=disk,tls-creds=rogue`)).rejects.toMatchObject({ code: 'EIO' });
