@@ -66,6 +66,14 @@ describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], '
     const w = await toolStatus('qemu-io', ['-c', 'write -P 0x6b 4096 65536', '-c', 'read -P 0x6b 4096 65536', ...tlsImageOpts(s, 'e')]);
     expect(w, w.stderr).toMatchObject({ code: 0 });
     expect(w.stdout).toMatch(/read 65536\/65536 bytes/);
+    // snapstack io and img as the TLS clients (qemu-io's and qemu-img's --object / --image-opts)
+    const ours = ['--object', `tls-creds-x509,id=c0,dir=${certs.client},endpoint=client`, '--image-opts', `driver=nbd,server.type=unix,server.path=${s},export=e,tls-creds=c0`];
+    const io = await toolStatus(process.execPath, [BIN, 'io', ...ours, '-c', 'read -P 0x6b 4096 65536', '-c', 'write -P 0x6c 131072 4096']);
+    expect(io, io.stderr).toMatchObject({ code: 0 });
+    const info = await toolStatus(process.execPath, [BIN, 'img', 'info', ...ours]);
+    expect(info, info.stderr).toMatchObject({ code: 0, stdout: expect.stringMatching(/virtual size: 4 MiB/) });
+    const noCreds = await toolStatus(process.execPath, [BIN, 'io', `nbd+unix:///e?socket=${s}`, '-c', 'read 0 512']);
+    expect(noCreds.stderr).toMatch(/requires TLS.*tls-creds=ID/);
     const plain = await toolStatus('qemu-img', ['info', `nbd+unix:///e?socket=${s}`]);
     expect(plain.code).not.toBe(0);
     expect(plain.stderr).toMatch(/TLS negotiation required/);
@@ -73,8 +81,9 @@ describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], '
     expect(err).toMatch(/without TLS; refused with NBD_REP_ERR_TLS_REQD/);
     await srv.stop();
     // the data is in the image
-    const check = spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x6b 4096 65536', file], { encoding: 'utf8' });
+    const check = spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x6b 4096 65536', '-c', 'read -P 0x6c 131072 4096', file], { encoding: 'utf8' });
     expect(check.stdout).toMatch(/read 65536\/65536 bytes/);
+    expect(check.stdout).toMatch(/read 4096\/4096 bytes/);
   });
 
   it('snapstack nbd names a missing certificate file, an unknown id, a client endpoint, and refuses --tls-authz', () => {

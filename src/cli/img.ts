@@ -18,6 +18,7 @@ import { imgRebase } from './img-rebase.js';
 import { imgResize } from './img-resize.js';
 import { imgSnapshot } from './img-snapshot.js';
 import { IMG_USAGE, type Out } from './img-usage.js';
+import { takeTlsObjectArgs } from './nbd.js';
 
 export type { Out } from './img-usage.js';
 
@@ -55,7 +56,8 @@ export async function imgMain(argv: string[], out: Out, err: Out): Promise<numbe
     return 1;
   }
   try {
-    return await run(args, out, err);
+    // --object tls-creds-x509,... for driver=nbd,tls-creds=ID (src/cli/nbd.ts)
+    return await run(takeTlsObjectArgs(args), out, err);
   } catch (e) {
     err(`snapstack img: ${describeError(e)}`);
     return 1;

@@ -6,6 +6,7 @@ import { BlockError } from '../block/errors.js';
 import { openImage } from '../image.js';
 import { describeError } from '../commands/format.js';
 import { runQemuIoCommand } from '../commands/qemu-io.js';
+import { takeTlsObjectArgs } from './nbd.js';
 
 const USAGE = `usage: snapstack io [-f FMT] [-r] [-U] FILENAME -c 'CMD' [-c 'CMD' ...]
 commands: read [-P pattern] [-v] [-q] OFF LEN | write [-P pattern | -z] [-q] OFF LEN |
@@ -19,6 +20,8 @@ export async function ioMain(argv: string[], out: (s: string) => void, err: (s: 
   let forceShare = false;
   let file: string | undefined;
   try {
+    // --object tls-creds-x509,... and --image-opts, as qemu-io (src/cli/nbd.ts)
+    argv = takeTlsObjectArgs(argv);
     for (let i = 0; i < argv.length; i++) {
       const a = argv[i] as string;
       if (a === '-c' || a === '-f') {

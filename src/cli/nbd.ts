@@ -220,6 +220,27 @@ export function addTlsCredsObject(text: string): TlsCredsX509 {
   return creds;
 }
 
+/**
+ * For `snapstack img` / `io` (qemu-img's and qemu-io's `--object` and `--image-opts`): registers
+ * each `--object tls-creds-x509,...` and returns the other arguments. `--image-opts` is accepted
+ * and dropped: a file name holding `=` is read as options anyway (openImage).
+ */
+export function takeTlsObjectArgs(argv: readonly string[]): string[] {
+  const rest: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i] as string;
+    if (a === '--image-opts') continue;
+    if (a === '--object' || a.startsWith('--object=')) {
+      const v = a === '--object' ? argv[++i] : a.slice('--object='.length);
+      if (v === undefined) throw new BlockError('EINVAL', "option '--object' requires an argument", { field: '--object' });
+      addTlsCredsObject(v);
+      continue;
+    }
+    rest.push(a);
+  }
+  return rest;
+}
+
 /** A backend name made from the export name (backend names are letters, digits, '-', '.', '_'). */
 function backendName(exportName: string): string {
   return /^[A-Za-z0-9_.-]*$/.test(exportName) && exportName.length <= 64 ? `nbd.${exportName === '' ? 'default' : exportName}` : 'nbd.export';
