@@ -100,7 +100,7 @@ describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], '
     expect(spawnSync(process.execPath, [BIN, 'nbd', '--help'], { encoding: 'utf8' }).stdout).toMatch(/--tls-creds=ID/);
   });
 
-  it('the daemon serves a TLS export from --object and --nbd-server tls-creds, and QMP nbd-server-start takes tls-creds', async () => {
+  it('the daemon serves a TLS export from --object and --nbd-server tls-creds; QMP object-add/-del and nbd-server-start take tls-creds', async () => {
     const file = path.join(dir, 'd.qcow2');
     expect(spawnSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, '4M']).status).toBe(0);
     const nbd = path.join(dir, 'd-nbd.sock');
@@ -135,7 +135,15 @@ describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], '
     await c.execute('nbd-server-stop');
     await expect(c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'nope' })).rejects.toThrow("No TLS credentials with id 'nope'");
     await expect(c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'tls0', 'tls-authz': 'a' })).rejects.toThrow(/tls-authz is not supported/);
-    await c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'tls0' });
+    // object-add / object-del of TLS credentials
+    await expect(c.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls1', dir: path.join(dir, 'nowhere'), endpoint: 'server' })).rejects.toThrow(/Unable to access credentials .*nowhere\/ca-cert\.pem/);
+    await expect(c.execute('object-add', { 'qom-type': 'secret', id: 's0' })).rejects.toThrow(/not supported/);
+    await c.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls1', dir: certs.server, endpoint: 'server', 'verify-peer': true });
+    await expect(c.execute('object-add', { 'qom-type': 'tls-creds-x509', id: 'tls1', dir: certs.server, endpoint: 'server' })).rejects.toThrow(/duplicate/);
+    await c.execute('object-del', { id: 'tls0' });
+    await expect(c.execute('object-del', { id: 'tls0' })).rejects.toThrow("object 'tls0' not found");
+    await expect(c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'tls0' })).rejects.toThrow("No TLS credentials with id 'tls0'");
+    await c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } }, 'tls-creds': 'tls1' });
     await c.execute('block-export-add', { type: 'nbd', id: 'e2', 'node-name': 'q', name: 'disk' });
     const r = await toolStatus('qemu-io', ['-r', '-c', 'read -P 0x3c 0 8192', ...tlsImageOpts(nbd, 'disk')]);
     expect(r, r.stderr + d.stderr()).toMatchObject({ code: 0 });

@@ -1,7 +1,8 @@
 /**
  * NBD exports over QMP, as QEMU 7.2's qapi/block-export.json defines them: nbd-server-start,
  * nbd-server-stop, block-export-add (type nbd), block-export-del and query-block-exports, with
- * qemu-storage-daemon 7.2's replies, errors and BLOCK_EXPORT_DELETED events.
+ * qemu-storage-daemon 7.2's replies, errors and BLOCK_EXPORT_DELETED events; and object-add /
+ * object-del for the one object type the NBD code uses, tls-creds-x509 (src/nbd/tls-creds.ts).
  *
  * Each command runs on the main loop and takes the BQL (withBql) for its whole body: the
  * registry of exports (src/nbd/exports.ts) is global state, and starting, stopping or deleting
@@ -10,6 +11,7 @@
 import { withBql } from '../../block/bql.js';
 import { blockExportAdd, blockExportDel, nbdServerStart, nbdServerStop, queryBlockExports } from '../../nbd/exports.js';
 import type { NbdListenAddress } from '../../nbd/server.js';
+import { addTlsCreds, deleteTlsCreds, loadTlsCredsX509 } from '../../nbd/tls-creds.js';
 import { QmpError, type QmpCommand, type QmpObject, type QmpValue } from '../types.js';
 import { optBool, optInt, optStr, qmpErrors, reqStr } from './util.js';
 
@@ -165,4 +167,52 @@ const queryBlockExportsCommand: QmpCommand = {
 };
 
 /** The NBD server and block export commands. */
-export const nbdExportCommands: QmpCommand[] = [nbdServerStartCommand, nbdServerStopCommand, blockExportAddCommand, blockExportDelCommand, queryBlockExportsCommand];
+/** tls-creds-x509's members in object-add: strings, and booleans as JSON booleans. */
+const TLS_X509_STR = ['dir', 'priority', 'passwordid'] as const;
+const TLS_X509_BOOL = ['verify-peer', 'sanity-check', 'loaded'] as const;
+
+const objectAddCommand: QmpCommand = {
+  name: 'object-add',
+  doc: "Creates a user object (QEMU's ObjectOptions). Only `qom-type: tls-creds-x509` is built: `dir` holds ca-cert.pem and server-cert.pem/server-key.pem (endpoint server) or client-cert.pem/client-key.pem (endpoint client, the default); the files are read at once; `verify-peer` defaults to true. nbd-server-start's `tls-creds` and the nbd driver's `tls-creds` name it.",
+  args: [
+    { name: 'qom-type', type: 'str' },
+    { name: 'id', type: 'str' },
+    { name: 'dir', type: 'str', optional: true },
+    { name: 'endpoint', type: { enum: ['client', 'server'] }, optional: true },
+    { name: 'verify-peer', type: 'bool', optional: true },
+    { name: 'sanity-check', type: 'bool', optional: true },
+    { name: 'loaded', type: 'bool', optional: true },
+    { name: 'priority', type: 'str', optional: true },
+    { name: 'passwordid', type: 'str', optional: true },
+  ],
+  example: { args: { 'qom-type': 'tls-creds-x509', id: 'tls0', dir: '/etc/pki/qemu', endpoint: 'server' }, returns: {} },
+  run: (_ctx, args) =>
+    qmpErrors(async () => {
+      const type = reqStr(args, 'qom-type');
+      if (type !== 'tls-creds-x509') throw new QmpError('GenericError', `object type '${type}' is not supported by object-add in snapstack (tls-creds-x509 is)`);
+      const props: Record<string, string> = { id: reqStr(args, 'id') };
+      for (const k of TLS_X509_STR) {
+        const v = optStr(args, k);
+        if (v !== undefined) props[k] = v;
+      }
+      const endpoint = optStr(args, 'endpoint');
+      if (endpoint !== undefined) props['endpoint'] = endpoint;
+      for (const k of TLS_X509_BOOL) if (args[k] !== undefined) props[k] = optBool(args, k, true) ? 'on' : 'off';
+      addTlsCreds(loadTlsCredsX509(props));
+      return {};
+    }),
+};
+
+const objectDelCommand: QmpCommand = {
+  name: 'object-del',
+  doc: 'Deletes a user object made by object-add or `--object` (tls-creds-x509); NBD sessions already using it go on.',
+  args: [{ name: 'id', type: 'str' }],
+  example: { args: { id: 'tls0' }, returns: {} },
+  run: (_ctx, args) =>
+    qmpErrors(async () => {
+      deleteTlsCreds(reqStr(args, 'id'));
+      return {};
+    }),
+};
+
+export const nbdExportCommands: QmpCommand[] = [nbdServerStartCommand, nbdServerStopCommand, blockExportAddCommand, blockExportDelCommand, queryBlockExportsCommand, objectAddCommand, objectDelCommand];
