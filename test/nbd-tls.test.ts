@@ -275,6 +275,33 @@ describeNeeding('NBD over TLS (x509)', ['qemu-img', 'qemu-io', 'qemu-nbd', 'qemu
     expect((await toolStatus('nbdinfo', [libnbdUri(sock, 'disk', certs.rogue)])).code).not.toBe(0);
   });
 
+  it('over TCP our client checks the server name (the host, or tls-hostname); verify-peer=off takes clients without a certificate', async () => {
+    addTlsCreds(loadTlsCredsX509({ id: 'srv-open', dir: certs.server, endpoint: 'server', 'verify-peer': 'off' }));
+    const open = new NbdServer({ exports: [{ name: 'disk', backend: img.backend }], maxConnections: 4, tls: findTlsCreds('srv-open', 'server') });
+    const bound = await open.listen({ type: 'inet', host: '127.0.0.1', port: 0 });
+    if (typeof bound === 'string') throw new Error('not a TCP address');
+    try {
+      const at = `server.type=inet,server.host=127.0.0.1,server.port=${bound.port},export=disk`;
+      // the certificate names IP:127.0.0.1 and localhost
+      const a = await openImage(`driver=nbd,${at},tls-creds=nocert`, { readOnly: true });
+      expectSame(await a.read(0, 65536), ref.subarray(0, 65536), 'read over TCP and TLS without a client certificate');
+      await a.close();
+      const b = await openImage(`driver=nbd,${at},tls-creds=cli,tls-hostname=localhost`, { readOnly: true });
+      await b.close();
+      await expect(openImage(`driver=nbd,${at},tls-creds=cli,tls-hostname=other.example`, { readOnly: true })).rejects.toMatchObject({
+        code: 'EIO',
+        message: expect.stringMatching(/TLS handshake with NBD server 127\.0\.0\.1:\d+.*failed:.*other\.example/),
+      });
+      // the server notices at once that the client hung up in mid-handshake (not at the timeout)
+      await until(() => open.connectionCount === 0, 2000);
+      // qemu-img over TCP, no client certificate
+      const info = await toolStatus('qemu-img', ['info', '--object', `tls-creds-x509,id=tls0,dir=${certs.nocert},endpoint=client`, '--image-opts', `driver=nbd,${at},tls-creds=tls0`]);
+      expect(info, info.stderr).toMatchObject({ code: 0 });
+    } finally {
+      await open.close();
+    }
+  });
+
   it('our client redoes the TLS handshake when it reconnects', async () => {
     const handshakes = vi.spyOn(tls, 'connect');
     const c = await NbdClient.connect({ address: { type: 'unix', path: sock }, exportName: 'disk', tls: findTlsCreds('cli', 'client'), reconnectDelaySec: 5 });

@@ -39,6 +39,8 @@ export function tlsServerHandshake(raw: net.Socket, creds: TlsCredsX509): Promis
     srv.on('tlsClientError', (err: Error) => finish(new BlockError('EIO', `TLS handshake failed: ${err.message}`, { op: 'nbd-starttls', cause: err })));
     srv.on('secureConnection', (s: tls.TLSSocket) => {
       s.on('error', () => undefined);
+      // half-open again, as the plain connection was (replies still go out after the client's FIN)
+      s.allowHalfOpen = allowHalfOpen;
       if (creds.verifyPeer && !s.authorized) {
         const peer = s.getPeerCertificate();
         const sent = typeof peer === 'object' && peer !== null && Object.keys(peer).length > 0;
@@ -50,6 +52,10 @@ export function tlsServerHandshake(raw: net.Socket, creds: TlsCredsX509): Promis
       }
       finish(null, s);
     });
+    // during the handshake a peer's FIN must close the TLS socket (the TLS socket copies the
+    // flag): else a client that hangs up in mid-handshake is only noticed by the timeout
+    const allowHalfOpen = raw.allowHalfOpen;
+    raw.allowHalfOpen = false;
     srv.emit('connection', raw);
   });
 }
