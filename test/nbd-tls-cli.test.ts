@@ -44,7 +44,7 @@ function snapstack(args: string[]): { status: number | null; stderr: string } {
   return { status: r.status, stderr: r.stderr };
 }
 
-describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], 'apt-get install qemu-utils', () => {
+describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io', 'nbdcopy'], 'apt-get install qemu-utils libnbd-bin', () => {
   beforeAll(() => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-nbd-tls-cli-'));
     certs = makeTlsDirs(path.join(dir, 'certs'));
@@ -79,6 +79,12 @@ describeNeeding('NBD over TLS from the command line', ['qemu-img', 'qemu-io'], '
     expect(plain.stderr).toMatch(/TLS negotiation required/);
     await new Promise((r) => setTimeout(r, 100));
     expect(err).toMatch(/without TLS; refused with NBD_REP_ERR_TLS_REQD/);
+    // nbdcopy over TLS from a one-connection server (qemu-nbd's default --shared=1: no
+    // CAN_MULTI_CONN, so nbdcopy does not wait for connections the server would not serve)
+    const copy = path.join(dir, 'nbd-copy.raw');
+    const cp = await toolStatus('timeout', ['20', 'nbdcopy', `nbds+unix:///e?socket=${s}&tls-certificates=${certs.client}`, copy]);
+    expect(cp, cp.stderr).toMatchObject({ code: 0 });
+    expect(fs.readFileSync(copy).subarray(4096, 4096 + 65536).every((b) => b === 0x6b)).toBe(true);
     await srv.stop();
     // the data is in the image
     const check = spawnSync('qemu-io', ['-f', 'qcow2', '-c', 'read -P 0x6b 4096 65536', '-c', 'read -P 0x6c 131072 4096', file], { encoding: 'utf8' });

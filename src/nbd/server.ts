@@ -21,9 +21,10 @@
  * request) closes that connection only. NBD_CMD_DISC and server shutdown finish the requests in
  * flight, then close.
  *
- * CAN_MULTI_CONN is advertised: all connections to an export share one BlockBackend and so one
- * node graph and one cache, a completed write is visible to every connection's later reads, and
- * a FLUSH on any connection flushes the node (every write completed before it, from any
+ * CAN_MULTI_CONN is advertised when more than one connection is served at once (as qemu-nbd
+ * with --shared above 1): all connections to an export share one BlockBackend and so one node
+ * graph and one cache, a completed write is visible to every connection's later reads, and a
+ * FLUSH on any connection flushes the node (every write completed before it, from any
  * connection, is then durable) — what the spec asks of a server that sets the flag.
  *
  * TLS (`tls`, a tls-creds-x509 object for a server endpoint): QEMU's forced-TLS mode. Before
@@ -512,7 +513,10 @@ class NbdConnection {
   }
 
   private transmissionFlags(exp: NbdExport): number {
-    let f = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_FUA | P.NBD_FLAG_CAN_MULTI_CONN;
+    let f = P.NBD_FLAG_HAS_FLAGS | P.NBD_FLAG_SEND_FLUSH | P.NBD_FLAG_SEND_FUA;
+    // as qemu-nbd (only with --shared above 1): a client told it may open more connections
+    // (nbdcopy opens 4) would wait for ever for the ones a one-connection server never serves
+    if (this.server.maxConnections > 1) f |= P.NBD_FLAG_CAN_MULTI_CONN;
     if (exp.backend.readOnly) f |= P.NBD_FLAG_READ_ONLY;
     else f |= P.NBD_FLAG_SEND_TRIM | P.NBD_FLAG_SEND_WRITE_ZEROES | P.NBD_FLAG_SEND_FAST_ZERO;
     if (this.#structured) f |= P.NBD_FLAG_SEND_DF;
