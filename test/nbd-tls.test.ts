@@ -267,7 +267,7 @@ describeNeeding('NBD over TLS (x509)', ['qemu-img', 'qemu-io', 'qemu-nbd', 'qemu
 
   it('refuses a client certificate from another CA, and a client without a certificate', async () => {
     logs.length = 0;
-    await expect(openImage(`driver=nbd,server.type=unix,server.path=${sock},export=disk,tls-creds=rogue`)).rejects.toMatchObject({ code: 'EIO' });
+    await expect(openImage(`driver=nbd,server.type=unix,server.path=${sock},export=disk,tls-creds=rogue`)).rejects.toMatchObject({ code: 'EIO', message: expect.stringMatching(/refuse the certificate of tls-creds 'rogue'/) });
     await until(() => logs.some((l) => /certificate was refused.*not signed by/.test(l)));
     await expect(openImage(`driver=nbd,server.type=unix,server.path=${sock},export=disk,tls-creds=nocert`)).rejects.toMatchObject({ code: 'EIO' });
     await until(() => logs.some((l) => /the client sent no certificate/.test(l)));

@@ -1,9 +1,9 @@
 /**
  * The client side of the NBD fixed newstyle handshake (doc/proto.md, "Newstyle negotiation"):
  * greeting, client flags, NBD_OPT_STARTTLS and the TLS handshake when the client has TLS
- * credentials (the rest then runs inside TLS), NBD_OPT_STRUCTURED_REPLY, NBD_OPT_SET_META_CONTEXT base:allocation,
- * then NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE (NBD_OPT_EXPORT_NAME when the server does not
- * know GO). What it learns is an ExportInfo.
+ * credentials (the rest then runs inside TLS), NBD_OPT_STRUCTURED_REPLY,
+ * NBD_OPT_SET_META_CONTEXT base:allocation, then NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE
+ * (NBD_OPT_EXPORT_NAME when the server does not know GO). What it learns is an ExportInfo.
  *
  * I/O code of one connection, run before any request is sent on it. Everything the server
  * sends is bounded and checked: a length past MAX_OPTION_REPLY_BYTES, an unknown magic, a reply
@@ -124,7 +124,8 @@ function checkBlockSizes(where: string, min: number, pref: number, max: number):
 }
 
 /**
- * Runs the fixed newstyle handshake on a connected socket and enters transmission.
+ * Runs the fixed newstyle handshake on a connected socket and enters transmission; resolves
+ * with what was learnt and the socket to transmit on (the TLS socket, with `tls`).
  * @locking io
  */
 export async function negotiate(socket: Socket, reader: SocketReader, exportName: string, where: string, tls?: ClientTls): Promise<Negotiated> {
@@ -173,7 +174,16 @@ async function negotiateInner(rawSocket: Socket, rawReader: SocketReader, nameBy
 
   // structured replies: sparse reads and block status need them
   socket.write(encodeOption(NBD_OPT_STRUCTURED_REPLY, Buffer.alloc(0)));
-  const sr = await readOptionReply(reader, where, NBD_OPT_STRUCTURED_REPLY);
+  let sr: OptionReply;
+  try {
+    sr = await readOptionReply(reader, where, NBD_OPT_STRUCTURED_REPLY);
+  } catch (e) {
+    // with TLS 1.3 a server that refuses our certificate hangs up just after the handshake
+    if (tls !== undefined && e instanceof ReaderClosed) {
+      throw fail(where, `${e.message} just after the TLS handshake (did it refuse the certificate of tls-creds '${tls.creds.id}'?)`, 'EIO', e);
+    }
+    throw e;
+  }
   if (sr.type === NBD_REP_ERR_TLS_REQD) throw fail(where, tlsRequired(sr), 'ENOTSUP');
   if (sr.type !== NBD_REP_ACK && (sr.type & NBD_REP_FLAG_ERROR) === 0) throw fail(where, `unexpected reply ${sr.type} to NBD_OPT_STRUCTURED_REPLY`);
   const structuredReplies = sr.type === NBD_REP_ACK;
