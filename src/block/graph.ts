@@ -131,8 +131,8 @@ function driverOptions(opts: NodeOptions): NodeOptions {
   return out;
 }
 
-async function instantiate(bql: Bql, drv: BlockDriver, opts: NodeOptions, readOnly: boolean, ioThread: IOThread | null, filename: string, file: BlockNode | null): Promise<BlockNode> {
-  const node = new BlockNode(nodeNameFor(opts), drv, opts, readOnly, ioThread, filename);
+async function instantiate(bql: Bql, drv: BlockDriver, opts: NodeOptions, readOnly: boolean, ioThread: IOThread | null, filename: string, file: BlockNode | null, probed = false): Promise<BlockNode> {
+  const node = new BlockNode(nodeNameFor(opts), drv, opts, readOnly, ioThread, filename, probed);
   if (file !== null) attachChild(bql, node, 'file', file);
   // nodes opened inside drain-all start quiesced (the new node has no parents to pass it on to)
   for (let i = 0; i < drainAllState.count; i++) nodeQuiesce(bql, node);
@@ -282,7 +282,7 @@ async function openNodeAt(bql: Bql, options: NodeOptions | string, depth: number
       throw new BlockError('EINVAL', `Driver '${formatDrv.formatName}' is a protocol driver, not a format`, { field: 'format', value: formatDrv.formatName });
     }
     const nodeOpts = { ...opts, driver: formatDrv.formatName };
-    node = await instantiate(bql, formatDrv, nodeOpts, readOnly, ioThread, file.filename, file);
+    node = await instantiate(bql, formatDrv, nodeOpts, readOnly, ioThread, file.filename, file, drv === null);
   } catch (e) {
     if (fileNode === undefined) await closeNode(bql, file);
     throw e;

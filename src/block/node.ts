@@ -130,6 +130,8 @@ export class BlockNode {
     readonly ioThread: IOThread | null,
     /** The host file behind the node, for display (`info block`); '' when there is none. */
     readonly filename: string,
+    /** The format was guessed by probing, not given (QEMU's bs->probed): raw then guards block 0. */
+    readonly probed: boolean = false,
   ) {}
 
   /** Requests that entered this node and have not completed. */
