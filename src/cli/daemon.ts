@@ -36,6 +36,7 @@ import { JsonStream } from '../qmp/json-stream.js';
 import { QmpError, type QmpObject, type QmpValue } from '../qmp/types.js';
 import { Chardev, CHARDEV_HELP, parseChardevOption } from './chardev.js';
 import { DAEMON_USAGE, daemonVersionText, parseDaemonArgs, type DaemonOption } from './daemon-args.js';
+import { writeLockedPidfile, type HeldPidfile } from './pidfile.js';
 import { parseKeyval } from './keyval.js';
 
 const P = 'snapstack daemon';
@@ -272,7 +273,8 @@ async function closeAllNodes(bql: Bql): Promise<void> {
 class DaemonState {
   readonly chardevs = new Map<string, Chardev>();
   pidfile: string | null = null;
-  pidfileWritten = false;
+  /** The pidfile written and locked, released at shutdown. */
+  heldPidfile: HeldPidfile | null = null;
   #stop: (why: string) => void = () => undefined;
   readonly stopped: Promise<string>;
   /** Set once a signal or QMP quit asked for the shutdown. */
@@ -294,24 +296,8 @@ class DaemonState {
     // the NBD server first: its clients' requests in flight finish before the nodes close
     await withBql((bql) => closeNbdExports(bql)).catch(() => undefined);
     await closeBlockLayer();
-    if (this.pidfile !== null && this.pidfileWritten) {
-      try {
-        if (fs.readFileSync(this.pidfile, 'utf8') === `${process.pid}\n`) fs.unlinkSync(this.pidfile);
-      } catch {
-        // removed by someone else
-      }
-    }
-  }
-}
-
-/** Writes `pid\n` to the pidfile as QEMU does (created 0600). */
-function writePidfile(path: string): void {
-  try {
-    fs.writeFileSync(path, `${process.pid}\n`, { mode: 0o600 });
-  } catch (e) {
-    const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
-    const why: Record<string, string> = { ENOENT: 'No such file or directory', EACCES: 'Permission denied', EISDIR: 'Is a directory', ENOTDIR: 'Not a directory', EROFS: 'Read-only file system' };
-    throw new BlockError('EIO', `cannot create PID file: Could not create '${path}': ${why[code] ?? (e instanceof Error ? e.message : String(e))}`, { file: path, cause: e });
+    this.heldPidfile?.release();
+    this.heldPidfile = null;
   }
 }
 
@@ -486,10 +472,9 @@ export async function daemonMain(argv: string[], out: (s: string) => void, err: 
     }
     if (state.pidfile !== null) {
       try {
-        writePidfile(state.pidfile);
-        state.pidfileWritten = true;
+        state.heldPidfile = writeLockedPidfile(state.pidfile);
       } catch (e) {
-        log(`${P}: ${messageOf(e)}`);
+        log(`${P}: cannot create PID file: ${messageOf(e)}`);
         await state.shutdown();
         return 1;
       }
@@ -498,7 +483,14 @@ export async function daemonMain(argv: string[], out: (s: string) => void, err: 
       signalReady();
       detached = true;
     }
-    await state.stopped;
+    // a daemon with nothing listening (no monitor, no export) still runs until a signal or quit,
+    // as qemu-storage-daemon does: the timer keeps the event loop alive while it waits
+    const keepAlive = setInterval(() => undefined, 1 << 30);
+    try {
+      await state.stopped;
+    } finally {
+      clearInterval(keepAlive);
+    }
     await state.shutdown();
     return 0;
   } finally {

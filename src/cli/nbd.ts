@@ -16,6 +16,7 @@ import { NBD_DEFAULT_PORT } from '../nbd/protocol.js';
 import { addTlsCreds, findTlsCreds, loadTlsCredsX509, type TlsCredsX509 } from '../nbd/tls-creds.js';
 import type { Out } from './img-usage.js';
 import { parseKeyval } from './keyval.js';
+import { writeLockedPidfile, type HeldPidfile } from './pidfile.js';
 
 const P = 'snapstack nbd';
 
@@ -285,6 +286,7 @@ export async function nbdMain(argv: string[], out: Out, err: Out): Promise<numbe
   }
   const opts = o;
   let server: NbdServer | null = null;
+  let pidfile: HeldPidfile | null = null;
   try {
     if (opts.snapshot !== undefined) {
       try {
@@ -302,7 +304,7 @@ export async function nbdMain(argv: string[], out: Out, err: Out): Promise<numbe
     const addr: NbdListenAddress = opts.socket !== undefined ? { type: 'unix', path: opts.socket } : { type: 'inet', host: opts.bind ?? '127.0.0.1', port: opts.port ?? NBD_DEFAULT_PORT };
     if (addr.type === 'unix') removeStaleSocket(addr.path);
     await server.listen(addr);
-    if (opts.pidFile !== undefined) fs.writeFileSync(opts.pidFile, `${process.pid}\n`);
+    if (opts.pidFile !== undefined) pidfile = writeLockedPidfile(opts.pidFile);
   } catch (e) {
     err(`${P}: ${e instanceof Error ? e.message : String(e)}`);
     if (server !== null) await server.close();
@@ -326,7 +328,7 @@ export async function nbdMain(argv: string[], out: Out, err: Out): Promise<numbe
           err(`${P}: closing '${opts.file}': ${e instanceof Error ? e.message : String(e)}`);
           status = 1;
         }
-        if (opts.pidFile !== undefined) fs.rmSync(opts.pidFile, { force: true });
+        pidfile?.release();
         resolve();
       })();
     };

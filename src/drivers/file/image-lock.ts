@@ -33,9 +33,9 @@
  * Global-state code: opened and released by the driver's open, close and snapshot goto.
  */
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
 import { assertBql, type Bql } from '../../block/bql.js';
 import { BlockError } from '../../block/errors.js';
+import { ofdLocks, ofdLocksUnavailableReason, type OfdLocks } from '../../block/ofd-locks.js';
 
 /** Permission bits, as QEMU's BLK_PERM_*. */
 export const PERM_CONSISTENT_READ = 0x1;
@@ -70,39 +70,8 @@ export function filePerms(readOnly: boolean, forceShare: boolean): LockPerms {
   return { perm, shared };
 }
 
-/** The calls of fs-native-extensions used here. */
-interface NativeLocks {
-  tryLock(fd: number, offset: number, length: number, opts: { shared: boolean }): boolean;
-  unlock(fd: number, offset: number, length: number): void;
-}
-
-let nativeLoaded = false;
-let native: NativeLocks | null = null;
-let nativeError = '';
-
-function isNativeLocks(m: unknown): m is NativeLocks {
-  return typeof m === 'object' && m !== null && 'tryLock' in m && typeof m.tryLock === 'function' && 'unlock' in m && typeof m.unlock === 'function';
-}
-
-/** Loads fs-native-extensions once; null (with the reason kept) when it cannot be loaded. */
-function nativeLocks(): NativeLocks | null {
-  if (!nativeLoaded) {
-    nativeLoaded = true;
-    if (process.platform !== 'linux') {
-      // elsewhere the package locks whole files with flock(), which QEMU does not see
-      nativeError = `OFD byte-range locks are Linux-only (this is ${process.platform})`;
-      return null;
-    }
-    try {
-      const m: unknown = createRequire(import.meta.url)('fs-native-extensions');
-      if (isNativeLocks(m)) native = m;
-      else nativeError = 'fs-native-extensions has no tryLock/unlock';
-    } catch (e) {
-      nativeError = e instanceof Error ? e.message : String(e);
-    }
-  }
-  return native;
-}
+type NativeLocks = OfdLocks;
+const nativeLocks = ofdLocks;
 
 /**
  * True when OFD byte-range locks are available (fs-native-extensions loaded).
@@ -198,7 +167,7 @@ export class ImageLock {
     if (mode === 'off') return null;
     const nat = nativeLocks();
     if (nat === null && mode === 'on') {
-      throw new BlockError('ENOTSUP', `locking=on for '${filename}' (node '${nodeName}'): OFD locks are not available (${nativeError})`, {
+      throw new BlockError('ENOTSUP', `locking=on for '${filename}' (node '${nodeName}'): OFD locks are not available (${ofdLocksUnavailableReason()})`, {
         node: nodeName,
         file: filename,
         field: 'locking',
