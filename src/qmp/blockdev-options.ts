@@ -11,7 +11,8 @@
  * "Invalid parameter type for 'read-only', expected: boolean", "Parameter 'x' is unexpected",
  * "Parameter 'filename' is missing", "'node-name' must be specified for the root node").
  *
- * Drivers: file, raw, qcow2 (`backing`: null, a node name or nested options) as in QEMU, and
+ * Drivers: file, nbd (`server`: a SocketAddress object, inet or unix; `export`, `tls-creds`,
+ * `tls-hostname`, `reconnect-delay`, `open-timeout`), raw, qcow2 (`backing`: null, a node name or nested options) as in QEMU, and
  * snapstack's own `memory` (`size`, RAM-backed). `iothread` (binding a node's transfers to an
  * IOThread) is snapstack's extension; QEMU binds IOThreads to devices and exports instead.
  */
@@ -32,13 +33,20 @@ type OptType =
   | 'str'
   | 'bool'
   | 'int'
+  /** QAPI's uint32 (reconnect-delay, open-timeout). */
+  | 'uint32'
   | 'size'
   | { enum: readonly string[] }
   /** BlockdevRef: a node name or nested options. */
   | 'ref'
   /** BlockdevRefOrNull: as 'ref', or null for none. */
   | 'refOrNull'
-  | { struct: readonly OptField[] };
+  | { struct: readonly OptField[] }
+  /**
+   * A flat QAPI union (SocketAddress): `type` picks the branch's members; its members become
+   * dotted keys under the member's name (`server.type`, `server.path`).
+   */
+  | { union: Readonly<Record<string, readonly OptField[] | 'unsupported'>> };
 
 interface OptField {
   name: string;
@@ -47,8 +55,37 @@ interface OptField {
   support?: Support;
 }
 
-/** Drivers blockdev-add knows: QEMU's names for file/raw/qcow2, and snapstack's memory. */
-export const BLOCKDEV_DRIVERS = ['file', 'memory', 'qcow2', 'raw'] as const;
+/** Drivers blockdev-add knows: QEMU's names for file/nbd/raw/qcow2, and snapstack's memory. */
+export const BLOCKDEV_DRIVERS = ['file', 'memory', 'nbd', 'qcow2', 'raw'] as const;
+
+/** Protocol drivers: they take force-share themselves (a format passes it to its file child). */
+const PROTOCOL_DRIVERS: ReadonlySet<string> = new Set(['file', 'nbd']);
+
+/**
+ * QAPI's SocketAddress (discriminator `type`): InetSocketAddress (host and port both strings) and
+ * UnixSocketAddress as QEMU declares them; vsock and fd are refused (the NBD client has neither).
+ */
+const SOCKET_ADDRESS: OptType = {
+  union: {
+    inet: [
+      { name: 'host', type: 'str', required: true },
+      { name: 'port', type: 'str', required: true },
+      { name: 'numeric', type: 'bool', support: 'no' },
+      { name: 'to', type: 'int', support: 'no' },
+      { name: 'ipv4', type: 'bool', support: 'no' },
+      { name: 'ipv6', type: 'bool', support: 'no' },
+      { name: 'keep-alive', type: 'bool', support: 'no' },
+      { name: 'mptcp', type: 'bool', support: 'no' },
+    ],
+    unix: [
+      { name: 'path', type: 'str', required: true },
+      { name: 'abstract', type: 'bool', support: 'no' },
+      { name: 'tight', type: 'bool', support: 'no' },
+    ],
+    vsock: 'unsupported',
+    fd: 'unsupported',
+  },
+};
 
 /** QAPI's BlockdevOptions base members (the ones every driver has), plus snapstack's iothread. */
 const BASE_FIELDS: readonly OptField[] = [
@@ -84,6 +121,16 @@ const DRIVER_FIELDS: Readonly<Record<(typeof BLOCKDEV_DRIVERS)[number], readonly
     { name: 'x-check-cache-dropped', type: 'bool', support: 'ignored' },
   ],
   memory: [{ name: 'size', type: 'size', required: true }],
+  // QAPI's BlockdevOptionsNbd, in its order
+  nbd: [
+    { name: 'server', type: SOCKET_ADDRESS, required: true },
+    { name: 'export', type: 'str' },
+    { name: 'tls-creds', type: 'str' },
+    { name: 'tls-hostname', type: 'str' },
+    { name: 'x-dirty-bitmap', type: 'str', support: 'no' },
+    { name: 'reconnect-delay', type: 'uint32' },
+    { name: 'open-timeout', type: 'uint32' },
+  ],
   raw: [
     { name: 'file', type: 'ref', required: true },
     { name: 'offset', type: 'int', support: 'no' },
@@ -134,7 +181,7 @@ function fail(desc: string): never {
 function typeName(t: OptType): string {
   if (t === 'str') return 'string';
   if (t === 'bool') return 'boolean';
-  if (t === 'int' || t === 'size') return 'integer';
+  if (t === 'int' || t === 'uint32' || t === 'size') return 'integer';
   if (t === 'ref') return 'BlockdevRef';
   if (t === 'refOrNull') return 'BlockdevRefOrNull';
   if ('enum' in t) return 'string';
@@ -186,6 +233,15 @@ function scalar(name: string, type: OptType, v: QmpValue, strict: boolean): stri
     if (['off', 'no', 'false', 'n'].includes(v)) return 'off';
     return fail(`Parameter '${name}' expects 'on' or 'off'`);
   }
+  if (type === 'uint32') {
+    // QEMU reads a uint64 (any other type, a fraction: "expects uint64"), then checks uint32's range
+    let n: number;
+    if (typeof v === 'number' && Number.isInteger(v)) n = v;
+    else if (!strict && typeof v === 'string' && /^-?\d+$/.test(v)) n = Number(v);
+    else return fail(`Parameter '${name}' expects uint64`);
+    if (n < 0 || n > 0xffffffff) fail(`Parameter '${name}' expects uint32_t`);
+    return String(n);
+  }
   if (type === 'int' || type === 'size') {
     if (typeof v === 'number') {
       if (!Number.isSafeInteger(v) || (type === 'size' && v < 0)) wrongType();
@@ -223,6 +279,8 @@ function visitOptions(obj: QmpObject, path: string, prefix: string, out: NodeOpt
   for (const f of fields) visitField(obj, f, path, prefix, out, strict, driver);
   const known = new Set(fields.map((f) => f.name));
   for (const key of Object.keys(obj)) if (!known.has(key)) fail(`Parameter '${path}${key}' is unexpected`);
+  // QEMU's bdrv_open_common; the file driver checks it itself when it opens, nbd has no such check
+  if (driver === 'nbd' && out[`${prefix}force-share`] === 'on' && out[`${prefix}read-only`] !== 'on') fail('force-share=on can only be used with read-only images');
 }
 
 function visitField(obj: QmpObject, f: OptField, path: string, prefix: string, out: NodeOptions, strict: boolean, driver: string): void {
@@ -248,6 +306,11 @@ function visitField(obj: QmpObject, f: OptField, path: string, prefix: string, o
     visitOptions(v, `${name}.`, `${prefix}${f.name}.`, out, strict);
     return;
   }
+  if (typeof type === 'object' && 'union' in type) {
+    if (!isObject(v)) fail(`Invalid parameter type for '${name}', expected: object`);
+    visitUnion(v, type.union, `${name}.`, `${prefix}${f.name}.`, out, strict, driver);
+    return;
+  }
   if (typeof type === 'object' && 'struct' in type) {
     if (!isObject(v)) fail(`Invalid parameter type for '${name}', expected: object`);
     for (const sub of type.struct) {
@@ -268,12 +331,38 @@ function visitField(obj: QmpObject, f: OptField, path: string, prefix: string, o
     fail(`Parameter '${name}' is not supported by snapstack's ${driver} driver`);
   }
   if (f.name === 'aio' && (text === 'native' || text === 'io_uring')) fail(`Parameter '${name}' value '${text}' is not supported by snapstack (threads or sync)`);
-  if (f.name === 'force-share' && driver !== 'file') {
+  if (f.name === 'force-share' && !PROTOCOL_DRIVERS.has(driver)) {
     // QEMU's force-share is inherited by the children; snapstack's file driver is what takes locks
     out[`${prefix}file.force-share`] ??= text;
     return;
   }
   out[`${prefix}${f.name}`] = text;
+}
+
+/**
+ * A flat union's object at `path`: its `type` first, then that branch's members in order, then
+ * unexpected keys; each written as a dotted key under `prefix`.
+ */
+function visitUnion(obj: QmpObject, branches: Readonly<Record<string, readonly OptField[] | 'unsupported'>>, path: string, prefix: string, out: NodeOptions, strict: boolean, driver: string): void {
+  const typeValue = obj['type'];
+  if (typeValue === undefined) fail(`Parameter '${path}type' is missing`);
+  if (typeof typeValue !== 'string') fail(`Invalid parameter type for '${path}type', expected: string`);
+  // QEMU names an enum member alone here ("Parameter 'type' does not accept value 'x'")
+  if (!Object.keys(branches).includes(typeValue)) fail(`Parameter 'type' does not accept value '${typeValue}'`);
+  const kind = typeValue;
+  const branch = branches[kind];
+  if (branch === undefined || branch === 'unsupported') fail(`Parameter '${path}type' value '${kind}' is not supported by snapstack's ${driver} driver (${supportedKinds(branches)})`);
+  out[`${prefix}type`] = kind;
+  for (const f of branch) visitField(obj, f, path, prefix, out, strict, driver);
+  const known = new Set(['type', ...branch.map((f) => f.name)]);
+  for (const key of Object.keys(obj)) if (!known.has(key)) fail(`Parameter '${path}${key}' is unexpected`);
+}
+
+function supportedKinds(branches: Readonly<Record<string, readonly OptField[] | 'unsupported'>>): string {
+  return Object.entries(branches)
+    .filter(([, b]) => b !== 'unsupported')
+    .map(([k]) => k)
+    .join(' or ');
 }
 
 /** A member given as a node name (BlockdevRef's string branch). */
