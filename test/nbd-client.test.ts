@@ -118,9 +118,9 @@ describe('the NBD client and a well-behaved server', () => {
     expect(await c.blockStatus(0, 4096)).toBeNull();
   });
 
-  it('says that the server requires TLS, which this client does not do (ENOTSUP)', async () => {
+  it('says that the server requires TLS and names tls-creds (ENOTSUP)', async () => {
     const s = await fake('tls-required');
-    await expect(connect(s)).rejects.toMatchObject({ code: 'ENOTSUP', message: expect.stringMatching(/requires TLS \(TLS required: TLS is required on this server\); tls-creds is not supported/) });
+    await expect(connect(s)).rejects.toMatchObject({ code: 'ENOTSUP', message: expect.stringMatching(/requires TLS \(TLS required: TLS is required on this server\); give the nbd node tls-creds=ID/) });
   });
 
   it('refuses a write past the end of the export with ENOSPC (an export cannot grow)', async () => {
@@ -296,8 +296,8 @@ describe('driver=nbd options and NBD file names', () => {
     expect(() => parseNbdFilename('nbd:///e')).toThrow(/no host/);
   });
 
-  it("refuses tls-creds, unknown options and a server.type without its address", async () => {
-    await expect(openImage('driver=nbd,server.type=unix,server.path=/x,tls-creds=tls0')).rejects.toMatchObject({ code: 'ENOTSUP', message: expect.stringMatching(/tls-creds/) });
+  it("refuses an unknown tls-creds id, unknown options and a server.type without its address", async () => {
+    await expect(openImage('driver=nbd,server.type=unix,server.path=/x,tls-creds=tls0')).rejects.toMatchObject({ code: 'ENOENT', message: expect.stringMatching(/No TLS credentials with id 'tls0'.*tls-creds/) });
     await expect(openImage('driver=nbd,server.type=unix')).rejects.toMatchObject({ code: 'EINVAL', message: expect.stringMatching(/server.path/) });
     await expect(openImage('driver=nbd,server.type=inet')).rejects.toMatchObject({ code: 'EINVAL', message: expect.stringMatching(/server.host/) });
     await expect(openImage('driver=nbd,server.type=vsock')).rejects.toMatchObject({ code: 'EINVAL' });

@@ -314,4 +314,58 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     expect(theirs[0]).toEqual({ class: 'GenericError', desc: 'NBD server not running' });
     expect(theirs[18]).toEqual({ class: 'GenericError', desc: 'Node d0 is in use' });
   });
+
+  it('keeps exports out of query-block and names the overlay after blockdev-snapshot, as qemu-storage-daemon 7.2', async () => {
+    const sequence = (nbd: string, overlay: string): Array<[string, QmpObject | undefined]> => [
+      ['nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } }],
+      ['block-export-add', { type: 'nbd', id: 'e0', 'node-name': 'd0', writable: true }],
+      ['query-block', undefined],
+      ['blockdev-add', { driver: 'qcow2', 'node-name': 'ov0', file: { driver: 'file', filename: overlay }, backing: null }],
+      ['blockdev-snapshot', { node: 'd0', overlay: 'ov0' }],
+      ['query-block-exports', undefined],
+      ['query-block', undefined],
+      ['block-export-del', { id: 'e0', mode: 'hard' }],
+      ['nbd-server-stop', undefined],
+    ];
+    const run = async (socket: string, nbd: string, overlay: string): Promise<QmpValue[]> => {
+      const c = await QmpClient.connect({ path: socket });
+      try {
+        const out: QmpValue[] = [];
+        for (const [cmd, args] of sequence(nbd, overlay)) {
+          const reply = await c.request(cmd, args);
+          out.push(errorOf(reply) ?? reply['return'] ?? null);
+        }
+        return out;
+      } finally {
+        await c.close();
+      }
+    };
+    const setUp = (tag: string): { args: string[]; overlay: string } => {
+      const { img } = makeImage(`snap-${tag}`);
+      const overlay = path.join(dir, `snap-${tag}-ov.qcow2`);
+      qemu('qemu-img', ['create', '-q', '-f', 'qcow2', overlay, '4M']);
+      return { args: ['--blockdev', `driver=file,filename=${img},node-name=f0`, '--blockdev', 'driver=qcow2,file=f0,node-name=d0'], overlay };
+    };
+    const qdir = tempDir('snapstack-nbd-exports-qsd-');
+    const q = setUp('qsd');
+    const qsd = await startQsd(qdir, q.args);
+    let theirs: QmpValue[];
+    try {
+      theirs = await run(qsd.socket, path.join(qdir, 'n.sock'), q.overlay);
+    } finally {
+      await qsd.stop();
+      fs.rmSync(qdir, { recursive: true, force: true });
+    }
+    const o = setUp('ours');
+    const mon = path.join(dir, 'snap-mon.sock');
+    const pidfile = path.join(dir, 'snap.pid');
+    const d = startDaemon([...o.args, '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
+    await waitFor(pidfile, d);
+    const ours = await run(mon, path.join(dir, 'snap-n.sock'), o.overlay);
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+    expect(ours).toEqual(theirs);
+    expect(theirs[2]).toEqual([]);
+    expect(theirs[5]).toEqual([{ id: 'e0', type: 'nbd', 'node-name': 'ov0', 'shutting-down': false }]);
+  });
 });

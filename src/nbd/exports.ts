@@ -151,7 +151,8 @@ export function blockExportAdd(bql: Bql, o: BlockExportOptions): void {
   if (Buffer.byteLength(name, 'utf8') > NBD_MAX_STRING_BYTES) fail(`export name '${name}' too long`);
   if (o.description !== undefined && Buffer.byteLength(o.description, 'utf8') > NBD_MAX_STRING_BYTES) fail(`description '${o.description}' too long`);
   if (s.findExport(name) !== undefined) fail(`NBD server already has export named '${name}'`, 'EINVAL');
-  const backend = blkNew(bql, `nbd-export.${o.id}`, node, { readOnly: !writable });
+  // an internal backend: query-block does not list it (as QEMU, whose export backends have no name)
+  const backend = blkNew(bql, `nbd-export.${o.id}`, node, { readOnly: !writable, internal: true });
   try {
     s.addExport({ name, backend, ...(o.description === undefined ? {} : { description: o.description }), allocationDepth: o.allocationDepth ?? false, cache: o.writethrough === true ? 'writethrough' : 'writeback' });
   } catch (e) {
@@ -195,7 +196,8 @@ export async function blockExportDel(bql: Bql, id: string, mode: 'safe' | 'hard'
  */
 export function queryBlockExports(bql: Bql): BlockExportInfo[] {
   assertBql(bql, 'queryBlockExports');
-  return [...exports.values()].reverse().map((e) => ({ id: e.id, type: 'nbd', nodeName: e.nodeName, shuttingDown: e.shuttingDown }));
+  // the node the export serves now: after an external snapshot of it, the new overlay (as QEMU)
+  return [...exports.values()].reverse().map((e) => ({ id: e.id, type: 'nbd', nodeName: e.backend.root?.nodeName ?? e.nodeName, shuttingDown: e.shuttingDown }));
 }
 
 /**

@@ -42,6 +42,7 @@ import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import { blkFlush, blkGetLength, blkPdiscard, blkPread, blkPwrite, blkPwriteZeroes, type BlockBackend } from '../block/backend.js';
+import type { WriteFlags } from '../block/driver.js';
 import { BlockError, isBlockError } from '../block/errors.js';
 import { exportExtents, type ExtentContext } from './extents.js';
 import * as P from './protocol.js';
@@ -64,6 +65,8 @@ export const MAX_SERVER_INFLIGHT_BYTES = 512 * 1024 * 1024;
 export const MAX_EXTENTS = 65536;
 /** Reads at least this long are answered sparsely (OFFSET_HOLE for zero ranges) over structured replies. */
 export const SPARSE_READ_MIN_BYTES = 64 * 1024;
+/** The flags of a FUA write, made once. */
+const FUA_WRITE: WriteFlags = Object.freeze({ fua: true });
 /** The meta contexts and the ids this server gives them. */
 const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
 const META_CONTEXT_IDS: Readonly<Record<ExtentContext, number>> = { 'base:allocation': 1, 'qemu:allocation-depth': 2 };
@@ -740,8 +743,9 @@ class NbdConnection {
         case P.NBD_CMD_WRITE:
           this.checkWritable(exp, 'write');
           this.checkRange(exp, req, 'write');
-          await blkPwrite(exp.backend, req.offset, payload ?? Buffer.alloc(0));
-          if (fua) await this.flushFor(exp);
+          // FUA goes down with the write: the block layer flushes the node after it, or a driver
+          // with native FUA (an NBD client below) passes it on
+          await blkPwrite(exp.backend, req.offset, payload ?? Buffer.alloc(0), fua && exp.cache !== 'unsafe' ? FUA_WRITE : undefined);
           break;
         case P.NBD_CMD_FLUSH:
           await this.flushFor(exp);
@@ -761,8 +765,7 @@ class NbdConnection {
             throw new RequestRefused(P.NBD_ENOTSUP, 'fast zeroing is only promised for ranges that already read as zeros');
           }
           if ((req.flags & P.NBD_CMD_FLAG_FAST_ZERO) === 0) {
-            await blkPwriteZeroes(exp.backend, req.offset, req.length, { mayUnmap: (req.flags & P.NBD_CMD_FLAG_NO_HOLE) === 0 });
-            if (fua) await this.flushFor(exp);
+            await blkPwriteZeroes(exp.backend, req.offset, req.length, { mayUnmap: (req.flags & P.NBD_CMD_FLAG_NO_HOLE) === 0, fua: fua && exp.cache !== 'unsafe' });
           }
           break;
         }

@@ -20,16 +20,18 @@
  */
 import { assertBql, type Bql } from '../../block/bql.js';
 import { assertDrained, type DrainedProof } from '../../block/drain.js';
-import { registerDriver, type BlockDriver, type BlockDriverInstance, type BlockStatus, type WriteZeroesFlags } from '../../block/driver.js';
+import { registerDriver, type BlockDriver, type BlockDriverInstance, type BlockStatus, type WriteFlags, type WriteZeroesFlags } from '../../block/driver.js';
 import { BlockError } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/options.js';
 import { NBD_DEFAULT_PORT, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../../nbd/client-proto.js';
-import { NbdClient, type NbdAddress } from '../../nbd/client.js';
+import { NbdClient, type NbdAddress, type NbdWriteFlags } from '../../nbd/client.js';
 import { findTlsCreds, type TlsCredsX509 } from '../../nbd/tls-creds.js';
 import { formatNbdUrl, isNbdFilename, parseNbdFilename, type NbdTarget } from './url.js';
 
 /** Options the driver knows; `aio`, `locking` and `force-share` are file options the easy API may pass on, and mean nothing here. */
+/** The client's flags of a FUA write, made once. */
+const FUA: NbdWriteFlags = Object.freeze({ fua: true });
 const KNOWN = new Set(['filename', 'server.type', 'server.host', 'server.port', 'server.path', 'export', 'reconnect-delay', 'open-timeout', 'tls-creds', 'tls-hostname', 'aio', 'locking', 'force-share']);
 /** The largest reconnect-delay / open-timeout accepted (seconds). */
 const MAX_RECONNECT_DELAY_SEC = 3600;
@@ -126,16 +128,22 @@ class NbdInstance implements BlockDriverInstance {
    * Writes to the export; ENOSPC past its end.
    * @locking io
    */
-  pwritev(offset: number, buf: Uint8Array): Promise<void> {
-    return this.client.write(offset, buf);
+  pwritev(offset: number, buf: Uint8Array, flags?: WriteFlags): Promise<void> {
+    return flags?.fua === true ? this.client.write(offset, buf, FUA) : this.client.write(offset, buf);
   }
+
+  /**
+   * FUA is sent as NBD_CMD_FLAG_FUA (the client flushes after the write on a server without it).
+   * @locking io
+   */
+  readonly supportsFua = true;
 
   /**
    * NBD_CMD_WRITE_ZEROES (NO_HOLE unless the range may be unmapped).
    * @locking io
    */
   pwriteZeroes(offset: number, bytes: number, flags: WriteZeroesFlags): Promise<void> {
-    return this.client.writeZeroes(offset, bytes, { mayUnmap: flags.mayUnmap === true });
+    return this.client.writeZeroes(offset, bytes, { mayUnmap: flags.mayUnmap === true, fua: flags.fua === true });
   }
 
   /**
