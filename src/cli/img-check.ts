@@ -7,12 +7,13 @@ import fs from 'node:fs';
 import { withBql, type Bql } from '../block/bql.js';
 import { bdrvCanCheck, bdrvCheck, type CheckFix, type CheckResult } from '../block/check.js';
 import { withDrained } from '../block/drain.js';
-import { probingDrivers } from '../block/driver.js';
+import { findProtocolDriver, probingDrivers } from '../block/driver.js';
 import { BlockError } from '../block/errors.js';
 import { closeNode, openNode } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import type { NodeOptions } from '../block/options.js';
 import '../drivers/index.js';
+import { openImage } from '../image.js';
 import { takeFlag, takeForceShare, takeOutputJson, refuseUnknownOptions } from './args.js';
 import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
@@ -22,22 +23,37 @@ const USAGE = 'usage: snapstack img check [-f FMT] [-U] [-r leaks|all] [--output
 /** Formats whose driver takes `x-check=on` (QEMU's BDRV_O_CHECK: open what a check must report). */
 const CHECK_MODE_FORMATS = new Set(['qcow2']);
 
-/** The format the first bytes of `file` show (raw when no driver claims them), as the block layer probes. */
-function probeFormatName(file: string): string {
+/** The format the first bytes `head` show (raw when no driver claims them), as the block layer probes. */
+function probeHead(head: Uint8Array, file: string): string {
+  let best = 'raw';
+  let bestScore = 0;
+  for (const drv of probingDrivers()) {
+    const score = drv.probe?.(head, file) ?? 0;
+    if (score > bestScore) {
+      best = drv.formatName;
+      bestScore = score;
+    }
+  }
+  return best;
+}
+
+/** The format of the host file or the protocol's image (an NBD export) `file`, probed from its first bytes. */
+async function probeFormatName(file: string): Promise<string> {
+  const head = new Uint8Array(2048);
+  if (findProtocolDriver(file) !== null) {
+    const img = await openImage(file, { format: 'raw', readOnly: true });
+    try {
+      const n = Math.min(head.length, img.size);
+      await img.read(0, n, head.subarray(0, n));
+      return probeHead(head.subarray(0, n), file);
+    } finally {
+      await img.close();
+    }
+  }
   const fd = fs.openSync(file, 'r');
   try {
-    const head = new Uint8Array(2048);
     const n = fs.readSync(fd, head, 0, head.length, 0);
-    let best = 'raw';
-    let bestScore = 0;
-    for (const drv of probingDrivers()) {
-      const score = drv.probe?.(head.subarray(0, n), file) ?? 0;
-      if (score > bestScore) {
-        best = drv.formatName;
-        bestScore = score;
-      }
-    }
-    return best;
+    return probeHead(head.subarray(0, n), file);
   } finally {
     fs.closeSync(fd);
   }
@@ -45,7 +61,11 @@ function probeFormatName(file: string): string {
 
 /** Opens the image for a check through the block layer: read-only unless a repair was asked for. */
 async function openForCheck(bql: Bql, file: string, format: string, writable: boolean, forceShare: boolean): Promise<BlockNode> {
-  const opts: NodeOptions = { driver: format, 'file.driver': 'file', 'file.filename': file, 'file.aio': 'sync', 'read-only': writable ? 'off' : 'on' };
+  const protocol = findProtocolDriver(file);
+  const opts: NodeOptions =
+    protocol === null
+      ? { driver: format, 'file.driver': 'file', 'file.filename': file, 'file.aio': 'sync', 'read-only': writable ? 'off' : 'on' }
+      : { driver: format, 'file.driver': protocol.formatName, 'file.filename': file, 'read-only': writable ? 'off' : 'on' };
   if (forceShare) opts['file.force-share'] = 'on';
   if (CHECK_MODE_FORMATS.has(format)) opts['x-check'] = 'on';
   return openNode(bql, opts);
@@ -133,8 +153,9 @@ export async function imgCheck(args: string[], out: Out, err: Out): Promise<numb
   const [file] = args;
   if (file === undefined || args.length !== 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
   if (r !== undefined && r !== 'leaks' && r !== 'all') throw new BlockError('EINVAL', `Unknown option value for -r (expecting 'leaks' or 'all'): ${r}`, { field: '-r', value: r });
-  if (!fs.existsSync(file)) throw new BlockError('ENOENT', `Could not open '${file}': No such file or directory`, { file });
-  const format = fmt ?? probeFormatName(file);
+  // a protocol's file name (nbd://, nbd+unix://) names no host file: its driver says whether it opens
+  if (findProtocolDriver(file) === null && !fs.existsSync(file)) throw new BlockError('ENOENT', `Could not open '${file}': No such file or directory`, { file });
+  const format = fmt ?? (await probeFormatName(file));
   let res: CheckResult | null;
   try {
     res = await checkImageFile(file, format, { leaks: r !== undefined, errors: r === 'all' }, forceShare);

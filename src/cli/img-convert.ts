@@ -10,12 +10,14 @@ import fs from 'node:fs';
 import { blkPwriteCompressed } from '../block/backend.js';
 import { withBqlSync } from '../block/bql.js';
 import { BlockError, isBlockError } from '../block/errors.js';
+import { findProtocolDriver } from '../block/driver.js';
 import { bdrvBlockStatus, bdrvGetLength } from '../block/io.js';
 import { parseOptions } from '../block/options.js';
 import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
 import { createOptions } from './create-options.js';
+import { createOnProtocol } from './img-create-protocol.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
 import { describeError, strerror } from '../commands/format.js';
 import type { Out } from './img-usage.js';
@@ -320,6 +322,8 @@ export async function imgConvert(
     if (req.compress && dstFmt !== 'qcow2') throw new BlockError('ENOTSUP', 'Compression not supported for this file format', { field: '-c', value: dstFmt });
     // -n: the existing target is taken to have the backing file -B names (qemu-img checks nothing)
     let targetHasBacking = req.noCreate && req.backingFile !== undefined;
+    // an NBD target exists already and keeps its old bytes: it is formatted, not created; raw on it reads them (no zero-init)
+    const dstProtocol = findProtocolDriver(dst);
     if (!req.noCreate) {
       const o = parseOptions(req.options ?? '');
       if (dstFmt === 'raw') {
@@ -334,7 +338,15 @@ export async function imgConvert(
       const co = createOptions(dstFmt, o); // qemu-img's options, refused by name when unknown
       targetHasBacking = co.backingFile !== undefined;
       checkTargetBacking(req, co.backingFile, co.backingFormat);
-      if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
+      if (dstProtocol !== null) {
+        try {
+          await createOnProtocol(dst, dstProtocol, dstFmt === 'raw' ? { format: 'raw', sizeBytes: size } : { format: 'qcow2', options: { sizeBytes: size, ...co } });
+        } catch (e) {
+          // qemu-img: "nbd://h/e: error while converting raw: Cannot grow NBD nodes"
+          const why = messageOf(e).replace(`${dst}: `, '');
+          throw new BlockError(isBlockError(e) ? e.code : 'EIO', `${dst}: error while converting ${dstFmt}: ${why}`, { file: dst, op: 'create', cause: e });
+        }
+      } else if (dstFmt === 'raw') withBqlSync((bql) => createRawFile(bql, dst, size));
       else withBqlSync((bql) => createQcow2File(bql, dst, { sizeBytes: size, ...co }));
     } else if (req.sourceCount > 1) checkTargetBacking(req, req.backingFile, req.backingFmt);
     let to: Image;
@@ -352,7 +364,7 @@ export async function imgConvert(
         has: targetHasBacking,
         lengthBytes: targetHasBacking && !req.noCreate && backingNode !== undefined ? bdrvGetLength(backingNode) : -1,
       };
-      await copyImage(from, to, req, !req.noCreate && !targetHasBacking, target, progressOut);
+      await copyImage(from, to, req, !req.noCreate && !targetHasBacking && !(dstProtocol !== null && dstFmt === 'raw'), target, progressOut);
     } finally {
       await to.close();
     }
@@ -391,13 +403,13 @@ export async function imgCompare(args: string[], out: Out, err: Out): Promise<nu
     refuseUnknownOptions(args, COMPARE_USAGE);
     const [pa, pb] = args;
     if (pa === undefined || pb === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting two image file names\n${COMPARE_USAGE}`);
-    for (const p of [pa, pb]) if (!fs.existsSync(p)) throw new BlockError('ENOENT', `Could not open '${p}': No such file or directory`, { file: p });
+    // a protocol's file name (nbd://, nbd+unix://) names no host file: its driver says whether it opens
+    for (const p of [pa, pb]) if (findProtocolDriver(p) === null && !fs.existsSync(p)) throw new BlockError('ENOENT', `Could not open '${p}': No such file or directory`, { file: p });
     const a = await openImage(pa, { aio: 'sync', readOnly: true, forceShare, ...(fa === undefined ? {} : { format: fa }) });
     try {
       const b = await openImage(pb, { aio: 'sync', readOnly: true, forceShare, ...(fb === undefined ? {} : { format: fb }) });
       try {
         const common = Math.min(a.size, b.size);
-        if (a.size !== b.size) out('Warning: Image size mismatch!');
         const ba = new Uint8Array(CHUNK);
         const bb = new Uint8Array(CHUNK);
         for (let off = 0; off < common; off += CHUNK) {
@@ -410,6 +422,8 @@ export async function imgCompare(args: string[], out: Out, err: Out): Promise<nu
             return 1;
           }
         }
+        // qemu-img warns only once the common part is equal
+        if (a.size !== b.size) out('Warning: Image size mismatch!');
         const longer = a.size > b.size ? a : b;
         const nz = await firstNonZero(longer, common, longer.size, ba);
         if (nz >= 0) {

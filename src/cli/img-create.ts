@@ -4,6 +4,7 @@
  */
 import { withBql, withBqlSync } from '../block/bql.js';
 import { resolveBackingFilename } from '../block/backing.js';
+import { findProtocolDriver } from '../block/driver.js';
 import { BlockError } from '../block/errors.js';
 import { closeNode, openNode } from '../block/graph.js';
 import { bdrvGetLength } from '../block/io.js';
@@ -12,6 +13,7 @@ import { createRawFile } from '../drivers/file/driver.js';
 import { createQcow2File } from '../drivers/qcow2/create.js';
 import { takeFlag, takeSwitch } from './args.js';
 import { createOptions } from './create-options.js';
+import { createOnProtocol } from './img-create-protocol.js';
 import type { Out } from './img-usage.js';
 import { IMG_USAGE as USAGE } from './img-usage.js';
 
@@ -35,6 +37,15 @@ async function backingSize(file: string, name: string, format: string): Promise<
       await closeNode(bql, node);
     }
   });
+}
+
+/** qemu-img create's 'Formatting ...' line for a raw or qcow2 image. */
+function formattingLine(file: string, fmt: 'raw' | 'qcow2', size: number, opts: ReturnType<typeof createOptions>): string {
+  if (fmt === 'raw') return `Formatting '${file}', fmt=raw size=${size}`;
+  const lazy = opts.lazyRefcounts === true ? 'on' : 'off';
+  const compat = opts.compat === '0.10' ? ' compat=0.10' : '';
+  const backing = opts.backingFile === undefined ? '' : ` backing_file=${opts.backingFile} backing_fmt=${opts.backingFormat ?? ''}`;
+  return `Formatting '${file}', fmt=qcow2 cluster_size=${opts.clusterSize ?? 65536} extended_l2=off compression_type=zlib size=${size}${compat}${backing} lazy_refcounts=${lazy} refcount_bits=${opts.refcountBits ?? 16}`;
 }
 
 /** Runs `img create ARGS`; returns the exit status. */
@@ -68,19 +79,19 @@ export async function imgCreate(args: string[], out: Out): Promise<number> {
   // without -u, the backing file must open (qemu-img checks it even when the size is given)
   if (sizeOpt !== undefined && backingFile !== undefined && backingFmt !== undefined && !unsafe) await backingSize(file, backingFile, backingFmt);
   const opts = createOptions(fmt, o);
+  // an NBD URL: the export exists already; it is checked and formatted as QEMU does (after the 'Formatting' line)
+  const protocol = findProtocolDriver(file);
+  if (protocol !== null && (fmt === 'raw' || fmt === 'qcow2')) {
+    if (!quiet) out(formattingLine(file, fmt, size, opts));
+    await createOnProtocol(file, protocol, fmt === 'raw' ? { format: 'raw', sizeBytes: size } : { format: 'qcow2', options: { sizeBytes: size, ...opts } });
+    return 0;
+  }
   if (fmt === 'raw') {
     withBqlSync((bql) => createRawFile(bql, file, size));
-    if (!quiet) out(`Formatting '${file}', fmt=raw size=${size}`);
+    if (!quiet) out(formattingLine(file, fmt, size, opts));
   } else if (fmt === 'qcow2') {
     withBqlSync((bql) => createQcow2File(bql, file, { sizeBytes: size, ...opts }));
-    const lazy = opts.lazyRefcounts === true ? 'on' : 'off';
-    const compat = opts.compat === '0.10' ? ' compat=0.10' : '';
-    const backing = opts.backingFile === undefined ? '' : ` backing_file=${opts.backingFile} backing_fmt=${opts.backingFormat ?? ''}`;
-    if (!quiet) {
-      out(
-        `Formatting '${file}', fmt=qcow2 cluster_size=${opts.clusterSize ?? 65536} extended_l2=off compression_type=zlib size=${size}${compat}${backing} lazy_refcounts=${lazy} refcount_bits=${opts.refcountBits ?? 16}`,
-      );
-    }
+    if (!quiet) out(formattingLine(file, fmt, size, opts));
   } else {
     throw new BlockError('ENOTSUP', `Unknown file format '${fmt}' (snapstack creates raw and qcow2)`, { field: '-f', value: fmt });
   }
