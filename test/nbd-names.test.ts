@@ -158,6 +158,33 @@ describeWithTool('qemu-nbd', 'apt-get install qemu-utils', 'img on NBD file name
     expect(qemuImg(['compare', url('small'), empty]).out).toBe('Images are identical.\n');
   });
 
+  it('info and compare take json:{...} names of nbd nodes (top-level and as a format\'s file), as qemu-img', async () => {
+    const sock = (n: string): string => path.join(dir, `${n}.sock`);
+    const names = [
+      `json:${JSON.stringify({ driver: 'nbd', server: { type: 'unix', path: sock('same') } })}`,
+      `json:${JSON.stringify({ driver: 'raw', file: { driver: 'nbd', server: { type: 'unix', path: sock('same') } } })}`,
+      `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'nbd', server: { type: 'unix', path: sock('qcow') } } })}`,
+      `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'file', filename: path.join(dir, 'src.qcow2') } })}`,
+    ];
+    // image, file format, virtual size: the lines both print the same way for these
+    const head = (text: string): string => text.split('\n').slice(0, 3).join('\n');
+    for (const name of names) {
+      const mine = await cli(['info', name]);
+      const theirs = qemuImg(['info', name]);
+      expect(theirs.status, theirs.err).toBe(0);
+      expect({ status: mine.status, head: head(mine.out), err: mine.err }, name).toEqual({ status: 0, head: head(theirs.out), err: '' });
+    }
+    const cmp = [names[0] ?? '', path.join(dir, 'src.qcow2')];
+    const mine = await cli(['compare', ...cmp]);
+    expect({ status: mine.status, out: mine.out }).toEqual({ status: qemuImg(['compare', ...cmp]).status, out: qemuImg(['compare', ...cmp]).out });
+    expect(mine.out).toBe('Images are identical.\n');
+    for (const bad of ['json:[1]', 'json:{bad']) {
+      const r = await cli(['info', bad]);
+      expect(r.status).toBe(1);
+      expect(r.err).toContain(qemuImg(['info', bad]).err.replace(/^qemu-img: /, '').split(': JSON parse error')[0]?.trim() ?? '');
+    }
+  });
+
   it('create and convert to an NBD server that is not there say QEMU\'s words', async () => {
     const gone = `nbd+unix:///?socket=${path.join(dir, 'nosuch.sock')}`;
     const c = await cli(['create', '-f', 'raw', gone, '1M']);

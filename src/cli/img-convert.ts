@@ -18,6 +18,7 @@ import { createQcow2File } from '../drivers/qcow2/create.js';
 import { openImage, type Image } from '../image.js';
 import { createOptions } from './create-options.js';
 import { createOnProtocol } from './img-create-protocol.js';
+import { isJsonFilename, jsonFilenameOptions, optionString } from './json-filename.js';
 import { takeFlag, takeForceShare, takeSwitch, refuseUnknownOptions } from './args.js';
 import { describeError, strerror } from '../commands/format.js';
 import type { Out } from './img-usage.js';
@@ -392,6 +393,11 @@ async function firstNonZero(img: Image, from: number, to: number, buf: Uint8Arra
   return -1;
 }
 
+/** What openImage takes for an image name: the name, or a json:{...} name's options. */
+function imageTarget(name: string): string {
+  return isJsonFilename(name) ? optionString(jsonFilenameOptions(name)) : name;
+}
+
 /** Runs `img compare`; returns 0 identical, 1 different, 2 on error. */
 export async function imgCompare(args: string[], out: Out, err: Out): Promise<number> {
   try {
@@ -404,10 +410,10 @@ export async function imgCompare(args: string[], out: Out, err: Out): Promise<nu
     const [pa, pb] = args;
     if (pa === undefined || pb === undefined || args.length !== 2) throw new BlockError('EINVAL', `Expecting two image file names\n${COMPARE_USAGE}`);
     // a protocol's file name (nbd://, nbd+unix://) names no host file: its driver says whether it opens
-    for (const p of [pa, pb]) if (findProtocolDriver(p) === null && !fs.existsSync(p)) throw new BlockError('ENOENT', `Could not open '${p}': No such file or directory`, { file: p });
-    const a = await openImage(pa, { aio: 'sync', readOnly: true, forceShare, ...(fa === undefined ? {} : { format: fa }) });
+    for (const p of [pa, pb]) if (findProtocolDriver(p) === null && !isJsonFilename(p) && !fs.existsSync(p)) throw new BlockError('ENOENT', `Could not open '${p}': No such file or directory`, { file: p });
+    const a = await openImage(imageTarget(pa), { aio: 'sync', readOnly: true, forceShare, ...(fa === undefined ? {} : { format: fa }) });
     try {
-      const b = await openImage(pb, { aio: 'sync', readOnly: true, forceShare, ...(fb === undefined ? {} : { format: fb }) });
+      const b = await openImage(imageTarget(pb), { aio: 'sync', readOnly: true, forceShare, ...(fb === undefined ? {} : { format: fb }) });
       try {
         const common = Math.min(a.size, b.size);
         const ba = new Uint8Array(CHUNK);

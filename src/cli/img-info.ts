@@ -12,6 +12,7 @@ import { bdrvSnapshotList } from '../block/snapshot.js';
 import type { SnapshotInfo } from '../block/driver.js';
 import { openImage } from '../image.js';
 import { takeFlag, takeForceShare, takeOutputJson, takeSwitch } from './args.js';
+import { displayName, isJsonFilename, jsonFilenameOptions, optionString } from './json-filename.js';
 import { sizeToStr } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 import { IMG_USAGE as USAGE } from './img-usage.js';
@@ -109,11 +110,15 @@ export async function imgInfo(args: string[], out: Out): Promise<number> {
   const chain = takeSwitch(args, '--backing-chain');
   const [file] = args;
   if (file === undefined || args.length > 1) throw new BlockError('EINVAL', `Expecting one image file name\n${USAGE}`);
-  const img = await openImage(file, { aio: 'sync', readOnly: true, forceShare, noBacking: !chain, ...(fmt === undefined ? {} : { format: fmt }) });
+  // json:{...}: its options, shown under the name QEMU gives the image (a file name, an NBD URL)
+  const jsonOpts = isJsonFilename(file) ? jsonFilenameOptions(file) : null;
+  const target = jsonOpts === null ? file : optionString(jsonOpts);
+  const shown = jsonOpts === null ? file : displayName(jsonOpts, file);
+  const img = await openImage(target, { aio: 'sync', readOnly: true, forceShare, noBacking: !chain, ...(fmt === undefined ? {} : { format: fmt }) });
   try {
     const root = img.backend.root;
     if (root === null) throw new BlockError('ENOMEDIUM', `Device '${img.name}' has no medium`, { node: img.name });
-    const reports: ImageReport[] = [await report(root, file)];
+    const reports: ImageReport[] = [await report(root, shown)];
     if (chain) for (let n = root.backing; n !== undefined; n = n.backing) reports.push(await report(n, n.filename));
     if (json) {
       if (!chain) out(JSON.stringify(jsonObject(reports[0] as ImageReport), null, 4));
