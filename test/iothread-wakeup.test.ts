@@ -1,11 +1,11 @@
 /**
  * Lost wake-ups in the request ring (src/block/iothread-ring.js): each side that sleeps stores its
- * state word, the other side publishes and then reads that word and wakes it. These tests make
- * every sleep long (a worker that sleeps on the ring for a minute, a main loop allowed to sleep on
- * DONE for seconds), so that one lost wake-up turns into a stall that the per-test timeout turns
- * into a failure, and they drive the ring through every way of waiting: the worker polling or
- * asleep, the main loop polling, asleep on DONE, or waiting for a message; one request at a time
- * and several, with pauses that let either side fall asleep at any point.
+ * state word, the other side publishes and then reads that word and wakes it. With polling off,
+ * every request must wake the worker sleeping on HEAD and every completion must post the main
+ * loop's wake-up; a lost one stalls a request for WORKER_SLEEP_MS (the worker) or for ever (the
+ * main loop), which over thousands of requests the per-test timeout turns into a failure. The
+ * requests come one at a time and several at once, with pauses that let either side fall asleep
+ * at any point.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -80,13 +80,10 @@ async function checkedRead(t: IOThread, r: () => number, buf: Uint8Array): Promi
   }
 }
 
-// Every sleep is long: a lost wake-up stalls a request for a minute (the worker on HEAD) or for
-// the whole poll-max-ns of 20 s (the main loop on DONE), far past the test timeout.
-const LONG: IOThreadOptions['testing'] = { workerSleepMs: 60_000, turnBudgetMs: 60_000 };
 
 describe('the request ring wakes each sleeping side (no lost wake-up)', () => {
   it('the worker never polls: each request must wake it on HEAD; the main loop waits for a message', { timeout: 20_000 }, async () => {
-    await withThread({ pollMaxNs: 0, testing: LONG }, async (t) => {
+    await withThread({ pollMaxNs: 0 }, async (t) => {
       const r = rng(1);
       const buf = new Uint8Array(new SharedArrayBuffer(4096));
       for (let i = 0; i < 3000; i++) {
@@ -96,20 +93,8 @@ describe('the request ring wakes each sleeping side (no lost wake-up)', () => {
     });
   });
 
-  it('the main loop sleeps on DONE for up to 20 s: each completion must notify it', { timeout: 20_000 }, async () => {
-    // windows of 4 µs that poll-grow 1 keeps there: most waits end in a sleep
-    await withThread({ pollMaxNs: 20e9, pollGrow: 1, testing: { ...LONG, pollStartNs: 4000 } }, async (t) => {
-      const r = rng(2);
-      const buf = new Uint8Array(new SharedArrayBuffer(4096));
-      for (let i = 0; i < 3000; i++) {
-        await checkedRead(t, r, buf);
-        await pause(r);
-      }
-    });
-  });
-
-  it('several requests in flight, staged and shared buffers, pauses anywhere: all complete', { timeout: 20_000 }, async () => {
-    await withThread({ pollMaxNs: 20e9, pollGrow: 1, testing: { ...LONG, pollStartNs: 4000 } }, async (t) => {
+  it('several requests in flight, staged and shared buffers, polling off, pauses anywhere: all complete', { timeout: 20_000 }, async () => {
+    await withThread({ pollMaxNs: 0 }, async (t) => {
       const loops = Array.from({ length: 4 }, async (_, k) => {
         const r = rng(10 + k);
         const buf = k % 2 === 0 ? new Uint8Array(new SharedArrayBuffer(4096)) : new Uint8Array(4096);
@@ -122,8 +107,8 @@ describe('the request ring wakes each sleeping side (no lost wake-up)', () => {
     });
   });
 
-  it('the default windows (they grow and shrink) with writes and reads mixed: all complete', { timeout: 20_000 }, async () => {
-    await withThread({ testing: LONG }, async (t) => {
+  it('the default poll window, writes and reads mixed, pauses anywhere: all complete', { timeout: 20_000 }, async () => {
+    await withThread({}, async (t) => {
       const r = rng(3);
       const w = new Uint8Array(new SharedArrayBuffer(4096));
       const buf = new Uint8Array(new SharedArrayBuffer(4096));

@@ -16,16 +16,10 @@ import { receiveMessageOnPort } from 'node:worker_threads';
 import {
   CTL_DONE,
   CTL_HEAD,
-  CTL_MAIN_SPUN,
-  CTL_MAIN_THINK_NS,
   CTL_MAIN_WAITING,
   CTL_REGION_SEQ,
   CTL_STOP,
-  CTL_WORKER_SERVICE_NS,
   CTL_WORKER_STATE,
-  MAIN_WAIT_FUTEX,
-  MAIN_WAIT_NONE,
-  MAIN_WAIT_PORT,
   OP_FDATASYNC,
   OP_READ,
   OP_TRUNCATE,
@@ -44,8 +38,6 @@ import {
   WORKER_IDLE,
   WORKER_SLEEPING,
   WORKER_SLEEP_MS,
-  AdaptivePoll,
-  POLL_MARGIN,
   pollWhileEqual,
 } from './iothread-ring.js';
 import { readFullySync, writeFullySync, writeZeroesSync } from './sync-transfer.js';
@@ -106,8 +98,6 @@ const regions = new Map();
 /** @type {import('node:worker_threads').MessagePort | null} the channel to the main loop (regions in, wake-ups out), sent with the first task */
 let regionPort = null;
 let regionSeq = 0;
-/** @type {AdaptivePoll | null} this worker's poll window for new requests (kept across serve tasks) */
-let poll = null;
 
 /** Applies the region messages posted so far: `[id, SharedArrayBuffer]` pairs to map, ids to drop. */
 function receiveRegions() {
@@ -120,17 +110,16 @@ function receiveRegions() {
 }
 
 /**
- * Waits for a request after an idle poll window: sleeps on HEAD for up to `sleepMs`, then
+ * Waits for a request after an idle poll window: sleeps on HEAD for up to WORKER_SLEEP_MS, then
  * gives the ring up. Returns false when a request arrived and this task still serves the ring,
  * true when the task must return (see WORKER_STATE in iothread-ring.js).
  * @param {Int32Array} ctl
  * @param {number} done
- * @param {number} sleepMs
  */
-function sleepOrPark(ctl, done, sleepMs) {
+function sleepOrPark(ctl, done) {
   if (Atomics.load(ctl, CTL_STOP) === 0) {
     Atomics.store(ctl, CTL_WORKER_STATE, WORKER_SLEEPING);
-    Atomics.wait(ctl, CTL_HEAD, done, sleepMs);
+    Atomics.wait(ctl, CTL_HEAD, done, WORKER_SLEEP_MS);
     Atomics.store(ctl, CTL_WORKER_STATE, WORKER_ACTIVE);
     if (Atomics.load(ctl, CTL_HEAD) !== done) return false;
   }
@@ -141,23 +130,9 @@ function sleepOrPark(ctl, done, sleepMs) {
 }
 
 /**
- * Wakes the main loop if it waits for a completion (see iothread-ring.js): by a notify on DONE
- * when it sleeps there, by a message when it waits on its port.
- * @param {Int32Array} ctl
- */
-function wakeMain(ctl) {
-  if (Atomics.load(ctl, CTL_MAIN_WAITING) === MAIN_WAIT_NONE) return;
-  const how = Atomics.exchange(ctl, CTL_MAIN_WAITING, MAIN_WAIT_NONE);
-  if (how === MAIN_WAIT_FUTEX) Atomics.notify(ctl, CTL_DONE, 1);
-  else if (how === MAIN_WAIT_PORT) regionPort?.postMessage(0);
-}
-
-/**
  * Serves the ring until it has been empty for the poll window and the sleep after it (or CTL_STOP
- * is set). Requests run in ring order. The poll window adapts (AdaptivePoll): it is measured from
- * the moment the ring went empty to the next request, whether that came while polling or after
- * the worker slept.
- * @param {{ ctl: SharedArrayBuffer, ops: SharedArrayBuffer, port: import('node:worker_threads').MessagePort | null, pollMaxNs: number, pollGrow: number, pollShrink: number, pollStartNs: number, sleepMs: number }} task
+ * is set). Requests run in ring order.
+ * @param {{ ctl: SharedArrayBuffer, ops: SharedArrayBuffer, port: import('node:worker_threads').MessagePort | null, pollMaxNs: number }} task
  */
 export default function serve(task) {
   const ctl = new Int32Array(task.ctl);
@@ -167,29 +142,14 @@ export default function serve(task) {
     regions.clear();
     regionSeq = 0;
   }
-  if (poll === null || poll.maxNs !== task.pollMaxNs) poll = new AdaptivePoll(task.pollMaxNs, task.pollGrow, task.pollShrink, task.pollStartNs);
-  const win = poll;
-  const sleepMs = task.sleepMs > 0 ? task.sleepMs : WORKER_SLEEP_MS;
   Atomics.store(ctl, CTL_WORKER_STATE, WORKER_ACTIVE);
   let done = Atomics.load(ctl, CTL_DONE);
   for (;;) {
     let head = Atomics.load(ctl, CTL_HEAD);
     if (head === done) {
-      const t0 = performance.now();
-      const ns = win.window();
-      let missed = false;
-      if (Atomics.load(ctl, CTL_STOP) !== 0 || !pollWhileEqual(ctl, CTL_HEAD, done, ns, CTL_STOP)) {
-        missed = ns > 0;
-        if (sleepOrPark(ctl, done, sleepMs)) {
-          win.adjust(Infinity); // idle for the whole sleep: the next request is far away
-          return;
-        }
+      if (Atomics.load(ctl, CTL_STOP) !== 0 || !pollWhileEqual(ctl, CTL_HEAD, done, task.pollMaxNs)) {
+        if (sleepOrPark(ctl, done)) return;
       }
-      // what polling would have had to cover: the main loop's own time, not its wake-up
-      const think = Atomics.load(ctl, CTL_MAIN_THINK_NS);
-      // the main loop was awake and quick, yet late: it had no core to run on
-      if (missed && think * POLL_MARGIN <= ns && Atomics.load(ctl, CTL_MAIN_SPUN) !== 0) win.failed();
-      else win.adjust(Math.min((performance.now() - t0) * 1e6, think * POLL_MARGIN));
       head = Atomics.load(ctl, CTL_HEAD);
     }
     while (done !== head) {
@@ -200,12 +160,12 @@ export default function serve(task) {
         regionSeq = seq;
       }
       const s = (done & (RING_SLOTS - 1)) * SLOT_STRIDE;
-      const t1 = performance.now();
       ops[s + SLOT_RESULT] = runRequest(ops, s, regions);
-      Atomics.store(ctl, CTL_WORKER_SERVICE_NS, Math.min(2 ** 31 - 1, Math.round((performance.now() - t1) * 1e6)));
       done = (done + 1) | 0;
       Atomics.store(ctl, CTL_DONE, done);
-      wakeMain(ctl);
+      if (Atomics.load(ctl, CTL_MAIN_WAITING) !== 0 && Atomics.exchange(ctl, CTL_MAIN_WAITING, 0) !== 0) {
+        regionPort?.postMessage(0); // wakes the main loop (see iothread-ring.js)
+      }
     }
   }
 }

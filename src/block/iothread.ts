@@ -7,15 +7,13 @@
  * - requests travel through a ring in shared memory (iothread-ring.js), not through messages: the
  *   main loop writes a descriptor and publishes it with one atomic store; the worker writes the
  *   result in place and publishes it the same way. Nothing is serialised or allocated per request;
- * - both sides poll before they sleep, as QEMU's IOThreads do, with windows that adapt as
- *   QEMU's do (poll-max-ns, poll-grow, poll-shrink; AdaptivePoll in iothread-ring.js): the worker
- *   polls for new requests after the last one (then sleeps on the ring, then gives its thread
- *   back to piscina), and the main loop polls for the completion of what it has just published,
- *   then sleeps on the ring for the rest of poll-max-ns (the core is free for the worker), then
- *   waits for a message; it never blocks for more than a bounded time per turn of the event loop,
- *   so timers and I/O callbacks still run. A window whose polls fail shrinks to nothing, so a side
- *   that has no partner to wait for (a busy host, a slow request) gives the core back. A wake-up
- *   across threads costs tens of µs on a small VM; a 4 KiB read from the page cache costs two;
+ * - both sides poll before they sleep, as QEMU's IOThreads do (`poll-max-ns`): the worker keeps
+ *   polling for new requests for the poll window after the last one (then sleeps on the ring,
+ *   then gives its thread back to piscina), and the main loop polls for
+ *   the completion of what it has just published (adaptively: after a poll that comes back empty
+ *   it stops polling for a while, and it never polls for more than a bounded time per turn of the
+ *   event loop, so timers and I/O callbacks still run). A wake-up across threads costs tens of µs
+ *   on a small VM; a 4 KiB read from the page cache costs two;
  * - data in SharedArrayBuffer memory (guest RAM, the benchmarks' buffers) is moved by the worker
  *   directly, without a copy; each SharedArrayBuffer is sent to the worker once (a registered
  *   region) and named by id after. Ordinary buffers go through a pooled staging area: one copy
@@ -32,19 +30,11 @@ import {
   CTL_BYTES,
   CTL_DONE,
   CTL_HEAD,
-  CTL_MAIN_SPUN,
-  CTL_MAIN_THINK_NS,
   CTL_MAIN_WAITING,
   CTL_REGION_SEQ,
   CTL_STOP,
-  CTL_WORKER_SERVICE_NS,
   CTL_WORKER_STATE,
-  DEFAULT_POLL_GROW,
   DEFAULT_POLL_MAX_NS,
-  DEFAULT_POLL_SHRINK,
-  MAIN_WAIT_FUTEX,
-  MAIN_WAIT_NONE,
-  MAIN_WAIT_PORT,
   OP_FDATASYNC,
   OP_READ,
   OP_TRUNCATE,
@@ -62,8 +52,6 @@ import {
   WORKER_CLAIMED,
   WORKER_IDLE,
   WORKER_SLEEPING,
-  AdaptivePoll,
-  POLL_MARGIN,
   pollWhileEqual,
 } from './iothread-ring.js';
 
@@ -85,6 +73,8 @@ const STAGING_POOL_BYTES = 32 * 1024 * 1024;
  * the event loop turn, so timers and I/O callbacks are not starved by a fast request loop.
  */
 const MAIN_TURN_BUDGET_MS = 0.5;
+/** Submissions after an empty main-loop poll during which the main loop does not poll. */
+const MAIN_POLL_BACKOFF = 16;
 /**
  * Requests above this size are not polled for (a copy that long outlasts the poll window), nor
  * are flushes and truncations: while one is in the ring the main loop goes straight to waiting,
@@ -109,12 +99,6 @@ interface ServeTask {
   ops: SharedArrayBuffer;
   port: MessagePort | null;
   pollMaxNs: number;
-  pollGrow: number;
-  pollShrink: number;
-  /** The first poll window (ns). */
-  pollStartNs: number;
-  /** How long an idle worker sleeps on the ring before its task returns (ms; 0: WORKER_SLEEP_MS). */
-  sleepMs: number;
 }
 
 /** A staging area for ordinary buffers: a registered SharedArrayBuffer and its view. */
@@ -162,18 +146,8 @@ const promiseExecutor = (resolve: (n: number) => void, reject: (e: BlockError) =
 
 /** Options of a worker: how long each side polls before it sleeps (0: never polls). */
 export interface IOThreadOptions {
-  /** The longest a side polls before sleeping (ns), QEMU's `poll-max-ns` (default 32768). */
+  /** Nanoseconds to poll before sleeping, QEMU's `poll-max-ns` (default 32768). */
   pollMaxNs?: number;
-  /** The factor a poll window grows by, QEMU's `poll-grow` (default 0: 2). */
-  pollGrow?: number;
-  /** The divisor a poll window shrinks by, QEMU's `poll-shrink` (default 0: to nothing). */
-  pollShrink?: number;
-  /**
-   * For tests: how long an idle worker sleeps on the ring before its task returns (ms), the
-   * main loop's longest block in one turn of the event loop (ms), and both sides' first poll
-   * window (ns; default pollMaxNs). Long sleeps turn a lost wake-up into a hang that a test can see.
-   */
-  testing?: { workerSleepMs?: number; turnBudgetMs?: number; pollStartNs?: number };
 }
 
 /** One worker thread with its request ring and its registered memory regions. */
@@ -191,26 +165,12 @@ class IoWorker {
   private seen = 0;
   private flushQueued = false;
   private waiting = false;
-  /** The main loop's poll window for completions (adapts; see AdaptivePoll). */
-  private readonly poll: AdaptivePoll;
-  /** When the main loop began to wait for the completion it now waits for on its port (0: no such wait). */
-  private portWaitStart = 0;
-  /** The window the main loop polled in vain before that wait (0: none). */
-  private portWaitPolled = 0;
-  /** When the main loop last saw a completion (performance.now(); 0: never). */
-  private lastHarvest = 0;
-  /** Whether the main loop saw that completion while polling for it (it was awake). */
-  private lastHarvestSpun = false;
-  private readonly turnBudgetMs: number;
-  private readonly workerSleepMs: number;
-  private readonly pollStartNs: number;
+  private pollBackoff = 0;
   /** Requests in the ring not worth polling for (completions come in order, so none is while one is there). */
   private slowPending = 0;
   private turnStart = 0;
-  /** The longest either side polls (ns) before it sleeps. */
+  /** The worker's poll window (ns) before it sleeps. */
   readonly pollMaxNs: number;
-  readonly pollGrow: number;
-  readonly pollShrink: number;
   /** Free staging areas by size: reused so that a request allocates (and zero-fills) none. */
   private readonly stagingPool = new Map<number, StagingArea[]>();
   private stagingPooledBytes = 0;
@@ -239,12 +199,6 @@ class IoWorker {
     options: IOThreadOptions = {},
   ) {
     this.pollMaxNs = options.pollMaxNs ?? DEFAULT_POLL_MAX_NS;
-    this.pollGrow = options.pollGrow ?? DEFAULT_POLL_GROW;
-    this.pollShrink = options.pollShrink ?? DEFAULT_POLL_SHRINK;
-    this.pollStartNs = options.testing?.pollStartNs ?? this.pollMaxNs;
-    this.poll = new AdaptivePoll(this.pollMaxNs, this.pollGrow, this.pollShrink, this.pollStartNs);
-    this.turnBudgetMs = options.testing?.turnBudgetMs ?? MAIN_TURN_BUDGET_MS;
-    this.workerSleepMs = options.testing?.workerSleepMs ?? 0;
     const PiscinaClass = loadPiscina();
     this.pool = new PiscinaClass<ServeTask, void>({
       filename: WORKER_URL.href,
@@ -372,14 +326,10 @@ class IoWorker {
       this.deadRegions = [];
       Atomics.add(this.ctl, CTL_REGION_SEQ, 1);
     }
-    // the worker fits its poll window to this: how long the main loop took since it saw the last
-    // completion, when the ring was empty meanwhile (so the worker was waiting for it)
-    const idle = this.published === this.seen && this.lastHarvest !== 0;
-    Atomics.store(this.ctl, CTL_MAIN_THINK_NS, idle ? Math.min(2 ** 31 - 1, Math.round((performance.now() - this.lastHarvest) * 1e6)) : 0);
-    Atomics.store(this.ctl, CTL_MAIN_SPUN, idle && this.lastHarvestSpun ? 1 : 0);
     this.published = this.head;
     Atomics.store(this.ctl, CTL_HEAD, this.head);
-    // a worker that must first be started answers later than a poll waits: no polling then
+    // a worker that must first be woken or started answers later than a poll waits: no poll
+    // then, and no back-off either, since the miss would say nothing about the requests
     const state = Atomics.load(this.ctl, CTL_WORKER_STATE);
     let awake = true;
     if (state === WORKER_SLEEPING) {
@@ -389,72 +339,32 @@ class IoWorker {
       this.startServing();
       awake = false;
     }
-    if (this.slowPending !== 0 || this.pollMaxNs <= 0 || state === WORKER_IDLE || state === WORKER_CLAIMED) {
-      if (this.seen !== this.head && !this.waiting) this.waitForCompletions();
-      return;
-    }
-    const t0 = performance.now();
-    const windowMs = Math.min(this.pollMaxNs / 1e6, this.turnBudgetLeftMs());
-    if (windowMs > 0) {
-      // a worker just woken may answer within the window too (a wake-up costs 10-40 µs here)
-      const ns = Math.min(this.poll.window(), windowMs * 1e6);
-      let done = pollWhileEqual(this.ctl, CTL_DONE, this.seen, ns);
-      const missed = !done && ns > 0;
-      // while a port wait is set up, the worker will post: no sleep on DONE then
-      if (!done && !this.waiting) done = this.sleepOnDone(windowMs - (performance.now() - t0));
-      // a miss says something about the host only if the worker was awake
-      const vain = awake && missed ? ns : 0;
-      if (done) {
-        this.adjustPoll(t0, vain);
-        const spun = !missed && ns > 0;
-        this.harvest();
-        this.lastHarvestSpun = spun;
-      } else {
-        this.portWaitStart = t0;
-        this.portWaitPolled = vain;
-      }
+    if (awake && this.slowPending === 0 && this.mayPoll()) {
+      if (pollWhileEqual(this.ctl, CTL_DONE, this.seen, this.pollMaxNs)) this.harvest();
+      else this.pollBackoff = MAIN_POLL_BACKOFF;
     }
     if (this.seen !== this.head && !this.waiting) this.waitForCompletions();
   };
 
-  /**
-   * Fits the main loop's window to the completion it waited for since `t0`, after a poll of
-   * `polledNs` in vain (0: none): what polling would have had to cover is the worker's time for
-   * the request, not the main loop's own wake-up; a worker that was quick, yet later than the
-   * poll, had no core to run on (a busy host), and the poll only kept it from one.
-   */
-  private adjustPoll(t0: number, polledNs: number): void {
-    const service = Atomics.load(this.ctl, CTL_WORKER_SERVICE_NS);
-    if (polledNs > 0 && service * POLL_MARGIN <= polledNs) this.poll.failed();
-    else this.poll.adjust(Math.min((performance.now() - t0) * 1e6, service * POLL_MARGIN));
-  }
-
-  /**
-   * Sleeps on DONE for up to `ms` (Atomics.wait: the core is free for the worker meanwhile);
-   * returns whether a completion came. The worker notifies DONE while MAIN_WAITING says so.
-   */
-  private sleepOnDone(ms: number): boolean {
-    if (ms <= 0) return Atomics.load(this.ctl, CTL_DONE) !== this.seen;
-    Atomics.store(this.ctl, CTL_MAIN_WAITING, MAIN_WAIT_FUTEX);
-    Atomics.wait(this.ctl, CTL_DONE, this.seen, ms);
-    Atomics.store(this.ctl, CTL_MAIN_WAITING, MAIN_WAIT_NONE);
-    return Atomics.load(this.ctl, CTL_DONE) !== this.seen;
-  }
-
-  /** The budget (ms) left in this turn of the event loop for blocking on completions (the first call of a turn starts it). */
-  private turnBudgetLeftMs(): number {
-    const now = performance.now();
-    if (this.turnStart === 0) {
-      this.turnStart = now;
-      setImmediate(this.endTurn);
-      return this.turnBudgetMs;
+  /** Whether the main loop may poll now: polling is on, not backing off, and this turn's budget is left. */
+  private mayPoll(): boolean {
+    if (this.pollMaxNs <= 0) return false;
+    if (this.pollBackoff > 0) {
+      this.pollBackoff--;
+      return false;
     }
-    return this.turnBudgetMs - (now - this.turnStart);
+    return this.turnBudgetLeft();
   }
 
   /** Whether this turn of the event loop has budget left (the first call of a turn starts it). */
   private turnBudgetLeft(): boolean {
-    return this.turnBudgetLeftMs() > 0;
+    const now = performance.now();
+    if (this.turnStart === 0) {
+      this.turnStart = now;
+      setImmediate(this.endTurn);
+      return true;
+    }
+    return now - this.turnStart < MAIN_TURN_BUDGET_MS;
   }
 
   private readonly endTurn = (): void => {
@@ -466,33 +376,20 @@ class IoWorker {
     if (Atomics.compareExchange(this.ctl, CTL_WORKER_STATE, WORKER_IDLE, WORKER_CLAIMED) !== WORKER_IDLE) return;
     const port = this.portToSend;
     this.portToSend = null;
-    const task: ServeTask = {
-      ctl: this.ctl.buffer as SharedArrayBuffer,
-      ops: this.ops.buffer as SharedArrayBuffer,
-      port,
-      pollMaxNs: this.pollMaxNs,
-      pollGrow: this.pollGrow,
-      pollShrink: this.pollShrink,
-      pollStartNs: this.pollStartNs,
-      sleepMs: this.workerSleepMs,
-    };
+    const task: ServeTask = { ctl: this.ctl.buffer as SharedArrayBuffer, ops: this.ops.buffer as SharedArrayBuffer, port, pollMaxNs: this.pollMaxNs };
     this.serving = this.pool.run(task, port === null ? {} : { transferList: [port] }).then(
       () => undefined,
       (e: unknown) => this.fail(e),
     );
   }
 
-  /**
-   * Asks the worker for a wake-up (a message on the port) on its next completion (portWaitStart,
-   * when set, is when the main loop began to wait for it, so that the wake-up tells the window
-   * how long the completion took).
-   */
+  /** Asks the worker for a wake-up (a message on the port) on its next completion. */
   private waitForCompletions(): void {
     this.waiting = true;
-    Atomics.store(this.ctl, CTL_MAIN_WAITING, MAIN_WAIT_PORT);
+    Atomics.store(this.ctl, CTL_MAIN_WAITING, 1);
     // a completion stored before the flag was set would post nothing: look once more, and yield
     // to the event loop first when this turn has run long
-    if (Atomics.load(this.ctl, CTL_DONE) !== this.seen && Atomics.exchange(this.ctl, CTL_MAIN_WAITING, MAIN_WAIT_NONE) !== MAIN_WAIT_NONE) {
+    if (Atomics.load(this.ctl, CTL_DONE) !== this.seen && Atomics.exchange(this.ctl, CTL_MAIN_WAITING, 0) !== 0) {
       if (this.turnBudgetLeft()) queueMicrotask(this.onWake);
       else setImmediate(this.onWake);
     }
@@ -501,10 +398,6 @@ class IoWorker {
   private readonly onWake = (): void => {
     if (!this.waiting) return;
     this.waiting = false;
-    if (this.portWaitStart !== 0) {
-      this.adjustPoll(this.portWaitStart, this.portWaitPolled);
-      this.portWaitStart = 0;
-    }
     this.harvest();
     if (this.seen !== this.head) this.waitForCompletions();
   };
@@ -512,10 +405,6 @@ class IoWorker {
   /** Settles every completed request, in order, and moves waiting requests into the freed slots. */
   private harvest(): void {
     const done = Atomics.load(this.ctl, CTL_DONE);
-    if (done !== this.seen) {
-      this.lastHarvest = performance.now();
-      this.lastHarvestSpun = false; // unless the caller says it polled
-    }
     const ops = this.ops;
     while (this.seen !== done) {
       const slot = this.seen & (RING_SLOTS - 1);
@@ -664,19 +553,9 @@ export class IOThread {
     return this.worker.pending;
   }
 
-  /** The longest (ns) its worker and the main loop poll before they sleep (QEMU's poll-max-ns). */
+  /** How long (ns) its worker polls for work before it sleeps (QEMU's poll-max-ns). */
   get pollMaxNs(): number {
     return this.worker.pollMaxNs;
-  }
-
-  /** The factor its poll windows grow by (QEMU's poll-grow; 0: 2). */
-  get pollGrow(): number {
-    return this.worker.pollGrow;
-  }
-
-  /** The divisor its poll windows shrink by (QEMU's poll-shrink; 0: to nothing). */
-  get pollShrink(): number {
-    return this.worker.pollShrink;
   }
 }
 
@@ -698,14 +577,9 @@ export function createIOThread(bql: Bql, id: string, options: IOThreadOptions = 
     });
   }
   if (iothreads.has(id)) throw new BlockError('EINVAL', `IOThread '${id}' already exists`, { field: 'id', value: id });
-  for (const [field, v] of [
-    ['poll-max-ns', options.pollMaxNs],
-    ['poll-grow', options.pollGrow],
-    ['poll-shrink', options.pollShrink],
-  ] as const) {
-    if (v !== undefined && !(Number.isSafeInteger(v) && v >= 0)) {
-      throw new BlockError('EINVAL', `IOThread '${id}': ${field} must be a non-negative integer, not ${v}`, { field, value: String(v) });
-    }
+  const poll = options.pollMaxNs;
+  if (poll !== undefined && !(Number.isSafeInteger(poll) && poll >= 0)) {
+    throw new BlockError('EINVAL', `IOThread '${id}': poll-max-ns must be a non-negative integer, not ${poll}`, { field: 'poll-max-ns', value: String(poll) });
   }
   const t = new IOThread(id, options);
   iothreads.set(id, t);
