@@ -89,6 +89,8 @@ describeWithTool('qemu-nbd', 'apt-get install qemu-utils', 'img on NBD file name
     expect(probed.status).toBe(0);
     const notQcow2 = await cli(['check', '-f', 'qcow2', url('same')]);
     expect(notQcow2.status).toBe(qemuImg(['check', '-f', 'qcow2', url('same')]).status);
+    // qemu-img: "Could not open 'URL': Image is not in qcow2 format" (an open failure, not "Check failed")
+    expect(notQcow2.err).toContain(`Could not open '${url('same')}': `);
     expect(notQcow2.err).toContain('Image is not in qcow2 format');
   });
 

@@ -8,7 +8,7 @@ import { withBql, type Bql } from '../block/bql.js';
 import { bdrvCanCheck, bdrvCheck, type CheckFix, type CheckResult } from '../block/check.js';
 import { withDrained } from '../block/drain.js';
 import { findProtocolDriver, probingDrivers } from '../block/driver.js';
-import { BlockError } from '../block/errors.js';
+import { BlockError, isBlockError } from '../block/errors.js';
 import { closeNode, openNode } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import type { NodeOptions } from '../block/options.js';
@@ -19,6 +19,9 @@ import { describeError } from '../commands/format.js';
 import type { Out } from './img-usage.js';
 
 const USAGE = 'usage: snapstack img check [-f FMT] [-U] [-r leaks|all] [--output=human|json] FILENAME';
+
+/** The `op` of an error that the open of the image to check gave. */
+const OPEN_OP = 'check-open';
 
 /** Formats whose driver takes `x-check=on` (QEMU's BDRV_O_CHECK: open what a check must report). */
 const CHECK_MODE_FORMATS = new Set(['qcow2']);
@@ -122,7 +125,14 @@ function toJson(r: CheckResult, file: string, format: string): Record<string, un
 export async function checkImageFile(file: string, format: string, fix: CheckFix, forceShare = false): Promise<CheckResult | null> {
   const writable = fix.leaks || fix.errors;
   return withBql(async (bql) => {
-    const node = await openForCheck(bql, file, format, writable, forceShare);
+    let node: BlockNode;
+    try {
+      node = await openForCheck(bql, file, format, writable, forceShare);
+    } catch (e) {
+      // qemu-img says "Could not open 'F': ..." for these, not "Check failed"
+      if (!isBlockError(e)) throw e;
+      throw new BlockError(e.code, e.message, { op: OPEN_OP, file, cause: e, ...(e.node === undefined ? {} : { node: e.node }), ...(e.field === undefined ? {} : { field: e.field }) });
+    }
     try {
       if (!bdrvCanCheck(bql, node)) return null;
       return await withDrained(bql, node, (drained) => bdrvCheck(bql, drained, node, fix));
@@ -160,7 +170,8 @@ export async function imgCheck(args: string[], out: Out, err: Out): Promise<numb
   try {
     res = await checkImageFile(file, format, { leaks: r !== undefined, errors: r === 'all' }, forceShare);
   } catch (e) {
-    err(`snapstack img: Check failed: ${describeError(e)}`);
+    if (isBlockError(e) && e.op === OPEN_OP) err(`snapstack img: Could not open '${file}': ${e.message}`);
+    else err(`snapstack img: Check failed: ${describeError(e)}`);
     return 1;
   }
   if (res === null) {
