@@ -5,6 +5,7 @@
  * server against the same qemu-nbd export; the replies must agree (success, or the same error
  * class and text) and so must the shape of query-named-block-nodes.
  */
+import type { ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -15,8 +16,9 @@ import { QmpClient } from '../src/qmp/client.js';
 import { qmpCommands } from '../src/qmp/command-table.js';
 import { QmpServer } from '../src/qmp/server.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
+import { startDaemon } from './helpers/daemon.js';
 import { qemu } from './helpers/qemu.js';
-import { startServer, type ServerProcess } from './nbd-client-helpers.js';
+import { describeWithTool, startServer, type ServerProcess } from './nbd-client-helpers.js';
 import { describeQsd, isObj, shapeDiff, startQsd, tempDir, type Qsd } from './qmp-helpers.js';
 
 /**
@@ -199,5 +201,60 @@ describeQsd('blockdev-add driver=nbd against qemu-storage-daemon', () => {
       expect(q.ok ? 'ok' : q.errorClass).toBe('GenericError');
       expect(o.ok ? 'ok' : o.errorClass, o.ok ? '' : o.desc).toBe('GenericError');
     }
+  });
+});
+
+describeWithTool('qemu-nbd', 'apt-get install qemu-utils', 'snapstack daemon --blockdev driver=nbd (dist/: npm run build first)', () => {
+  const children: ChildProcess[] = [];
+  let dir = '';
+  let nbd: ServerProcess | null = null;
+  beforeAll(() => {
+    dir = tempDir('snapstack-nbd-daemon-');
+  });
+  afterAll(async () => {
+    for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    await nbd?.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('opens nbd nodes from the key syntax and from JSON (a qcow2 over an nbd file), as QSD takes them', async () => {
+    const qcow = path.join(dir, 'disk.qcow2');
+    qemu('qemu-img', ['create', '-q', '-f', 'qcow2', qcow, '3M']);
+    const sock = path.join(dir, 'nbd.sock');
+    nbd = await startServer('qemu-nbd', ['-k', sock, '-f', 'raw', '-t', '-e', '4', qcow], sock);
+    const pidfile = path.join(dir, 'd.pid');
+    const mon = path.join(dir, 'qmp.sock');
+    const d = startDaemon(
+      [
+        '--blockdev',
+        `driver=nbd,node-name=n0,server.type=unix,server.path=${sock},read-only=on`,
+        '--blockdev',
+        JSON.stringify({ driver: 'qcow2', 'node-name': 'q0', file: { driver: 'nbd', server: { type: 'unix', path: sock } } }),
+        '--chardev',
+        `socket,id=c0,path=${mon},server=on,wait=off`,
+        '--monitor',
+        'chardev=c0',
+        '--pidfile',
+        pidfile,
+      ],
+      dir,
+      children,
+    );
+    const deadline = Date.now() + 15_000;
+    while (!fs.existsSync(pidfile)) {
+      if (d.proc.exitCode !== null) throw new Error(`the daemon exited (${d.proc.exitCode}): ${d.stderr()}`);
+      if (Date.now() > deadline) throw new Error(`the daemon did not start: ${d.stderr()}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    const c = await QmpClient.connect({ path: mon });
+    const r = await reply(c, 'query-named-block-nodes', { flat: true });
+    await c.close();
+    d.proc.kill('SIGTERM');
+    expect(await d.exited).toBe(0);
+    if (!r.ok) throw new Error(r.desc);
+    const list = (Array.isArray(r.value) ? r.value : []).filter(isObj);
+    const byName = new Map(list.map((n) => [String(n['node-name']), n]));
+    expect(byName.get('n0')).toMatchObject({ drv: 'nbd', ro: true, image: { 'virtual-size': Math.ceil(fs.statSync(qcow).size / 512) * 512 } });
+    expect(byName.get('q0')).toMatchObject({ drv: 'qcow2', ro: false, image: { format: 'qcow2', 'virtual-size': 3 * 1024 * 1024 } });
   });
 });
