@@ -315,6 +315,8 @@ describe('snapstack monitor -qmp', () => {
       expect(block.map((b) => b['device'])).toEqual(['disk0']);
       expect(await c.execute('human-monitor-command', { 'command-line': 'info status' })).toMatch(/VM status: running/);
       await c.execute('quit');
+      // a machine's monitor announces its end, as qemu-system does (the storage daemon does not)
+      expect((await c.waitEvent('SHUTDOWN')).data).toEqual({ guest: false, reason: 'host-qmp-quit' });
     } finally {
       await c.close();
     }

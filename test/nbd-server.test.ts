@@ -829,3 +829,35 @@ describeInterop('NBD server: connection limits, timeouts and shutdown', () => {
     expect((await img.read(0, 1))[0]).toBe(0x31);
   });
 });
+
+describeInterop('snapstack nbd: listen and connect errors in qemu-nbd\'s words', () => {
+  it('a socket in a missing directory, a port in use, and a client connecting to nothing', async () => {
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'snapstack-nbd-err-'));
+    try {
+      const img = path.join(d, 'e.raw');
+      fs.writeFileSync(img, Buffer.alloc(65536));
+      const missing = path.join(d, 'nope', 's.sock');
+      const ours = spawnSync(process.execPath, [BIN, 'nbd', '-t', '-f', 'raw', '-k', missing, img], { encoding: 'utf8' });
+      const theirs = spawnSync('qemu-nbd', ['-t', '-f', 'raw', '-k', missing, img], { encoding: 'utf8' });
+      expect(theirs.stderr).toBe(`qemu-nbd: Failed to bind socket to ${missing}: No such file or directory\n`);
+      expect(ours.stderr).toBe(theirs.stderr.replace('qemu-nbd:', 'snapstack nbd:'));
+      expect(ours.status).toBe(1);
+      // a port somebody holds: one line, QEMU's text
+      const holder = net.createServer();
+      await new Promise<void>((r) => holder.listen(0, '127.0.0.1', () => r()));
+      const a = holder.address();
+      const port = typeof a === 'object' && a !== null ? a.port : 0;
+      try {
+        const busy = await promisify(execFile)(process.execPath, [BIN, 'nbd', '-t', '-f', 'raw', '-b', '127.0.0.1', '-p', String(port), img]).catch((e: { stderr: string; code: number }) => e);
+        expect(busy.stderr).toBe('snapstack nbd: Failed to find an available port: Address already in use\n');
+      } finally {
+        holder.close();
+      }
+      const sock = path.join(d, 'nobody.sock');
+      const info = spawnSync(process.execPath, [BIN, 'img', 'info', `nbd+unix:///?socket=${sock}`], { encoding: 'utf8' });
+      expect(info.stderr).toContain(`Failed to connect to '${sock}': No such file or directory`);
+    } finally {
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+});

@@ -115,6 +115,38 @@ export function codeForErrno(errno: number): ErrorCode {
   return name === undefined ? 'EIO' : codeForSystemError(name);
 }
 
+/** strerror(3)'s texts for the system error codes Node.js reports, as QEMU's messages print them. */
+const SYSTEM_ERROR_TEXT: Readonly<Record<string, string>> = {
+  ENOENT: 'No such file or directory',
+  EACCES: 'Permission denied',
+  EPERM: 'Operation not permitted',
+  EISDIR: 'Is a directory',
+  ENOTDIR: 'Not a directory',
+  EEXIST: 'File exists',
+  EROFS: 'Read-only file system',
+  ENOSPC: 'No space left on device',
+  EAGAIN: 'Resource temporarily unavailable',
+  ENAMETOOLONG: 'File name too long',
+  EADDRINUSE: 'Address already in use',
+  EADDRNOTAVAIL: 'Cannot assign requested address',
+  ECONNREFUSED: 'Connection refused',
+  ECONNRESET: 'Connection reset by peer',
+  ETIMEDOUT: 'Connection timed out',
+  EHOSTUNREACH: 'No route to host',
+  ENOTSOCK: 'Socket operation on non-socket',
+  EIO: 'Input/output error',
+};
+
+/**
+ * The strerror text of a Node.js system error (`No such file or directory` for ENOENT), or its
+ * message when the code is not one of the usual ones.
+ * @locking common
+ */
+export function systemErrorText(e: unknown): string {
+  const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
+  return SYSTEM_ERROR_TEXT[code] ?? (e instanceof Error ? e.message : String(e));
+}
+
 /**
  * Wraps a Node.js system error (fs) into a BlockError naming the node, operation and file.
  * @locking common

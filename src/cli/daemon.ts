@@ -32,6 +32,7 @@ import { addTlsCreds, loadTlsCredsX509 } from '../nbd/tls-creds.js';
 import { blockdevAdd } from '../qmp/blockdev-options.js';
 import { listenAddressOf } from '../qmp/commands/nbd-exports.js';
 import { qmpCommands } from '../qmp/command-table.js';
+import { emitQmpEvent } from '../qmp/events.js';
 import { JsonStream } from '../qmp/json-stream.js';
 import { QmpError, type QmpObject, type QmpValue } from '../qmp/types.js';
 import { Chardev, CHARDEV_HELP, parseChardevOption } from './chardev.js';
@@ -292,9 +293,12 @@ class DaemonState {
 
   /** Everything the daemon opened, closed again. */
   async shutdown(): Promise<void> {
+    // the NBD server first: its clients' requests in flight finish before the nodes close, and
+    // the monitors still hear BLOCK_EXPORT_DELETED for each export (as qemu-storage-daemon)
+    const removed = await withBql((bql) => closeNbdExports(bql)).catch(() => [] as string[]);
+    for (const id of removed) emitQmpEvent('BLOCK_EXPORT_DELETED', { id });
+    await new Promise<void>((resolve) => setImmediate(resolve));
     await Promise.all([...this.chardevs.values()].map((c) => c.close()));
-    // the NBD server first: its clients' requests in flight finish before the nodes close
-    await withBql((bql) => closeNbdExports(bql)).catch(() => undefined);
     await closeBlockLayer();
     this.heldPidfile?.release();
     this.heldPidfile = null;

@@ -11,7 +11,7 @@
  * Process code: called by the command-line tools on the main thread.
  */
 import fs from 'node:fs';
-import { BlockError } from '../block/errors.js';
+import { BlockError, systemErrorText } from '../block/errors.js';
 import { ofdLocks } from '../block/ofd-locks.js';
 
 /** A pidfile this process holds: its lock lives as long as `fd` is open. */
@@ -21,19 +21,9 @@ export interface HeldPidfile {
   release(): void;
 }
 
-const STRERROR: Readonly<Record<string, string>> = {
-  ENOENT: 'No such file or directory',
-  EACCES: 'Permission denied',
-  EISDIR: 'Is a directory',
-  ENOTDIR: 'Not a directory',
-  EROFS: 'Read-only file system',
-  ENOSPC: 'No space left on device',
-  EAGAIN: 'Resource temporarily unavailable',
-};
-
 function errnoText(e: unknown): { code: string; text: string } {
   const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : 'EIO';
-  return { code, text: STRERROR[code] ?? (e instanceof Error ? e.message : String(e)) };
+  return { code, text: systemErrorText(e) };
 }
 
 /**

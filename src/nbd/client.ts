@@ -20,7 +20,7 @@
  * each other's bytes.
  */
 import net from 'node:net';
-import { BlockError } from '../block/errors.js';
+import { systemErrorText, BlockError } from '../block/errors.js';
 import { NbdConnection, type ExtentReply, type NbdRequest } from './client-conn.js';
 import { negotiate, type ExportInfo, type Negotiated } from './client-handshake.js';
 import {
@@ -606,8 +606,10 @@ async function establish(opts: NbdClientOptions, onLost: (c: NbdConnection, reas
     });
   } catch (e) {
     clearTimeout(timer);
-    const msg = timedOut ? `no connection within ${timeoutMs} ms` : e instanceof Error ? e.message : String(e);
-    throw new BlockError('EIO', `Failed to connect to NBD server ${where}: ${msg}`, { op: 'nbd-connect', cause: e });
+    // QEMU's words: Failed to connect to '/run/x.sock': No such file or directory
+    const target = opts.address.type === 'unix' ? opts.address.path : `${opts.address.host}:${opts.address.port}`;
+    const msg = timedOut ? `no connection within ${timeoutMs} ms (NBD server ${where})` : systemErrorText(e);
+    throw new BlockError('EIO', `Failed to connect to '${target}': ${msg}`, { op: 'nbd-connect', cause: e });
   }
   if (onError !== null) socket.off('error', onError);
   if (opts.address.type === 'inet') socket.setNoDelay(true);

@@ -201,10 +201,11 @@ export function queryBlockExports(bql: Bql): BlockExportInfo[] {
 }
 
 /**
- * Shutdown: stops the server if one runs (exports removed, requests in flight finished first).
+ * Shutdown: stops the server if one runs (exports removed, requests in flight finished first);
+ * the ids of the exports removed, for BLOCK_EXPORT_DELETED.
  * @locking global-state
  */
-export async function closeNbdExports(bql: Bql): Promise<void> {
+export async function closeNbdExports(bql: Bql): Promise<string[]> {
   assertBql(bql, 'closeNbdExports');
-  if (server !== null) await nbdServerStop(bql);
+  return server !== null ? nbdServerStop(bql) : [];
 }

@@ -41,9 +41,10 @@
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import { blkFlush, blkGetLength, blkPdiscard, blkPread, blkPwrite, blkPwriteZeroes, type BlockBackend } from '../block/backend.js';
 import type { WriteFlags } from '../block/driver.js';
-import { BlockError, isBlockError } from '../block/errors.js';
+import { BlockError, isBlockError, systemErrorText } from '../block/errors.js';
 import { exportExtents, type ExtentContext } from './extents.js';
 import * as P from './protocol.js';
 import { MIN_POOLED_BYTES, SharedBufferPool } from './buffer-pool.js';
@@ -219,12 +220,22 @@ export class NbdServer extends EventEmitter {
     if (this.#server !== null) throw new BlockError('EBUSY', 'the NBD server is already listening', { op: 'nbd-server-start' });
     // half-open: a client that shuts its write side after its last request still gets the replies
     const server = net.createServer({ pauseOnConnect: true, allowHalfOpen: true }, (s) => this.accept(s));
-    server.on('error', (e) => this.log(`nbd: listener error: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
-      const fail = (e: NodeJS.ErrnoException): void => reject(new BlockError(e.code === 'EADDRINUSE' ? 'EBUSY' : 'EIO', `Failed to listen on ${describe(addr)}: ${e.message}`, { op: 'nbd-server-start', cause: e }));
+      const fail = (e: NodeJS.ErrnoException): void => {
+        // QEMU's words; Node reports a missing directory as EACCES, so look for it first
+        let text = systemErrorText(e);
+        if (addr.type === 'unix' && !fs.existsSync(path.dirname(addr.path))) text = 'No such file or directory';
+        const message =
+          addr.type === 'unix' ? `Failed to bind socket to ${addr.path}: ${text}`
+          : e.code === 'EADDRINUSE' ? `Failed to find an available port: ${text}`
+          : `Failed to bind socket: ${text}`;
+        reject(new BlockError(e.code === 'EADDRINUSE' ? 'EBUSY' : 'EIO', message, { op: 'nbd-server-start', cause: e }));
+      };
       server.once('error', fail);
       const done = (): void => {
         server.off('error', fail);
+        // later listener errors (none expected once listening) go to the log, once
+        server.on('error', (e) => this.log(`nbd: listener error on ${describe(addr)}: ${systemErrorText(e)}`));
         resolve();
       };
       if (addr.type === 'unix') server.listen(addr.path, done);

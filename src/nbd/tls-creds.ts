@@ -15,7 +15,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import tls from 'node:tls';
-import { BlockError } from '../block/errors.js';
+import { BlockError, systemErrorText } from '../block/errors.js';
 
 /** The side of a TLS session a credentials object is for. */
 export type TlsEndpoint = 'server' | 'client';
@@ -68,8 +68,7 @@ function readCred(dir: string, name: string, required: boolean): Buffer | null {
   } catch (e) {
     const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
     if (code === 'ENOENT' && !required) return null;
-    const why: Record<string, string> = { ENOENT: 'No such file or directory', EACCES: 'Permission denied', EISDIR: 'Is a directory', ENOTDIR: 'Not a directory' };
-    throw new BlockError(code === 'EACCES' ? 'EACCES' : 'ENOENT', `Unable to access credentials ${file}: ${why[code] ?? code}`, { file, cause: e });
+    throw new BlockError(code === 'EACCES' ? 'EACCES' : 'ENOENT', `Unable to access credentials ${file}: ${systemErrorText(e)}`, { file, cause: e });
   }
 }
 

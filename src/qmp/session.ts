@@ -58,7 +58,10 @@ export interface QmpSessionOptions {
   /** The commands of command mode (qmp_capabilities, query-commands and quit among them). */
   commands: readonly QmpCommand[];
   machine: Machine | null;
-  /** Called after the reply to `quit` was written and SHUTDOWN emitted. */
+  /**
+   * Called after the reply to `quit` was written (and SHUTDOWN emitted: only with a machine, as
+   * qemu-system's monitor does; qemu-storage-daemon, which has no guest, sends none).
+   */
   onQuit: () => void;
   /** The parser's per-message bounds (defaults: json-stream.ts). */
   limits?: Partial<JsonStreamLimits>;
@@ -343,7 +346,7 @@ export class QmpSession {
     this.#writeLine(line);
     if (this.#quitRequested) {
       this.#quitRequested = false;
-      emitQmpEvent('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
+      if (this.#opts.machine !== null) emitQmpEvent('SHUTDOWN', { guest: false, reason: 'host-qmp-quit' });
       this.#opts.onQuit();
     }
   }

@@ -18,7 +18,7 @@
 import fs from 'node:fs';
 import { assertBql, type Bql } from '../../block/bql.js';
 import { registerDriver, type BlockDriver, type BlockDriverInstance } from '../../block/driver.js';
-import { BlockError, fromSystemError } from '../../block/errors.js';
+import { BlockError, fromSystemError, systemErrorText } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/options.js';
 import { filePerms, ImageLock, openForCreate, type LockingMode } from './image-lock.js';
@@ -26,19 +26,7 @@ import { FileInstance } from './instance.js';
 import { discardSnapshotStore } from './snapshot-store.js';
 import { SyncFileInstance } from './sync-instance.js';
 
-function describeErrno(e: unknown): string {
-  const code = typeof e === 'object' && e !== null && 'code' in e ? String((e as { code: unknown }).code) : '';
-  switch (code) {
-    case 'ENOENT':
-      return 'No such file or directory';
-    case 'EACCES':
-      return 'Permission denied';
-    case 'EISDIR':
-      return 'Is a directory';
-    default:
-      return e instanceof Error ? e.message : String(e);
-  }
-}
+const describeErrno = systemErrorText;
 
 function lockingMode(node: BlockNode, opts: NodeOptions): LockingMode {
   const v = opts['locking'] ?? 'auto';

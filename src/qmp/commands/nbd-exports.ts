@@ -88,7 +88,11 @@ const nbdServerStopCommand: QmpCommand = {
   run: (ctx) =>
     qmpErrors(() =>
       withBql(async (bql) => {
-        for (const id of await nbdServerStop(bql)) ctx.emitEvent('BLOCK_EXPORT_DELETED', { id });
+        const removed = await nbdServerStop(bql);
+        // after the reply, as qemu-storage-daemon (its exports go away in a bottom half)
+        setImmediate(() => {
+          for (const id of removed) ctx.emitEvent('BLOCK_EXPORT_DELETED', { id });
+        });
         return {};
       }),
     ),
@@ -138,7 +142,7 @@ const blockExportAddCommand: QmpCommand = {
 
 const blockExportDelCommand: QmpCommand = {
   name: 'block-export-del',
-  doc: "Removes the export `id`. `mode: safe` (the default) is refused while clients are connected; `mode: hard` disconnects them once their requests in flight have finished. BLOCK_EXPORT_DELETED follows.",
+  doc: "Removes the export `id`. `mode: safe` (the default) is refused while clients are connected; `mode: hard` disconnects them once their requests in flight have finished. BLOCK_EXPORT_DELETED follows the reply.",
   args: [
     { name: 'id', type: 'str' },
     { name: 'mode', type: { enum: ['safe', 'hard'] }, optional: true },
@@ -149,7 +153,8 @@ const blockExportDelCommand: QmpCommand = {
       withBql(async (bql) => {
         const id = reqStr(args, 'id');
         await blockExportDel(bql, id, optStr(args, 'mode') === 'hard' ? 'hard' : 'safe');
-        ctx.emitEvent('BLOCK_EXPORT_DELETED', { id });
+        // after the reply, as qemu-storage-daemon
+        setImmediate(() => ctx.emitEvent('BLOCK_EXPORT_DELETED', { id }));
         return {};
       }),
     ),
