@@ -180,6 +180,12 @@ describeWithTool('qemu-nbd', 'apt-get install qemu-utils', 'img on NBD file name
     const mine = await cli(['compare', ...cmp]);
     expect({ status: mine.status, out: mine.out }).toEqual({ status: qemuImg(['compare', ...cmp]).status, out: qemuImg(['compare', ...cmp]).out });
     expect(mine.out).toBe('Images are identical.\n');
+    // convert reads a json: source too: the same bytes as qemu-img's copy
+    const a = path.join(dir, 'json-mine.raw');
+    const b = path.join(dir, 'json-theirs.raw');
+    expect((await cli(['convert', '-O', 'raw', names[2] ?? '', a])).status).toBe(0);
+    expect(qemuImg(['convert', '-O', 'raw', names[2] ?? '', b]).status).toBe(0);
+    expect(Buffer.compare(fs.readFileSync(a), fs.readFileSync(b))).toBe(0);
     for (const bad of ['json:[1]', 'json:{bad']) {
       const r = await cli(['info', bad]);
       expect(r.status).toBe(1);

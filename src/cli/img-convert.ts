@@ -300,7 +300,7 @@ export async function imgConvert(
   }
   let from: Image;
   try {
-    from = await openImage(req.src, { aio: 'sync', readOnly: true, forceShare: req.forceShare, ...(req.srcFmt === undefined ? {} : { format: req.srcFmt }) });
+    from = await openImage(imageTarget(req.src), { aio: 'sync', readOnly: true, forceShare: req.forceShare, ...(req.srcFmt === undefined ? {} : { format: req.srcFmt }) });
   } catch (e) {
     err(`${P}: Could not open '${req.src}': ${messageOf(e)}`);
     return 1;
