@@ -58,8 +58,12 @@ function describeNode(node: BlockNode): NodeInfo {
   return info;
 }
 
-/** The backends a user sees as devices: all but the internal ones. */
-export function deviceBackends(): BlockBackend[] {
+/**
+ * The backends a user sees as devices: all but the internal ones.
+ * @locking global-state
+ */
+export function deviceBackends(bql: Bql): BlockBackend[] {
+  assertBql(bql, 'deviceBackends');
   return [...allBackends.values()].filter((blk) => !blk.internal);
 }
 
@@ -79,7 +83,7 @@ export function queryNamedBlockNodes(bql: Bql): NodeInfo[] {
  */
 export function queryBlock(bql: Bql): BackendInfo[] {
   assertBql(bql, 'queryBlock');
-  return deviceBackends().map((blk) => ({
+  return deviceBackends(bql).map((blk) => ({
     device: blk.name,
     inserted: blk.root === null ? null : describeNode(blk.root),
     readOnly: blk.readOnly,

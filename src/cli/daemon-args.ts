@@ -117,7 +117,7 @@ snapstack storage daemon: qemu-storage-daemon's command line, QMP on snapstack's
 
   --blockdev [driver=]<driver>[,node-name=<N>][,read-only=on|off]
              [,force-share=on|off][,driver specific parameters...]
-                         configure a block node (drivers: file, raw, qcow2, memory;
+                         configure a block node (drivers: file, nbd, raw, qcow2, memory;
                          JSON when it starts with '{')
 
   --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>,server=on[,wait=on|off]

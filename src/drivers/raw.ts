@@ -21,6 +21,7 @@ export const PROBE_GUARD_BYTES = 512;
 /**
  * QEMU's raw_open warning for a writable image whose format was guessed (word for word, so that
  * scripts grepping QEMU's output find it).
+ * @locking common
  */
 export function probedRawWarning(filename: string): string {
   return (

@@ -57,7 +57,7 @@ const queryBlock: QmpCommand = {
   doc: 'Lists the block devices (backends) with the node inserted in each and its image chain. The daemon has none, as qemu-storage-daemon; `snapstack monitor -qmp` lists the machine\'s disks.',
   args: [],
   example: { returns: [] },
-  run: () => qmpErrors(() => withBql(async (bql) => Promise.all(deviceBackends().map((blk) => blockInfo(bql, blk))))),
+  run: () => qmpErrors(() => withBql(async (bql) => Promise.all(deviceBackends(bql).map((blk) => blockInfo(bql, blk))))),
 };
 
 const queryNamedBlockNodes: QmpCommand = {
@@ -101,7 +101,7 @@ const queryNamedBlockNodes: QmpCommand = {
 
 const blockdevAddCommand: QmpCommand = {
   name: 'blockdev-add',
-  doc: "Opens a node (and the children its options describe) as QEMU's blockdev-add: drivers file (filename, locking, aio), raw and qcow2 (file: nested options; qcow2's backing: null, a node name or nested options), and snapstack's memory (size). node-name is required. snapstack's extension: iothread=ID binds the node's transfers to an IOThread. Not yet: `file` given as the name of an open node (give it as nested options); cache.direct, detect-zeroes other than off, aio native/io_uring.",
+  doc: "Opens a node (and the children its options describe) as QEMU's blockdev-add: drivers file (filename, locking, aio), nbd (server: a SocketAddress, inet or unix; export, tls-creds, tls-hostname, reconnect-delay, open-timeout), raw and qcow2 (file: nested options; qcow2's backing: null, a node name or nested options), and snapstack's memory (size). node-name is required. snapstack's extension: iothread=ID binds the node's transfers to an IOThread. Not yet: `file` given as the name of an open node (give it as nested options); cache.direct, detect-zeroes other than off, aio native/io_uring.",
   args: blockdevAddFields(),
   example: { args: { driver: 'qcow2', 'node-name': 'disk0', file: { driver: 'file', filename: 'disk.qcow2' } }, returns: {} },
   run: (_ctx, args) =>
