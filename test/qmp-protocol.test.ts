@@ -268,7 +268,7 @@ describe('QMP session', () => {
     a.sendRaw('{"execute": "quit", "id": "q"}\n');
     expect(await a.readRawLine()).toBe('{"return": {}, "id": "q"}');
     await a.execute('quit');
-    await b.execute('query-version');
+    await new Promise((r) => setTimeout(r, 50));
     expect(quits).toBe(before + 1);
     expect([...a.events, ...b.events].filter((e) => e.event === 'SHUTDOWN')).toEqual([]);
   });
