@@ -19,6 +19,7 @@ import { NbdServer } from '../src/nbd/server.js';
 import { SocketReader } from '../src/nbd/socket-reader.js';
 import { prng } from './helpers/prng.js';
 import { describeInterop } from './helpers/qemu.js';
+import { toolStatus } from './helpers/tool-status.js';
 
 const run = promisify(execFile);
 const BIN = path.resolve('bin/snapstack.js');
@@ -34,15 +35,6 @@ async function tool(cmd: string, args: string[]): Promise<string> {
   return r.stdout;
 }
 
-async function toolStatus(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(cmd, args, { encoding: 'utf8' });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const x = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof x.code === 'number' ? x.code : -1, stdout: x.stdout ?? '', stderr: x.stderr ?? '' };
-  }
-}
 
 /** A raw NBD client for the bad-peer tests: every byte is ours to choose. */
 class RawClient {

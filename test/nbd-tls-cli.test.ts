@@ -5,11 +5,10 @@
  * qemu-io with TLS; plaintext clients refused (and logged); the option errors name what is wrong.
  * Runs bin/snapstack.js on dist/ (npm run build first).
  */
-import { execFile, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { promisify } from 'node:util';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { QmpClient } from '../src/qmp/client.js';
 import { startDaemon } from './helpers/daemon.js';
@@ -17,23 +16,14 @@ import { describeNeeding } from './helpers/qemu.js';
 import { waitForListening } from './helpers/socket.js';
 import { startServer, type ServerProcess } from './nbd-client-helpers.js';
 import { makeTlsDirs, type TlsDirs } from './nbd-tls-helpers.js';
+import { toolStatus } from './helpers/tool-status.js';
 
-const run = promisify(execFile);
 const BIN = path.resolve('bin/snapstack.js');
 let dir: string;
 let certs: TlsDirs;
 const procs: ServerProcess[] = [];
 const children: ChildProcess[] = [];
 
-async function toolStatus(cmd: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  try {
-    const r = await run(cmd, args, { encoding: 'utf8' });
-    return { code: 0, stdout: r.stdout, stderr: r.stderr };
-  } catch (e) {
-    const x = e as { code?: number; stdout?: string; stderr?: string };
-    return { code: typeof x.code === 'number' ? x.code : -1, stdout: x.stdout ?? '', stderr: x.stderr ?? '' };
-  }
-}
 
 function tlsImageOpts(socket: string, exportName: string): string[] {
   return ['--object', `tls-creds-x509,id=tls0,dir=${certs.client},endpoint=client`, '--image-opts', `driver=nbd,server.type=unix,server.path=${socket},export=${exportName},tls-creds=tls0,tls-hostname=localhost`];
