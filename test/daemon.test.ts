@@ -325,6 +325,37 @@ describe('snapstack monitor -qmp', () => {
     expect(fs.existsSync(sock)).toBe(false);
   });
 
+  it('never lets its QMP socket disappear once it exists: connects made the moment it appears all succeed', async () => {
+    // the monitor used to close the chardev's listener and bind again, so the file vanished for a
+    // moment after it first appeared and a fast client got ENOENT (seen in a CI run)
+    const failures: string[] = [];
+    for (let round = 0; round < 4; round++) {
+      const sock = path.join(dir, `race${round}.sock`);
+      const proc = spawn(process.execPath, [BIN, 'daemon', '--chardev', `socket,id=c0,path=${sock},server=on,wait=off`, '--monitor', 'c0'], { stdio: ['ignore', 'ignore', 'pipe'], cwd: dir });
+      children.push(proc);
+      const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+      const deadline = Date.now() + 15_000;
+      while (!fs.existsSync(sock)) {
+        if (Date.now() > deadline) throw new Error(`${sock} did not appear`);
+        await new Promise((r) => setImmediate(r));
+      }
+      for (let i = 0; i < 30; i++) {
+        const err = await new Promise<string | null>((resolve) => {
+          const c = net.connect({ path: sock }, () => {
+            c.destroy();
+            resolve(null);
+          });
+          c.on('error', (e: NodeJS.ErrnoException) => resolve(e.code ?? e.message));
+        });
+        // refused is allowed before listen(); a missing file after it appeared is not
+        if (err === 'ENOENT') failures.push(`round ${round}, connect ${i}: ENOENT`);
+      }
+      proc.kill('SIGTERM');
+      expect(await exited).toBe(0);
+    }
+    expect(failures).toEqual([]);
+  });
+
   it('goes on serving QMP when its standard input ends, until quit', async () => {
     const sock = path.join(dir, 'm2.sock');
     const proc = spawn(process.execPath, [BIN, 'monitor', '-qmp', `unix:${sock},server=on,wait=off`], { stdio: ['pipe', 'pipe', 'pipe'], cwd: dir });

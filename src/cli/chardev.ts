@@ -242,14 +242,16 @@ export class Chardev {
   async attachMonitor(opts: MonitorOptions): Promise<QmpServer> {
     if (this.#server !== null) throw new BlockError('EBUSY', `Device '${this.spec.id}' is in use`);
     const listener = this.#listener;
+    let server: QmpServer;
     if (listener !== null) {
+      // the monitor takes over the listening socket itself: re-binding would leave a moment with
+      // no socket file, in which a client that had seen it would get ENOENT
       this.#listener = null;
       listener.removeAllListeners('connection');
-      // close() stops accepting at once; its callback would wait for the held connections to end
-      listener.close();
-      await new Promise<void>((resolve) => setImmediate(resolve));
+      server = QmpServer.adopt(listener, this.#address, opts);
+    } else {
+      server = await QmpServer.listen(this.#address, opts);
     }
-    const server = await QmpServer.listen(this.#address, opts);
     this.#server = server;
     for (const s of this.#held.splice(0)) {
       if (s.destroyed) continue;

@@ -194,6 +194,22 @@ export class QmpServer {
     return new QmpServer(bound, opts, server, ino);
   }
 
+  /**
+   * Serves every connection of a listener that already listens on `addr` (a chardev's): the socket
+   * never goes away between the chardev and the monitor, so a client that saw it can connect.
+   */
+  static adopt(listener: net.Server, addr: QmpListenAddress, opts: QmpServerOptions): QmpServer {
+    let ino: number | null = null;
+    if (addr.type === 'unix') {
+      try {
+        ino = fs.statSync(addr.path).ino;
+      } catch {
+        ino = null;
+      }
+    }
+    return new QmpServer(addr, opts, listener, ino);
+  }
+
   /** Serves one already-connected stream (a chardev socket, stdio). */
   attach(stream: Duplex): void {
     if (this.#closing !== null) {
