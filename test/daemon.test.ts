@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { QmpClient } from '../src/qmp/client.js';
-import { startDaemon as startDaemonIn, type Daemon } from './helpers/daemon.js';
+import { freePort, startDaemon as startDaemonIn, waitForFile, type Daemon } from './helpers/daemon.js';
 import type { QmpObject } from '../src/qmp/types.js';
 import { describeInterop, qemu, qemuStatus } from './helpers/qemu.js';
 import { describeQsd } from './qmp-helpers.js';
@@ -40,29 +40,6 @@ afterAll(() => {
 });
 
 const startDaemon = (args: string[]): Daemon => startDaemonIn(args, dir, children);
-
-/** Waits until `file` exists (the pidfile is written last: the daemon is ready then). */
-async function waitFor(file: string, d: Daemon | null, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!fs.existsSync(file)) {
-    if (d !== null && d.proc.exitCode !== null) throw new Error(`the daemon exited (${d.proc.exitCode}): ${d.stderr()}`);
-    if (Date.now() > deadline) throw new Error(`${file} did not appear${d === null ? '' : `: ${d.stderr()}`}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-/** A TCP port nothing listens on right now. */
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen({ host: '127.0.0.1', port: 0 }, () => {
-      const a = s.address();
-      const port = typeof a === 'object' && a !== null ? a.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function pidAlive(pid: number): boolean {
   try {
@@ -105,7 +82,7 @@ describeInterop('snapstack daemon', () => {
       '--monitor', 'chardev=c0',
       '--pidfile', pidfile,
     ]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     expect(fs.readFileSync(pidfile, 'utf8')).toBe(`${d.proc.pid}\n`);
     expect(fs.statSync(sock).isSocket()).toBe(true);
     const c = await QmpClient.connect({ path: sock });
@@ -142,7 +119,7 @@ describeInterop('snapstack daemon', () => {
       '--monitor', 'chardev=c1,mode=control',
       '--pidfile', pidfile,
     ]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const a = await QmpClient.connect({ path: sock });
     const b = await QmpClient.connect({ host: '127.0.0.1', port });
     try {
@@ -166,7 +143,7 @@ describeInterop('snapstack daemon', () => {
       const sock = path.join(dir, `${sig}.sock`);
       const pidfile = path.join(dir, `${sig}.pid`);
       const d = startDaemon(['--blockdev', `driver=qcow2,node-name=n,file.driver=file,file.filename=${img}`, '--chardev', `socket,id=c,path=${sock},server=on,wait=off`, '--monitor', 'c', '--pidfile', pidfile]);
-      await waitFor(pidfile, d);
+      await waitForFile(pidfile, d);
       expect(writeOpen(img).status).toBe(1);
       d.proc.kill(sig);
       expect(await d.exited).toBe(0);
@@ -229,7 +206,7 @@ describeInterop('snapstack daemon', () => {
     const sock = path.join(dir, 'w.sock');
     const pidfile = path.join(dir, 'w.pid');
     const d = startDaemon(['--chardev', `socket,id=c,path=${sock},server=on`, '--monitor', 'c', '--pidfile', pidfile]);
-    await waitFor(sock, d);
+    await waitForFile(sock, d);
     await new Promise((r) => setTimeout(r, 300));
     // still waiting: startup (and so the pidfile) has not gone past the chardev
     expect(fs.existsSync(pidfile)).toBe(false);
@@ -237,7 +214,7 @@ describeInterop('snapstack daemon', () => {
     const c = await QmpClient.connect({ path: sock });
     try {
       expect(c.greeting).toMatchObject({ QMP: { capabilities: ['oob'] } });
-      await waitFor(pidfile, d);
+      await waitForFile(pidfile, d);
       expect(await c.execute('query-named-block-nodes')).toEqual([]);
       await c.execute('quit');
     } finally {
@@ -249,7 +226,7 @@ describeInterop('snapstack daemon', () => {
   it('SIGTERM while a chardev waits for its first client ends the startup cleanly', async () => {
     const sock = path.join(dir, 'w2.sock');
     const d = startDaemon(['--blockdev', `driver=qcow2,node-name=n,file.driver=file,file.filename=${img}`, '--chardev', `socket,id=c,path=${sock},server=on,wait=on`, '--monitor', 'c']);
-    await waitFor(sock, d);
+    await waitForFile(sock, d);
     expect(writeOpen(img).status).toBe(1);
     d.proc.kill('SIGTERM');
     expect(await d.exited).toBe(0);
@@ -269,7 +246,7 @@ describeInterop('snapstack daemon', () => {
     const sock = path.join(dir, 'js.sock');
     const pidfile = path.join(dir, 'js.pid');
     const d = startDaemon(['--blockdev', `driver=qcow2,node-name=top,file.driver=file,file.filename=${top}`, '--chardev', `socket,id=c,path=${sock},server=on,wait=off`, '--monitor', 'c', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const c = await QmpClient.connect({ path: sock });
     try {
       await c.execute('block-stream', { 'job-id': 'js', device: 'top' });
@@ -308,7 +285,7 @@ describe('snapstack monitor -qmp', () => {
     proc.stderr?.on('data', (b: Buffer) => (err += b.toString()));
     proc.stdout?.resume();
     const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-    await waitFor(sock, null);
+    await waitForFile(sock, null);
     const c = await QmpClient.connect({ path: sock });
     try {
       const block = (await c.execute('query-block')) as QmpObject[];
@@ -362,7 +339,7 @@ describe('snapstack monitor -qmp', () => {
     children.push(proc);
     proc.stdout?.resume();
     const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-    await waitFor(sock, null);
+    await waitForFile(sock, null);
     proc.stdin?.end();
     await new Promise((r) => setTimeout(r, 300));
     expect(proc.exitCode).toBeNull();

@@ -43,6 +43,14 @@ export function describeWithTool(tool: string, installHint: string, name: string
   describe.skip(name, fn);
 }
 
+/** SIGTERM to `proc` and its exit awaited (nothing when it has already gone). */
+async function stopProcess(proc: ChildProcess): Promise<void> {
+  if (proc.exitCode !== null || proc.signalCode !== null) return;
+  const exited = new Promise<void>((r) => proc.once('exit', () => r()));
+  proc.kill('SIGTERM');
+  await exited;
+}
+
 /** Starts a server command that listens on `socket`; resolves once it accepts connections. */
 export async function startServer(cmd: string, args: string[], socket: string): Promise<ServerProcess> {
   fs.rmSync(socket, { force: true });
@@ -53,12 +61,7 @@ export async function startServer(cmd: string, args: string[], socket: string): 
   return {
     socket,
     proc,
-    async stop(): Promise<void> {
-      if (proc.exitCode !== null || proc.signalCode !== null) return;
-      const exited = new Promise<void>((r) => proc.once('exit', () => r()));
-      proc.kill('SIGTERM');
-      await exited;
-    },
+    stop: () => stopProcess(proc),
   };
 }
 
@@ -114,11 +117,6 @@ export async function startQemuNbdTcp(file: string, name: string, port: number):
   return {
     socket: `127.0.0.1:${port}`,
     proc,
-    async stop(): Promise<void> {
-      if (proc.exitCode !== null || proc.signalCode !== null) return;
-      const exited = new Promise<void>((r) => proc.once('exit', () => r()));
-      proc.kill('SIGTERM');
-      await exited;
-    },
+    stop: () => stopProcess(proc),
   };
 }

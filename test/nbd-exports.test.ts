@@ -12,7 +12,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseExportOption, parseNbdServerOption } from '../src/cli/daemon.js';
 import { QmpClient } from '../src/qmp/client.js';
-import { startDaemon as startDaemonIn, type Daemon } from './helpers/daemon.js';
+import { freePort, startDaemon as startDaemonIn, waitForFile, type Daemon } from './helpers/daemon.js';
 import type { QmpObject, QmpValue } from '../src/qmp/types.js';
 import { describeNeeding, qemu, qemuStatus } from './helpers/qemu.js';
 import { startQsd, tempDir } from './qmp-helpers.js';
@@ -30,28 +30,6 @@ afterAll(() => {
 });
 
 const startDaemon = (args: string[]): Daemon => startDaemonIn(args, dir, children);
-
-async function waitFor(file: string, d: Daemon, timeoutMs = 15_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!fs.existsSync(file)) {
-    if (d.proc.exitCode !== null) throw new Error(`the daemon exited (${d.proc.exitCode}): ${d.stderr()}`);
-    if (Date.now() > deadline) throw new Error(`${file} did not appear: ${d.stderr()}`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
-}
-
-/** A TCP port nothing listens on right now. */
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen({ host: '127.0.0.1', port: 0 }, () => {
-      const a = s.address();
-      const port = typeof a === 'object' && a !== null ? a.port : 0;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function url(name: string, socket: string): string {
   return `nbd+unix:///${name}?socket=${socket}`;
@@ -116,7 +94,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
       '--export', 'type=nbd,id=e0,node-name=d0,name=disk,writable=on',
       '--pidfile', pidfile,
     ]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     writeBoth(url('disk', nbd), ref);
     expect(qemuStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', url('disk', nbd), ref])).toMatchObject({ status: 0 });
     // the daemon holds the image's lock while it runs
@@ -135,7 +113,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const nbd = path.join(dir, 'ro-nbd.sock');
     const pidfile = path.join(dir, 'ro.pid');
     const d = startDaemon(['--blockdev', `qcow2,node-name=d0,file.driver=file,file.filename=${img}`, '--nbd-server', `{"addr":{"type":"unix","path":"${nbd}"}}`, '--export', 'nbd,id=e0,node-name=d0', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const w = qemuStatus('qemu-io', ['-f', 'raw', '-c', 'write 0 512', url('d0', nbd)]);
     expect(w.status).not.toBe(0);
     expect(w.stderr).toContain('Permission denied');
@@ -149,7 +127,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const port = await freePort();
     const pidfile = path.join(dir, 'inet.pid');
     const d = startDaemon(['--blockdev', `qcow2,node-name=d0,file.driver=file,file.filename=${img}`, '--nbd-server', `addr.type=inet,addr.host=127.0.0.1,addr.port=${port}`, '--export', 'nbd,id=e0,node-name=d0,name=tcp,writable=on', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     writeBoth(`nbd://127.0.0.1:${port}/tcp`, ref);
     expect(qemuStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', `nbd://127.0.0.1:${port}/tcp`, ref])).toMatchObject({ status: 0 });
     d.proc.kill('SIGTERM');
@@ -162,7 +140,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const nbd = path.join(dir, 'term-nbd.sock');
     const pidfile = path.join(dir, 'term.pid');
     const d = startDaemon(['--blockdev', `qcow2,node-name=d0,file.driver=file,file.filename=${img}`, '--nbd-server', `addr.type=unix,addr.path=${nbd}`, '--export', 'nbd,id=e0,node-name=d0,writable=on', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     qemu('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 1M 1M', ref]);
     const client = spawn('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 1M 1M', '-c', 'flush', '-c', 'sleep 20000', url('d0', nbd)], { stdio: 'ignore' });
     children.push(client);
@@ -196,7 +174,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const nbd = path.join(dir, 'qmp-nbd.sock');
     const pidfile = path.join(dir, 'qmp.pid');
     const d = startDaemon(['--blockdev', `driver=file,filename=${img},node-name=f0`, '--blockdev', 'driver=qcow2,file=f0,node-name=d0', '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const c = await QmpClient.connect({ path: mon });
     try {
       expect(await c.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbd } } })).toEqual({});
@@ -305,7 +283,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const mon = path.join(dir, 'seq-mon.sock');
     const pidfile = path.join(dir, 'seq.pid');
     const d = startDaemon([...blockdevs('ours'), '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const ours = await run(mon, path.join(dir, 'seq-n.sock'));
     d.proc.kill('SIGTERM');
     expect(await d.exited).toBe(0);
@@ -368,7 +346,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const mon = path.join(dir, 'ev-mon.sock');
     const pidfile = path.join(dir, 'ev.pid');
     const d = startDaemon(['--blockdev', `driver=file,node-name=f0,filename=${raw('ours')}`, '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const ours = await session(mon, path.join(dir, 'ev-n.sock'));
     expect(await d.exited).toBe(0);
     // QEMU deletes an export in a bottom half, so whether its event comes before or after the
@@ -428,7 +406,7 @@ describeNeeding('NBD exports of snapstack daemon, with qemu-io, qemu-img and qem
     const mon = path.join(dir, 'snap-mon.sock');
     const pidfile = path.join(dir, 'snap.pid');
     const d = startDaemon([...o.args, '--chardev', `socket,id=c0,path=${mon},server=on,wait=off`, '--monitor', 'c0', '--pidfile', pidfile]);
-    await waitFor(pidfile, d);
+    await waitForFile(pidfile, d);
     const ours = await run(mon, path.join(dir, 'snap-n.sock'), o.overlay);
     d.proc.kill('SIGTERM');
     expect(await d.exited).toBe(0);
