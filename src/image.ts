@@ -122,6 +122,17 @@ export class Image {
 
   /** Reads `length` bytes at `offset` into a new buffer, or into `into` when given. */
   async read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    if (!Number.isSafeInteger(length) || length < 0) {
+      const shown = typeof length === 'number' ? String(length) : describeType(length);
+      throw new BlockError('EINVAL', `read on device '${this.name}': the length must be a non-negative integer (got ${shown})`, { node: this.name, op: 'read', field: 'length' });
+    }
+    if (into !== undefined && !(into instanceof Uint8Array)) {
+      throw new BlockError('EINVAL', `read on device '${this.name}': the buffer must be a Uint8Array (got ${describeType(into)})`, { node: this.name, op: 'read', field: 'buffer' });
+    }
+    if (into === undefined && length > this.size) {
+      // refused before a buffer of that size is allocated
+      throw new BlockError('EINVAL', `read on device '${this.name}': invalid range of ${length} bytes at offset ${offset} (the device has ${this.size})`, { node: this.name, op: 'read', offset });
+    }
     const buf = into ?? new Uint8Array(length);
     if (buf.length !== length) {
       throw new BlockError('EINVAL', `read on device '${this.name}': buffer of ${buf.length} bytes for a ${length}-byte read`, { node: this.name, op: 'read' });
@@ -132,6 +143,9 @@ export class Image {
 
   /** Writes `data` at `offset`; with `{ fua: true }` it is durable when the promise resolves. */
   write(offset: number, data: Uint8Array, flags?: WriteFlags): Promise<void> {
+    if (!(data instanceof Uint8Array)) {
+      return Promise.reject(new BlockError('EINVAL', `write on device '${this.name}': the data must be a Uint8Array (got ${describeType(data)})`, { node: this.name, op: 'write', field: 'data' }));
+    }
     return blkPwrite(this.backend, offset, data, flags);
   }
 
@@ -267,4 +281,10 @@ export async function openImage(target: string, opts: OpenImageOptions = {}): Pr
       throw e;
     }
   });
+}
+
+/** The type of what a caller passed, for an error message (JavaScript callers bypass the types). */
+function describeType(v: unknown): string {
+  if (v === null || v === undefined) return String(v);
+  return typeof v === 'object' ? ((v as object).constructor?.name ?? 'object') : typeof v;
 }
