@@ -5,3 +5,4 @@
 export { setDrainDisabledForTesting } from './block/drain.js';
 export { crashIOThreadForTesting } from './block/iothread.js';
 export { setWritebackBarriersDisabledForTesting } from './drivers/qcow2/writeback.js';
+export { fileReadPathStatsForTesting } from './drivers/file/read-path-stats.js';

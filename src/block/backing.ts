@@ -2,7 +2,7 @@
  * Backing files: where an overlay's backing file is (a relative name is resolved against the
  * overlay's directory, as QEMU's path_combine does) and the options its node is opened with
  * (QEMU's bdrv_backing_options: read-only unless told otherwise, the overlay's IOThread, and the
- * file options an overlay passes down: aio, force-share, locking).
+ * file options an overlay passes down: aio, force-share, locking, inline-reads).
  *
  * Common code: pure functions on names and option sets (and one stat of two paths); graph.ts
  * opens and links the node.
@@ -13,7 +13,7 @@ import { BlockError } from './errors.js';
 import { subOptions, type NodeOptions } from './options.js';
 
 /** File options a backing node inherits from its overlay's file child unless it sets its own. */
-const INHERITED_FILE_OPTIONS = ['aio', 'force-share', 'locking'] as const;
+const INHERITED_FILE_OPTIONS = ['aio', 'force-share', 'locking', 'inline-reads'] as const;
 
 /** Names that are not host paths relative to a directory: absolute paths and protocol URLs. */
 function isAbsoluteName(name: string): boolean {

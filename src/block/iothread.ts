@@ -26,6 +26,7 @@ import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
 import { assertBql, type Bql } from './bql.js';
 import { BlockError, codeForErrno } from './errors.js';
+import { mainTurnBudgetLeft } from './main-turn.js';
 import {
   CTL_BYTES,
   CTL_DONE,
@@ -67,12 +68,6 @@ function loadPiscina(): typeof Piscina {
 
 /** Most bytes of staging areas a worker keeps for reuse. */
 const STAGING_POOL_BYTES = 32 * 1024 * 1024;
-/**
- * Longest the main loop goes on collecting completions without yielding, within one turn of the
- * event loop (by polling, or by finding more done when it was about to wait): past it, it lets
- * the event loop turn, so timers and I/O callbacks are not starved by a fast request loop.
- */
-const MAIN_TURN_BUDGET_MS = 0.5;
 /** Submissions after an empty main-loop poll during which the main loop does not poll. */
 const MAIN_POLL_BACKOFF = 16;
 /**
@@ -168,7 +163,6 @@ class IoWorker {
   private pollBackoff = 0;
   /** Requests in the ring not worth polling for (completions come in order, so none is while one is there). */
   private slowPending = 0;
-  private turnStart = 0;
   /** The worker's poll window (ns) before it sleeps. */
   readonly pollMaxNs: number;
   /** Free staging areas by size: reused so that a request allocates (and zero-fills) none. */
@@ -353,23 +347,10 @@ class IoWorker {
       this.pollBackoff--;
       return false;
     }
-    return this.turnBudgetLeft();
+    // the budget is the main loop's (main-turn.ts): collecting completions by polling and reads
+    // done inline share it, so timers and I/O callbacks are not starved by a fast request loop
+    return mainTurnBudgetLeft();
   }
-
-  /** Whether this turn of the event loop has budget left (the first call of a turn starts it). */
-  private turnBudgetLeft(): boolean {
-    const now = performance.now();
-    if (this.turnStart === 0) {
-      this.turnStart = now;
-      setImmediate(this.endTurn);
-      return true;
-    }
-    return now - this.turnStart < MAIN_TURN_BUDGET_MS;
-  }
-
-  private readonly endTurn = (): void => {
-    this.turnStart = 0;
-  };
 
   /** Starts a serve task unless one serves the ring already (see WORKER_STATE in iothread-ring.js). */
   private startServing(): void {
@@ -390,7 +371,7 @@ class IoWorker {
     // a completion stored before the flag was set would post nothing: look once more, and yield
     // to the event loop first when this turn has run long
     if (Atomics.load(this.ctl, CTL_DONE) !== this.seen && Atomics.exchange(this.ctl, CTL_MAIN_WAITING, 0) !== 0) {
-      if (this.turnBudgetLeft()) queueMicrotask(this.onWake);
+      if (mainTurnBudgetLeft()) queueMicrotask(this.onWake);
       else setImmediate(this.onWake);
     }
   }

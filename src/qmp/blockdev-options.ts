@@ -117,6 +117,8 @@ const DRIVER_FIELDS: Readonly<Record<(typeof BLOCKDEV_DRIVERS)[number], readonly
     // 'sync' is snapstack's: transfers on the main loop itself
     { name: 'aio', type: { enum: ['threads', 'native', 'io_uring', 'sync'] } },
     { name: 'aio-max-batch', type: 'int', support: 'no' },
+    // snapstack's: small reads on the main loop while nothing else of the node is in flight
+    { name: 'inline-reads', type: 'bool' },
     { name: 'drop-cache', type: 'bool', support: 'ignored' },
     { name: 'x-check-cache-dropped', type: 'bool', support: 'ignored' },
   ],

@@ -6,7 +6,10 @@
  * file-posix does. Discard is accepted and ignored (Node has no hole punching); it is a hint.
  *
  * Options: `filename`, `aio=threads|sync`, `locking=auto|on|off` (QEMU's image locks, see
- * image-lock.ts) and `force-share=on|off` (`-U`: read-only, sharing every permission).
+ * image-lock.ts), `force-share=on|off` (`-U`: read-only, sharing every permission) and, with
+ * aio=threads, `inline-reads=on|off` (small reads on the main loop when nothing else of the node is
+ * in flight, see inline-reads.ts; on by default unless the node is bound to an IOThread, whose
+ * thread the user asked to do the transfers).
  *
  * Internal snapshots (which QEMU refuses on raw images) live beside the image, in
  * `<image>.snapshots/` (snapshot-store.ts); VM state goes to a sidecar file there
@@ -22,6 +25,7 @@ import { BlockError, fromSystemError, systemErrorText } from '../../block/errors
 import type { BlockNode } from '../../block/node.js';
 import type { NodeOptions } from '../../block/options.js';
 import { filePerms, ImageLock, openForCreate, type LockingMode } from './image-lock.js';
+import { InlineReadPolicy } from './inline-reads.js';
 import { FileInstance } from './instance.js';
 import { discardSnapshotStore } from './snapshot-store.js';
 import { SyncFileInstance } from './sync-instance.js';
@@ -53,6 +57,18 @@ function forceShare(node: BlockNode, opts: NodeOptions): boolean {
   return v === 'on';
 }
 
+/** Whether small reads may run on the main loop (`inline-reads`; default: on without an IOThread). */
+function inlineReads(node: BlockNode, opts: NodeOptions): boolean {
+  const v = opts['inline-reads'];
+  if (v === undefined) return node.ioThread === null;
+  if (v === 'on' || v === 'off') return v === 'on';
+  throw new BlockError('EINVAL', `Invalid value '${v}' for option 'inline-reads' of driver 'file' (on or off; node '${node.nodeName}')`, {
+    node: node.nodeName,
+    field: 'inline-reads',
+    value: v,
+  });
+}
+
 /** The `file` protocol driver. */
 export const fileDriver: BlockDriver = {
   formatName: 'file',
@@ -82,6 +98,7 @@ export const fileDriver: BlockDriver = {
     }
     const mode = lockingMode(node, opts);
     const share = forceShare(node, opts);
+    const inline = inlineReads(node, opts);
     let fd: number;
     try {
       fd = fs.openSync(filename, node.readOnly ? 'r' : 'r+');
@@ -100,7 +117,7 @@ export const fileDriver: BlockDriver = {
       fs.closeSync(fd);
       throw fromSystemError(e, 'open', { node: node.nodeName, file: filename });
     }
-    return aio === 'sync' ? new SyncFileInstance(node, fd, filename, size, lock) : new FileInstance(node, fd, filename, node.ioThread, size, lock);
+    return aio === 'sync' ? new SyncFileInstance(node, fd, filename, size, lock) : new FileInstance(node, fd, filename, node.ioThread, size, lock, inline ? new InlineReadPolicy() : null);
   },
 };
 

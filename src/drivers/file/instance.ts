@@ -5,6 +5,9 @@
  * (snapshot-store.ts), VM state to its sidecar (vmstate-sidecar.ts); the image lock
  * (image-lock.ts) is held from open to close and follows the image through a goto.
  *
+ * Small reads may run on the main loop itself when nothing else of the node is in flight
+ * (`inline-reads`, inline-reads.ts): no hand-off, as io_uring completes a cached read inline.
+ *
  * I/O callbacks (preadv, pwritev, ...) run alongside each other; snapshot callbacks and close are
  * global-state code on a drained node.
  */
@@ -14,8 +17,11 @@ import { assertDrained, type DrainedProof } from '../../block/drain.js';
 import type { BlockDriverInstance, SnapshotInfo, WriteZeroesFlags } from '../../block/driver.js';
 import { BlockError, fromSystemError } from '../../block/errors.js';
 import { submitFlush, submitRead, submitTruncate, submitWrite, submitWriteZeroes, type IOThread } from '../../block/iothread.js';
+import { mainTurnBudgetLeft, yieldMainTurn } from '../../block/main-turn.js';
 import type { BlockNode } from '../../block/node.js';
+import { readFullySync } from '../../block/sync-transfer.js';
 import type { ImageLock, LockMove } from './image-lock.js';
+import { InlineReadPolicy, type ReadPathStats } from './inline-reads.js';
 import { FileSnapshotStore, type GotoResult } from './snapshot-store.js';
 import { VmStateSidecar } from './vmstate-sidecar.js';
 
@@ -40,6 +46,8 @@ export class FileInstance implements BlockDriverInstance {
     private sizeBytes: number,
     /** The image's lock bytes (null with locking=off); moved to the new file by goto. */
     private readonly lock: ImageLock | null,
+    /** When small reads run on the main loop (null: every read goes to a worker). */
+    private readonly inline: InlineReadPolicy | null = null,
   ) {
     this.what = labels(`'${filename}'`);
     this.store = new FileSnapshotStore(node, filename);
@@ -47,16 +55,49 @@ export class FileInstance implements BlockDriverInstance {
   }
 
   /**
-   * pread on the IOThread; zeros past the end of the file.
+   * pread on the IOThread, or on the main loop when the inline-read policy allows it; zeros past
+   * the end of the file.
    * @locking io
    */
   async preadv(offset: number, buf: Uint8Array): Promise<void> {
+    const inline = this.inline;
+    if (inline !== null) {
+      if (this.active === 0 && inline.mayInline(buf.length)) return this.preadInline(inline, offset, buf);
+      if (this.active > 0) inline.handedOff();
+    }
     this.active++;
     try {
       await submitRead(this.ioThread, this.fd, buf, offset, this.what.read);
     } finally {
       this.settle();
     }
+  }
+
+  /** A read on the main loop (nothing else of the node in flight), timed for the policy. */
+  private async preadInline(inline: InlineReadPolicy, offset: number, buf: Uint8Array): Promise<void> {
+    // in flight from here: a request that arrives meanwhile goes to a worker, behind this one
+    this.active++;
+    try {
+      if (!mainTurnBudgetLeft()) await yieldMainTurn();
+      const start = inline.now();
+      try {
+        readFullySync(this.fd, buf, 0, buf.length, offset);
+      } catch (e) {
+        throw fromSystemError(e, 'read', { node: this.node.nodeName, file: this.filename, op: 'read', offset });
+      }
+      const end = inline.now();
+      inline.observe(end - start, end);
+    } finally {
+      this.settle();
+    }
+  }
+
+  /**
+   * How this node's reads went (inline or to a worker); null when inline reads are off.
+   * @locking io
+   */
+  readPathStats(): ReadPathStats | null {
+    return this.inline === null ? null : { ...this.inline.stats };
   }
 
   /**
